@@ -1,0 +1,114 @@
+//! Datasets as compact u8 image sets, and the loader that turns them into augmented batches.
+//!
+//! Every dataset, whatever its source format, is decoded once into an [`ImageSet`] per split: images stored
+//! N×H×W×C (HWC, u8, the layout every reader and the augmenter share) plus one label per image.
+
+pub mod augment;
+pub mod loader;
+pub mod synthetic;
+
+use anyhow::{bail, Result};
+
+/// One split of a dataset: `n` images of `h`×`w`×`c` u8 pixels (HWC), and their labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageSet {
+    pub images: Vec<u8>,
+    pub labels: Vec<u32>,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl ImageSet {
+    pub fn new(images: Vec<u8>, labels: Vec<u32>, h: usize, w: usize, c: usize) -> Result<Self> {
+        if images.len() != labels.len() * h * w * c {
+            bail!(
+                "image buffer holds {} bytes but {} labels of {h}x{w}x{c} images need {}",
+                images.len(),
+                labels.len(),
+                labels.len() * h * w * c
+            );
+        }
+        Ok(Self { images, labels, h, w, c })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn image_bytes(&self) -> usize {
+        self.h * self.w * self.c
+    }
+
+    /// The HWC bytes of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.image_bytes();
+        &self.images[i * n..(i + 1) * n]
+    }
+
+    /// The first `n` images (all of them when `n >= len`).
+    pub fn truncated(mut self, n: usize) -> Self {
+        if n < self.len() {
+            self.labels.truncate(n);
+            self.images.truncate(n * self.image_bytes());
+        }
+        self
+    }
+
+    /// Number of images per class, indexed by label.
+    pub fn class_counts(&self, classes: usize) -> Vec<usize> {
+        let mut counts = vec![0; classes];
+        for &l in &self.labels {
+            if (l as usize) < classes {
+                counts[l as usize] += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// A whole dataset: train and test splits, class names, and per-channel normalisation constants.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// Name as written in specs (`shapes`, `cifar10`, `folder:<path>` …).
+    pub name: String,
+    pub train: ImageSet,
+    pub test: ImageSet,
+    pub classes: Vec<String>,
+    /// Per-channel mean and std of the training images, in [0,1] pixel units.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Dataset {
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+}
+
+/// Per-channel mean and std of u8 HWC images, in [0,1] units (used for datasets without published constants).
+pub fn channel_stats(set: &ImageSet) -> ([f32; 3], [f32; 3]) {
+    let mut sum = [0f64; 3];
+    let mut sq = [0f64; 3];
+    let c = set.c.min(3);
+    for px in set.images.chunks_exact(set.c) {
+        for ch in 0..c {
+            let v = px[ch] as f64 / 255.0;
+            sum[ch] += v;
+            sq[ch] += v * v;
+        }
+    }
+    let n = (set.images.len() / set.c).max(1) as f64;
+    let mut mean = [0f32; 3];
+    let mut std = [1f32; 3];
+    for ch in 0..c {
+        let m = sum[ch] / n;
+        mean[ch] = m as f32;
+        std[ch] = ((sq[ch] / n - m * m).max(1e-12)).sqrt() as f32;
+    }
+    (mean, std)
+}

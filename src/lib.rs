@@ -1,0 +1,14 @@
+//! `sdp`: a reproducible benchmark suite for Subnetwork Data Parallelism (arXiv 2507.09029).
+//!
+//! The crate is organised as in DESIGN.md §3: specs expand into runs (`spec`), runs train models (`models`,
+//! `ops`) on datasets (`data`) with a method (`trainer`, `optim`, `comm`), and write results (`results`).
+
+pub mod comm;
+pub mod data;
+pub mod models;
+pub mod ops;
+pub mod optim;
+pub mod results;
+pub mod seed;
+pub mod spec;
+pub mod trainer;
