@@ -4,7 +4,12 @@
 //! N×H×W×C (HWC, u8, the layout every reader and the augmenter share) plus one label per image.
 
 pub mod augment;
+pub mod cache;
+pub mod cifar;
+pub mod fetch;
+pub mod folder;
 pub mod loader;
+pub mod svhn;
 pub mod synthetic;
 
 use anyhow::{bail, Result};
