@@ -1,0 +1,445 @@
+//! CPU conv2d (f32, no bias, dilation 1, groups 1) as candle custom ops: im2col + GEMM forward,
+//! im2col + GEMM weight gradient, GEMM + col2im input gradient.
+//!
+//! The batch is processed in chunks of images so that the column buffer stays near
+//! [`COL_TARGET_FLOATS`] (never larger than the layer's full im2col). Within a chunk the
+//! im2col/col2im/gather loops run in parallel over channels with rayon and the GEMMs use
+//! `gemm::Parallelism::Rayon` (on 2 cores this beat one chunk per thread, which doubles the
+//! buffers and leaves the tail chunk on one core).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Target size (in f32 elements) of the per-chunk column buffer: 8 MiB.
+const COL_TARGET_FLOATS: usize = 1 << 21;
+
+/// Validates the shapes of a conv2d call; shared by the CPU path and the fallback.
+pub(crate) fn check_shapes(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<()> {
+    Geom::new(x, w, stride, padding).map(|_| ())
+}
+
+/// Everything the kernels need to know about one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    b: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let &[b, cin, h, wd] = x else {
+            bail!("conv2d: input must be (B, Cin, H, W), got shape {x:?}");
+        };
+        let &[cout, wcin, kh, kw] = w else {
+            bail!("conv2d: weight must be (Cout, Cin, kh, kw), got shape {w:?}");
+        };
+        if x.contains(&0) || w.contains(&0) {
+            bail!("conv2d: empty tensors are not supported (input {x:?}, weight {w:?})");
+        }
+        if wcin != cin {
+            bail!("conv2d: input has {cin} channels (shape {x:?}) but weight expects {wcin} (shape {w:?})");
+        }
+        if stride == 0 {
+            bail!("conv2d: stride must be at least 1");
+        }
+        if h + 2 * pad < kh || wd + 2 * pad < kw {
+            bail!(
+                "conv2d: kernel {kh}x{kw} does not fit the input {h}x{wd} with padding {pad}"
+            );
+        }
+        Ok(Self {
+            b,
+            cin,
+            h,
+            w: wd,
+            cout,
+            kh,
+            kw,
+            stride,
+            pad,
+            ho: (h + 2 * pad - kh) / stride + 1,
+            wo: (wd + 2 * pad - kw) / stride + 1,
+        })
+    }
+
+    /// Rows of the column matrix: Cin * kh * kw.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    /// Output pixels per image.
+    fn p(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// A 1x1, stride-1, unpadded convolution: the column matrix of one image is the image itself.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Images per chunk, so that the column buffer stays near the target size.
+    fn chunk_images(&self) -> usize {
+        (COL_TARGET_FLOATS / (self.k() * self.p()).max(1)).clamp(1, self.b.max(1))
+    }
+
+    /// The output columns `ox` whose input column `ox*s + kx - pad` lies inside `[0, w)`.
+    fn valid_ox(&self, kx: usize) -> (usize, usize) {
+        let lo = if self.pad > kx { (self.pad - kx).div_ceil(self.stride) } else { 0 };
+        let hi = if self.w + self.pad > kx {
+            (self.w + self.pad - kx).div_ceil(self.stride).min(self.wo)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+
+    /// The input row read by output row `oy` at kernel row `ky`, if inside the image.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride + ky).checked_sub(self.pad).filter(|&iy| iy < self.h)
+    }
+}
+
+/// A read-only strided matrix view for [`sgemm`].
+#[derive(Clone, Copy)]
+struct MatRef<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Result<()> {
+    if rows > 0 && cols > 0 && (rows - 1) * rs + (cols - 1) * cs >= len {
+        bail!("conv2d internal error: {what} view {rows}x{cols} (strides {rs}, {cs}) exceeds its buffer of {len}");
+    }
+    Ok(())
+}
+
+/// `dst (m x n) [+]= lhs (m x k) * rhs (k x n)`; `dst` is row-major with row stride `n`.
+fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+) -> Result<()> {
+    check_bounds("dst", dst.len(), m, n, n, 1)?;
+    check_bounds("lhs", lhs.data.len(), m, k, lhs.rs, lhs.cs)?;
+    check_bounds("rhs", rhs.data.len(), k, n, rhs.rs, rhs.cs)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the three views were bounds-checked above for the extents gemm reads and writes,
+    // and `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+/// Writes the column matrix (K, nb*P) of the `nb` images in `x` into `col`; column `b*P + q` is
+/// output pixel `q` of image `b`.
+fn im2col(x: &[f32], g: &Geom, nb: usize, col: &mut [f32]) {
+    let (p, nc, hw) = (g.p(), nb * g.p(), g.h * g.w);
+    col.par_chunks_mut(g.kh * g.kw * nc).enumerate().for_each(|(ci, rows)| {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut rows[(ky * g.kw + kx) * nc..][..nc];
+                let (lo, hi) = g.valid_ox(kx);
+                for (b, dst) in row.chunks_exact_mut(p).enumerate() {
+                    let plane = &x[(b * g.cin + ci) * hw..][..hw];
+                    for (oy, drow) in dst.chunks_exact_mut(g.wo).enumerate() {
+                        let Some(iy) = g.input_row(oy, ky) else {
+                            drow.fill(0.0);
+                            continue;
+                        };
+                        let src = &plane[iy * g.w..][..g.w];
+                        drow[..lo].fill(0.0);
+                        drow[hi..].fill(0.0);
+                        if lo == hi {
+                            continue;
+                        }
+                        // ox in [lo, hi) reads input column ox*s + kx - pad, inside the row.
+                        let first = lo * g.stride + kx - g.pad;
+                        if g.stride == 1 {
+                            drow[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                        } else {
+                            for (d, s) in drow[lo..hi].iter_mut().zip(src[first..].iter().step_by(g.stride)) {
+                                *d = *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Sums the column-matrix gradient `dcol` (K, nb*P) back into the image gradient `dx` (nb images).
+fn col2im(dcol: &[f32], g: &Geom, nb: usize, dx: &mut [f32]) {
+    let (p, nc, hw) = (g.p(), nb * g.p(), g.h * g.w);
+    dx[..nb * g.cin * hw].par_chunks_mut(hw).enumerate().for_each(|(idx, plane)| {
+        let (b, ci) = (idx / g.cin, idx % g.cin);
+        plane.fill(0.0);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &dcol[((ci * g.kh + ky) * g.kw + kx) * nc + b * p..][..p];
+                let (lo, hi) = g.valid_ox(kx);
+                if lo == hi {
+                    continue;
+                }
+                let first = lo * g.stride + kx - g.pad;
+                for (oy, srow) in row.chunks_exact(g.wo).enumerate() {
+                    let Some(iy) = g.input_row(oy, ky) else { continue };
+                    let drow = &mut plane[iy * g.w..][..g.w];
+                    if g.stride == 1 {
+                        for (d, s) in drow[first..first + hi - lo].iter_mut().zip(&srow[lo..hi]) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (d, s) in drow[first..].iter_mut().step_by(g.stride).zip(&srow[lo..hi]) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Copies a chunk of a (nb, C, P) tensor into a (C, nb*P) matrix.
+fn gather_channels(src: &[f32], c: usize, p: usize, nb: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(nb * p).enumerate().for_each(|(ch, drow)| {
+        for (b, d) in drow.chunks_exact_mut(p).enumerate() {
+            d.copy_from_slice(&src[(b * c + ch) * p..][..p]);
+        }
+    });
+}
+
+/// Copies a (C, nb*P) matrix into a chunk of a (nb, C, P) tensor.
+fn scatter_channels(src: &[f32], c: usize, p: usize, nb: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(p).enumerate().for_each(|(idx, d)| {
+        let (b, ch) = (idx / c, idx % c);
+        d.copy_from_slice(&src[ch * nb * p + b * p..][..p]);
+    });
+}
+
+/// The column matrix of a chunk: the images themselves for a pointwise conv on one image,
+/// otherwise im2col into `buf`.
+fn columns<'a>(xc: &'a [f32], g: &Geom, nb: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    if g.pointwise() && nb == 1 {
+        xc
+    } else {
+        let col = &mut buf[..g.k() * nb * g.p()];
+        im2col(xc, g, nb, col);
+        col
+    }
+}
+
+/// Forward: y_chunk (Cout, nb*P) = W (Cout, K) * col (K, nb*P).
+fn forward(x: &[f32], wt: &[f32], g: &Geom) -> Result<Vec<f32>> {
+    let (k, p, bc) = (g.k(), g.p(), g.chunk_images());
+    let mut y = vec![0f32; g.b * g.cout * p];
+    let mut col = vec![0f32; k * bc * p];
+    let mut out = vec![0f32; if bc > 1 { g.cout * bc * p } else { 0 }];
+    let w_mat = MatRef { data: wt, rs: k, cs: 1 };
+    for (xc, yc) in x.chunks(bc * g.cin * g.h * g.w).zip(y.chunks_mut(bc * g.cout * p)) {
+        let nb = yc.len() / (g.cout * p);
+        let nc = nb * p;
+        let col = columns(xc, g, nb, &mut col);
+        let col_mat = MatRef { data: col, rs: nc, cs: 1 };
+        if nb == 1 {
+            sgemm(g.cout, nc, k, yc, false, w_mat, col_mat)?;
+        } else {
+            let out = &mut out[..g.cout * nc];
+            sgemm(g.cout, nc, k, out, false, w_mat, col_mat)?;
+            scatter_channels(out, g.cout, p, nb, yc);
+        }
+    }
+    Ok(y)
+}
+
+/// Weight gradient: dW (Cout, K) = sum over chunks of dY_chunk (Cout, nb*P) * col^T (nb*P, K).
+fn weight_grad(x: &[f32], dy: &[f32], g: &Geom) -> Result<Vec<f32>> {
+    let (k, p, bc) = (g.k(), g.p(), g.chunk_images());
+    let mut dw = vec![0f32; g.cout * k];
+    let mut col = vec![0f32; k * bc * p];
+    let mut dyc_buf = vec![0f32; if bc > 1 { g.cout * bc * p } else { 0 }];
+    let chunks = x.chunks(bc * g.cin * g.h * g.w).zip(dy.chunks(bc * g.cout * p));
+    for (i, (xc, dyc)) in chunks.enumerate() {
+        let nb = dyc.len() / (g.cout * p);
+        let nc = nb * p;
+        let col = columns(xc, g, nb, &mut col);
+        let dyc: &[f32] = if nb == 1 {
+            dyc
+        } else {
+            gather_channels(dyc, g.cout, p, nb, &mut dyc_buf[..g.cout * nc]);
+            &dyc_buf[..g.cout * nc]
+        };
+        let lhs = MatRef { data: dyc, rs: nc, cs: 1 };
+        let rhs = MatRef { data: col, rs: 1, cs: nc };
+        sgemm(g.cout, k, nc, &mut dw, i > 0, lhs, rhs)?;
+    }
+    Ok(dw)
+}
+
+/// Input gradient: dcol (K, nb*P) = W^T (K, Cout) * dY_chunk (Cout, nb*P), then col2im.
+fn input_grad(dy: &[f32], wt: &[f32], g: &Geom) -> Result<Vec<f32>> {
+    let (k, p, bc) = (g.k(), g.p(), g.chunk_images());
+    let chw = g.cin * g.h * g.w;
+    let mut dx = vec![0f32; g.b * chw];
+    let direct = g.pointwise() && bc == 1;
+    let mut dcol = vec![0f32; if direct { 0 } else { k * bc * p }];
+    let mut dyc_buf = vec![0f32; if bc > 1 { g.cout * bc * p } else { 0 }];
+    let w_t = MatRef { data: wt, rs: 1, cs: k };
+    for (dyc, dxc) in dy.chunks(bc * g.cout * p).zip(dx.chunks_mut(bc * chw)) {
+        let nb = dyc.len() / (g.cout * p);
+        let nc = nb * p;
+        let dyc: &[f32] = if nb == 1 {
+            dyc
+        } else {
+            gather_channels(dyc, g.cout, p, nb, &mut dyc_buf[..g.cout * nc]);
+            &dyc_buf[..g.cout * nc]
+        };
+        let rhs = MatRef { data: dyc, rs: nc, cs: 1 };
+        if g.pointwise() && nb == 1 {
+            // The column matrix of one image is the image: write the gradient in place.
+            sgemm(k, nc, g.cout, dxc, false, w_t, rhs)?;
+        } else {
+            let dcol = &mut dcol[..k * nc];
+            sgemm(k, nc, g.cout, dcol, false, w_t, rhs)?;
+            col2im(dcol, g, nb, dxc);
+        }
+    }
+    Ok(dx)
+}
+
+/// The contiguous f32 data of a custom-op argument.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("conv2d: {what} must be f32, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => bail!("conv2d: {what} must be contiguous (layout {l:?})"),
+    }
+}
+
+/// Entry point of the CPU path: `x` and `w` are f32 on the CPU, shapes already checked.
+pub(crate) fn conv2d_cpu(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { stride, padding })
+}
+
+/// y = conv2d(x, w); backward through [`Conv2dInputGrad`] and [`Conv2dWeightGrad`].
+struct Conv2d {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "sdp-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let y = forward(x, w, &g)?;
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let geom = Geom::new(x.dims(), w.dims(), self.stride, self.padding)?;
+        let grad = grad.contiguous()?;
+        // An input that does not track gradients (the image batch) needs no input gradient.
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &Conv2dInputGrad { geom })?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &Conv2dWeightGrad { geom })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// (dy, w) -> dx, forward-only.
+struct Conv2dInputGrad {
+    geom: Geom,
+}
+
+impl CustomOp2 for Conv2dInputGrad {
+    fn name(&self) -> &'static str {
+        "sdp-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        if l1.dims() != [g.b, g.cout, g.ho, g.wo] || l2.dims() != [g.cout, g.cin, g.kh, g.kw] {
+            bail!("conv2d backward: gradient {:?} / weight {:?} do not match {g:?}", l1.dims(), l2.dims());
+        }
+        let dy = f32_slice(s1, l1, "output gradient")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let dx = input_grad(dy, w, g)?;
+        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.cin, g.h, g.w))))
+    }
+}
+
+/// (x, dy) -> dw, forward-only.
+struct Conv2dWeightGrad {
+    geom: Geom,
+}
+
+impl CustomOp2 for Conv2dWeightGrad {
+    fn name(&self) -> &'static str {
+        "sdp-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        if l1.dims() != [g.b, g.cin, g.h, g.w] || l2.dims() != [g.b, g.cout, g.ho, g.wo] {
+            bail!("conv2d backward: input {:?} / gradient {:?} do not match {g:?}", l1.dims(), l2.dims());
+        }
+        let x = f32_slice(s1, l1, "input")?;
+        let dy = f32_slice(s2, l2, "output gradient")?;
+        let dw = weight_grad(x, dy, g)?;
+        Ok((CpuStorage::F32(dw), Shape::from((g.cout, g.cin, g.kh, g.kw))))
+    }
+}
