@@ -9,6 +9,7 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod results;
+pub mod runner;
 pub mod seed;
 pub mod spec;
 pub mod trainer;

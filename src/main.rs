@@ -1,1 +1,164 @@
-fn main() {}
+//! The `sdp` command line: `main` only calls `run()` and maps its outcome to an exit code.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use sdp::runner::{self, RunOptions, INTERRUPTED};
+use sdp::spec::{self, SpecError};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+#[derive(Parser)]
+#[command(name = "sdp", version, about = "Subnetwork Data Parallelism benchmark suite")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct SpecArgs {
+    /// Experiment spec files (TOML).
+    #[arg(required = true)]
+    specs: Vec<PathBuf>,
+    /// Override a spec field for this invocation, e.g. `--set method.workers=2` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train every run of the given specs (finished runs are skipped).
+    Run {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Only runs whose id or label contains this substring.
+        #[arg(long)]
+        only: Option<String>,
+        /// Print the runs that would train, then stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rerun runs that are already done.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value = "results")]
+        results_dir: PathBuf,
+        #[arg(long, default_value = "datasets")]
+        data_dir: PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Validate specs and print their expanded runs, one line each, without running.
+    Check {
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Datasets: download official files, or report what is on disk.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// List the runs under a results directory and their status.
+    List {
+        #[arg(long, default_value = "results")]
+        results_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download, md5-check and extract cifar10, cifar100 or svhn (resumable).
+    Fetch {
+        name: String,
+        #[arg(long, default_value = "datasets")]
+        data_dir: PathBuf,
+    },
+    /// Samples per split and class, image size, md5 status and cache of NAME or folder:PATH.
+    Info {
+        name: String,
+        #[arg(long, default_value = "datasets")]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.is::<SpecError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn load_specs(args: &SpecArgs) -> Result<Vec<spec::Experiment>> {
+    args.specs.iter().map(|p| spec::load(p, &args.set)).collect()
+}
+
+fn print_runs(exps: &[spec::Experiment]) {
+    for e in exps {
+        for r in &e.runs {
+            println!("{}\t{}\t{}", e.name, r.id, r.label);
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { spec } => {
+            let exps = load_specs(&spec)?;
+            print_runs(&exps);
+            let n: usize = exps.iter().map(|e| e.runs.len()).sum();
+            eprintln!("{} spec(s) valid, {n} run(s)", exps.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { spec, only, dry_run, force, results_dir, data_dir, device } => {
+            let exps = load_specs(&spec)?;
+            let dev = runner::parse_device(&device).map_err(|e| SpecError(format!("{e:#}")))?;
+            if dry_run {
+                print_runs(&exps);
+                return Ok(ExitCode::SUCCESS);
+            }
+            ctrlc::set_handler(|| {
+                if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130); // a second Ctrl-C: stop now
+                }
+                eprintln!("\ninterrupt: finishing the current step, then stopping (Ctrl-C again to abort)");
+            })?;
+            let opts = RunOptions { results_dir, data_dir, device: dev, device_name: device, force, only };
+            let out = runner::run_all(&exps, &opts)?;
+            eprintln!("{} done, {} skipped, {} failed", out.done, out.skipped, out.failed);
+            Ok(if out.interrupted {
+                ExitCode::from(130)
+            } else if out.failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Data { command: DataCommand::Fetch { name, data_dir } } => {
+            sdp::data::fetch::fetch(&name, &data_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data { command: DataCommand::Info { name, data_dir } } => {
+            println!("{}", sdp::data::fetch::info(&name, &data_dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { results_dir } => {
+            let runs = sdp::results::list(&results_dir)?;
+            if runs.is_empty() {
+                eprintln!("no runs under {}", results_dir.display());
+            }
+            for (exp, id, m) in runs {
+                let acc = m.final_metrics.map(|f| format!("{:.4}", f.test_acc)).unwrap_or_else(|| "-".into());
+                println!("{exp}\t{id}\t{}\t{acc}\t{}", m.status, m.label);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,1 +1,637 @@
-//! (in progress)
+//! Experiment specs: TOML → validated, grid-expanded runs with stable ids (DESIGN.md §4).
+//!
+//! A spec file is one experiment. Any field may hold a list instead of a scalar; lists expand into a grid
+//! (cartesian product, times `seeds`). Fields whose value is itself a list (`workload.widths`, …) form a grid
+//! axis only when given a list of lists. `--set key.path=value` overrides a field before expansion (a scalar
+//! replaces a list). Unknown keys and bad values are errors naming the file, the key and its line.
+//!
+//! Raw input is validated once here into typed values; the rest of the program never re-checks strings.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A spec error: usage-level (exit code 2), with the file, key and line where known.
+#[derive(Debug)]
+pub struct SpecError(pub String);
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+// ---------------------------------------------------------------------------------------------------------
+// The typed schema of one run (every list resolved to a scalar).
+
+/// Everything that determines one training run. Its hash is the run id.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// Experiment name (results go to `results/<name>/<run id>/`).
+    pub name: String,
+    pub seed: u64,
+    pub workload: Workload,
+    #[serde(default)]
+    pub optim: Optim,
+    #[serde(default)]
+    pub method: Method,
+}
+
+/// What is trained: data, model, epochs, batch size.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// `shapes` | `cifar10` | `cifar100` | `svhn` | `folder:<path>`.
+    pub dataset: String,
+    /// Seed of the generated `shapes` dataset (independent of the run seed, so all runs share the data).
+    #[serde(default)]
+    pub data_seed: u64,
+    /// Training images to use (for `shapes`: to generate). Default: all (`shapes`: 10,000).
+    #[serde(default)]
+    pub train_samples: Option<usize>,
+    /// Test images to use (for `shapes`: to generate). Default: all (`shapes`: 2,000).
+    #[serde(default)]
+    pub test_samples: Option<usize>,
+    /// `resnet18` | `wrn18` | `resnet` (the same family with explicit `widths`/`depths`) | `swin_t`.
+    pub model: ModelName,
+    /// Per-stage widths of the ResNet family (overrides the named model's).
+    #[serde(default)]
+    pub widths: Option<Vec<usize>>,
+    /// Per-stage block counts of the ResNet family (overrides the named model's).
+    #[serde(default)]
+    pub depths: Option<Vec<usize>>,
+    /// Normalisation layers: `batch` (BatchNorm) or `none` (identity; used by exactness tests).
+    #[serde(default)]
+    pub norm: Norm,
+    pub epochs: usize,
+    /// Per-worker batch size.
+    pub batch_size: usize,
+    #[serde(default)]
+    pub augment: Augment,
+    /// Evaluate every this many epochs (the last epoch is always evaluated).
+    #[serde(default = "one")]
+    pub eval_every: usize,
+    /// Test-set batch size for evaluation.
+    #[serde(default = "eval_batch")]
+    pub eval_batch_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelName {
+    Resnet,
+    Resnet18,
+    Wrn18,
+    SwinT,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    #[default]
+    Batch,
+    None,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Augment {
+    /// Random-crop padding in pixels (0 disables cropping).
+    #[serde(default = "four")]
+    pub crop_pad: usize,
+    /// Random horizontal flips.
+    #[serde(default = "yes")]
+    pub flip: bool,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Self { crop_pad: 4, flip: true }
+    }
+}
+
+/// The optimizer and its learning-rate schedule.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Optim {
+    #[serde(default)]
+    pub name: OptimName,
+    #[serde(default = "lr_default")]
+    pub lr: f64,
+    #[serde(default = "momentum_default")]
+    pub momentum: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+    #[serde(default = "wd_default")]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub schedule: ScheduleName,
+    /// Linear warm-up from 0 over this many epochs (fractions allowed).
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// `step` schedule: epochs at which the rate is multiplied by `gamma`.
+    #[serde(default)]
+    pub milestones: Vec<usize>,
+    #[serde(default = "gamma_default")]
+    pub gamma: f64,
+    /// AdamW betas.
+    #[serde(default = "betas_default")]
+    pub betas: Vec<f64>,
+    #[serde(default = "adam_eps_default")]
+    pub eps: f64,
+}
+
+impl Default for Optim {
+    fn default() -> Self {
+        Self {
+            name: OptimName::Sgd,
+            lr: lr_default(),
+            momentum: momentum_default(),
+            nesterov: false,
+            weight_decay: wd_default(),
+            schedule: ScheduleName::Cosine,
+            warmup_epochs: 0.0,
+            milestones: vec![],
+            gamma: gamma_default(),
+            betas: betas_default(),
+            eps: adam_eps_default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimName {
+    #[default]
+    Sgd,
+    Adamw,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleName {
+    Constant,
+    Step,
+    #[default]
+    Cosine,
+}
+
+/// The algorithm under test.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Method {
+    #[serde(default)]
+    pub kind: MethodKind,
+    /// Number of workers K (simulated on one device, or one process per GPU).
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+impl Default for Method {
+    fn default() -> Self {
+        Self { kind: MethodKind::Dp, workers: 1 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MethodKind {
+    #[default]
+    Dp,
+}
+
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn yes() -> bool {
+    true
+}
+fn eval_batch() -> usize {
+    500
+}
+fn lr_default() -> f64 {
+    0.1
+}
+fn momentum_default() -> f64 {
+    0.9
+}
+fn wd_default() -> f64 {
+    5e-4
+}
+fn gamma_default() -> f64 {
+    0.1
+}
+fn betas_default() -> Vec<f64> {
+    vec![0.9, 0.999]
+}
+fn adam_eps_default() -> f64 {
+    1e-8
+}
+
+/// Keys whose scalar value is a list: a list there is a value, a list of lists is a grid axis.
+const LIST_KEYS: &[&str] = &["workload.widths", "workload.depths", "optim.milestones", "optim.betas"];
+
+/// The dataset a run trains on, parsed from `workload.dataset`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DatasetName {
+    Shapes,
+    Cifar10,
+    Cifar100,
+    Svhn,
+    Folder(PathBuf),
+}
+
+impl DatasetName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "shapes" => Self::Shapes,
+            "cifar10" => Self::Cifar10,
+            "cifar100" => Self::Cifar100,
+            "svhn" => Self::Svhn,
+            _ => match s.strip_prefix("folder:") {
+                Some(p) if !p.is_empty() => Self::Folder(PathBuf::from(p)),
+                _ => {
+                    return Err(format!(
+                        "unknown dataset `{s}`, expected one of shapes, cifar10, cifar100, svhn, folder:<path>"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl RunSpec {
+    pub fn dataset(&self) -> DatasetName {
+        // Validated when the spec was loaded.
+        DatasetName::parse(&self.workload.dataset).unwrap_or(DatasetName::Shapes)
+    }
+
+    /// The stable run id: a hash of the resolved spec (every default filled in).
+    pub fn id(&self) -> String {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        let d = Sha256::digest(json.as_bytes());
+        d.iter().take(5).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Semantic checks that the type system cannot express; errors name the key.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let w = &self.workload;
+        let o = &self.optim;
+        let m = &self.method;
+        let err = |k: &str, msg: String| Err((k.to_string(), msg));
+        if let Err(e) = DatasetName::parse(&w.dataset) {
+            return err("workload.dataset", e);
+        }
+        if w.epochs == 0 {
+            return err("workload.epochs", "must be at least 1".into());
+        }
+        if w.batch_size == 0 {
+            return err("workload.batch_size", "must be at least 1".into());
+        }
+        if w.eval_every == 0 {
+            return err("workload.eval_every", "must be at least 1".into());
+        }
+        if w.eval_batch_size == 0 {
+            return err("workload.eval_batch_size", "must be at least 1".into());
+        }
+        for (k, v) in [("workload.train_samples", w.train_samples), ("workload.test_samples", w.test_samples)] {
+            if v == Some(0) {
+                return err(k, "must be at least 1".into());
+            }
+        }
+        if let Some(ws) = &w.widths {
+            if ws.is_empty() || ws.contains(&0) {
+                return err("workload.widths", "must be a non-empty list of positive widths".into());
+            }
+        }
+        if let Some(ds) = &w.depths {
+            if ds.is_empty() || ds.contains(&0) {
+                return err("workload.depths", "must be a non-empty list of positive block counts".into());
+            }
+        }
+        if w.model == ModelName::Resnet && (w.widths.is_none() || w.depths.is_none()) {
+            return err("workload.model", "`resnet` needs explicit `widths` and `depths`".into());
+        }
+        if let (Some(ws), Some(ds)) = (&w.widths, &w.depths) {
+            if ws.len() != ds.len() {
+                return err(
+                    "workload.depths",
+                    format!("has {} stages but workload.widths has {}", ds.len(), ws.len()),
+                );
+            }
+        }
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return err("optim.lr", format!("must be a positive number, got {}", o.lr));
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return err("optim.momentum", format!("must be in [0, 1), got {}", o.momentum));
+        }
+        if o.nesterov && o.momentum == 0.0 {
+            return err("optim.nesterov", "needs a non-zero optim.momentum".into());
+        }
+        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+            return err("optim.weight_decay", format!("must be >= 0, got {}", o.weight_decay));
+        }
+        if !(o.warmup_epochs >= 0.0 && o.warmup_epochs < w.epochs as f64 + 1e-9) {
+            return err(
+                "optim.warmup_epochs",
+                format!("must be in [0, workload.epochs = {}], got {}", w.epochs, o.warmup_epochs),
+            );
+        }
+        if !(o.gamma > 0.0) {
+            return err("optim.gamma", format!("must be positive, got {}", o.gamma));
+        }
+        if o.betas.len() != 2 || o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return err("optim.betas", "must be two numbers in [0, 1)".into());
+        }
+        if m.workers == 0 {
+            return err("method.workers", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Loading and expansion.
+
+/// One run of an experiment.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub id: String,
+    /// The grid values that distinguish this run from its siblings (`method.coverage=0.5 seed=1`).
+    pub label: String,
+    pub spec: RunSpec,
+}
+
+/// A loaded spec file: its runs, in grid order.
+#[derive(Clone, Debug)]
+pub struct Experiment {
+    pub name: String,
+    pub description: String,
+    pub path: PathBuf,
+    pub runs: Vec<Run>,
+}
+
+/// Reads, overrides, expands and validates a spec file.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading spec {}", path.display()))?;
+    parse(&text, path, overrides)
+}
+
+/// As [`load`], from text (`path` is used in messages and recorded in the experiment).
+pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment> {
+    let file = path.display().to_string();
+    let doc = toml_edit::ImDocument::parse(text.to_string())
+        .map_err(|e| SpecError(format!("{file}: invalid TOML: {e}")))?;
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| SpecError(format!("{file}: invalid TOML: {e}")))?;
+    let locate = |key: &str| -> String {
+        match key_line(&doc, key) {
+            Some(line) => format!("{file}:{line}: key `{key}`"),
+            None => format!("{file}: key `{key}`"),
+        }
+    };
+
+    let mut overridden = Vec::new();
+    for o in overrides {
+        let key = apply_override(&mut table, o).map_err(|e| SpecError(format!("--set {o}: {e}")))?;
+        overridden.push(key);
+    }
+    // Where a key's value came from, for error messages.
+    let origin = |key: &str| -> String {
+        match overridden.iter().rev().find(|k| key == k.as_str() || key.starts_with(&format!("{k}."))) {
+            Some(k) => format!("{} (set by --set {k}=…)", locate(key)),
+            None => locate(key),
+        }
+    };
+
+    let name = match table.remove("name") {
+        Some(toml::Value::String(s)) if valid_name(&s) => s,
+        Some(v) => {
+            return Err(SpecError(format!(
+                "{}: must be a non-empty string of letters, digits, `-`, `_` or `.`, got {v}",
+                origin("name")
+            ))
+            .into())
+        }
+        None => return Err(SpecError(format!("{file}: missing key `name`")).into()),
+    };
+    let description = match table.remove("description") {
+        None => String::new(),
+        Some(toml::Value::String(s)) => s,
+        Some(v) => return Err(SpecError(format!("{}: must be a string, got {v}", origin("description"))).into()),
+    };
+    let seeds: Vec<u64> = match table.remove("seeds").or_else(|| table.remove("seed")) {
+        None => vec![0],
+        Some(v) => {
+            let list = match v {
+                toml::Value::Array(a) => a,
+                other => vec![other],
+            };
+            let mut seeds = Vec::new();
+            for s in list {
+                match s.as_integer() {
+                    Some(i) if i >= 0 => seeds.push(i as u64),
+                    _ => {
+                        return Err(SpecError(format!(
+                            "{}: seeds must be non-negative integers, got {s}",
+                            origin("seeds")
+                        ))
+                        .into())
+                    }
+                }
+            }
+            if seeds.is_empty() {
+                return Err(SpecError(format!("{}: must list at least one seed", origin("seeds"))).into());
+            }
+            seeds
+        }
+    };
+
+    let mut axes = Vec::new();
+    collect_axes(&table, "", &mut axes);
+    let mut runs = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    for combo in cartesian(&axes) {
+        let mut t = table.clone();
+        let mut label = Vec::new();
+        for (axis, &i) in axes.iter().zip(&combo) {
+            set_path(&mut t, &axis.0, axis.1[i].clone());
+            label.push(format!("{}={}", axis.0, short_value(&axis.1[i])));
+        }
+        for &seed in &seeds {
+            let mut t = t.clone();
+            t.insert("name".into(), toml::Value::String(name.clone()));
+            t.insert("seed".into(), toml::Value::Integer(seed as i64));
+            let spec: RunSpec = serde_path_to_error::deserialize(toml::Value::Table(t)).map_err(|e| {
+                let key = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                // For unknown fields the path names the table; add the offending key.
+                let key = match unknown_field(&inner) {
+                    Some(k) if key == "." => k,
+                    Some(k) => format!("{key}.{k}"),
+                    None => key,
+                };
+                let inner = inner.lines().next().unwrap_or_default().to_string();
+                SpecError(format!("{}: {inner}", origin(&key)))
+            })?;
+            spec.validate().map_err(|(k, msg)| SpecError(format!("{}: {msg}", origin(&k))))?;
+            let id = spec.id();
+            if !ids.insert(id.clone()) {
+                continue; // a grid may name the same run twice (e.g. coverage 1.0 under two maskings)
+            }
+            let mut l = label.clone();
+            if seeds.len() > 1 || label.is_empty() {
+                l.push(format!("seed={seed}"));
+            }
+            runs.push(Run { id, label: l.join(" "), spec });
+        }
+    }
+    Ok(Experiment { name, description, path: path.to_path_buf(), runs })
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !s.starts_with('.')
+}
+
+/// Extracts the key from serde's "unknown field `x`, expected …" message.
+fn unknown_field(msg: &str) -> Option<String> {
+    let rest = msg.split("unknown field `").nth(1)?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// 1-based line of `key` (dotted path) in the parsed document, if it is there.
+fn key_line(doc: &toml_edit::ImDocument<String>, key: &str) -> Option<usize> {
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
+    let mut span = None;
+    for (i, part) in parts.iter().enumerate() {
+        let (k, item) = table.get_key_value(part)?;
+        span = k.span().or(span);
+        if i + 1 < parts.len() {
+            table = item.as_table_like()?;
+        }
+    }
+    let offset = span?.start;
+    Some(doc.raw()[..offset].matches('\n').count() + 1)
+}
+
+/// Applies `a.b.c=value`; the value is TOML (`0.5`, `[1, 2]`, `"x"`), or a bare string. Returns the key.
+fn apply_override(table: &mut toml::Table, o: &str) -> Result<String> {
+    let (key, raw) = o.split_once('=').ok_or_else(|| anyhow!("expected key.path=value"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        bail!("invalid key path `{key}`");
+    }
+    let raw = raw.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut t = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        t = entry.as_table_mut().ok_or_else(|| anyhow!("`{p}` is not a table"))?;
+    }
+    t.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(key.to_string())
+}
+
+fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut t = table;
+    for p in &parts[..parts.len() - 1] {
+        match t.get_mut(*p).and_then(|v| v.as_table_mut()) {
+            Some(inner) => t = inner,
+            None => return, // axes are collected from this very table, so the path exists
+        }
+    }
+    t.insert(parts[parts.len() - 1].to_string(), value);
+}
+
+/// Grid axes: (dotted key, values) for every list at a scalar key, or list of lists at a list key.
+fn collect_axes(table: &toml::Table, prefix: &str, out: &mut Vec<(String, Vec<toml::Value>)>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(t) => collect_axes(t, &key, out),
+            toml::Value::Array(a) => {
+                let is_axis = if LIST_KEYS.contains(&key.as_str()) {
+                    !a.is_empty() && a.iter().all(|x| x.is_array())
+                } else {
+                    true
+                };
+                if is_axis && !a.is_empty() {
+                    out.push((key, a.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn cartesian(axes: &[(String, Vec<toml::Value>)]) -> Vec<Vec<usize>> {
+    let mut combos = vec![vec![]];
+    for (_, values) in axes {
+        let mut next = Vec::new();
+        for c in &combos {
+            for i in 0..values.len() {
+                let mut c = c.clone();
+                c.push(i);
+                next.push(c);
+            }
+        }
+        combos = next;
+    }
+    combos
+}
+
+fn short_value(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+name = "t"
+[workload]
+dataset = "shapes"
+model = "resnet18"
+epochs = 1
+batch_size = 8
+"#;
+
+    #[test]
+    fn minimal_spec_gets_defaults() -> Result<()> {
+        let e = parse(MIN, Path::new("t.toml"), &[])?;
+        assert_eq!(e.runs.len(), 1);
+        let s = &e.runs[0].spec;
+        assert_eq!(s.optim.lr, 0.1);
+        assert_eq!(s.method.workers, 1);
+        assert_eq!(s.seed, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn key_lines_are_found() -> Result<()> {
+        let doc = toml_edit::ImDocument::parse(MIN.to_string())?;
+        assert_eq!(key_line(&doc, "workload.epochs"), Some(6));
+        assert_eq!(key_line(&doc, "name"), Some(2));
+        assert_eq!(key_line(&doc, "method.workers"), None);
+        Ok(())
+    }
+}

@@ -12,7 +12,9 @@ pub mod loader;
 pub mod svhn;
 pub mod synthetic;
 
+use crate::spec::{DatasetName, Workload};
 use anyhow::{bail, Result};
+use std::path::Path;
 
 /// One split of a dataset: `n` images of `h`×`w`×`c` u8 pixels (HWC), and their labels.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,4 +118,31 @@ pub fn channel_stats(set: &ImageSet) -> ([f32; 3], [f32; 3]) {
         std[ch] = ((sq[ch] / n - m * m).max(1e-12)).sqrt() as f32;
     }
     (mean, std)
+}
+
+/// Default sizes of the generated `shapes` dataset.
+pub const SHAPES_TRAIN: usize = 10_000;
+pub const SHAPES_TEST: usize = 2_000;
+
+/// Loads (or generates) the dataset a workload names, truncated to `train_samples` / `test_samples`.
+pub fn load(w: &Workload, data_dir: &Path) -> Result<Dataset> {
+    let name = DatasetName::parse(&w.dataset).map_err(anyhow::Error::msg)?;
+    let mut ds = match name {
+        DatasetName::Shapes => synthetic::shapes(
+            w.data_seed,
+            w.train_samples.unwrap_or(SHAPES_TRAIN),
+            w.test_samples.unwrap_or(SHAPES_TEST),
+        )?,
+        DatasetName::Cifar10 => cifar::load_cifar10(data_dir)?,
+        DatasetName::Cifar100 => cifar::load_cifar100(data_dir)?,
+        DatasetName::Svhn => svhn::load_svhn(data_dir)?,
+        DatasetName::Folder(p) => folder::load_folder(&p)?,
+    };
+    if let Some(n) = w.train_samples {
+        ds.train = ds.train.truncated(n);
+    }
+    if let Some(n) = w.test_samples {
+        ds.test = ds.test.truncated(n);
+    }
+    Ok(ds)
 }

@@ -1,1 +1,49 @@
-//! (in progress)
+//! Models: the trait every trainable network implements, and construction from a spec.
+
+pub mod layers;
+pub mod resnet;
+
+use crate::spec::{ModelName, Norm, Workload};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+pub use layers::{Builder, ParamStore};
+use resnet::{ResNet, ResNetConfig};
+
+/// A trainable network: a forward pass (train mode updates BatchNorm running statistics) and its
+/// parameters and buffers by name.
+pub trait Net: Send {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+    fn store(&self) -> &ParamStore;
+}
+
+/// The ResNet-family configuration a workload names (with its width/depth overrides applied).
+pub fn resnet_config(w: &Workload, num_classes: usize) -> Result<ResNetConfig> {
+    let mut cfg = match w.model {
+        ModelName::Resnet18 | ModelName::Resnet => ResNetConfig::resnet18(num_classes),
+        ModelName::Wrn18 => ResNetConfig::wrn18(num_classes),
+        ModelName::SwinT => bail!("workload.model = \"swin_t\" is not a ResNet"),
+    };
+    if let Some(ws) = &w.widths {
+        cfg.widths = ws.clone();
+    }
+    if let Some(ds) = &w.depths {
+        cfg.depths = ds.clone();
+    }
+    if cfg.widths.len() != cfg.depths.len() {
+        bail!("workload.widths has {} stages but workload.depths has {}", cfg.widths.len(), cfg.depths.len());
+    }
+    cfg.batch_norm = w.norm == Norm::Batch;
+    Ok(cfg)
+}
+
+/// Builds the full model a workload names, initialised from `seed`'s init stream, on `device`.
+pub fn build(w: &Workload, num_classes: usize, seed: u64, device: &Device) -> Result<Box<dyn Net>> {
+    match w.model {
+        ModelName::SwinT => bail!("workload.model = \"swin_t\" is not implemented yet (see the models issue)"),
+        _ => {
+            let cfg = resnet_config(w, num_classes)?;
+            let plan = cfg.full_plan();
+            Ok(Box::new(ResNet::new(&cfg, &plan, Builder::from_seed(seed, device))?))
+        }
+    }
+}

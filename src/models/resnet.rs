@@ -1,0 +1,173 @@
+//! The CIFAR ResNet family (BasicBlocks, 3×3 stem without max-pool): resnet18, wrn18 and tiny variants are
+//! one implementation with configurable widths and depths (DESIGN.md §7).
+//!
+//! A network is built from a [`ResNetConfig`] and a per-block [`BlockPlan`]: the full model holds every
+//! residual branch at full width; a worker's subnetwork may lack some branches (they do not exist on that
+//! worker) and hold fewer internal channels. Parameter names are the PyTorch reference `state_dict` keys
+//! (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.shortcut.0`, …, `linear`).
+
+use super::layers::{BatchNorm, Builder, Conv2d, Linear, ParamStore};
+use super::Net;
+use candle_core::{Result, Tensor, D};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResNetConfig {
+    /// Output channels of each stage (the stem has `widths[0]`).
+    pub widths: Vec<usize>,
+    /// BasicBlocks per stage.
+    pub depths: Vec<usize>,
+    pub num_classes: usize,
+    /// BatchNorm layers (false: identity, used by exactness tests).
+    pub batch_norm: bool,
+}
+
+impl ResNetConfig {
+    pub fn resnet18(num_classes: usize) -> Self {
+        Self { widths: vec![64, 128, 256, 512], depths: vec![2, 2, 2, 2], num_classes, batch_norm: true }
+    }
+
+    pub fn wrn18(num_classes: usize) -> Self {
+        Self { widths: vec![128, 256, 512, 1024], ..Self::resnet18(num_classes) }
+    }
+
+    /// Blocks in forward order: (name, stage, in channels, out channels, stride).
+    pub fn blocks(&self) -> Vec<BlockShape> {
+        let mut out = Vec::new();
+        let mut c_in = self.widths[0];
+        for (s, (&w, &d)) in self.widths.iter().zip(&self.depths).enumerate() {
+            for j in 0..d {
+                let stride = if s > 0 && j == 0 { 2 } else { 1 };
+                out.push(BlockShape { name: format!("layer{}.{j}", s + 1), c_in, c_out: w, stride });
+                c_in = w;
+            }
+        }
+        out
+    }
+
+    /// The full model's plan: every branch present at full width.
+    pub fn full_plan(&self) -> Vec<BlockPlan> {
+        self.blocks().iter().map(|b| BlockPlan { residual: true, mid: b.c_out, scale: 1.0 }).collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockShape {
+    pub name: String,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub stride: usize,
+}
+
+impl BlockShape {
+    /// A projection shortcut (1×1 conv + BN) exists where the shape changes.
+    pub fn has_projection(&self) -> bool {
+        self.stride != 1 || self.c_in != self.c_out
+    }
+}
+
+/// What one block holds on one worker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockPlan {
+    /// The residual branch exists (false: the block is only its shortcut).
+    pub residual: bool,
+    /// Internal channels held (output of conv1, input of conv2).
+    pub mid: usize,
+    /// Multiplier of the residual branch output (1 in training; holder fraction in scaled evaluation).
+    pub scale: f64,
+}
+
+struct Branch {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+}
+
+struct BasicBlock {
+    branch: Option<Branch>,
+    shortcut: Option<(Conv2d, BatchNorm)>,
+    scale: f64,
+}
+
+impl BasicBlock {
+    fn new(b: &mut Builder, shape: &BlockShape, plan: &BlockPlan, bn: bool) -> Result<Self> {
+        let n = &shape.name;
+        let branch = if plan.residual {
+            Some(Branch {
+                conv1: Conv2d::new(b, &format!("{n}.conv1"), shape.c_in, plan.mid, 3, shape.stride, 1)?,
+                bn1: BatchNorm::new(b, &format!("{n}.bn1"), plan.mid, bn)?,
+                conv2: Conv2d::new(b, &format!("{n}.conv2"), plan.mid, shape.c_out, 3, 1, 1)?,
+                bn2: BatchNorm::new(b, &format!("{n}.bn2"), shape.c_out, bn)?,
+            })
+        } else {
+            None
+        };
+        let shortcut = if shape.has_projection() {
+            Some((
+                Conv2d::new(b, &format!("{n}.shortcut.0"), shape.c_in, shape.c_out, 1, shape.stride, 0)?,
+                BatchNorm::new(b, &format!("{n}.shortcut.1"), shape.c_out, bn)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self { branch, shortcut, scale: plan.scale })
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let skip = match &self.shortcut {
+            Some((conv, bn)) => bn.forward_t(&conv.forward(xs)?, train)?,
+            None => xs.clone(),
+        };
+        let Some(br) = &self.branch else { return skip.relu() };
+        let ys = br.bn1.forward_t(&br.conv1.forward(xs)?, train)?.relu()?;
+        let ys = br.bn2.forward_t(&br.conv2.forward(&ys)?, train)?;
+        let ys = if self.scale == 1.0 { ys } else { (ys * self.scale)? };
+        (ys + skip)?.relu()
+    }
+}
+
+pub struct ResNet {
+    pub cfg: ResNetConfig,
+    pub plan: Vec<BlockPlan>,
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    blocks: Vec<BasicBlock>,
+    linear: Linear,
+    store: ParamStore,
+}
+
+impl ResNet {
+    pub fn new(cfg: &ResNetConfig, plan: &[BlockPlan], mut b: Builder) -> Result<Self> {
+        let shapes = cfg.blocks();
+        if plan.len() != shapes.len() {
+            candle_core::bail!("plan has {} blocks, the model {}", plan.len(), shapes.len());
+        }
+        let conv1 = Conv2d::new(&mut b, "conv1", 3, cfg.widths[0], 3, 1, 1)?;
+        let bn1 = BatchNorm::new(&mut b, "bn1", cfg.widths[0], cfg.batch_norm)?;
+        let blocks = shapes
+            .iter()
+            .zip(plan)
+            .map(|(s, p)| BasicBlock::new(&mut b, s, p, cfg.batch_norm))
+            .collect::<Result<Vec<_>>>()?;
+        let c_last = *cfg.widths.last().unwrap_or(&cfg.widths[0]);
+        let linear = Linear::new(&mut b, "linear", c_last, cfg.num_classes, true)?;
+        Ok(Self { cfg: cfg.clone(), plan: plan.to_vec(), conv1, bn1, blocks, linear, store: b.store })
+    }
+}
+
+impl Net for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        // (B, 3, 32, 32) -> (B, widths[0], 32, 32)
+        let mut ys = self.bn1.forward_t(&self.conv1.forward(xs)?, train)?.relu()?;
+        for block in &self.blocks {
+            ys = block.forward_t(&ys, train)?;
+        }
+        // (B, C, H, W) -> (B, C) -> (B, classes)
+        let ys = ys.flatten_from(2)?.mean(D::Minus1)?;
+        self.linear.forward(&ys)
+    }
+
+    fn store(&self) -> &ParamStore {
+        &self.store
+    }
+}
