@@ -2,11 +2,12 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use sdp::runner::{self, RunOptions, INTERRUPTED};
+use sdp::runner::{self, RunOptions};
 use sdp::spec::{self, SpecError};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "sdp", version, about = "Subnetwork Data Parallelism benchmark suite")]
@@ -124,13 +125,15 @@ fn run() -> Result<ExitCode> {
                 print_runs(&exps);
                 return Ok(ExitCode::SUCCESS);
             }
-            ctrlc::set_handler(|| {
-                if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
                     std::process::exit(130); // a second Ctrl-C: stop now
                 }
                 eprintln!("\ninterrupt: finishing the current step, then stopping (Ctrl-C again to abort)");
             })?;
-            let opts = RunOptions { results_dir, data_dir, device: dev, device_name: device, force, only };
+            let opts = RunOptions { results_dir, data_dir, device: dev, device_name: device, force, only, stop };
             let out = runner::run_all(&exps, &opts)?;
             eprintln!("{} done, {} skipped, {} failed", out.done, out.skipped, out.failed);
             Ok(if out.interrupted {

@@ -12,10 +12,8 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
-
-/// Set by the Ctrl-C handler; checked by the training loop at every step.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 pub struct RunOptions {
     pub results_dir: PathBuf,
@@ -24,6 +22,8 @@ pub struct RunOptions {
     pub device_name: String,
     pub force: bool,
     pub only: Option<String>,
+    /// Set (by the Ctrl-C handler) to stop after the current step; checked at every step.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// How a batch of runs ended.
@@ -125,7 +125,7 @@ fn run_one(exp: &Experiment, run: &Run, data: &Dataset, opts: &RunOptions, rd: &
     // A rerun starts its metrics afresh.
     let _ = std::fs::remove_file(rd.metrics());
     let title = format!("[{}/{}] {} {} ({})", pos.0, pos.1, exp.name, run.id, run.label);
-    let mut obs = Progress::new(title.clone(), rd.metrics());
+    let mut obs = Progress::new(title.clone(), rd.metrics(), opts.stop.clone());
     let result = trainer::train(&run.spec, &run.id, data, &opts.device, &mut obs);
     obs.finish();
     manifest.ended = Some(crate::results::now());
@@ -161,11 +161,12 @@ struct Progress {
     metrics_path: PathBuf,
     last_acc: Option<f64>,
     started: Instant,
+    stop: Arc<AtomicBool>,
 }
 
 impl Progress {
-    fn new(title: String, metrics_path: PathBuf) -> Self {
-        Self { title, bar: None, rows: Vec::new(), metrics_path, last_acc: None, started: Instant::now() }
+    fn new(title: String, metrics_path: PathBuf, stop: Arc<AtomicBool>) -> Self {
+        Self { title, bar: None, rows: Vec::new(), metrics_path, last_acc: None, started: Instant::now(), stop }
     }
 
     fn finish(&mut self) {
@@ -211,6 +212,6 @@ impl Observer for Progress {
     }
 
     fn interrupted(&self) -> bool {
-        INTERRUPTED.load(Ordering::Relaxed)
+        self.stop.load(Ordering::Relaxed)
     }
 }

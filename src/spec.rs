@@ -477,8 +477,8 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment
                 // For unknown fields the path names the table; add the offending key.
                 let key = match unknown_field(&inner) {
                     Some(k) if key == "." => k,
-                    Some(k) => format!("{key}.{k}"),
-                    None => key,
+                    Some(k) if !key.ends_with(&k) => format!("{key}.{k}"),
+                    _ => key,
                 };
                 let inner = inner.lines().next().unwrap_or_default().to_string();
                 SpecError(format!("{}: {inner}", origin(&key)))

@@ -65,22 +65,22 @@ fn inside(class: u32, u: f32, v: f32) -> bool {
 }
 
 fn render(rng: &mut impl Rng, class: u32, out: &mut [u8]) {
-    // Colours: foreground and background differ by at least 0.35 in mean intensity or hue distance.
+    // Colours: foreground and background differ by at least 0.9 in summed per-channel distance.
     let bg: [f32; 3] = [rng.random(), rng.random(), rng.random()];
     let fg = loop {
         let c: [f32; 3] = [rng.random(), rng.random(), rng.random()];
         let d: f32 = c.iter().zip(&bg).map(|(a, b)| (a - b).abs()).sum();
-        if d > 0.6 {
+        if d > 0.9 {
             break c;
         }
     };
     let grad: [f32; 2] = [rng.random_range(-0.15..0.15), rng.random_range(-0.15..0.15)];
-    let half = rng.random_range(7.0f32..13.0); // half-size in pixels
+    let half = rng.random_range(8.0f32..13.0); // half-size in pixels
     let cx = rng.random_range(half * 0.8..SIZE as f32 - half * 0.8);
     let cy = rng.random_range(half * 0.8..SIZE as f32 - half * 0.8);
-    let theta = rng.random_range(-0.5f32..0.5); // radians, about ±29°
+    let theta = rng.random_range(-0.3f32..0.3); // radians, about ±17°
     let (s, c) = theta.sin_cos();
-    let noise = Normal::new(0.0f32, 0.05).unwrap_or_else(|_| unreachable!("constant, valid std"));
+    let noise = Normal::new(0.0f32, 0.04).unwrap_or_else(|_| unreachable!("constant, valid std"));
     for y in 0..SIZE {
         for x in 0..SIZE {
             let mut cover = 0.0f32;
