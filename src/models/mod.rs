@@ -47,3 +47,29 @@ pub fn build(w: &Workload, num_classes: usize, seed: u64, device: &Device) -> Re
         }
     }
 }
+
+/// The two kinds of maskable unit (DESIGN.md §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitKind {
+    /// A residual branch (ResNet BasicBlock branch; a Swin block's attention + MLP branches). Dropping it
+    /// leaves the skip path (and a downsampling block's projection shortcut, which is shared).
+    Block,
+    /// One internal channel of a block: a ResNet block's conv1 output / conv2 input channel; a Swin block's
+    /// MLP hidden unit.
+    Neuron,
+}
+
+/// A maskable unit: which block it belongs to, and the parameter slices it owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unit {
+    pub kind: UnitKind,
+    /// Index of the block (forward order) the unit belongs to.
+    pub block: usize,
+    /// Block units: 0. Neuron units: the channel / hidden-unit index inside the block.
+    pub index: usize,
+    /// Human-readable name: `layer1.0` (block) or `layer1.0#17` (neuron 17 of that block).
+    pub name: String,
+    /// Scalar parameters this unit owns (its share of the block's parameters).
+    pub params: usize,
+}
