@@ -7,7 +7,7 @@
 //! (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.shortcut.0`, …, `linear`).
 
 use super::layers::{BatchNorm, Builder, Conv2d, Linear, ParamStore};
-use super::Net;
+use super::{Net, Unit, UnitKind};
 use candle_core::{Result, Tensor, D};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +39,34 @@ impl ResNetConfig {
                 let stride = if s > 0 && j == 0 { 2 } else { 1 };
                 out.push(BlockShape { name: format!("layer{}.{j}", s + 1), c_in, c_out: w, stride });
                 c_in = w;
+            }
+        }
+        out
+    }
+
+    /// The maskable units of `kind`, in forward order. A block unit owns its residual branch (conv1, bn1,
+    /// conv2, bn2; not the projection shortcut, which is shared); a neuron unit owns one internal channel
+    /// (a conv1 output filter, its bn1 scale and shift, and a conv2 input slice).
+    pub fn units(&self, kind: UnitKind) -> Vec<Unit> {
+        let bn = if self.batch_norm { 2 } else { 0 };
+        let mut out = Vec::new();
+        for (b, s) in self.blocks().iter().enumerate() {
+            let per_channel = s.c_in * 9 + bn + s.c_out * 9;
+            match kind {
+                UnitKind::Block => out.push(Unit {
+                    kind,
+                    block: b,
+                    index: 0,
+                    name: s.name.clone(),
+                    params: per_channel * s.c_out + bn * s.c_out,
+                }),
+                UnitKind::Neuron => out.extend((0..s.c_out).map(|i| Unit {
+                    kind,
+                    block: b,
+                    index: i,
+                    name: format!("{}#{i}", s.name),
+                    params: per_channel,
+                })),
             }
         }
         out
@@ -169,5 +197,39 @@ impl Net for ResNet {
 
     fn store(&self) -> &ParamStore {
         &self.store
+    }
+}
+
+impl ResNetConfig {
+    /// The maskable units of `kind` (DESIGN.md §1), blocks in forward order.
+    ///
+    /// Block units: one per BasicBlock, owning its residual branch (conv1, bn1, conv2, bn2); the projection
+    /// shortcut is shared. Neuron units: one per internal channel of a block (conv1 output channel, its bn1
+    /// weight and bias, conv2 input channel): c_in·9 + 2 + c_out·9 parameters (c_in·9 + c_out·9 without
+    /// BatchNorm); bn2 is then shared.
+    pub fn units(&self, kind: super::UnitKind) -> Vec<super::Unit> {
+        use super::{Unit, UnitKind};
+        let bn = if self.batch_norm { 2 } else { 0 };
+        let mut out = Vec::new();
+        for (i, b) in self.blocks().iter().enumerate() {
+            let mid = b.c_out;
+            match kind {
+                UnitKind::Block => out.push(Unit {
+                    kind,
+                    block: i,
+                    index: 0,
+                    name: b.name.clone(),
+                    params: b.c_in * 9 * mid + bn * mid + mid * 9 * b.c_out + bn * b.c_out,
+                }),
+                UnitKind::Neuron => out.extend((0..mid).map(|c| Unit {
+                    kind,
+                    block: i,
+                    index: c,
+                    name: format!("{}#{c}", b.name),
+                    params: b.c_in * 9 + bn + b.c_out * 9,
+                })),
+            }
+        }
+        out
     }
 }
