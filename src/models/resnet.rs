@@ -199,37 +199,3 @@ impl Net for ResNet {
         &self.store
     }
 }
-
-impl ResNetConfig {
-    /// The maskable units of `kind` (DESIGN.md §1), blocks in forward order.
-    ///
-    /// Block units: one per BasicBlock, owning its residual branch (conv1, bn1, conv2, bn2); the projection
-    /// shortcut is shared. Neuron units: one per internal channel of a block (conv1 output channel, its bn1
-    /// weight and bias, conv2 input channel): c_in·9 + 2 + c_out·9 parameters (c_in·9 + c_out·9 without
-    /// BatchNorm); bn2 is then shared.
-    pub fn units(&self, kind: super::UnitKind) -> Vec<super::Unit> {
-        use super::{Unit, UnitKind};
-        let bn = if self.batch_norm { 2 } else { 0 };
-        let mut out = Vec::new();
-        for (i, b) in self.blocks().iter().enumerate() {
-            let mid = b.c_out;
-            match kind {
-                UnitKind::Block => out.push(Unit {
-                    kind,
-                    block: i,
-                    index: 0,
-                    name: b.name.clone(),
-                    params: b.c_in * 9 * mid + bn * mid + mid * 9 * b.c_out + bn * b.c_out,
-                }),
-                UnitKind::Neuron => out.extend((0..mid).map(|c| Unit {
-                    kind,
-                    block: i,
-                    index: c,
-                    name: format!("{}#{c}", b.name),
-                    params: b.c_in * 9 + bn + b.c_out * 9,
-                })),
-            }
-        }
-        out
-    }
-}
