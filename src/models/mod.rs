@@ -1,13 +1,17 @@
 //! Models: the trait every trainable network implements, and construction from a spec.
 
+pub mod checkpoint;
+pub mod info;
 pub mod layers;
 pub mod resnet;
+pub mod swin;
 
 use crate::spec::{ModelName, Norm, Workload};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 pub use layers::{Builder, ParamStore};
 use resnet::{ResNet, ResNetConfig};
+use swin::{Swin, SwinConfig};
 
 /// A trainable network: a forward pass (train mode updates BatchNorm running statistics) and its
 /// parameters and buffers by name.
@@ -36,10 +40,29 @@ pub fn resnet_config(w: &Workload, num_classes: usize) -> Result<ResNetConfig> {
     Ok(cfg)
 }
 
+/// The Swin configuration a workload names: Swin-T, with `widths` as per-stage dims and `depths` as
+/// per-stage block counts when given. Heads follow the dims: dim / 32 per stage (Swin-T's head dim of 32;
+/// see [`swin::default_heads`] for dims below 32 or not divisible), so `swin_t` without overrides keeps
+/// heads 3/6/12/24. `workload.norm` does not apply (Swin's LayerNorms are always present).
+pub fn swin_config(w: &Workload, num_classes: usize) -> Result<SwinConfig> {
+    let base = SwinConfig::swin_t(num_classes);
+    let dims = w.widths.clone().unwrap_or_else(|| base.dims.clone());
+    let depths = w.depths.clone().unwrap_or_else(|| base.depths.clone());
+    let cfg = SwinConfig::with_dims(dims, depths, num_classes);
+    if let Err(e) = cfg.validate() {
+        bail!("workload.widths/depths for swin_t: {e}");
+    }
+    Ok(cfg)
+}
+
 /// Builds the full model a workload names, initialised from `seed`'s init stream, on `device`.
 pub fn build(w: &Workload, num_classes: usize, seed: u64, device: &Device) -> Result<Box<dyn Net>> {
     match w.model {
-        ModelName::SwinT => bail!("workload.model = \"swin_t\" is not implemented yet (see the models issue)"),
+        ModelName::SwinT => {
+            let cfg = swin_config(w, num_classes)?;
+            let plan = cfg.full_plan();
+            Ok(Box::new(Swin::new(&cfg, &plan, Builder::from_seed(seed, device))?))
+        }
         _ => {
             let cfg = resnet_config(w, num_classes)?;
             let plan = cfg.full_plan();

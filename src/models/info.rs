@@ -1,0 +1,135 @@
+//! `sdp info model`: where a model's parameters are (per unit group: stem / patch embedding, each block's
+//! residual branch, shortcuts and patch mergings, head) and how many maskable units of each kind it has.
+//!
+//! Counts come from the built model's [`ParamStore`] (not from a formula), so they check the model code
+//! itself against DESIGN.md §7; the unit listing is cross-checked against the same store.
+
+use super::layers::{Builder, ParamStore};
+use super::resnet::{ResNet, ResNetConfig};
+use super::swin::{Swin, SwinConfig};
+use super::{Net, Unit, UnitKind};
+use anyhow::{bail, Result};
+use candle_core::Device;
+use std::fmt::Write;
+
+/// Parameter counts of a full-size model, by group in forward order, and its units.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub model: String,
+    pub num_classes: usize,
+    /// (group name, parameters, owned by a Block unit).
+    pub groups: Vec<(String, usize, bool)>,
+    pub total: usize,
+    pub block_units: Vec<Unit>,
+    pub neuron_units: Vec<Unit>,
+}
+
+/// A group: its name, the parameter-name prefixes it covers, whether it is a Block unit's branch.
+type GroupSpec = (String, Vec<String>, bool);
+
+/// Builds `model` (`resnet18` | `wrn18` | `swin_t`) at full size on the CPU and counts its parameters.
+pub fn model_info(model: &str, num_classes: usize) -> Result<ModelInfo> {
+    let (store, specs, block_units, neuron_units) = match model {
+        "resnet18" | "wrn18" => {
+            let cfg =
+                if model == "resnet18" { ResNetConfig::resnet18(num_classes) } else { ResNetConfig::wrn18(num_classes) };
+            let net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(0, &Device::Cpu))?;
+            let mut specs: Vec<GroupSpec> = vec![("stem".into(), vec!["conv1.".into(), "bn1.".into()], false)];
+            for b in cfg.blocks() {
+                let n = &b.name;
+                let branch = ["conv1", "bn1", "conv2", "bn2"].iter().map(|l| format!("{n}.{l}.")).collect();
+                specs.push((format!("{n} (branch)"), branch, true));
+                if b.has_projection() {
+                    specs.push((format!("{n}.shortcut"), vec![format!("{n}.shortcut.")], false));
+                }
+            }
+            specs.push(("head (linear)".into(), vec!["linear.".into()], false));
+            (net.store().clone(), specs, cfg.units(UnitKind::Block), cfg.units(UnitKind::Neuron))
+        }
+        "swin_t" => {
+            let cfg = SwinConfig::swin_t(num_classes);
+            let net = Swin::new(&cfg, &cfg.full_plan(), Builder::from_seed(0, &Device::Cpu))?;
+            let mut specs: Vec<GroupSpec> = vec![("patch_embed".into(), vec!["patch_embed.".into()], false)];
+            let blocks = cfg.blocks();
+            for s in 0..cfg.depths.len() {
+                if s > 0 {
+                    let n = format!("layers.{s}.downsample");
+                    specs.push((n.clone(), vec![format!("{n}.")], false));
+                }
+                for b in blocks.iter().filter(|b| b.stage == s) {
+                    specs.push((b.name.clone(), vec![format!("{}.", b.name)], true));
+                }
+            }
+            specs.push(("norm".into(), vec!["norm.".into()], false));
+            specs.push(("head (head.fc)".into(), vec!["head.".into()], false));
+            (net.store().clone(), specs, cfg.units(UnitKind::Block), cfg.units(UnitKind::Neuron))
+        }
+        other => bail!("unknown model `{other}` (expected resnet18, wrn18 or swin_t)"),
+    };
+    let groups = group_params(&store, &specs)?;
+    Ok(ModelInfo {
+        model: model.to_string(),
+        num_classes,
+        groups,
+        total: store.num_params(),
+        block_units,
+        neuron_units,
+    })
+}
+
+/// Sums the store's parameters into the groups; every parameter must fall in exactly one group.
+fn group_params(store: &ParamStore, specs: &[GroupSpec]) -> Result<Vec<(String, usize, bool)>> {
+    let mut counts = vec![0usize; specs.len()];
+    for (name, var) in &store.params {
+        let hits: Vec<usize> = specs
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, prefixes, _))| prefixes.iter().any(|p| name.starts_with(p.as_str())))
+            .map(|(i, _)| i)
+            .collect();
+        match hits.as_slice() {
+            [i] => counts[*i] += var.elem_count(),
+            [] => bail!("parameter `{name}` belongs to no group"),
+            _ => bail!("parameter `{name}` belongs to several groups"),
+        }
+    }
+    Ok(specs.iter().zip(counts).map(|((n, _, owned), c)| (n.clone(), c, *owned)).collect())
+}
+
+/// `12345678` → `12,345,678`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// The report `sdp info model` prints: one line per group, the total, and unit counts per kind with the
+/// parameters they own and the parameters shared by every worker.
+pub fn info_report(model: &str, classes: usize) -> Result<String> {
+    let info = model_info(model, classes)?;
+    let mut s = String::new();
+    let w = info.groups.iter().map(|g| g.0.len()).max().unwrap_or(0).max(24);
+    writeln!(s, "{} ({} classes)", info.model, info.num_classes)?;
+    for (name, count, owned) in &info.groups {
+        let tag = if *owned { "block unit" } else { "shared" };
+        writeln!(s, "  {name:<w$} {:>12}  {tag}", thousands(*count))?;
+    }
+    writeln!(s, "  {:<w$} {:>12}", "total parameters", thousands(info.total))?;
+    for (kind, units) in [("block", &info.block_units), ("neuron", &info.neuron_units)] {
+        let owned: usize = units.iter().map(|u| u.params).sum();
+        writeln!(
+            s,
+            "  {kind} units: {} (own {} parameters, {} shared)",
+            thousands(units.len()),
+            thousands(owned),
+            thousands(info.total - owned.min(info.total))
+        )?;
+    }
+    Ok(s)
+}
