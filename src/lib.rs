@@ -5,6 +5,8 @@
 
 pub mod comm;
 pub mod data;
+pub mod masking;
+pub mod metrics;
 pub mod models;
 pub mod ops;
 pub mod optim;
