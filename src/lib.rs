@@ -14,4 +14,5 @@ pub mod results;
 pub mod runner;
 pub mod seed;
 pub mod spec;
+pub mod subnet;
 pub mod trainer;

@@ -140,6 +140,38 @@ pub struct MetricsRow {
     pub lr: f64,
     pub img_per_s: f64,
     pub wall_s: f64,
+    /// Test accuracy of every evaluation mode (`full`, `recal`, …): the `test_acc_<mode>` columns.
+    #[serde(skip)]
+    pub modes: BTreeMap<String, f64>,
+}
+
+/// Writes `metrics.csv`: the fixed columns, then one `test_acc_<mode>` column per evaluation mode.
+pub fn write_metrics(path: &Path, rows: &[MetricsRow]) -> Result<()> {
+    let modes: Vec<&String> = rows.first().map(|r| r.modes.keys().collect()).unwrap_or_default();
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut header: Vec<String> =
+        ["run_id", "epoch", "step", "train_loss", "test_loss", "test_acc", "lr", "img_per_s", "wall_s"]
+            .map(String::from)
+            .to_vec();
+    header.extend(modes.iter().map(|m| format!("test_acc_{m}")));
+    w.write_record(&header)?;
+    for r in rows {
+        let mut rec = vec![
+            r.run_id.clone(),
+            r.epoch.to_string(),
+            r.step.to_string(),
+            r.train_loss.to_string(),
+            r.test_loss.to_string(),
+            r.test_acc.to_string(),
+            r.lr.to_string(),
+            format!("{:.1}", r.img_per_s),
+            format!("{:.3}", r.wall_s),
+        ];
+        rec.extend(modes.iter().map(|m| r.modes.get(*m).map(|v| v.to_string()).unwrap_or_default()));
+        w.write_record(&rec)?;
+    }
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    write_atomic(path, &bytes)
 }
 
 /// One row of `summary.csv`: one finished run.

@@ -2,7 +2,7 @@
 //! the metrics after every evaluation, mark interrupted and failed runs, rewrite each summary at the end.
 
 use crate::data::{self, Dataset};
-use crate::results::{write_csv, write_summary, Manifest, MetricsRow, RunDir, Status};
+use crate::results::{write_metrics, write_summary, Manifest, MetricsRow, RunDir, Status};
 use crate::spec::{Experiment, Run};
 use crate::trainer::{self, Interrupted, Observer};
 use anyhow::{bail, Context, Result};
@@ -199,7 +199,7 @@ impl Observer for Progress {
     fn eval(&mut self, row: &MetricsRow) -> Result<()> {
         self.rows.push(row.clone());
         self.last_acc = Some(row.test_acc);
-        write_csv(&self.metrics_path, &self.rows)?;
+        write_metrics(&self.metrics_path, &self.rows)?;
         let line = format!(
             "{}: epoch {} step {} train_loss {:.4} test_loss {:.4} test_acc {:.4} {:.0} img/s {:.1} s",
             self.title, row.epoch, row.step, row.train_loss, row.test_loss, row.test_acc, row.img_per_s, row.wall_s

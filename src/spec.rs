@@ -190,11 +190,51 @@ pub struct Method {
     /// Number of workers K (simulated on one device, or one process per GPU).
     #[serde(default = "one")]
     pub workers: usize,
+    /// SDP: masking strategy, a name in the registry of `src/masking/mod.rs` (block, neuron, …).
+    #[serde(default = "block")]
+    pub masking: String,
+    /// SDP: `forward` (workers run their physical subnetwork) or `backward` (full forward, held gradients).
+    #[serde(default)]
+    pub regime: Regime,
+    /// SDP: fraction C of the maskable units each worker holds; every unit is held by m = round(C·K) workers.
+    #[serde(default = "coverage_default")]
+    pub coverage: f64,
+    /// SDP: average parameters after local steps (`params`) or gradients before them (`grads`).
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// SDP with `sync = "params"`: average every this many steps.
+    #[serde(default = "one")]
+    pub sync_every: usize,
+    /// SDP: BatchNorm running statistics of the assembled model: `average` among holders, or `recompute`
+    /// on the full model from training data before each evaluation.
+    #[serde(default)]
+    pub bn_stats: BnStats,
+    /// SDP: redraw the masks every this many steps (0: fixed for the run).
+    #[serde(default)]
+    pub resample_every: usize,
+    /// The evaluation mode reported as the headline `test_acc` (all modes are recorded).
+    #[serde(default)]
+    pub eval_mode: EvalMode,
+    /// `same_steps`, or `flop_matched` (SDP trains epochs × 1/C).
+    #[serde(default)]
+    pub budget: Budget,
 }
 
 impl Default for Method {
     fn default() -> Self {
-        Self { kind: MethodKind::Dp, workers: 1 }
+        Self {
+            kind: MethodKind::Dp,
+            workers: 1,
+            masking: block(),
+            regime: Regime::Forward,
+            coverage: 1.0,
+            sync: SyncMode::Params,
+            sync_every: 1,
+            bn_stats: BnStats::Average,
+            resample_every: 0,
+            eval_mode: EvalMode::Full,
+            budget: Budget::SameSteps,
+        }
     }
 }
 
@@ -203,8 +243,77 @@ impl Default for Method {
 pub enum MethodKind {
     #[default]
     Dp,
+    Sdp,
 }
 
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Regime {
+    #[default]
+    Forward,
+    Backward,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    #[default]
+    Params,
+    Grads,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BnStats {
+    #[default]
+    Average,
+    Recompute,
+}
+
+/// How the model is evaluated (DESIGN.md §1, "Evaluation").
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalMode {
+    /// The assembled full model with BN statistics averaged among holders.
+    #[default]
+    Full,
+    /// The full model after BN recalibration on training data.
+    Recal,
+    /// The full model with each residual branch scaled by its holder fraction m/K.
+    Scaled,
+    /// The mean softmax of the K worker subnetworks.
+    Ensemble,
+    /// The mean accuracy of the individual worker subnetworks.
+    SubnetMean,
+}
+
+impl EvalMode {
+    pub const ALL: [EvalMode; 5] = [Self::Full, Self::Recal, Self::Scaled, Self::Ensemble, Self::SubnetMean];
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Recal => "recal",
+            Self::Scaled => "scaled",
+            Self::Ensemble => "ensemble",
+            Self::SubnetMean => "subnet_mean",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Budget {
+    #[default]
+    SameSteps,
+    FlopMatched,
+}
+
+fn block() -> String {
+    "block".into()
+}
+fn coverage_default() -> f64 {
+    1.0
+}
 fn one() -> usize {
     1
 }
@@ -272,6 +381,26 @@ impl RunSpec {
     pub fn dataset(&self) -> DatasetName {
         // Validated when the spec was loaded.
         DatasetName::parse(&self.workload.dataset).unwrap_or(DatasetName::Shapes)
+    }
+
+    /// The spec with fields that cannot affect the run reset to their defaults, so that equal runs get
+    /// equal ids (a grid over `kind = ["dp", "sdp"]` × coverage holds one DP run, not one per coverage).
+    fn canonical(mut self) -> Self {
+        if self.method.kind == MethodKind::Dp {
+            let d = Method::default();
+            self.method = Method { kind: MethodKind::Dp, workers: self.method.workers, ..d };
+        }
+        self
+    }
+
+    /// Epochs actually trained: `flop_matched` SDP trains epochs × 1/C (rounded).
+    pub fn train_epochs(&self) -> usize {
+        match (self.method.kind, self.method.budget) {
+            (MethodKind::Sdp, Budget::FlopMatched) => {
+                ((self.workload.epochs as f64 / self.method.coverage).round() as usize).max(1)
+            }
+            _ => self.workload.epochs,
+        }
     }
 
     /// The stable run id: a hash of the resolved spec (every default filled in).
@@ -354,6 +483,24 @@ impl RunSpec {
         }
         if m.workers == 0 {
             return err("method.workers", "must be at least 1".into());
+        }
+        if !(m.coverage > 0.0 && m.coverage <= 1.0) {
+            return err("method.coverage", format!("must be in (0, 1], got {}", m.coverage));
+        }
+        if m.sync_every == 0 {
+            return err("method.sync_every", "must be at least 1".into());
+        }
+        if let Err(e) = crate::masking::strategy(&m.masking) {
+            return err("method.masking", format!("{e:#}"));
+        }
+        if m.kind == MethodKind::Sdp && m.regime == Regime::Backward {
+            return err("method.regime", "`backward` is not implemented yet (use `forward`)".into());
+        }
+        if m.kind == MethodKind::Sdp && w.model == ModelName::SwinT {
+            return err("workload.model", "SDP on swin_t is not implemented yet".into());
+        }
+        if m.kind == MethodKind::Dp && m.eval_mode != EvalMode::Full {
+            return err("method.eval_mode", "DP has one model: only `full` applies".into());
         }
         Ok(())
     }
@@ -484,11 +631,22 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment
                 SpecError(format!("{}: {inner}", origin(&key)))
             })?;
             spec.validate().map_err(|(k, msg)| SpecError(format!("{}: {msg}", origin(&k))))?;
+            let spec = spec.canonical();
             let id = spec.id();
             if !ids.insert(id.clone()) {
                 continue; // a grid may name the same run twice (e.g. coverage 1.0 under two maskings)
             }
-            let mut l = label.clone();
+            // A DP run ignores the SDP-only fields: leave them out of its label.
+            let mut l: Vec<String> = label
+                .iter()
+                .filter(|a| {
+                    spec.method.kind != MethodKind::Dp
+                        || !a.starts_with("method.")
+                        || a.starts_with("method.kind=")
+                        || a.starts_with("method.workers=")
+                })
+                .cloned()
+                .collect();
             if seeds.len() > 1 || label.is_empty() {
                 l.push(format!("seed={seed}"));
             }

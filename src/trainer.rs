@@ -4,6 +4,16 @@
 //! with its replica of the model; the gradients are averaged; one optimizer step updates the (shared)
 //! replica. BatchNorm uses each worker's own batch statistics, and the running statistics become the mean
 //! of the workers' updated estimates — what a real multi-process run with buffer averaging computes.
+//!
+//! Subnetwork data parallelism (`method.kind = "sdp"`, DESIGN.md §1–§2), forward regime:
+//!
+//! ```text
+//! select masks (pure function of spec + seed) → build each worker's physical subnetwork (gather)
+//! every step, for each worker k:  local grads of its batch → (sync=params) local optimizer step
+//! sync=grads:   average grads among holders → identical optimizer step on every holder
+//! sync=params:  every sync_every steps, average parameters among holders (scatter, mean, gather)
+//! BN buffers:   averaged among holders at every sync
+//! ```
 
 use crate::data::augment::AugmentCfg;
 use crate::data::loader::{eval_batches, steps_per_epoch, Batch, TrainLoader};
@@ -11,9 +21,16 @@ use crate::data::Dataset;
 use crate::models::{self, Net};
 use crate::optim::{lr_at, Optimizer};
 use crate::results::{Final, MetricsRow};
-use crate::spec::{MethodKind, RunSpec};
+use crate::comm::{Averager, LocalAverager};
+use crate::masking::{self, Selection};
+use crate::models::layers::Builder;
+use crate::models::resnet::{BlockPlan, ResNet, ResNetConfig};
+use crate::models::Unit;
+use crate::seed::{rng, Stream};
+use crate::spec::{BnStats, EvalMode, MethodKind, RunSpec, SyncMode};
+use crate::subnet::{self, IndexMap};
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,12 +55,21 @@ pub trait Observer {
     fn eval(&mut self, row: &MetricsRow) -> Result<()>;
     /// Whether the user asked to stop.
     fn interrupted(&self) -> bool;
+    /// An SDP run drew its subnetworks (before training).
+    fn selection(&mut self, _st: &SdpState) -> Result<()> {
+        Ok(())
+    }
+    /// An SDP run finished training (per-worker accounting).
+    fn finished_sdp(&mut self, _st: &SdpState) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Trains the run `spec` on `data` and returns its final figures.
 pub fn train(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
     match spec.method.kind {
         MethodKind::Dp => train_dp(spec, run_id, data, device, obs),
+        MethodKind::Sdp => train_sdp(spec, run_id, data, device, obs),
     }
 }
 
@@ -93,6 +119,7 @@ fn train_dp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: 
                 lr,
                 img_per_s,
                 wall_s: start.elapsed().as_secs_f64(),
+                modes: BTreeMap::from([("full".to_string(), test_acc)]),
             };
             obs.eval(&row)?;
             last = Final {
@@ -187,4 +214,347 @@ pub fn evaluate(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, d
     }
     let n = n.max(1) as f64;
     Ok((loss_sum / n, correct as f64 / n))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Subnetwork data parallelism.
+
+/// One simulated SDP worker: its physical subnetwork, where its tensors sit in the global model, its
+/// optimizer state (local to its subnetwork).
+pub struct Worker {
+    pub net: ResNet,
+    pub maps: BTreeMap<String, IndexMap>,
+    pub opt: Optimizer,
+    pub units_held: usize,
+}
+
+/// The state of an SDP run: the assembled global model and the K workers.
+pub struct SdpState {
+    pub cfg: ResNetConfig,
+    pub global: ResNet,
+    pub workers: Vec<Worker>,
+    pub units: Vec<Unit>,
+    pub selection: Selection,
+    shapes: BTreeMap<String, Vec<usize>>,
+    averager: LocalAverager,
+}
+
+impl SdpState {
+    /// Builds the global model from the run seed and every worker's subnetwork from selection `draw`.
+    pub fn new(spec: &RunSpec, num_classes: usize, device: &Device) -> Result<Self> {
+        let cfg = models::resnet_config(&spec.workload, num_classes)?;
+        let global = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, device))?;
+        let strategy = masking::strategy(&spec.method.masking)?;
+        let units = cfg.units(strategy.kind());
+        let shapes = subnet::shapes(global.store());
+        let mut st = Self {
+            cfg,
+            global,
+            workers: Vec::new(),
+            units,
+            selection: Selection { holds: vec![], m: 0 },
+            shapes,
+            averager: LocalAverager::new(),
+        };
+        st.redraw(spec, 0, device)?;
+        Ok(st)
+    }
+
+    /// Draws selection number `draw` and rebuilds the workers from the global model's current values.
+    /// Optimizer state starts afresh for the new subnetworks.
+    pub fn redraw(&mut self, spec: &RunSpec, draw: u64, device: &Device) -> Result<()> {
+        let m = &spec.method;
+        let strategy = masking::strategy(&m.masking)?;
+        let mut r = rng(spec.seed, Stream::Mask, draw, 0);
+        self.selection = strategy.select(&self.units, m.workers, m.coverage, &mut r)?;
+        let keeps = subnet::resnet_keeps(&self.cfg, &self.units, &self.selection.holds);
+        let values: BTreeMap<String, Tensor> = {
+            let s = self.global.store();
+            s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+        };
+        self.workers.clear();
+        for (k, keep) in keeps.iter().enumerate() {
+            let (plan, maps) = subnet::resnet_subnet(&self.cfg, &self.shapes, keep, 1.0);
+            let local: BTreeMap<String, Tensor> =
+                maps.iter().map(|(n, map)| Ok((n.clone(), map.gather(&values[n])?))).collect::<Result<_>>()?;
+            let net = ResNet::new(&self.cfg, &plan, Builder::from_tensors(&local, device))?;
+            let units_held = self.selection.holds[k].iter().filter(|&&h| h).count();
+            self.workers.push(Worker { net, maps, opt: Optimizer::new(&spec.optim), units_held });
+        }
+        self.averager = LocalAverager::new();
+        Ok(())
+    }
+
+    /// Averages every parameter (and, with `buffers`, every BN statistic) among its holders into the
+    /// global model, and hands each worker the averaged values of its coordinates.
+    pub fn sync_params(&mut self, buffers: bool) -> Result<()> {
+        let gstore = self.global.store().clone();
+        let mut maps: Vec<&BTreeMap<String, Var>> = vec![&gstore.params];
+        if buffers {
+            maps.push(&gstore.buffers);
+        }
+        for (i, gmap) in maps.into_iter().enumerate() {
+            for (name, gvar) in gmap {
+                let holders: Vec<(&Worker, &Var)> = self
+                    .workers
+                    .iter()
+                    .filter_map(|w| {
+                        let s = w.net.store();
+                        if i == 0 { s.params.get(name) } else { s.buffers.get(name) }.map(|v| (w, v))
+                    })
+                    .collect();
+                let contribs: Vec<(&IndexMap, Tensor)> =
+                    holders.iter().map(|(w, v)| (&w.maps[name], v.as_tensor().detach())).collect();
+                let mean = self.averager.average(name, gvar.as_tensor(), &contribs)?;
+                gvar.set(&mean)?;
+                for (w, v) in holders {
+                    v.set(&w.maps[name].gather(&mean)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Averages each worker's gradients among holders; returns every worker's averaged local gradients.
+    fn average_grads(&mut self, grads: &[BTreeMap<String, Tensor>]) -> Result<Vec<BTreeMap<String, Tensor>>> {
+        let mut out: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); self.workers.len()];
+        for (name, gvar) in &self.global.store().params {
+            let contribs: Vec<(usize, (&IndexMap, Tensor))> = grads
+                .iter()
+                .enumerate()
+                .filter_map(|(k, g)| g.get(name).map(|t| (k, (&self.workers[k].maps[name], t.clone()))))
+                .collect();
+            if contribs.is_empty() {
+                continue;
+            }
+            let zeros = gvar.as_tensor().zeros_like()?;
+            let pairs: Vec<(&IndexMap, Tensor)> = contribs.iter().map(|(_, p)| (p.0, p.1.clone())).collect();
+            let mean = self.averager.average(&format!("grad:{name}"), &zeros, &pairs)?;
+            for (k, (map, _)) in &contribs {
+                out[*k].insert(name.clone(), map.gather(&mean)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn train_sdp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
+    let w = &spec.workload;
+    let m = &spec.method;
+    let k = m.workers;
+    let mut st = SdpState::new(spec, data.num_classes(), device)?;
+    obs.selection(&st)?;
+    let aug = augment_cfg(spec, data);
+    let train_set = Arc::new(data.train.clone());
+    let epochs = spec.train_epochs();
+    let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
+    let total = per_epoch * epochs;
+    let start = Instant::now();
+    let mut step = 0;
+    let mut last = Final::default();
+    for epoch in 1..=epochs {
+        let loader = TrainLoader::start(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size)?;
+        let (mut loss_sum, mut images) = (0.0, 0usize);
+        let t_epoch = Instant::now();
+        let mut lr = 0.0;
+        for batches in loader {
+            if obs.interrupted() {
+                return Err(Interrupted.into());
+            }
+            if m.resample_every > 0 && step > 0 && step % m.resample_every == 0 {
+                st.sync_params(true)?;
+                st.redraw(spec, (step / m.resample_every) as u64, device)?;
+            }
+            lr = lr_at(&spec.optim, step, total, per_epoch);
+            let loss = sdp_step(&mut st, spec, &batches, lr, step + 1, device)
+                .with_context(|| format!("training step {} (epoch {epoch})", step + 1))?;
+            step += 1;
+            loss_sum += loss;
+            images += batches.iter().map(Batch::len).sum::<usize>();
+            obs.step(epoch, step, total, loss);
+        }
+        let img_per_s = images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
+        if epoch % w.eval_every == 0 || epoch == epochs {
+            st.sync_params(true)?;
+            let modes = evaluate_sdp(&st, spec, data, &aug, device)?;
+            let (test_loss, test_acc) = modes[&m.eval_mode];
+            let row = MetricsRow {
+                run_id: run_id.to_string(),
+                epoch,
+                step,
+                train_loss: loss_sum / per_epoch as f64,
+                test_loss,
+                test_acc,
+                lr,
+                img_per_s,
+                wall_s: start.elapsed().as_secs_f64(),
+                modes: modes.iter().map(|(k, v)| (k.name().to_string(), v.1)).collect(),
+            };
+            obs.eval(&row)?;
+            last = Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
+        }
+    }
+    obs.finished_sdp(&st)?;
+    Ok(last)
+}
+
+/// One SDP step (forward regime). `step` counts from 1. Returns the mean loss over the workers.
+pub fn sdp_step(st: &mut SdpState, spec: &RunSpec, batches: &[Batch], lr: f64, step: usize, device: &Device) -> Result<f64> {
+    let m = &spec.method;
+    let mut loss_sum = 0.0;
+    let mut all_grads = Vec::with_capacity(batches.len());
+    for (worker, batch) in st.workers.iter_mut().zip(batches) {
+        let (x, y) = batch.to_tensors(device)?;
+        let (loss, grads) = loss_and_grads(&worker.net, &x, &y)?;
+        loss_sum += loss;
+        match m.sync {
+            SyncMode::Params => worker.opt.step(&worker.net.store().params, &grads, lr)?,
+            SyncMode::Grads => all_grads.push(grads),
+        }
+    }
+    match m.sync {
+        SyncMode::Grads => {
+            let avg = st.average_grads(&all_grads)?;
+            for (worker, g) in st.workers.iter_mut().zip(&avg) {
+                worker.opt.step(&worker.net.store().params, g, lr)?;
+            }
+            // Parameters stay identical on holders; BN statistics are averaged every step.
+            st.sync_buffers()?;
+        }
+        SyncMode::Params => {
+            if step % m.sync_every == 0 {
+                st.sync_params(true)?;
+            }
+        }
+    }
+    Ok(loss_sum / batches.len() as f64)
+}
+
+impl SdpState {
+    /// Averages BN running statistics among holders (parameters untouched).
+    fn sync_buffers(&mut self) -> Result<()> {
+        let gstore = self.global.store().clone();
+        for (name, gvar) in &gstore.buffers {
+            let holders: Vec<(&Worker, &Var)> =
+                self.workers.iter().filter_map(|w| w.net.store().buffers.get(name).map(|v| (w, v))).collect();
+            let contribs: Vec<(&IndexMap, Tensor)> =
+                holders.iter().map(|(w, v)| (&w.maps[name], v.as_tensor().detach())).collect();
+            let mean = self.averager.average(name, gvar.as_tensor(), &contribs)?;
+            gvar.set(&mean)?;
+            for (w, v) in holders {
+                v.set(&w.maps[name].gather(&mean)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The global model rebuilt with a per-block plan scale (stochastic-depth-style evaluation).
+    fn scaled_global(&self, scale: f64, device: &Device) -> Result<ResNet> {
+        let values = self.global_values();
+        let plan: Vec<BlockPlan> = self.cfg.full_plan().into_iter().map(|p| BlockPlan { scale, ..p }).collect();
+        Ok(ResNet::new(&self.cfg, &plan, Builder::from_tensors(&values, device))?)
+    }
+
+    fn global_values(&self) -> BTreeMap<String, Tensor> {
+        let s = self.global.store();
+        s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+
+    /// Fraction of the workers holding each unit (m/K for uniform-representation strategies).
+    pub fn holder_fraction(&self) -> f64 {
+        self.selection.m as f64 / self.workers.len().max(1) as f64
+    }
+}
+
+/// Test loss and accuracy of every evaluation mode.
+pub fn evaluate_sdp(
+    st: &SdpState,
+    spec: &RunSpec,
+    data: &Dataset,
+    aug: &AugmentCfg,
+    device: &Device,
+) -> Result<BTreeMap<EvalMode, (f64, f64)>> {
+    let batch = spec.workload.eval_batch_size;
+    let mut out = BTreeMap::new();
+    // Recalibrated copy: BN statistics recomputed on training batches in train mode, no gradient.
+    let recal = st.scaled_global(1.0, device)?;
+    recalibrate_bn(&recal, data, aug, batch, spec.seed, device)?;
+    let full = if spec.method.bn_stats == BnStats::Recompute { &recal } else { &st.global };
+    out.insert(EvalMode::Full, evaluate(full, data, aug, batch, device)?);
+    out.insert(EvalMode::Recal, evaluate(&recal, data, aug, batch, device)?);
+    let frac = st.holder_fraction();
+    let scaled = if frac < 1.0 { evaluate(&st.scaled_global(frac, device)?, data, aug, batch, device)? } else { out[&EvalMode::Full] };
+    out.insert(EvalMode::Scaled, scaled);
+    // Ensemble (mean softmax) and individual subnetworks.
+    let (mut ens_loss, mut ens_correct, mut sub_correct, mut n) = (0.0, 0usize, vec![0usize; st.workers.len()], 0usize);
+    let mut sub_loss = vec![0.0; st.workers.len()];
+    for b in eval_batches(&data.test, aug, batch) {
+        let (x, y) = b.to_tensors(device)?;
+        let mut prob_sum: Option<Tensor> = None;
+        for (k, w) in st.workers.iter().enumerate() {
+            let logits = w.net.forward_t(&x, false)?.detach();
+            sub_loss[k] += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+            sub_correct[k] += count_correct(&logits, &b.y)?;
+            let p = candle_nn::ops::softmax_last_dim(&logits)?;
+            prob_sum = Some(match prob_sum {
+                Some(s) => (s + p)?,
+                None => p,
+            });
+        }
+        let probs = match prob_sum {
+            Some(p) => (p / st.workers.len() as f64)?,
+            None => anyhow::bail!("no workers"),
+        };
+        ens_loss += candle_nn::loss::nll(&probs.clamp(1e-12f32, 1f32)?.log()?, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+        ens_correct += count_correct(&probs, &b.y)?;
+        n += b.len();
+    }
+    let n = n.max(1) as f64;
+    let kf = st.workers.len() as f64;
+    out.insert(EvalMode::Ensemble, (ens_loss / n, ens_correct as f64 / n));
+    out.insert(
+        EvalMode::SubnetMean,
+        (sub_loss.iter().sum::<f64>() / n / kf, sub_correct.iter().sum::<usize>() as f64 / n / kf),
+    );
+    Ok(out)
+}
+
+fn count_correct(scores: &Tensor, labels: &[u32]) -> Result<usize> {
+    let pred = scores.argmax(1)?.to_vec1::<u32>()?;
+    Ok(pred.iter().zip(labels).filter(|(p, t)| p == t).count())
+}
+
+/// Batches of training data used to recalibrate BatchNorm statistics.
+pub const RECAL_BATCHES: usize = 10;
+
+/// Recomputes BN running statistics of `net` as the mean batch statistics of [`RECAL_BATCHES`] training
+/// batches in train mode (no gradient), like PyTorch's `momentum=None` cumulative average.
+pub fn recalibrate_bn(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, seed: u64, device: &Device) -> Result<()> {
+    let store = net.store();
+    if store.buffers.is_empty() {
+        return Ok(());
+    }
+    let perm = crate::data::loader::permutation(seed, usize::MAX, data.train.len());
+    let batch = batch.min(data.train.len()).max(1);
+    let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut count = 0;
+    let zeros: BTreeMap<String, Tensor> =
+        store.buffers.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().zeros_like()?))).collect::<Result<_>>()?;
+    for chunk in perm.chunks(batch).take(RECAL_BATCHES) {
+        if chunk.len() < 2 {
+            break;
+        }
+        store.set_buffers(&zeros)?;
+        let b = crate::data::loader::make_batch(&data.train, chunk, aug, None);
+        let (x, _) = b.to_tensors(device)?;
+        net.forward_t(&x, true)?;
+        // From zero, one update leaves momentum × (batch statistic): divide it back out.
+        let stats = scale(store.buffer_tensors()?, 1.0 / crate::models::layers::BN_MOMENTUM)?;
+        accumulate(&mut sums, stats)?;
+        count += 1;
+    }
+    if count > 0 {
+        store.set_buffers(&scale(sums, 1.0 / count as f64)?)?;
+    }
+    Ok(())
 }

@@ -1,0 +1,282 @@
+//! Subnetwork data parallelism: equivalence with DP at full coverage, exact averaging among holders,
+//! physical subnetworks that compute what the masked full model computes.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sdp::comm::{Averager, LocalAverager};
+use sdp::data::augment::AugmentCfg;
+use sdp::data::loader::TrainLoader;
+use sdp::models::layers::Builder;
+use sdp::models::resnet::{ResNet, ResNetConfig};
+use sdp::models::{self, Net, UnitKind};
+use sdp::optim::Optimizer;
+use sdp::spec::{self, RunSpec};
+use sdp::subnet::{self, IndexMap, Keep};
+use sdp::trainer::{dp_step, sdp_step, SdpState};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+const TINY: &str = r#"
+name = "tiny-sdp"
+[workload]
+dataset = "shapes"
+train_samples = 96
+test_samples = 40
+model = "resnet"
+widths = [4, 8]
+depths = [2, 1]
+epochs = 1
+batch_size = 8
+[optim]
+lr = 0.05
+nesterov = true
+[method]
+kind = "sdp"
+workers = 3
+masking = "block"
+coverage = 1.0
+"#;
+
+fn spec(sets: &[&str]) -> Result<RunSpec> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    Ok(spec::parse(TINY, Path::new("tiny.toml"), &sets)?.runs.remove(0).spec)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// With C = 1, sync = params and SGD (momentum, Nesterov, weight decay), SDP takes exactly DP's steps,
+/// BatchNorm statistics included.
+#[test]
+fn full_coverage_sdp_equals_dp() -> Result<()> {
+    for masking in ["block", "neuron"] {
+        let s = spec(&[&format!("method.masking={masking}")])?;
+        let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
+        let aug = AugmentCfg { crop_pad: 2, flip: true, mean: data.mean, std: data.std };
+        let train = Arc::new(data.train.clone());
+        let dev = Device::Cpu;
+
+        let dp = models::build(&s.workload, 10, s.seed, &dev)?;
+        let mut opt = Optimizer::new(&s.optim);
+        for batches in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)? {
+            dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
+        }
+
+        let mut st = SdpState::new(&s, 10, &dev)?;
+        for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.enumerate() {
+            sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
+        }
+        let sdp_store = st.global.store();
+        for (name, v) in dp.store().params.iter().chain(&dp.store().buffers) {
+            let other = sdp_store.params.get(name).or_else(|| sdp_store.buffers.get(name));
+            let other = other.ok_or_else(|| anyhow::anyhow!("{name} missing in SDP"))?;
+            let d = max_diff(v.as_tensor(), other.as_tensor())?;
+            assert!(d < 1e-5, "{masking}: {name} differs by {d}");
+        }
+    }
+    Ok(())
+}
+
+/// The in-process averager equals a naive per-coordinate mean over the holders, on random masks.
+#[test]
+fn averaging_equals_naive_mean_over_holders() -> Result<()> {
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    let dev = Device::Cpu;
+    let shape = [6usize, 5, 3];
+    let global: Vec<f32> = (0..90).map(|_| r.random()).collect();
+    let global_t = Tensor::from_slice(&global, &shape[..], &dev)?;
+    for trial in 0..20 {
+        let workers = 1 + trial % 5;
+        let mut maps = Vec::new();
+        let mut locals = Vec::new();
+        for _ in 0..workers {
+            let axis = r.random_range(0..2usize);
+            let idx: Vec<usize> = (0..shape[axis]).filter(|_| r.random_bool(0.6)).collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let map = IndexMap::narrowed(&shape, axis, &idx);
+            let n = map.local_len();
+            let vals: Vec<f32> = (0..n).map(|_| r.random()).collect();
+            locals.push(Tensor::from_slice(&vals, map.local_shape().as_slice(), &dev)?);
+            maps.push(map);
+        }
+        let contribs: Vec<(&IndexMap, Tensor)> = maps.iter().zip(&locals).map(|(m, t)| (m, t.clone())).collect();
+        let got = LocalAverager::new().average("p", &global_t, &contribs)?.flatten_all()?.to_vec1::<f32>()?;
+        // Naive: for each global coordinate, average the values of the locals that contain it.
+        for i in 0..6 {
+            for j in 0..5 {
+                for k in 0..3 {
+                    let (mut sum, mut cnt) = (0.0f32, 0);
+                    for (m, t) in maps.iter().zip(&locals) {
+                        let pos: Vec<Option<usize>> = [i, j, k]
+                            .iter()
+                            .zip(&m.axes)
+                            .map(|(&g, a)| match a {
+                                None => Some(g),
+                                Some(ix) => ix.iter().position(|&x| x as usize == g),
+                            })
+                            .collect();
+                        if let [Some(a), Some(b), Some(c)] = pos[..] {
+                            sum += t.get(a)?.get(b)?.get(c)?.to_scalar::<f32>()?;
+                            cnt += 1;
+                        }
+                    }
+                    let want = if cnt == 0 { global[(i * 5 + j) * 3 + k] } else { sum / cnt as f32 };
+                    let g = got[(i * 5 + j) * 3 + k];
+                    assert!((g - want).abs() < 1e-6, "trial {trial} ({i},{j},{k}): {g} vs {want}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each worker's parameter count is what its index maps say, and dropped blocks have no tensors.
+#[test]
+fn worker_parameters_match_their_index_maps() -> Result<()> {
+    for (masking, coverage) in [("block", 0.5), ("neuron", 0.5), ("neuron", 0.75), ("random_block", 0.34)] {
+        let s = spec(&[&format!("method.masking={masking}"), &format!("method.coverage={coverage}")])?;
+        let st = SdpState::new(&s, 10, &Device::Cpu)?;
+        let total = st.global.store().num_params();
+        for w in &st.workers {
+            let store = w.net.store();
+            let from_maps: usize = store.params.keys().map(|n| w.maps[n].local_len()).sum();
+            assert_eq!(store.num_params(), from_maps, "{masking}");
+            if masking != "random_block" {
+                // (random_block may by chance give one worker every block)
+                assert!(store.num_params() < total, "{masking} C={coverage}: a worker holds everything");
+            }
+            for (n, v) in &store.params {
+                assert_eq!(v.dims(), w.maps[n].local_shape().as_slice(), "{n}");
+            }
+        }
+        // Every global coordinate is held by someone: the assembled model is fully trained.
+        for name in st.global.store().params.keys() {
+            assert!(st.workers.iter().any(|w| w.maps.contains_key(name)), "{name} held by nobody");
+        }
+    }
+    Ok(())
+}
+
+fn tiny_cfg() -> ResNetConfig {
+    ResNetConfig { widths: vec![4, 8], depths: vec![2, 1], num_classes: 10, batch_norm: true }
+}
+
+fn input(seed: u64) -> Result<Tensor> {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..3 * 3 * 12 * 12).map(|_| r.random_range(-1.0..1.0)).collect();
+    Ok(Tensor::from_vec(v, (3, 3, 12, 12), &Device::Cpu)?)
+}
+
+/// Values of a freshly initialised model, with random BN statistics so that eval mode is not trivial.
+fn values(cfg: &ResNetConfig) -> Result<BTreeMap<String, Tensor>> {
+    let full = ResNet::new(cfg, &cfg.full_plan(), Builder::from_seed(3, &Device::Cpu))?;
+    let mut r = ChaCha8Rng::seed_from_u64(9);
+    let s = full.store();
+    let mut out = BTreeMap::new();
+    for (k, v) in s.params.iter().chain(&s.buffers) {
+        let t = if k.ends_with("running_var") || k.ends_with("running_mean") || k.contains("bn") {
+            let n = v.elem_count();
+            let vals: Vec<f32> = (0..n).map(|_| r.random_range(0.5..1.5)).collect();
+            Tensor::from_vec(vals, v.dims(), &Device::Cpu)?
+        } else {
+            v.as_tensor().copy()?
+        };
+        out.insert(k.clone(), t);
+    }
+    Ok(out)
+}
+
+fn subnet_of(cfg: &ResNetConfig, vals: &BTreeMap<String, Tensor>, keeps: &[Keep]) -> Result<ResNet> {
+    let shapes: BTreeMap<String, Vec<usize>> = vals.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+    let (plan, maps) = subnet::resnet_subnet(cfg, &shapes, keeps, 1.0);
+    let local: BTreeMap<String, Tensor> =
+        maps.iter().map(|(n, m)| Ok((n.clone(), m.gather(&vals[n])?))).collect::<Result<_>>()?;
+    Ok(ResNet::new(cfg, &plan, Builder::from_tensors(&local, &Device::Cpu))?)
+}
+
+/// A worker without block b computes what the full model computes when b's residual branch outputs zero
+/// (its last BN scale and shift set to 0), in eval and in train mode.
+#[test]
+fn dropped_block_equals_full_model_without_that_branch() -> Result<()> {
+    let cfg = tiny_cfg();
+    let vals = values(&cfg)?;
+    let blocks = cfg.blocks();
+    for drop in [1usize, 2] {
+        // block 1 has an identity shortcut, block 2 (first of stage 2) a projection shortcut
+        let keeps: Vec<Keep> = blocks
+            .iter()
+            .enumerate()
+            .map(|(b, s)| Keep { residual: b != drop, channels: (0..s.c_out).collect() })
+            .collect();
+        let sub = subnet_of(&cfg, &vals, &keeps)?;
+        let mut zeroed = vals.clone();
+        for p in ["weight", "bias"] {
+            let k = format!("{}.bn2.{p}", blocks[drop].name);
+            zeroed.insert(k.clone(), vals[&k].zeros_like()?);
+        }
+        let full = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_tensors(&zeroed, &Device::Cpu))?;
+        for train in [false, true] {
+            let x = input(1)?;
+            let d = max_diff(&sub.forward_t(&x, train)?, &full.forward_t(&x, train)?)?;
+            assert!(d < 1e-5, "drop block {drop}, train={train}: {d}");
+        }
+        assert!(sub.store().num_params() < full.store().num_params());
+    }
+    Ok(())
+}
+
+/// Narrowing a block to some internal channels equals zeroing the other channels in the full model.
+#[test]
+fn neuron_narrowing_equals_zeroing_channels() -> Result<()> {
+    let cfg = tiny_cfg();
+    let vals = values(&cfg)?;
+    let blocks = cfg.blocks();
+    let kept: Vec<Vec<usize>> = vec![vec![0, 2], vec![1, 2, 3], vec![0, 3, 4, 7]];
+    let keeps: Vec<Keep> = kept.iter().map(|c| Keep { residual: true, channels: c.clone() }).collect();
+    let sub = subnet_of(&cfg, &vals, &keeps)?;
+    let mut zeroed = vals.clone();
+    for (b, s) in blocks.iter().enumerate() {
+        let mask: Vec<f32> = (0..s.c_out).map(|c| if kept[b].contains(&c) { 1.0 } else { 0.0 }).collect();
+        let mask = Tensor::new(mask.as_slice(), &Device::Cpu)?;
+        for p in ["bn1.weight", "bn1.bias"] {
+            let k = format!("{}.{p}", s.name);
+            zeroed.insert(k.clone(), (&vals[&k] * &mask)?);
+        }
+        let k = format!("{}.conv1.weight", s.name);
+        zeroed.insert(k.clone(), vals[&k].broadcast_mul(&mask.reshape((s.c_out, 1, 1, 1))?)?);
+    }
+    let full = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_tensors(&zeroed, &Device::Cpu))?;
+    for train in [false, true] {
+        let x = input(2)?;
+        let d = max_diff(&sub.forward_t(&x, train)?, &full.forward_t(&x, train)?)?;
+        assert!(d < 1e-5, "train={train}: {d}");
+    }
+    Ok(())
+}
+
+/// Units listed by the model: block units own whole branches; neuron units own everything of a branch
+/// but its last BatchNorm (which is per output channel, not per internal channel).
+#[test]
+fn resnet_units_account_for_branch_parameters() -> Result<()> {
+    let cfg = tiny_cfg();
+    let blocks: usize = cfg.units(UnitKind::Block).iter().map(|u| u.params).sum();
+    let neurons: usize = cfg.units(UnitKind::Neuron).iter().map(|u| u.params).sum();
+    let full = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(0, &Device::Cpu))?;
+    let branch: usize = full
+        .store()
+        .params
+        .iter()
+        .filter(|(k, _)| k.starts_with("layer") && !k.contains("shortcut"))
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    assert_eq!(blocks, branch);
+    let bn2: usize = cfg.blocks().iter().map(|b| 2 * b.c_out).sum();
+    assert_eq!(neurons, branch - bn2);
+    Ok(())
+}
