@@ -62,8 +62,11 @@ fn selected(run: &Run, only: &Option<String>) -> bool {
 }
 
 pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome> {
-    let todo: Vec<(&Experiment, &Run)> =
-        experiments.iter().flat_map(|e| e.runs.iter().map(move |r| (e, r))).filter(|(_, r)| selected(r, &opts.only)).collect();
+    let todo: Vec<(&Experiment, &Run)> = experiments
+        .iter()
+        .flat_map(|e| e.runs.iter().map(move |r| (e, r)))
+        .filter(|(_, r)| selected(r, &opts.only))
+        .collect();
     let mut outcome = Outcome::default();
     let mut datasets: HashMap<String, Dataset> = HashMap::new();
     let n = todo.len();
@@ -74,7 +77,12 @@ pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome>
             outcome.skipped += 1;
             continue;
         }
-        let key = serde_json::to_string(&(&run.spec.workload.dataset, run.spec.workload.data_seed, run.spec.workload.train_samples, run.spec.workload.test_samples))?;
+        let key = serde_json::to_string(&(
+            &run.spec.workload.dataset,
+            run.spec.workload.data_seed,
+            run.spec.workload.train_samples,
+            run.spec.workload.test_samples,
+        ))?;
         if !datasets.contains_key(&key) {
             let t = Instant::now();
             match data::load(&run.spec.workload, &opts.data_dir) {
@@ -119,7 +127,14 @@ pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome>
     Ok(outcome)
 }
 
-fn run_one(exp: &Experiment, run: &Run, data: &Dataset, opts: &RunOptions, rd: &RunDir, pos: (usize, usize)) -> Result<Status> {
+fn run_one(
+    exp: &Experiment,
+    run: &Run,
+    data: &Dataset,
+    opts: &RunOptions,
+    rd: &RunDir,
+    pos: (usize, usize),
+) -> Result<Status> {
     let mut manifest = Manifest::new(run, &exp.path, &opts.device_name);
     manifest.write(&rd.manifest())?;
     // A rerun starts its metrics afresh.

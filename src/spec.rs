@@ -451,10 +451,7 @@ impl RunSpec {
         }
         if let (Some(ws), Some(ds)) = (&w.widths, &w.depths) {
             if ws.len() != ds.len() {
-                return err(
-                    "workload.depths",
-                    format!("has {} stages but workload.widths has {}", ds.len(), ws.len()),
-                );
+                return err("workload.depths", format!("has {} stages but workload.widths has {}", ds.len(), ws.len()));
             }
         }
         if !(o.lr > 0.0 && o.lr.is_finite()) {
@@ -536,10 +533,9 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
 /// As [`load`], from text (`path` is used in messages and recorded in the experiment).
 pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment> {
     let file = path.display().to_string();
-    let doc = toml_edit::ImDocument::parse(text.to_string())
-        .map_err(|e| SpecError(format!("{file}: invalid TOML: {e}")))?;
-    let mut table: toml::Table =
-        toml::from_str(text).map_err(|e| SpecError(format!("{file}: invalid TOML: {e}")))?;
+    let doc =
+        toml_edit::ImDocument::parse(text.to_string()).map_err(|e| SpecError(format!("{file}: invalid TOML: {e}")))?;
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| SpecError(format!("{file}: invalid TOML: {e}")))?;
     let locate = |key: &str| -> String {
         match key_line(&doc, key) {
             Some(line) => format!("{file}:{line}: key `{key}`"),

@@ -148,13 +148,11 @@ pub fn resnet_subnet(
     scale: f64,
 ) -> (Vec<BlockPlan>, BTreeMap<String, IndexMap>) {
     let blocks = cfg.blocks();
-    let plan = keeps
-        .iter()
-        .map(|k| BlockPlan { residual: k.residual, mid: k.channels.len(), scale })
-        .collect();
+    let plan = keeps.iter().map(|k| BlockPlan { residual: k.residual, mid: k.channels.len(), scale }).collect();
     let mut maps = BTreeMap::new();
     for (name, shape) in shapes {
-        let owner = blocks.iter().enumerate().find_map(|(b, s)| name.strip_prefix(&format!("{}.", s.name)).map(|r| (b, r)));
+        let owner =
+            blocks.iter().enumerate().find_map(|(b, s)| name.strip_prefix(&format!("{}.", s.name)).map(|r| (b, r)));
         let map = match owner {
             None => IndexMap::full(shape),
             Some((_, rest)) if rest.starts_with("shortcut.") => IndexMap::full(shape),

@@ -15,17 +15,17 @@
 //! BN buffers:   averaged among holders at every sync
 //! ```
 
+use crate::comm::{Averager, LocalAverager};
 use crate::data::augment::AugmentCfg;
 use crate::data::loader::{eval_batches, steps_per_epoch, Batch, TrainLoader};
 use crate::data::Dataset;
-use crate::models::{self, Net};
-use crate::optim::{lr_at, Optimizer};
-use crate::results::{Final, MetricsRow};
-use crate::comm::{Averager, LocalAverager};
 use crate::masking::{self, Selection};
 use crate::models::layers::Builder;
 use crate::models::resnet::{BlockPlan, ResNet, ResNetConfig};
 use crate::models::Unit;
+use crate::models::{self, Net};
+use crate::optim::{lr_at, Optimizer};
+use crate::results::{Final, MetricsRow};
 use crate::seed::{rng, Stream};
 use crate::spec::{BnStats, EvalMode, MethodKind, RunSpec, SyncMode};
 use crate::subnet::{self, IndexMap};
@@ -74,7 +74,12 @@ pub fn train(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs:
 }
 
 fn augment_cfg(spec: &RunSpec, data: &Dataset) -> AugmentCfg {
-    AugmentCfg { crop_pad: spec.workload.augment.crop_pad, flip: spec.workload.augment.flip, mean: data.mean, std: data.std }
+    AugmentCfg {
+        crop_pad: spec.workload.augment.crop_pad,
+        flip: spec.workload.augment.flip,
+        mean: data.mean,
+        std: data.std,
+    }
 }
 
 fn train_dp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
@@ -122,15 +127,8 @@ fn train_dp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: 
                 modes: BTreeMap::from([("full".to_string(), test_acc)]),
             };
             obs.eval(&row)?;
-            last = Final {
-                epoch,
-                step,
-                train_loss: row.train_loss,
-                test_loss,
-                test_acc,
-                wall_s: row.wall_s,
-                img_per_s,
-            };
+            last =
+                Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
         }
     }
     Ok(last)
@@ -391,7 +389,8 @@ fn train_sdp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs:
                 modes: modes.iter().map(|(k, v)| (k.name().to_string(), v.1)).collect(),
             };
             obs.eval(&row)?;
-            last = Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
+            last =
+                Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
         }
     }
     obs.finished_sdp(&st)?;
@@ -399,7 +398,14 @@ fn train_sdp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs:
 }
 
 /// One SDP step (forward regime). `step` counts from 1. Returns the mean loss over the workers.
-pub fn sdp_step(st: &mut SdpState, spec: &RunSpec, batches: &[Batch], lr: f64, step: usize, device: &Device) -> Result<f64> {
+pub fn sdp_step(
+    st: &mut SdpState,
+    spec: &RunSpec,
+    batches: &[Batch],
+    lr: f64,
+    step: usize,
+    device: &Device,
+) -> Result<f64> {
     let m = &spec.method;
     let mut loss_sum = 0.0;
     let mut all_grads = Vec::with_capacity(batches.len());
@@ -483,7 +489,11 @@ pub fn evaluate_sdp(
     out.insert(EvalMode::Full, evaluate(full, data, aug, batch, device)?);
     out.insert(EvalMode::Recal, evaluate(&recal, data, aug, batch, device)?);
     let frac = st.holder_fraction();
-    let scaled = if frac < 1.0 { evaluate(&st.scaled_global(frac, device)?, data, aug, batch, device)? } else { out[&EvalMode::Full] };
+    let scaled = if frac < 1.0 {
+        evaluate(&st.scaled_global(frac, device)?, data, aug, batch, device)?
+    } else {
+        out[&EvalMode::Full]
+    };
     out.insert(EvalMode::Scaled, scaled);
     // Ensemble (mean softmax) and individual subnetworks.
     let (mut ens_loss, mut ens_correct, mut sub_correct, mut n) = (0.0, 0usize, vec![0usize; st.workers.len()], 0usize);
@@ -505,7 +515,8 @@ pub fn evaluate_sdp(
             Some(p) => (p / st.workers.len() as f64)?,
             None => anyhow::bail!("no workers"),
         };
-        ens_loss += candle_nn::loss::nll(&probs.clamp(1e-12f32, 1f32)?.log()?, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+        ens_loss +=
+            candle_nn::loss::nll(&probs.clamp(1e-12f32, 1f32)?.log()?, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
         ens_correct += count_correct(&probs, &b.y)?;
         n += b.len();
     }
@@ -529,7 +540,14 @@ pub const RECAL_BATCHES: usize = 10;
 
 /// Recomputes BN running statistics of `net` as the mean batch statistics of [`RECAL_BATCHES`] training
 /// batches in train mode (no gradient), like PyTorch's `momentum=None` cumulative average.
-pub fn recalibrate_bn(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, seed: u64, device: &Device) -> Result<()> {
+pub fn recalibrate_bn(
+    net: &dyn Net,
+    data: &Dataset,
+    aug: &AugmentCfg,
+    batch: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<()> {
     let store = net.store();
     if store.buffers.is_empty() {
         return Ok(());

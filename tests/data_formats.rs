@@ -22,8 +22,7 @@ type FolderImage = (PathBuf, Vec<u8>, u32);
 fn image(seed: u32, h: usize, w: usize) -> Vec<u8> {
     (0..h * w * 3)
         .map(|i| {
-            let x = (i as u32).wrapping_mul(2_654_435_761)
-                ^ seed.wrapping_mul(0x9E37_79B9).rotate_left(7);
+            let x = (i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(0x9E37_79B9).rotate_left(7);
             (x.wrapping_mul(0x85EB_CA6B) >> 24) as u8
         })
         .collect()
@@ -51,10 +50,7 @@ fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
 
 fn check_contains(msg: &str, parts: &[&str]) -> Result<()> {
     for p in parts {
-        ensure!(
-            msg.contains(p),
-            "error message {msg:?} does not contain {p:?}"
-        );
+        ensure!(msg.contains(p), "error message {msg:?} does not contain {p:?}");
     }
     Ok(())
 }
@@ -77,17 +73,8 @@ fn write_cifar(path: &Path, labels: &[Vec<u8>], seed: u32) -> Result<Vec<Vec<u8>
 }
 
 fn check_set(set: &ImageSet, images: &[Vec<u8>], labels: &[u32]) -> Result<()> {
-    ensure!(
-        set.len() == images.len(),
-        "{} images, expected {}",
-        set.len(),
-        images.len()
-    );
-    ensure!(
-        set.labels == labels,
-        "labels {:?}, expected {labels:?}",
-        set.labels
-    );
+    ensure!(set.len() == images.len(), "{} images, expected {}", set.len(), images.len());
+    ensure!(set.labels == labels, "labels {:?}, expected {labels:?}", set.labels);
     ensure!((set.h, set.w, set.c) == (32, 32, 3));
     for (i, img) in images.iter().enumerate() {
         ensure!(set.image(i) == &img[..], "image {i} differs");
@@ -109,15 +96,8 @@ fn write_cifar10(dir: &Path) -> Result<(Split, Split)> {
         labs.extend(labels.iter().map(|&l| l as u32));
     }
     let tl: Vec<u8> = vec![9, 0, 5, 5, 1];
-    let timgs = write_cifar(
-        &b.join("test_batch.bin"),
-        &tl.iter().map(|&l| vec![l]).collect::<Vec<_>>(),
-        99,
-    )?;
-    Ok((
-        (imgs, labs),
-        (timgs, tl.iter().map(|&l| l as u32).collect()),
-    ))
+    let timgs = write_cifar(&b.join("test_batch.bin"), &tl.iter().map(|&l| vec![l]).collect::<Vec<_>>(), 99)?;
+    Ok(((imgs, labs), (timgs, tl.iter().map(|&l| l as u32).collect())))
 }
 
 #[test]
@@ -141,20 +121,11 @@ fn cifar10_class_names_come_from_batches_meta() -> Result<()> {
     let dir = tempfile::tempdir()?;
     write_cifar10(dir.path())?;
     let names: Vec<String> = (0..10).map(|i| format!("class{i}")).collect();
-    std::fs::write(
-        dir.path().join("cifar-10-batches-bin/batches.meta.txt"),
-        names.join("\n") + "\n\n",
-    )?;
+    std::fs::write(dir.path().join("cifar-10-batches-bin/batches.meta.txt"), names.join("\n") + "\n\n")?;
     ensure!(cifar::load_cifar10(dir.path())?.classes == names);
-    std::fs::write(
-        dir.path().join("cifar-10-batches-bin/batches.meta.txt"),
-        "a\nb\nc\n",
-    )?;
+    std::fs::write(dir.path().join("cifar-10-batches-bin/batches.meta.txt"), "a\nb\nc\n")?;
     let msg = err_text(cifar::load_cifar10(dir.path()));
-    check_contains(
-        &msg,
-        &["batches.meta.txt", "lists 3 class names, expected 10"],
-    )
+    check_contains(&msg, &["batches.meta.txt", "lists 3 class names, expected 10"])
 }
 
 #[test]
@@ -163,14 +134,7 @@ fn cifar10_missing_file_names_file_and_fetch_command() -> Result<()> {
     write_cifar10(dir.path())?;
     std::fs::remove_file(dir.path().join("cifar-10-batches-bin/data_batch_3.bin"))?;
     let msg = err_text(cifar::load_cifar10(dir.path()));
-    check_contains(
-        &msg,
-        &[
-            "data_batch_3.bin not found",
-            "sdp data fetch cifar10",
-            "cifar-10-binary.tar.gz",
-        ],
-    )
+    check_contains(&msg, &["data_batch_3.bin not found", "sdp data fetch cifar10", "cifar-10-binary.tar.gz"])
 }
 
 #[test]
@@ -182,14 +146,7 @@ fn cifar10_truncated_file_names_file_and_offset() -> Result<()> {
     bytes.truncate(6 * 3073 + 100);
     std::fs::write(&p, bytes)?;
     let msg = err_text(cifar::load_cifar10(dir.path()));
-    check_contains(
-        &msg,
-        &[
-            "data_batch_1.bin is truncated",
-            "6 whole records",
-            &format!("byte offset {}", 6 * 3073),
-        ],
-    )?;
+    check_contains(&msg, &["data_batch_1.bin is truncated", "6 whole records", &format!("byte offset {}", 6 * 3073)])?;
     std::fs::write(&p, b"")?;
     let msg = err_text(cifar::load_cifar10(dir.path()));
     check_contains(&msg, &["data_batch_1.bin is empty"])
@@ -204,10 +161,7 @@ fn cifar10_label_out_of_range_names_record() -> Result<()> {
     bytes[3 * 3073] = 10;
     std::fs::write(&p, bytes)?;
     let msg = err_text(cifar::load_cifar10(dir.path()));
-    check_contains(
-        &msg,
-        &["test_batch.bin", "record 3", "label 10", "only 10 classes"],
-    )
+    check_contains(&msg, &["test_batch.bin", "record 3", "label 10", "only 10 classes"])
 }
 
 fn write_cifar100(dir: &Path) -> Result<[Cifar100Split; 2]> {
@@ -216,17 +170,9 @@ fn write_cifar100(dir: &Path) -> Result<[Cifar100Split; 2]> {
     for (file, n, seed) in [("train.bin", 9usize, 1u32), ("test.bin", 4, 2)] {
         let coarse: Vec<u8> = (0..n).map(|i| ((i * 7 + 19) % 20) as u8).collect();
         let fine: Vec<u8> = (0..n).map(|i| ((i * 37 + 99) % 100) as u8).collect();
-        let labels: Vec<Vec<u8>> = coarse
-            .iter()
-            .zip(&fine)
-            .map(|(&c, &f)| vec![c, f])
-            .collect();
+        let labels: Vec<Vec<u8>> = coarse.iter().zip(&fine).map(|(&c, &f)| vec![c, f]).collect();
         let imgs = write_cifar(&b.join(file), &labels, seed)?;
-        out.push((
-            imgs,
-            fine.iter().map(|&l| l as u32).collect(),
-            coarse.iter().map(|&l| l as u32).collect(),
-        ));
+        out.push((imgs, fine.iter().map(|&l| l as u32).collect(), coarse.iter().map(|&l| l as u32).collect()));
     }
     let mut it = out.into_iter();
     Ok([it.next().context("train")?, it.next().context("test")?])
@@ -242,12 +188,7 @@ fn cifar100_round_trips_fine_and_coarse_labels() -> Result<()> {
     ensure!(ds.num_classes() == 100 && ds.classes[99] == "worm" && ds.name == "cifar100");
     ensure!(ds.mean == [0.5071, 0.4865, 0.4409] && ds.std == [0.2673, 0.2564, 0.2762]);
     let c = cifar::load_cifar100_coarse_labels(dir.path())?;
-    ensure!(
-        c.train == coarse
-            && c.test == tcoarse
-            && c.classes.len() == 20
-            && c.classes[19] == "vehicles_2"
-    );
+    ensure!(c.train == coarse && c.test == tcoarse && c.classes.len() == 20 && c.classes[19] == "vehicles_2");
     Ok(())
 }
 
@@ -261,10 +202,7 @@ fn cifar100_bad_labels_name_file_and_record() -> Result<()> {
     bytes[5 * 3074 + 1] = 100;
     std::fs::write(&p, &bytes)?;
     let msg = err_text(cifar::load_cifar100(dir.path()));
-    check_contains(
-        &msg,
-        &["train.bin", "record 5", "label 100", "only 100 classes"],
-    )?;
+    check_contains(&msg, &["train.bin", "record 5", "label 100", "only 100 classes"])?;
     let mut bytes = good.clone();
     bytes[2 * 3074] = 20;
     std::fs::write(&p, &bytes)?;
@@ -272,14 +210,7 @@ fn cifar100_bad_labels_name_file_and_record() -> Result<()> {
     check_contains(&msg, &["train.bin", "record 2", "coarse label 20"])?;
     std::fs::write(&p, &good[..3074 * 2 + 1])?;
     let msg = err_text(cifar::load_cifar100(dir.path()));
-    check_contains(
-        &msg,
-        &[
-            "train.bin is truncated",
-            "3074-byte records",
-            &format!("byte offset {}", 2 * 3074),
-        ],
-    )?;
+    check_contains(&msg, &["train.bin is truncated", "3074-byte records", &format!("byte offset {}", 2 * 3074)])?;
     std::fs::remove_file(&p)?;
     let msg = err_text(cifar::load_cifar100(dir.path()));
     check_contains(&msg, &["train.bin not found", "sdp data fetch cifar100"])
@@ -320,15 +251,8 @@ fn element(ty: u32, data: &[u8], small: bool) -> Vec<u8> {
 
 /// A whole miMATRIX element: numeric array `name` of class `class`, data stored as `data_type`.
 fn matrix(name: &str, class: u32, dims: &[usize], data_type: u32, data: &[u8]) -> Vec<u8> {
-    let mut body = element(
-        MI_UINT32,
-        &[class.to_le_bytes(), 0u32.to_le_bytes()].concat(),
-        false,
-    );
-    let d: Vec<u8> = dims
-        .iter()
-        .flat_map(|&d| (d as i32).to_le_bytes())
-        .collect();
+    let mut body = element(MI_UINT32, &[class.to_le_bytes(), 0u32.to_le_bytes()].concat(), false);
+    let d: Vec<u8> = dims.iter().flat_map(|&d| (d as i32).to_le_bytes()).collect();
     body.extend(element(MI_INT32, &d, false));
     body.extend(element(MI_INT8, name.as_bytes(), true));
     body.extend(element(data_type, data, true));
@@ -347,8 +271,7 @@ fn compressed(elem: &[u8]) -> Result<Vec<u8>> {
 }
 
 fn mat_header() -> Vec<u8> {
-    let mut h =
-        b"MATLAB 5.0 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024".to_vec();
+    let mut h = b"MATLAB 5.0 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024".to_vec();
     h.resize(116, b' ');
     h.extend_from_slice(&[0u8; 8]);
     h.extend_from_slice(&0x0100u16.to_le_bytes());
@@ -387,10 +310,7 @@ fn svhn_mat(
     }
     let mut vars = vec![matrix("X", MX_UINT8, &[h, w, 3, n], MI_UINT8, &x)];
     let yb: Vec<u8> = match y {
-        YStorage::Double => labels
-            .iter()
-            .flat_map(|&l| (l as f64).to_le_bytes())
-            .collect(),
+        YStorage::Double => labels.iter().flat_map(|&l| (l as f64).to_le_bytes()).collect(),
         _ => labels.iter().map(|&l| l as u8).collect(),
     };
     vars.push(match y {
@@ -401,13 +321,7 @@ fn svhn_mat(
     // A variable the reader must skip, with a name too long for the small-element format.
     vars.insert(
         0,
-        matrix(
-            "unrelated_variable",
-            MX_DOUBLE,
-            &[1, 2],
-            MI_DOUBLE,
-            &[1f64.to_le_bytes(), 2f64.to_le_bytes()].concat(),
-        ),
+        matrix("unrelated_variable", MX_DOUBLE, &[1, 2], MI_DOUBLE, &[1f64.to_le_bytes(), 2f64.to_le_bytes()].concat()),
     );
     let mut bytes = mat_header();
     for v in vars {
@@ -446,9 +360,7 @@ fn svhn_round_trips_plain_and_compressed_files() -> Result<()> {
         check_set(&ds.train, &ti, &tl)?;
         check_set(&ds.test, &si, &sl)?;
         ensure!(ds.train.labels[0] == 0, "label 10 must mean digit 0");
-        ensure!(
-            ds.classes == ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"] && ds.name == "svhn"
-        );
+        ensure!(ds.classes == ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"] && ds.name == "svhn");
         ensure!(ds.mean == [0.4377, 0.4438, 0.4728] && ds.std == [0.1980, 0.2010, 0.1970]);
         // The second load comes from the cache and is identical.
         let cache_file = dir.path().join("svhn/.sdp-cache-v1.bin");
@@ -490,13 +402,7 @@ fn svhn_single_image_without_trailing_dim() -> Result<()> {
     }
     let mut bytes = mat_header();
     bytes.extend(matrix("X", MX_UINT8, &[32, 32, 3], MI_UINT8, &x));
-    bytes.extend(matrix(
-        "y",
-        MX_DOUBLE,
-        &[1, 1],
-        MI_DOUBLE,
-        &7f64.to_le_bytes(),
-    ));
+    bytes.extend(matrix("y", MX_DOUBLE, &[1, 1], MI_DOUBLE, &7f64.to_le_bytes()));
     let p = dir.path().join("one.mat");
     std::fs::write(&p, bytes)?;
     let set = svhn::read_svhn_mat(&p)?;
@@ -514,117 +420,57 @@ fn svhn_bad_inputs_name_the_file() -> Result<()> {
     let mut bytes = good.clone();
     bytes[..6].copy_from_slice(b"HELLO!");
     std::fs::write(&p, &bytes)?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "not a MATLAB v5 MAT-file"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "not a MATLAB v5 MAT-file"])?;
 
     let mut bytes = good.clone();
     bytes[126..128].copy_from_slice(b"MI");
     std::fs::write(&p, &bytes)?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "big-endian"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "big-endian"])?;
 
     std::fs::write(&p, &good[..good.len() - 100])?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "byte offset", "truncated file?"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "byte offset", "truncated file?"])?;
 
     std::fs::write(&p, &good[..50])?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "shorter than the 128-byte"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "shorter than the 128-byte"])?;
 
     std::fs::write(&p, &good_z[..good_z.len() - 100])?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "truncated file?"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "truncated file?"])?;
 
     // Corrupt the zlib stream of a compressed `X` (just past its 8-byte tag and 2-byte zlib header).
     let mut bytes = mat_header();
-    bytes.extend(compressed(&matrix(
-        "X",
-        MX_UINT8,
-        &[32, 32, 3, 3],
-        MI_UINT8,
-        &image(3, 96, 96),
-    ))?);
+    bytes.extend(compressed(&matrix("X", MX_UINT8, &[32, 32, 3, 3], MI_UINT8, &image(3, 96, 96)))?);
     for b in &mut bytes[128 + 10..128 + 40] {
         *b ^= 0x5a;
     }
     std::fs::write(&p, &bytes)?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "compressed element at byte offset 128"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "compressed element at byte offset 128"])?;
 
     let (bytes, _) = svhn_mat(3, 32, 32, &[1, 11, 3], true, YStorage::Double)?;
     std::fs::write(&p, &bytes)?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "variable `y`", "record 1 has label 11"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "variable `y`", "record 1 has label 11"])?;
 
     let (bytes, _) = svhn_mat(3, 32, 32, &[1, 0, 3], false, YStorage::Uint8)?;
     std::fs::write(&p, &bytes)?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "record 1 has label 0"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "record 1 has label 0"])?;
 
     let mut bytes = mat_header();
-    bytes.extend(matrix(
-        "X",
-        MX_UINT8,
-        &[32, 32, 3, 1],
-        MI_UINT8,
-        &[0u8; 3072],
-    ));
+    bytes.extend(matrix("X", MX_UINT8, &[32, 32, 3, 1], MI_UINT8, &[0u8; 3072]));
     std::fs::write(&p, &bytes)?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "no variable `y`"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "no variable `y`"])?;
 
     let mut bytes = mat_header();
-    bytes.extend(matrix(
-        "X",
-        MX_UINT8,
-        &[32, 32, 3, 2],
-        MI_UINT8,
-        &[0u8; 6144],
-    ));
+    bytes.extend(matrix("X", MX_UINT8, &[32, 32, 3, 2], MI_UINT8, &[0u8; 6144]));
     bytes.extend(matrix("y", MX_DOUBLE, &[3, 1], MI_DOUBLE, &[0u8; 24]));
     std::fs::write(&p, &bytes)?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "`y` has dims [3, 1]", "2 images"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "`y` has dims [3, 1]", "2 images"])?;
 
     let mut bytes = mat_header();
-    bytes.extend(matrix(
-        "X",
-        MX_UINT8,
-        &[32, 32, 3, 2],
-        MI_UINT8,
-        &[0u8; 100],
-    ));
+    bytes.extend(matrix("X", MX_UINT8, &[32, 32, 3, 2], MI_UINT8, &[0u8; 100]));
     std::fs::write(&p, &bytes)?;
-    check_contains(
-        &err_text(svhn::read_svhn_mat(&p)),
-        &["bad.mat", "variable `X` has dims", "100 data bytes"],
-    )?;
+    check_contains(&err_text(svhn::read_svhn_mat(&p)), &["bad.mat", "variable `X` has dims", "100 data bytes"])?;
 
     let missing = dir.path().join("nothing");
-    check_contains(
-        &err_text(svhn::load_svhn(&missing)),
-        &["train_32x32.mat not found", "sdp data fetch svhn"],
-    )
+    check_contains(&err_text(svhn::load_svhn(&missing)), &["train_32x32.mat not found", "sdp data fetch svhn"])
 }
 
 #[test]
@@ -646,8 +492,7 @@ fn svhn_cache_is_invalidated_when_a_source_changes() -> Result<()> {
 fn save_png(path: &Path, img: &[u8], h: usize, w: usize) -> Result<()> {
     std::fs::create_dir_all(path.parent().context("no parent")?)?;
     let im = image::RgbImage::from_raw(w as u32, h as u32, img.to_vec()).context("bad buffer")?;
-    im.save(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    im.save(path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -671,26 +516,10 @@ fn png_tree(root: &Path) -> Result<[Vec<FolderImage>; 2]> {
 }
 
 fn check_folder_set(set: &ImageSet, files: &[FolderImage]) -> Result<()> {
-    ensure!(
-        set.len() == files.len(),
-        "{} images, expected {}",
-        set.len(),
-        files.len()
-    );
-    ensure!(
-        (set.h, set.w, set.c) == (8, 6, 3),
-        "size {}x{}x{}",
-        set.h,
-        set.w,
-        set.c
-    );
+    ensure!(set.len() == files.len(), "{} images, expected {}", set.len(), files.len());
+    ensure!((set.h, set.w, set.c) == (8, 6, 3), "size {}x{}x{}", set.h, set.w, set.c);
     for (i, (p, img, l)) in files.iter().enumerate() {
-        ensure!(
-            set.labels[i] == *l,
-            "label of {} is {}, expected {l}",
-            p.display(),
-            set.labels[i]
-        );
+        ensure!(set.labels[i] == *l, "label of {} is {}, expected {l}", p.display(), set.labels[i]);
         ensure!(set.image(i) == &img[..], "pixels of {} differ", p.display());
     }
     Ok(())
@@ -718,43 +547,23 @@ fn folder_decodes_jpeg_grayscale_and_rgba() -> Result<()> {
     // JPEG is lossy: compare with the image crate's own decode of the file, and loosely with the original.
     let jpg = root.join("train/x/a.jpg");
     std::fs::create_dir_all(jpg.parent().context("no parent")?)?;
-    image::RgbImage::from_raw(6, 8, img.clone())
-        .context("buf")?
-        .save(&jpg)?;
+    image::RgbImage::from_raw(6, 8, img.clone()).context("buf")?.save(&jpg)?;
     let gray: Vec<u8> = (0..48).map(|i| (i * 5) as u8).collect();
     let gp = root.join("train/x/b.png");
-    image::GrayImage::from_raw(6, 8, gray.clone())
-        .context("buf")?
-        .save(&gp)?;
+    image::GrayImage::from_raw(6, 8, gray.clone()).context("buf")?.save(&gp)?;
     let rgba: Vec<u8> = img.chunks(3).flat_map(|p| [p[0], p[1], p[2], 17]).collect();
     let ap = root.join("test/x/c.PNG");
     std::fs::create_dir_all(ap.parent().context("no parent")?)?;
-    image::RgbaImage::from_raw(6, 8, rgba)
-        .context("buf")?
-        .save_with_format(&ap, image::ImageFormat::Png)?;
+    image::RgbaImage::from_raw(6, 8, rgba).context("buf")?.save_with_format(&ap, image::ImageFormat::Png)?;
 
     let ds = folder::load_folder(root)?;
     ensure!(ds.train.len() == 2 && ds.test.len() == 1);
     let expect_jpg = image::open(&jpg)?.to_rgb8().into_raw();
-    ensure!(
-        ds.train.image(0) == &expect_jpg[..],
-        "JPEG pixels differ from the image crate's decode"
-    );
-    let mad: f64 = img
-        .iter()
-        .zip(ds.train.image(0))
-        .map(|(&a, &b)| (a as f64 - b as f64).abs())
-        .sum::<f64>()
-        / 144.0;
-    ensure!(
-        mad < 80.0,
-        "JPEG decode is far from the original (mean abs diff {mad})"
-    );
+    ensure!(ds.train.image(0) == &expect_jpg[..], "JPEG pixels differ from the image crate's decode");
+    let mad: f64 = img.iter().zip(ds.train.image(0)).map(|(&a, &b)| (a as f64 - b as f64).abs()).sum::<f64>() / 144.0;
+    ensure!(mad < 80.0, "JPEG decode is far from the original (mean abs diff {mad})");
     let expect_gray: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g]).collect();
-    ensure!(
-        ds.train.image(1) == &expect_gray[..],
-        "grayscale must become R=G=B"
-    );
+    ensure!(ds.train.image(1) == &expect_gray[..], "grayscale must become R=G=B");
     ensure!(ds.test.image(0) == &img[..], "RGBA must drop alpha");
     Ok(())
 }
@@ -766,62 +575,40 @@ fn folder_bad_inputs_name_the_file() -> Result<()> {
     png_tree(dir.path())?;
     let bad = dir.path().join("train/c/zz.jpg");
     std::fs::write(&bad, b"\xff\xd8\xff\xe0 definitely not a jpeg")?;
-    check_contains(
-        &err_text(folder::load_folder(dir.path())),
-        &["zz.jpg", "decoding", "corrupt image?"],
-    )?;
+    check_contains(&err_text(folder::load_folder(dir.path())), &["zz.jpg", "decoding", "corrupt image?"])?;
     std::fs::remove_file(&bad)?;
 
     // Image of another size.
     let odd = dir.path().join("test/a_cls/odd.png");
     save_png(&odd, &image(1, 9, 6), 9, 6)?;
-    check_contains(
-        &err_text(folder::load_folder(dir.path())),
-        &["odd.png is 6x9", "must share one size"],
-    )?;
+    check_contains(&err_text(folder::load_folder(dir.path())), &["odd.png is 6x9", "must share one size"])?;
     std::fs::remove_file(&odd)?;
 
     // A file that is not an image.
     let txt = dir.path().join("train/a_cls/notes.txt");
     std::fs::write(&txt, "hi")?;
-    check_contains(
-        &err_text(folder::load_folder(dir.path())),
-        &["notes.txt is not a .jpg, .jpeg or .png"],
-    )?;
+    check_contains(&err_text(folder::load_folder(dir.path())), &["notes.txt is not a .jpg, .jpeg or .png"])?;
     std::fs::remove_file(&txt)?;
 
     // Empty class folder.
     std::fs::create_dir_all(dir.path().join("train/d"))?;
     std::fs::create_dir_all(dir.path().join("test/d"))?;
-    check_contains(
-        &err_text(folder::load_folder(dir.path())),
-        &["empty class folder", "train/d"],
-    )?;
+    check_contains(&err_text(folder::load_folder(dir.path())), &["empty class folder", "train/d"])?;
 
     // Mismatched class sets.
     std::fs::remove_dir(dir.path().join("train/d"))?;
     check_contains(
         &err_text(folder::load_folder(dir.path())),
-        &[
-            "class folders of train and test differ",
-            "only in test: [d]",
-            "only in train: []",
-        ],
+        &["class folders of train and test differ", "only in test: [d]", "only in train: []"],
     )?;
     std::fs::remove_dir(dir.path().join("test/d"))?;
     folder::load_folder(dir.path())?; // and the tree is fine again
 
     // Missing split, missing root.
     std::fs::remove_dir_all(dir.path().join("test"))?;
-    check_contains(
-        &err_text(folder::load_folder(dir.path())),
-        &["missing split", "test is not a directory"],
-    )?;
+    check_contains(&err_text(folder::load_folder(dir.path())), &["missing split", "test is not a directory"])?;
     let nowhere = dir.path().join("nowhere");
-    check_contains(
-        &err_text(folder::load_folder(&nowhere)),
-        &["nowhere is not a directory"],
-    )
+    check_contains(&err_text(folder::load_folder(&nowhere)), &["nowhere is not a directory"])
 }
 
 // ---------------------------------------------------------------- cache
@@ -845,12 +632,7 @@ fn folder_cache_is_written_reused_and_rebuilt() -> Result<()> {
 
     // The cache alone holds the data: it is read back equal to the decode.
     let listing = folder::list_tree(dir.path())?;
-    let files: Vec<PathBuf> = listing
-        .train
-        .iter()
-        .chain(&listing.test)
-        .map(|(p, _)| p.clone())
-        .collect();
+    let files: Vec<PathBuf> = listing.train.iter().chain(&listing.test).map(|(p, _)| p.clone()).collect();
     let fp = Fingerprint::of_files("folder", dir.path(), &files)?;
     let c = cache::read(&cache_file, &fp)?;
     ensure!(c.train == first.train && c.test == first.test && c.classes == first.classes);
@@ -861,37 +643,22 @@ fn folder_cache_is_written_reused_and_rebuilt() -> Result<()> {
     let at = bad.len() - 10;
     bad[at] ^= 1;
     std::fs::write(&cache_file, &bad)?;
-    check_contains(
-        &err_text(cache::read(&cache_file, &fp)),
-        &[".sdp-cache-v1.bin is unusable", "checksum mismatch"],
-    )?;
+    check_contains(&err_text(cache::read(&cache_file, &fp)), &[".sdp-cache-v1.bin is unusable", "checksum mismatch"])?;
     let ds = folder::load_folder(dir.path())?;
     check_folder_set(&ds.train, &train)?;
-    ensure!(
-        std::fs::read(&cache_file)? == good,
-        "corrupt cache not rebuilt"
-    );
+    ensure!(std::fs::read(&cache_file)? == good, "corrupt cache not rebuilt");
 
     std::fs::write(&cache_file, &good[..good.len() / 2])?;
-    check_contains(
-        &err_text(cache::read(&cache_file, &fp)),
-        &["unusable", "truncated"],
-    )?;
+    check_contains(&err_text(cache::read(&cache_file, &fp)), &["unusable", "truncated"])?;
     std::fs::write(&cache_file, b"garbage")?;
     check_contains(&err_text(cache::read(&cache_file, &fp)), &["unusable"])?;
     let ds = folder::load_folder(dir.path())?;
     check_folder_set(&ds.test, &test)?;
-    ensure!(
-        std::fs::read(&cache_file)? == good,
-        "short cache not rebuilt"
-    );
+    ensure!(std::fs::read(&cache_file)? == good, "short cache not rebuilt");
 
     // A stale fingerprint is rejected by name.
     let other = Fingerprint::of_files("svhn", dir.path(), &files)?;
-    check_contains(
-        &err_text(cache::read(&cache_file, &other)),
-        &["source files changed"],
-    )?;
+    check_contains(&err_text(cache::read(&cache_file, &other)), &["source files changed"])?;
     Ok(())
 }
 
@@ -929,13 +696,7 @@ fn cache_write_then_read_round_trips() -> Result<()> {
     ensure!(cache::read(&path, &fp)? == data);
     no_temp_files(dir.path())?;
     // A cache whose labels exceed its class count is corrupt.
-    let bad = cache::Cached {
-        classes: vec!["x".into()],
-        ..data
-    };
+    let bad = cache::Cached { classes: vec!["x".into()], ..data };
     cache::write(&path, &fp, &bad)?;
-    check_contains(
-        &err_text(cache::read(&path, &fp)),
-        &["label 2 of image 1 is out of range for 1 classes"],
-    )
+    check_contains(&err_text(cache::read(&path, &fp)), &["label 2 of image 1 is out of range for 1 classes"])
 }

@@ -62,21 +62,11 @@ fn serve(b: Behaviour) -> Result<Server> {
     Ok(Server { addr, requests })
 }
 
-fn handle(
-    mut stream: TcpStream,
-    b: &Behaviour,
-    first: bool,
-    log: &Mutex<Vec<Request>>,
-) -> std::io::Result<()> {
+fn handle(mut stream: TcpStream, b: &Behaviour, first: bool, log: &Mutex<Vec<Request>>) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    let path = line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("/")
-        .trim_start_matches('/')
-        .to_string();
+    let path = line.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
     let mut range = None;
     loop {
         let mut h = String::new();
@@ -85,24 +75,12 @@ fn handle(
         }
         let lower = h.to_ascii_lowercase();
         if let Some(v) = lower.strip_prefix("range:") {
-            range = v
-                .trim()
-                .strip_prefix("bytes=")
-                .and_then(|v| v.trim_end_matches('-').parse().ok());
+            range = v.trim().strip_prefix("bytes=").and_then(|v| v.trim_end_matches('-').parse().ok());
         }
     }
-    log.lock()
-        .map(|mut l| {
-            l.push(Request {
-                path: path.clone(),
-                range,
-            })
-        })
-        .ok();
+    log.lock().map(|mut l| l.push(Request { path: path.clone(), range })).ok();
     let Some(body) = b.files.get(&path) else {
-        return stream.write_all(
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        );
+        return stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     };
     let total = body.len();
     let (status, start) = match range {
@@ -115,11 +93,7 @@ fn handle(
     };
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        if status == 206 {
-            "Partial Content"
-        } else {
-            "OK"
-        },
+        if status == 206 { "Partial Content" } else { "OK" },
         total - start
     );
     if status == 206 {
@@ -158,12 +132,7 @@ fn payload(n: usize, seed: u32) -> Vec<u8> {
 fn plain_source(server: &Server, name: &str, md5: &str) -> Source {
     Source {
         name: "test".into(),
-        files: vec![RemoteFile {
-            url: server.url(name),
-            md5: md5.into(),
-            dir: PathBuf::from("sub"),
-            extracts: vec![],
-        }],
+        files: vec![RemoteFile { url: server.url(name), md5: md5.into(), dir: PathBuf::from("sub"), extracts: vec![] }],
     }
 }
 
@@ -176,10 +145,7 @@ fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
 
 fn check_contains(msg: &str, parts: &[&str]) -> Result<()> {
     for p in parts {
-        ensure!(
-            msg.contains(p),
-            "error message {msg:?} does not contain {p:?}"
-        );
+        ensure!(msg.contains(p), "error message {msg:?} does not contain {p:?}");
     }
     Ok(())
 }
@@ -222,24 +188,11 @@ fn fetch_downloads_checks_md5_and_places_file() -> Result<()> {
     let src = plain_source(&server, "f.mat", &md5_hex(&body));
     fetch::fetch_from(&src, dir.path())?;
     ensure!(std::fs::read(dir.path().join("sub/f.mat"))? == body);
-    ensure!(
-        !dir.path().join("sub/f.mat.part").exists(),
-        ".part left behind"
-    );
-    ensure!(
-        server.requests()
-            == [Request {
-                path: "f.mat".into(),
-                range: None
-            }]
-    );
+    ensure!(!dir.path().join("sub/f.mat.part").exists(), ".part left behind");
+    ensure!(server.requests() == [Request { path: "f.mat".into(), range: None }]);
     // Present with the right md5: nothing to do, no request.
     fetch::fetch_from(&src, dir.path())?;
-    ensure!(
-        server.requests().len() == 1,
-        "second fetch downloaded again: {:?}",
-        server.requests()
-    );
+    ensure!(server.requests().len() == 1, "second fetch downloaded again: {:?}", server.requests());
     Ok(())
 }
 
@@ -254,19 +207,10 @@ fn fetch_resumes_after_a_cut_connection() -> Result<()> {
     })?;
     let dir = tempfile::tempdir()?;
     fetch::fetch_from(&plain_source(&server, "f.mat", &md5_hex(&body)), dir.path())?;
-    ensure!(
-        std::fs::read(dir.path().join("sub/f.mat"))? == body,
-        "resumed file differs"
-    );
+    ensure!(std::fs::read(dir.path().join("sub/f.mat"))? == body, "resumed file differs");
     let reqs = server.requests();
-    ensure!(
-        reqs.len() == 2,
-        "expected the cut request and one resume, got {reqs:?}"
-    );
-    ensure!(
-        reqs[0].range.is_none() && reqs[1].range == Some(cut as u64),
-        "requests {reqs:?}"
-    );
+    ensure!(reqs.len() == 2, "expected the cut request and one resume, got {reqs:?}");
+    ensure!(reqs[0].range.is_none() && reqs[1].range == Some(cut as u64), "requests {reqs:?}");
     Ok(())
 }
 
@@ -283,11 +227,7 @@ fn fetch_resumes_a_part_file_left_by_an_earlier_run() -> Result<()> {
     std::fs::write(dir.path().join("sub/f.mat.part"), &body[..20_000])?;
     fetch::fetch_from(&plain_source(&server, "f.mat", &md5_hex(&body)), dir.path())?;
     ensure!(std::fs::read(dir.path().join("sub/f.mat"))? == body);
-    ensure!(
-        server.requests()[0].range == Some(20_000),
-        "requests {:?}",
-        server.requests()
-    );
+    ensure!(server.requests()[0].range == Some(20_000), "requests {:?}", server.requests());
 
     // A complete .part (crash between download and rename): the server answers 416 and the file is kept.
     std::fs::remove_file(dir.path().join("sub/f.mat"))?;
@@ -324,25 +264,10 @@ fn fetch_md5_mismatch_names_file_and_both_sums_and_deletes_download() -> Result<
     })?;
     let dir = tempfile::tempdir()?;
     let wrong = "0123456789abcdef0123456789abcdef";
-    let msg = err_text(fetch::fetch_from(
-        &plain_source(&server, "f.mat", wrong),
-        dir.path(),
-    ));
+    let msg = err_text(fetch::fetch_from(&plain_source(&server, "f.mat", wrong), dir.path()));
     let dest = dir.path().join("sub/f.mat");
-    check_contains(
-        &msg,
-        &[
-            "md5 mismatch",
-            &dest.display().to_string(),
-            &md5_hex(&body),
-            wrong,
-            &server.url("f.mat"),
-        ],
-    )?;
-    ensure!(
-        !dest.exists() && !dir.path().join("sub/f.mat.part").exists(),
-        "bad download kept"
-    );
+    check_contains(&msg, &["md5 mismatch", &dest.display().to_string(), &md5_hex(&body), wrong, &server.url("f.mat")])?;
+    ensure!(!dest.exists() && !dir.path().join("sub/f.mat.part").exists(), "bad download kept");
     Ok(())
 }
 
@@ -364,49 +289,25 @@ fn fetch_replaces_a_present_file_with_wrong_md5() -> Result<()> {
 
 #[test]
 fn fetch_http_error_and_unreachable_server_name_the_url_and_manual_path() -> Result<()> {
-    let server = serve(Behaviour {
-        honor_range: true,
-        ..Default::default()
-    })?;
+    let server = serve(Behaviour { honor_range: true, ..Default::default() })?;
     let dir = tempfile::tempdir()?;
     let src = plain_source(&server, "missing.mat", "00");
     let msg = err_text(fetch::fetch_from(&src, dir.path()));
     let dest = dir.path().join("sub/missing.mat").display().to_string();
-    check_contains(
-        &msg,
-        &[
-            &server.url("missing.mat"),
-            "HTTP 404",
-            "place the file at",
-            &dest,
-        ],
-    )?;
+    check_contains(&msg, &[&server.url("missing.mat"), "HTTP 404", "place the file at", &dest])?;
 
     // A port nobody listens on (bound, then released).
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let url = format!("http://127.0.0.1:{port}/x.tar.gz");
     let src = Source {
         name: "cifar10".into(),
-        files: vec![RemoteFile {
-            url: url.clone(),
-            md5: "abc".into(),
-            dir: PathBuf::new(),
-            extracts: vec![],
-        }],
+        files: vec![RemoteFile { url: url.clone(), md5: "abc".into(), dir: PathBuf::new(), extracts: vec![] }],
     };
     let msg = err_text(fetch::fetch_from(&src, dir.path()));
     let dest = dir.path().join("x.tar.gz").display().to_string();
     check_contains(
         &msg,
-        &[
-            &url,
-            "offline",
-            "place the file at",
-            &dest,
-            "md5 abc",
-            "sdp data fetch cifar10",
-            "could not connect",
-        ],
+        &[&url, "offline", "place the file at", &dest, "md5 abc", "sdp data fetch cifar10", "could not connect"],
     )?;
     ensure!(!dir.path().join("x.tar.gz.part").exists());
     Ok(())
@@ -434,25 +335,13 @@ fn fetch_extracts_cifar_archive_that_then_loads() -> Result<()> {
     let ds = cifar::load_cifar10(dir.path())?;
     ensure!(ds.train.len() == 10 && ds.test.len() == 3 && ds.test.labels == [0, 1, 2]);
     ensure!(ds.train.labels == [1, 9, 2, 9, 3, 9, 4, 9, 5, 9]);
-    ensure!(
-        dir.path().join("cifar-10-binary.tar.gz").is_file(),
-        "archive not kept"
-    );
-    ensure!(
-        !dir.path()
-            .join(".cifar-10-binary.tar.gz.extracting")
-            .exists(),
-        "extraction temp dir left"
-    );
+    ensure!(dir.path().join("cifar-10-binary.tar.gz").is_file(), "archive not kept");
+    ensure!(!dir.path().join(".cifar-10-binary.tar.gz.extracting").exists(), "extraction temp dir left");
 
     // Removed extracted files come back from the kept archive without a download.
     std::fs::remove_file(dir.path().join("cifar-10-batches-bin/test_batch.bin"))?;
     fetch::fetch_from(&src, dir.path())?;
-    ensure!(
-        server.requests().len() == 1,
-        "downloaded again: {:?}",
-        server.requests()
-    );
+    ensure!(server.requests().len() == 1, "downloaded again: {:?}", server.requests());
     ensure!(cifar::load_cifar10(dir.path())?.test.len() == 3);
 
     // `info` with the official sums: this archive is not the official one.
@@ -471,12 +360,7 @@ fn fetch_extracts_cifar_archive_that_then_loads() -> Result<()> {
     let report = fetch::info("svhn", dir.path())?;
     check_contains(
         &report,
-        &[
-            "train_32x32.mat: missing",
-            "test_32x32.mat: missing",
-            "not loadable",
-            "sdp data fetch svhn",
-        ],
+        &["train_32x32.mat: missing", "test_32x32.mat: missing", "not loadable", "sdp data fetch svhn"],
     )?;
     Ok(())
 }
@@ -489,36 +373,20 @@ fn info_reports_folder_datasets_and_rejects_unknown_names() -> Result<()> {
             let d = dir.path().join(split).join(class);
             std::fs::create_dir_all(&d)?;
             for i in 0..n {
-                image::RgbImage::from_pixel(4, 4, image::Rgb([i as u8, 2, 3]))
-                    .save(d.join(format!("{i}.png")))?;
+                image::RgbImage::from_pixel(4, 4, image::Rgb([i as u8, 2, 3])).save(d.join(format!("{i}.png")))?;
             }
         }
     }
-    let report = fetch::info(
-        &format!("folder:{}", dir.path().display()),
-        Path::new("unused"),
-    )?;
-    check_contains(
-        &report,
-        &[
-            "train: 6 images, test: 2 images, 4x4x3",
-            "cat",
-            "3 / 1",
-            ".sdp-cache-v1.bin (",
-        ],
-    )?;
+    let report = fetch::info(&format!("folder:{}", dir.path().display()), Path::new("unused"))?;
+    check_contains(&report, &["train: 6 images, test: 2 images, 4x4x3", "cat", "3 / 1", ".sdp-cache-v1.bin ("])?;
     check_contains(
         &err_text(fetch::info("mnist", dir.path())),
         &["unknown dataset `mnist`", "cifar10, cifar100 or svhn"],
     )?;
-    check_contains(
-        &err_text(fetch::fetch("mnist", dir.path())),
-        &["unknown dataset `mnist`"],
-    )?;
+    check_contains(&err_text(fetch::fetch("mnist", dir.path())), &["unknown dataset `mnist`"])?;
     let official = fetch::official("svhn")?;
     ensure!(
-        official.files.len() == 2
-            && official.files[0].url == "http://ufldl.stanford.edu/housenumbers/train_32x32.mat"
+        official.files.len() == 2 && official.files[0].url == "http://ufldl.stanford.edu/housenumbers/train_32x32.mat"
     );
     ensure!(official.files[1].md5 == "eb5a983be6a315427106f1b164d9cef3");
     let c100 = fetch::official("cifar100")?;

@@ -164,8 +164,7 @@ fn opts(results: &Path) -> RunOptions {
 fn metrics_without_clock(path: &Path) -> Result<Vec<Vec<String>>> {
     let mut r = csv::Reader::from_path(path)?;
     let headers = r.headers()?.clone();
-    let keep: Vec<usize> =
-        (0..headers.len()).filter(|&i| !matches!(&headers[i], "img_per_s" | "wall_s")).collect();
+    let keep: Vec<usize> = (0..headers.len()).filter(|&i| !matches!(&headers[i], "img_per_s" | "wall_s")).collect();
     let mut rows = vec![keep.iter().map(|&i| headers[i].to_string()).collect()];
     for rec in r.records() {
         let rec = rec?;

@@ -7,9 +7,7 @@ use candle_core::{Device, Tensor};
 use sdp::models::checkpoint;
 use sdp::models::info::{info_report, model_info};
 use sdp::models::resnet::{ResNet, ResNetConfig};
-use sdp::models::swin::{
-    relative_position_index, shifted_window_mask, Swin, SwinBlockPlan, SwinConfig, MASK_VALUE,
-};
+use sdp::models::swin::{relative_position_index, shifted_window_mask, Swin, SwinBlockPlan, SwinConfig, MASK_VALUE};
 use sdp::models::{build, swin_config, Builder, Net, UnitKind};
 use sdp::spec::Workload;
 use std::collections::BTreeMap;
@@ -32,12 +30,7 @@ fn tiny_resnet() -> ResNetConfig {
 
 /// The tiny Swin of the golden fixtures: embed dim 4 (stage dims 4, 8, 16, 32), heads 2, window 4.
 fn tiny_swin() -> SwinConfig {
-    SwinConfig {
-        dims: vec![4, 8, 16, 32],
-        depths: vec![2, 2, 2, 2],
-        heads: vec![2, 2, 2, 2],
-        ..SwinConfig::swin_t(10)
-    }
+    SwinConfig { dims: vec![4, 8, 16, 32], depths: vec![2, 2, 2, 2], heads: vec![2, 2, 2, 2], ..SwinConfig::swin_t(10) }
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -73,7 +66,8 @@ fn forward_backward_unused(net: &dyn Net, b: usize, classes: usize, unused: &[&s
         ensure!(norm.is_finite(), "gradient of `{name}` is not finite");
     }
     // Every parameter gets a gradient; at least the head's is non-zero.
-    let head = net.store().params.iter().find(|(k, _)| k.starts_with("linear.weight") || k.starts_with("head.fc.weight"));
+    let head =
+        net.store().params.iter().find(|(k, _)| k.starts_with("linear.weight") || k.starts_with("head.fc.weight"));
     let (_, hv) = head.context("no head parameter")?;
     ensure!(grads.get(hv.as_tensor()).unwrap().abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
     Ok(())
@@ -109,7 +103,14 @@ fn parameter_counts_match_design() -> Result<()> {
 #[test]
 fn info_report_lists_groups_and_units() -> Result<()> {
     let r = info_report("swin_t", 100)?;
-    for needle in ["patch_embed", "layers.1.downsample", "layers.3.blocks.1", "head (head.fc)", "block units: 12", "neuron units: 17,664"] {
+    for needle in [
+        "patch_embed",
+        "layers.1.downsample",
+        "layers.3.blocks.1",
+        "head (head.fc)",
+        "block units: 12",
+        "neuron units: 17,664",
+    ] {
         ensure!(r.contains(needle), "report lacks `{needle}`:\n{r}");
     }
     let r = info_report("resnet18", 10)?;
@@ -125,9 +126,8 @@ fn info_report_lists_groups_and_units() -> Result<()> {
 fn full_size_forward_backward_on_cpu() -> Result<()> {
     for model in ["resnet18", "wrn18", "swin_t"] {
         let classes = if model == "swin_t" { 100 } else { 10 };
-        let w: Workload = toml::from_str(&format!(
-            "dataset = \"shapes\"\nmodel = \"{model}\"\nepochs = 1\nbatch_size = 2\n"
-        ))?;
+        let w: Workload =
+            toml::from_str(&format!("dataset = \"shapes\"\nmodel = \"{model}\"\nepochs = 1\nbatch_size = 2\n"))?;
         let net = build(&w, classes, 3, &cpu())?;
         forward_backward(net.as_ref(), 2, classes).with_context(|| model.to_string())?;
     }
@@ -141,8 +141,10 @@ fn swin_workload_overrides_and_head_rule() -> Result<()> {
     )?;
     let cfg = swin_config(&w, 10)?;
     ensure!(cfg.dims == [32, 64] && cfg.depths == [1, 2] && cfg.heads == [1, 2], "{cfg:?}");
-    ensure!(swin_config(&toml::from_str(
-        "dataset = \"shapes\"\nmodel = \"swin_t\"\nepochs = 1\nbatch_size = 2\n")?, 100)? == SwinConfig::swin_t(100));
+    ensure!(
+        swin_config(&toml::from_str("dataset = \"shapes\"\nmodel = \"swin_t\"\nepochs = 1\nbatch_size = 2\n")?, 100)?
+            == SwinConfig::swin_t(100)
+    );
     let bad: Workload = toml::from_str(
         "dataset = \"shapes\"\nmodel = \"swin_t\"\nepochs = 1\nbatch_size = 2\nwidths = [8, 16]\ndepths = [1]\n",
     )?;
@@ -160,10 +162,18 @@ fn swin_t_stage_geometry() -> Result<()> {
     ensure!(blocks.len() == 12);
     let geo: Vec<(usize, usize, usize)> = blocks.iter().map(|b| (b.resolution, b.window, b.shift)).collect();
     let expect = [
-        (16, 4, 0), (16, 4, 2),
-        (8, 4, 0), (8, 4, 2),
-        (4, 4, 0), (4, 4, 0), (4, 4, 0), (4, 4, 0), (4, 4, 0), (4, 4, 0),
-        (2, 2, 0), (2, 2, 0),
+        (16, 4, 0),
+        (16, 4, 2),
+        (8, 4, 0),
+        (8, 4, 2),
+        (4, 4, 0),
+        (4, 4, 0),
+        (4, 4, 0),
+        (4, 4, 0),
+        (4, 4, 0),
+        (4, 4, 0),
+        (2, 2, 0),
+        (2, 2, 0),
     ];
     ensure!(geo == expect, "{geo:?}");
     Ok(())
@@ -280,16 +290,16 @@ fn checkpoint_round_trip_and_errors() -> Result<()> {
     let hm: std::collections::HashMap<_, _> = partial.clone().into_iter().collect();
     candle_core::safetensors::save(&hm, &broken)?;
     let err = format!("{:#}", checkpoint::load(b.store(), &broken).unwrap_err());
-    ensure!(
-        err.contains("broken.safetensors") && err.contains("missing tensor `layer1.0.conv2.weight`"),
-        "{err}"
-    );
+    ensure!(err.contains("broken.safetensors") && err.contains("missing tensor `layer1.0.conv2.weight`"), "{err}");
     // A mis-shaped tensor.
     partial.insert("layer1.0.conv2.weight".into(), Tensor::zeros((4, 4, 1, 1), candle_core::DType::F32, &cpu())?);
     let hm: std::collections::HashMap<_, _> = partial.clone().into_iter().collect();
     candle_core::safetensors::save(&hm, &broken)?;
     let err = format!("{:#}", checkpoint::load(b.store(), &broken).unwrap_err());
-    ensure!(err.contains("tensor `layer1.0.conv2.weight` has shape [4, 4, 1, 1], the model expects [4, 4, 3, 3]"), "{err}");
+    ensure!(
+        err.contains("tensor `layer1.0.conv2.weight` has shape [4, 4, 1, 1], the model expects [4, 4, 3, 3]"),
+        "{err}"
+    );
     // An unexpected tensor, and a file that does not exist.
     let mut extra: BTreeMap<String, Tensor> = checkpoint::load_tensors(&path, &cpu())?;
     extra.insert("fc.weight".into(), Tensor::zeros(2, candle_core::DType::F32, &cpu())?);
@@ -309,7 +319,12 @@ fn units_sum_to_owned_parameters() -> Result<()> {
         // Block units: each one's params equal its group's count in the built model, and
         // block units + shared groups = total.
         let owned: Vec<&(String, usize, bool)> = info.groups.iter().filter(|g| g.2).collect();
-        ensure!(owned.len() == info.block_units.len(), "{model}: {} groups vs {} units", owned.len(), info.block_units.len());
+        ensure!(
+            owned.len() == info.block_units.len(),
+            "{model}: {} groups vs {} units",
+            owned.len(),
+            info.block_units.len()
+        );
         for (g, u) in owned.iter().zip(&info.block_units) {
             ensure!(g.0.starts_with(&u.name) && g.1 == u.params, "{model}: group {g:?} vs unit {u:?}");
         }
@@ -346,7 +361,8 @@ fn swin_plan_drops_blocks_and_hidden_units() -> Result<()> {
     let cfg = tiny_swin();
     let shapes = cfg.blocks();
     // Every block dropped: only the shared parameters exist, and the blocks are the identity.
-    let none: Vec<SwinBlockPlan> = shapes.iter().map(|_| SwinBlockPlan { present: false, mlp_hidden: 0, scale: 1.0 }).collect();
+    let none: Vec<SwinBlockPlan> =
+        shapes.iter().map(|_| SwinBlockPlan { present: false, mlp_hidden: 0, scale: 1.0 }).collect();
     let net = Swin::new(&cfg, &none, Builder::from_seed(1, &cpu()))?;
     ensure!(net.store().num_params() == cfg.shared_params());
     ensure!(!net.store().params.keys().any(|k| k.contains(".blocks.")));

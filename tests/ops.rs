@@ -50,7 +50,15 @@ struct ConvCase {
     pad: usize,
 }
 
-const fn case(b: usize, cin: usize, cout: usize, hw: (usize, usize), k: (usize, usize), stride: usize, pad: usize) -> ConvCase {
+const fn case(
+    b: usize,
+    cin: usize,
+    cout: usize,
+    hw: (usize, usize),
+    k: (usize, usize),
+    stride: usize,
+    pad: usize,
+) -> ConvCase {
     ConvCase { b, cin, cout, h: hw.0, w: hw.1, kh: k.0, kw: k.1, stride, pad }
 }
 
@@ -228,9 +236,7 @@ fn bn_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(
     let xhat = x
         .broadcast_sub(&mean.reshape(bshape.as_slice())?)?
         .broadcast_div(&(var.reshape(bshape.as_slice())? + eps)?.sqrt()?)?;
-    let y = xhat
-        .broadcast_mul(&gamma.reshape(bshape.as_slice())?)?
-        .broadcast_add(&beta.reshape(bshape.as_slice())?)?;
+    let y = xhat.broadcast_mul(&gamma.reshape(bshape.as_slice())?)?.broadcast_add(&beta.reshape(bshape.as_slice())?)?;
     Ok((y, mean.reshape(c)?, var.reshape(c)?))
 }
 

@@ -45,4 +45,3 @@ impl Averager for LocalAverager {
         held.where_cond(&mean, global)
     }
 }
-

@@ -19,4 +19,3 @@ pub trait Averager {
     /// worker holds keep `global`'s value.
     fn average(&mut self, name: &str, global: &Tensor, contributions: &[(&IndexMap, Tensor)]) -> Result<Tensor>;
 }
-

@@ -24,18 +24,8 @@ pub const CIFAR10_DIR: &str = "cifar-10-batches-bin";
 pub const CIFAR100_DIR: &str = "cifar-100-binary";
 
 /// CIFAR-10 class names in label order (as in `batches.meta.txt`).
-pub const CIFAR10_CLASSES: [&str; 10] = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-];
+pub const CIFAR10_CLASSES: [&str; 10] =
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
 /// CIFAR-100 fine class names in label order (as in `fine_label_names.txt`).
 #[rustfmt::skip]
@@ -67,11 +57,7 @@ pub fn load_cifar10(data_dir: &Path) -> Result<Dataset> {
     let classes = class_names(&dir.join("batches.meta.txt"), &CIFAR10_CLASSES)?;
     let mut train = Vec::new();
     for i in 1..=5 {
-        train.push(read_batch(
-            &dir.join(format!("data_batch_{i}.bin")),
-            Layout::CIFAR10,
-            "cifar10",
-        )?);
+        train.push(read_batch(&dir.join(format!("data_batch_{i}.bin")), Layout::CIFAR10, "cifar10")?);
     }
     let train = concat(train.into_iter().map(|b| b.images))?;
     let test = read_batch(&dir.join("test_batch.bin"), Layout::CIFAR10, "cifar10")?.images;
@@ -109,17 +95,10 @@ pub fn load_cifar100_coarse_labels(data_dir: &Path) -> Result<CoarseLabels> {
 pub fn load_cifar100_with_coarse(data_dir: &Path) -> Result<(Dataset, CoarseLabels)> {
     let dir = data_dir.join(CIFAR100_DIR);
     let classes = class_names(&dir.join("fine_label_names.txt"), &CIFAR100_CLASSES)?;
-    let coarse_classes = class_names(
-        &dir.join("coarse_label_names.txt"),
-        &CIFAR100_COARSE_CLASSES,
-    )?;
+    let coarse_classes = class_names(&dir.join("coarse_label_names.txt"), &CIFAR100_COARSE_CLASSES)?;
     let train = read_batch(&dir.join("train.bin"), Layout::CIFAR100, "cifar100")?;
     let test = read_batch(&dir.join("test.bin"), Layout::CIFAR100, "cifar100")?;
-    let coarse = CoarseLabels {
-        classes: coarse_classes,
-        train: train.coarse,
-        test: test.coarse,
-    };
+    let coarse = CoarseLabels { classes: coarse_classes, train: train.coarse, test: test.coarse };
     let ds = Dataset {
         name: "cifar100".into(),
         train: train.images,
@@ -143,18 +122,8 @@ struct Layout {
 }
 
 impl Layout {
-    const CIFAR10: Layout = Layout {
-        label_bytes: 1,
-        fine: 0,
-        fine_classes: 10,
-        coarse: None,
-    };
-    const CIFAR100: Layout = Layout {
-        label_bytes: 2,
-        fine: 1,
-        fine_classes: 100,
-        coarse: Some((0, 20)),
-    };
+    const CIFAR10: Layout = Layout { label_bytes: 1, fine: 0, fine_classes: 10, coarse: None };
+    const CIFAR100: Layout = Layout { label_bytes: 2, fine: 1, fine_classes: 100, coarse: Some((0, 20)) };
 }
 
 struct Batch {
@@ -214,16 +183,10 @@ fn read_batch(path: &Path, layout: Layout, fetch_name: &str) -> Result<Batch> {
         }
     }
     let mut images = vec![0u8; n * PIXELS];
-    images
-        .par_chunks_mut(PIXELS)
-        .zip(bytes.par_chunks_exact(rec))
-        .for_each(|(dst, r)| {
-            chw_to_hwc(&r[layout.label_bytes..], dst);
-        });
-    Ok(Batch {
-        images: ImageSet::new(images, labels, SIDE, SIDE, 3)?,
-        coarse,
-    })
+    images.par_chunks_mut(PIXELS).zip(bytes.par_chunks_exact(rec)).for_each(|(dst, r)| {
+        chw_to_hwc(&r[layout.label_bytes..], dst);
+    });
+    Ok(Batch { images: ImageSet::new(images, labels, SIDE, SIDE, 3)?, coarse })
 }
 
 /// One 32×32×3 image from planar CHW (as stored in the CIFAR files) to interleaved HWC.
@@ -251,21 +214,10 @@ fn class_names(path: &Path, default: &[&str]) -> Result<Vec<String>> {
     if !path.exists() {
         return Ok(default.iter().map(|s| s.to_string()).collect());
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let names: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     if names.len() != default.len() {
-        bail!(
-            "{} lists {} class names, expected {}",
-            path.display(),
-            names.len(),
-            default.len()
-        );
+        bail!("{} lists {} class names, expected {}", path.display(), names.len(), default.len());
     }
     Ok(names)
 }
@@ -273,9 +225,7 @@ fn class_names(path: &Path, default: &[&str]) -> Result<Vec<String>> {
 /// The files [`load_cifar10`] reads, under `data_dir`.
 pub fn cifar10_files(data_dir: &Path) -> Vec<PathBuf> {
     let dir = data_dir.join(CIFAR10_DIR);
-    let mut v: Vec<PathBuf> = (1..=5)
-        .map(|i| dir.join(format!("data_batch_{i}.bin")))
-        .collect();
+    let mut v: Vec<PathBuf> = (1..=5).map(|i| dir.join(format!("data_batch_{i}.bin"))).collect();
     v.push(dir.join("test_batch.bin"));
     v
 }

@@ -88,17 +88,12 @@ pub fn official(name: &str) -> Result<Source> {
         .collect(),
         other => bail!("unknown dataset `{other}` to fetch (expected cifar10, cifar100 or svhn)"),
     };
-    Ok(Source {
-        name: name.into(),
-        files,
-    })
+    Ok(Source { name: name.into(), files })
 }
 
 /// The URL of a dataset's first official file, for error messages elsewhere.
 pub fn official_url(name: &str) -> Option<String> {
-    official(name)
-        .ok()
-        .and_then(|s| s.files.first().map(|f| f.url.clone()))
+    official(name).ok().and_then(|s| s.files.first().map(|f| f.url.clone()))
 }
 
 /// Downloads, verifies and unpacks the official files of `name` (`cifar10`, `cifar100`, `svhn`) into `data_dir`.
@@ -126,17 +121,10 @@ fn fetch_file(name: &str, f: &RemoteFile, data_dir: &Path) -> Result<()> {
             eprintln!("{}: present, md5 ok", dest.display());
             return Ok(());
         }
-        eprintln!(
-            "{}: md5 {sum} but expected {}; downloading it again",
-            dest.display(),
-            f.md5
-        );
+        eprintln!("{}: md5 {sum} but expected {}; downloading it again", dest.display(), f.md5);
         std::fs::remove_file(&dest).with_context(|| format!("removing {}", dest.display()))?;
     } else if extracted {
-        eprintln!(
-            "{}: already extracted (archive not kept), nothing to do",
-            data_dir.display()
-        );
+        eprintln!("{}: already extracted (archive not kept), nothing to do", data_dir.display());
         return Ok(());
     }
     let dir = dest.parent().unwrap_or(data_dir);
@@ -162,8 +150,7 @@ fn fetch_file(name: &str, f: &RemoteFile, data_dir: &Path) -> Result<()> {
             f.md5
         );
     }
-    std::fs::rename(&part, &dest)
-        .with_context(|| format!("renaming {} to {}", part.display(), dest.display()))?;
+    std::fs::rename(&part, &dest).with_context(|| format!("renaming {} to {}", part.display(), dest.display()))?;
     eprintln!("{}: downloaded, md5 ok", dest.display());
     if !f.extracts.is_empty() {
         extract_tar_gz(&dest, data_dir)?;
@@ -222,17 +209,13 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, have: u64) -> Result<()>
         }
         Err(e) => return Err(e).context("could not connect"),
     };
-    let content_len: Option<u64> = resp
-        .header("Content-Length")
-        .and_then(|v| v.trim().parse().ok());
+    let content_len: Option<u64> = resp.header("Content-Length").and_then(|v| v.trim().parse().ok());
     let (start, total) = match resp.status() {
         206 => {
             // Content-Range: bytes START-END/TOTAL
             let cr = resp.header("Content-Range").unwrap_or_default().to_string();
-            let start: Option<u64> = cr
-                .strip_prefix("bytes ")
-                .and_then(|s| s.split('-').next())
-                .and_then(|s| s.trim().parse().ok());
+            let start: Option<u64> =
+                cr.strip_prefix("bytes ").and_then(|s| s.split('-').next()).and_then(|s| s.trim().parse().ok());
             if start != Some(have) {
                 bail!("server answered a request for bytes {have}- with Content-Range `{cr}`");
             }
@@ -245,10 +228,7 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, have: u64) -> Result<()>
     let mut out = if start == 0 {
         File::create(part).with_context(|| format!("creating {}", part.display()))?
     } else {
-        OpenOptions::new()
-            .append(true)
-            .open(part)
-            .with_context(|| format!("opening {}", part.display()))?
+        OpenOptions::new().append(true).open(part).with_context(|| format!("opening {}", part.display()))?
     };
     let mut progress = Progress::new(url, start, total);
     let mut reader = resp.into_reader();
@@ -259,13 +239,11 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, have: u64) -> Result<()>
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n])
-            .with_context(|| format!("writing {}", part.display()))?;
+        out.write_all(&buf[..n]).with_context(|| format!("writing {}", part.display()))?;
         done += n as u64;
         progress.set(done);
     }
-    out.sync_all()
-        .with_context(|| format!("writing {}", part.display()))?;
+    out.sync_all().with_context(|| format!("writing {}", part.display()))?;
     progress.finish();
     if let Some(t) = total {
         if done != t {
@@ -298,20 +276,11 @@ impl Progress {
         });
         if bar.is_none() {
             let size = total.map(|t| format!(" ({t} bytes)")).unwrap_or_default();
-            let from = if start > 0 {
-                format!(", resuming at byte {start}")
-            } else {
-                String::new()
-            };
+            let from = if start > 0 { format!(", resuming at byte {start}") } else { String::new() };
             eprintln!("downloading {url}{size}{from}");
         }
         let step = total.map(|t| t / 10).unwrap_or(u64::MAX).max(1);
-        Self {
-            bar,
-            url: url.into(),
-            total,
-            next_report: (start / step + 1) * step,
-        }
+        Self { bar, url: url.into(), total, next_report: (start / step + 1) * step }
     }
 
     fn set(&mut self, done: u64) {
@@ -339,9 +308,7 @@ pub fn md5_file(path: &Path) -> Result<String> {
     let mut h = Md5::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -353,10 +320,7 @@ pub fn md5_file(path: &Path) -> Result<String> {
 /// Extracts `archive` into `data_dir` through a temporary directory, then moves each top-level entry into place
 /// (replacing an older copy), so a crash mid-extraction leaves no half-written dataset directory behind.
 fn extract_tar_gz(archive: &Path, data_dir: &Path) -> Result<()> {
-    let name = archive
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = archive.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = data_dir.join(format!(".{name}.extracting"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
@@ -370,22 +334,15 @@ fn extract_tar_gz(archive: &Path, data_dir: &Path) -> Result<()> {
         let entry = entry.with_context(|| format!("reading {}", tmp.display()))?;
         let target = data_dir.join(entry.file_name());
         if target.is_dir() {
-            std::fs::remove_dir_all(&target)
-                .with_context(|| format!("replacing {}", target.display()))?;
+            std::fs::remove_dir_all(&target).with_context(|| format!("replacing {}", target.display()))?;
         } else if target.exists() {
-            std::fs::remove_file(&target)
-                .with_context(|| format!("replacing {}", target.display()))?;
+            std::fs::remove_file(&target).with_context(|| format!("replacing {}", target.display()))?;
         }
-        std::fs::rename(entry.path(), &target).with_context(|| {
-            format!("moving {} to {}", entry.path().display(), target.display())
-        })?;
+        std::fs::rename(entry.path(), &target)
+            .with_context(|| format!("moving {} to {}", entry.path().display(), target.display()))?;
     }
     std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    eprintln!(
-        "{}: extracted into {}",
-        archive.display(),
-        data_dir.display()
-    );
+    eprintln!("{}: extracted into {}", archive.display(), data_dir.display());
     Ok(())
 }
 
@@ -394,47 +351,37 @@ fn extract_tar_gz(archive: &Path, data_dir: &Path) -> Result<()> {
 /// A dataset that fails to load is reported (with the reason), not an error; an unknown name is.
 pub fn info(name: &str, data_dir: &Path) -> Result<String> {
     let mut s = String::new();
-    let (loaded, cache_note): (Result<Dataset>, String) =
-        if let Some(root) = name.strip_prefix("folder:") {
-            let root = Path::new(root);
-            let _ = writeln!(s, "{name}: ImageFolder tree at {}", root.display());
-            let ds = folder::load_folder(root);
-            (ds, describe_cache(&cache::cache_path(root)))
-        } else {
-            let source = official(name)?;
-            let _ = writeln!(s, "{name} in {}", data_dir.display());
-            let _ = writeln!(s, "official files:");
-            for f in &source.files {
-                let path = f.local_path(data_dir);
-                let status = if !path.exists() {
-                    "missing".to_string()
-                } else {
-                    match md5_file(&path) {
-                        Ok(sum) if sum == f.md5 => format!("ok (md5 {sum})"),
-                        Ok(sum) => format!("mismatch (md5 {sum}, expected {})", f.md5),
-                        Err(e) => format!("unreadable ({e:#})"),
-                    }
-                };
-                let _ = writeln!(s, "  {}: {status}", path.display());
-            }
-            match name {
-                "cifar10" => (
-                    cifar::load_cifar10(data_dir),
-                    "none (the binary batches are read directly)".into(),
-                ),
-                "cifar100" => (
-                    cifar::load_cifar100(data_dir),
-                    "none (the binary batches are read directly)".into(),
-                ),
-                _ => {
-                    let ds = svhn::load_svhn(data_dir);
-                    (
-                        ds,
-                        describe_cache(&cache::cache_path(&data_dir.join(svhn::SVHN_DIR))),
-                    )
+    let (loaded, cache_note): (Result<Dataset>, String) = if let Some(root) = name.strip_prefix("folder:") {
+        let root = Path::new(root);
+        let _ = writeln!(s, "{name}: ImageFolder tree at {}", root.display());
+        let ds = folder::load_folder(root);
+        (ds, describe_cache(&cache::cache_path(root)))
+    } else {
+        let source = official(name)?;
+        let _ = writeln!(s, "{name} in {}", data_dir.display());
+        let _ = writeln!(s, "official files:");
+        for f in &source.files {
+            let path = f.local_path(data_dir);
+            let status = if !path.exists() {
+                "missing".to_string()
+            } else {
+                match md5_file(&path) {
+                    Ok(sum) if sum == f.md5 => format!("ok (md5 {sum})"),
+                    Ok(sum) => format!("mismatch (md5 {sum}, expected {})", f.md5),
+                    Err(e) => format!("unreadable ({e:#})"),
                 }
+            };
+            let _ = writeln!(s, "  {}: {status}", path.display());
+        }
+        match name {
+            "cifar10" => (cifar::load_cifar10(data_dir), "none (the binary batches are read directly)".into()),
+            "cifar100" => (cifar::load_cifar100(data_dir), "none (the binary batches are read directly)".into()),
+            _ => {
+                let ds = svhn::load_svhn(data_dir);
+                (ds, describe_cache(&cache::cache_path(&data_dir.join(svhn::SVHN_DIR))))
             }
-        };
+        }
+    };
     match loaded {
         Ok(ds) => {
             let t = &ds.train;
@@ -449,10 +396,7 @@ pub fn info(name: &str, data_dir: &Path) -> Result<String> {
                 ds.num_classes()
             );
             let _ = writeln!(s, "mean {:?}, std {:?}", ds.mean, ds.std);
-            let (tr, te) = (
-                ds.train.class_counts(ds.num_classes()),
-                ds.test.class_counts(ds.num_classes()),
-            );
+            let (tr, te) = (ds.train.class_counts(ds.num_classes()), ds.test.class_counts(ds.num_classes()));
             let width = ds.classes.iter().map(String::len).max().unwrap_or(0);
             let _ = writeln!(s, "per class (train / test):");
             for (i, c) in ds.classes.iter().enumerate() {

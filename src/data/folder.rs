@@ -43,31 +43,18 @@ pub struct Listing {
 
 impl Listing {
     fn all_files(&self) -> Vec<PathBuf> {
-        self.train
-            .iter()
-            .chain(&self.test)
-            .map(|(p, _)| p.clone())
-            .collect()
+        self.train.iter().chain(&self.test).map(|(p, _)| p.clone()).collect()
     }
 }
 
 /// Lists `<root>/{train,test}/<class>/*`, checking the class sets match and no class folder is empty.
 pub fn list_tree(root: &Path) -> Result<Listing> {
-    ensure!(
-        root.is_dir(),
-        "ImageFolder root {} is not a directory",
-        root.display()
-    );
+    ensure!(root.is_dir(), "ImageFolder root {} is not a directory", root.display());
     let (train_classes, train_dirs) = list_classes(&root.join("train"))?;
     let (test_classes, test_dirs) = list_classes(&root.join("test"))?;
     if train_classes != test_classes {
-        let only = |a: &[String], b: &[String]| {
-            a.iter()
-                .filter(|c| !b.contains(c))
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let only =
+            |a: &[String], b: &[String]| a.iter().filter(|c| !b.contains(c)).cloned().collect::<Vec<_>>().join(", ");
         bail!(
             "{}: class folders of train and test differ (only in train: [{}]; only in test: [{}])",
             root.display(),
@@ -75,17 +62,16 @@ pub fn list_tree(root: &Path) -> Result<Listing> {
             only(&test_classes, &train_classes)
         );
     }
-    Ok(Listing {
-        classes: train_classes,
-        train: list_images(&train_dirs)?,
-        test: list_images(&test_dirs)?,
-    })
+    Ok(Listing { classes: train_classes, train: list_images(&train_dirs)?, test: list_images(&test_dirs)? })
 }
 
 /// Sorted class names and their directories under one split directory.
 fn list_classes(split: &Path) -> Result<(Vec<String>, Vec<PathBuf>)> {
     if !split.is_dir() {
-        bail!("missing split: {} is not a directory (expected <root>/train/<class>/ and <root>/test/<class>/)", split.display());
+        bail!(
+            "missing split: {} is not a directory (expected <root>/train/<class>/ and <root>/test/<class>/)",
+            split.display()
+        );
     }
     let mut classes = Vec::new();
     for entry in std::fs::read_dir(split).with_context(|| format!("reading {}", split.display()))? {
@@ -98,11 +84,7 @@ fn list_classes(split: &Path) -> Result<(Vec<String>, Vec<PathBuf>)> {
         classes.push((name, path));
     }
     classes.sort();
-    ensure!(
-        !classes.is_empty(),
-        "{} has no class folders",
-        split.display()
-    );
+    ensure!(!classes.is_empty(), "{} has no class folders", split.display());
     Ok(classes.into_iter().unzip())
 }
 
@@ -117,20 +99,13 @@ fn list_images(class_dirs: &[PathBuf]) -> Result<Vec<(PathBuf, u32)>> {
                 continue;
             }
             let path = entry.path();
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().to_ascii_lowercase())
-                .unwrap_or_default();
+            let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
             if !matches!(ext.as_str(), "jpg" | "jpeg" | "png") {
                 bail!("{} is not a .jpg, .jpeg or .png image", path.display());
             }
             files.push(path);
         }
-        ensure!(
-            !files.is_empty(),
-            "empty class folder: {} has no images",
-            dir.display()
-        );
+        ensure!(!files.is_empty(), "empty class folder: {} has no images", dir.display());
         files.sort();
         out.extend(files.into_iter().map(|p| (p, label as u32)));
     }
@@ -151,30 +126,27 @@ pub fn decode_tree(listing: &Listing) -> Result<Cached> {
 fn decode_split(files: &[(PathBuf, u32)], h: usize, w: usize, first: &Path) -> Result<ImageSet> {
     let n = h * w * 3;
     let mut images = vec![0u8; files.len() * n];
-    images
-        .par_chunks_mut(n)
-        .zip(files.par_iter())
-        .try_for_each(|(dst, (path, _))| -> Result<()> {
-            let img = decode(path)?;
-            if img.dimensions() != (w as u32, h as u32) {
-                bail!(
-                    "{} is {}x{} (WxH) but {} is {w}x{h}: all images must share one size",
-                    path.display(),
-                    img.width(),
-                    img.height(),
-                    first.display()
-                );
-            }
-            dst.copy_from_slice(img.as_raw());
-            Ok(())
-        })?;
+    images.par_chunks_mut(n).zip(files.par_iter()).try_for_each(|(dst, (path, _))| -> Result<()> {
+        let img = decode(path)?;
+        if img.dimensions() != (w as u32, h as u32) {
+            bail!(
+                "{} is {}x{} (WxH) but {} is {w}x{h}: all images must share one size",
+                path.display(),
+                img.width(),
+                img.height(),
+                first.display()
+            );
+        }
+        dst.copy_from_slice(img.as_raw());
+        Ok(())
+    })?;
     ImageSet::new(images, files.iter().map(|(_, l)| *l).collect(), h, w, 3)
 }
 
 /// Decodes one image file (format from its content, not its name) to 8-bit RGB.
 fn decode(path: &Path) -> Result<image::RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let img = image::load_from_memory(&bytes)
-        .with_context(|| format!("decoding {} (corrupt image?)", path.display()))?;
+    let img =
+        image::load_from_memory(&bytes).with_context(|| format!("decoding {} (corrupt image?)", path.display()))?;
     Ok(img.to_rgb8())
 }

@@ -30,10 +30,7 @@ pub fn load_svhn(data_dir: &Path) -> Result<Dataset> {
     let files = svhn_files(data_dir);
     for f in &files {
         if !f.exists() {
-            let name = f
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             bail!(
                 "{} not found: run `sdp data fetch svhn` (or download http://ufldl.stanford.edu/housenumbers/{name} \
                  by hand into {})",
@@ -69,24 +66,14 @@ pub fn svhn_files(data_dir: &Path) -> Vec<PathBuf> {
 /// Reads one SVHN split (`X` and `y`) from a MAT-file, without the cache.
 pub fn read_svhn_mat(path: &Path) -> Result<ImageSet> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut vars =
-        read_mat(&bytes, &["X", "y"]).with_context(|| format!("reading {}", path.display()))?;
-    let x = vars
-        .remove("X")
-        .with_context(|| format!("{}: no variable `X` (the images)", path.display()))?;
-    let y = vars
-        .remove("y")
-        .with_context(|| format!("{}: no variable `y` (the labels)", path.display()))?;
+    let mut vars = read_mat(&bytes, &["X", "y"]).with_context(|| format!("reading {}", path.display()))?;
+    let x = vars.remove("X").with_context(|| format!("{}: no variable `X` (the images)", path.display()))?;
+    let y = vars.remove("y").with_context(|| format!("{}: no variable `y` (the labels)", path.display()))?;
 
     // MATLAB drops trailing singleton dimensions: a file of one image has dims 32×32×3.
     let mut d = x.dims.clone();
     d.resize(4.max(d.len()), 1);
-    ensure!(
-        d.len() == 4 && d[2] == 3,
-        "{}: `X` has dims {:?}, expected H×W×3×N",
-        path.display(),
-        x.dims
-    );
+    ensure!(d.len() == 4 && d[2] == 3, "{}: `X` has dims {:?}, expected H×W×3×N", path.display(), x.dims);
     let (h, w, n) = (d[0], d[1], d[3]);
     ensure!(
         y.numel() == n && y.dims.iter().filter(|&&k| k != 1).count() <= 1,
@@ -94,30 +81,23 @@ pub fn read_svhn_mat(path: &Path) -> Result<ImageSet> {
         path.display(),
         y.dims
     );
-    let pixels = x
-        .into_u8()
-        .with_context(|| format!("{}: variable `X`", path.display()))?;
-    let labels = y
-        .labels()
-        .with_context(|| format!("{}: variable `y`", path.display()))?;
+    let pixels = x.into_u8().with_context(|| format!("{}: variable `X`", path.display()))?;
+    let labels = y.labels().with_context(|| format!("{}: variable `y`", path.display()))?;
 
     // Column-major X(h, w, c, n) sits at h + H*(w + W*(c + 3*n)): each image is a contiguous block of three
     // planes, each plane stored column by column. Interleave to row-major HWC.
     let img = h * w * 3;
     let mut images = vec![0u8; n * img];
-    images
-        .par_chunks_mut(img)
-        .zip(pixels.par_chunks_exact(img))
-        .for_each(|(dst, src)| {
-            for c in 0..3 {
-                for col in 0..w {
-                    let plane_col = &src[h * (col + w * c)..][..h];
-                    for (row, &v) in plane_col.iter().enumerate() {
-                        dst[(row * w + col) * 3 + c] = v;
-                    }
+    images.par_chunks_mut(img).zip(pixels.par_chunks_exact(img)).for_each(|(dst, src)| {
+        for c in 0..3 {
+            for col in 0..w {
+                let plane_col = &src[h * (col + w * c)..][..h];
+                for (row, &v) in plane_col.iter().enumerate() {
+                    dst[(row * w + col) * 3 + c] = v;
                 }
             }
-        });
+        }
+    });
     ImageSet::new(images, labels, h, w, 3)
 }
 
@@ -155,9 +135,7 @@ impl MatArray {
     /// The values as f64, whatever the storage type.
     fn values(&self) -> Result<Vec<f64>> {
         fn conv<const N: usize>(d: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
-            d.chunks_exact(N)
-                .map(|c| f(c.try_into().unwrap_or([0; N])))
-                .collect()
+            d.chunks_exact(N).map(|c| f(c.try_into().unwrap_or([0; N]))).collect()
         }
         let d = &self.data;
         Ok(match self.data_type {
@@ -211,11 +189,7 @@ impl MatArray {
 
 /// Reads the numeric arrays named in `wanted` from the bytes of a MAT v5 file; other variables are skipped.
 fn read_mat(bytes: &[u8], wanted: &[&str]) -> Result<HashMap<String, MatArray>> {
-    ensure!(
-        bytes.len() >= 128,
-        "file of {} bytes is shorter than the 128-byte MAT-file header",
-        bytes.len()
-    );
+    ensure!(bytes.len() >= 128, "file of {} bytes is shorter than the 128-byte MAT-file header", bytes.len());
     let text = String::from_utf8_lossy(&bytes[..116]);
     if text.starts_with("MATLAB 7.3") {
         bail!("MAT-file version 7.3 (HDF5) is not supported; save with `-v7` or `-v6`");
@@ -249,11 +223,9 @@ fn read_mat(bytes: &[u8], wanted: &[&str]) -> Result<HashMap<String, MatArray>> 
                 let mut inflated = Vec::new();
                 flate2::read::ZlibDecoder::new(body)
                     .read_to_end(&mut inflated)
-                    .with_context(|| {
-                        format!("inflating the compressed element at byte offset {pos} (corrupt?)")
-                    })?;
-                let (ity, ilen, iat) = tag(&inflated, 0)
-                    .with_context(|| format!("in the compressed element at byte offset {pos}"))?;
+                    .with_context(|| format!("inflating the compressed element at byte offset {pos} (corrupt?)"))?;
+                let (ity, ilen, iat) =
+                    tag(&inflated, 0).with_context(|| format!("in the compressed element at byte offset {pos}"))?;
                 ensure!(
                     ity == MI_MATRIX && iat + ilen <= inflated.len(),
                     "compressed element at byte offset {pos} holds type {ity} of {ilen} bytes in {} inflated bytes \
@@ -266,8 +238,7 @@ fn read_mat(bytes: &[u8], wanted: &[&str]) -> Result<HashMap<String, MatArray>> 
                 pos = end;
             }
             MI_MATRIX => {
-                read_matrix(body, wanted, &mut out)
-                    .with_context(|| format!("in the matrix at byte offset {pos}"))?;
+                read_matrix(body, wanted, &mut out).with_context(|| format!("in the matrix at byte offset {pos}"))?;
                 pos = pad8(end);
             }
             _ => pos = pad8(end),
@@ -280,25 +251,15 @@ fn read_mat(bytes: &[u8], wanted: &[&str]) -> Result<HashMap<String, MatArray>> 
 /// where the byte count sits in the upper half of the first word and up to 4 data bytes follow in the same 8.
 fn tag(bytes: &[u8], pos: usize) -> Result<(u32, usize, usize)> {
     let Some(t) = bytes.get(pos..pos + 8) else {
-        bail!(
-            "data element tag at byte offset {pos} runs past the end ({} bytes; truncated?)",
-            bytes.len()
-        );
+        bail!("data element tag at byte offset {pos} runs past the end ({} bytes; truncated?)", bytes.len());
     };
     let first = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
     if first >> 16 != 0 {
         let len = (first >> 16) as usize;
-        ensure!(
-            len <= 4,
-            "small data element at byte offset {pos} declares {len} bytes (at most 4 fit)"
-        );
+        ensure!(len <= 4, "small data element at byte offset {pos} declares {len} bytes (at most 4 fit)");
         Ok((first & 0xffff, len, pos + 4))
     } else {
-        Ok((
-            first,
-            u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize,
-            pos + 8,
-        ))
+        Ok((first, u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as usize, pos + 8))
     }
 }
 
@@ -307,54 +268,30 @@ fn pad8(x: usize) -> usize {
 }
 
 /// A sub-element of a matrix: (type, data) and the offset after it (padded to 8 bytes).
-fn sub_element(
-    body: &[u8],
-    pos: usize,
-    what: &str,
-) -> Result<(u32, std::ops::Range<usize>, usize)> {
+fn sub_element(body: &[u8], pos: usize, what: &str) -> Result<(u32, std::ops::Range<usize>, usize)> {
     let (ty, len, at) = tag(body, pos).with_context(|| format!("reading the {what}"))?;
-    ensure!(
-        at + len <= body.len(),
-        "the {what} at offset {pos} runs past the end of its matrix"
-    );
+    ensure!(at + len <= body.len(), "the {what} at offset {pos} runs past the end of its matrix");
     // A small element occupies exactly 8 bytes; a normal one is padded to a multiple of 8.
-    let next = if at == pos + 4 {
-        pos + 8
-    } else {
-        pad8(at + len)
-    };
+    let next = if at == pos + 4 { pos + 8 } else { pad8(at + len) };
     Ok((ty, at..at + len, next))
 }
 
 /// Reads one miMATRIX body (array flags, dims, name, real part) into `out` if its name is wanted.
 fn read_matrix(body: &[u8], wanted: &[&str], out: &mut HashMap<String, MatArray>) -> Result<()> {
     let (ty, flags, pos) = sub_element(body, 0, "array flags")?;
-    ensure!(
-        ty == MI_UINT32 && flags.len() == 8,
-        "array flags have type {ty} and {} bytes",
-        flags.len()
-    );
+    ensure!(ty == MI_UINT32 && flags.len() == 8, "array flags have type {ty} and {} bytes", flags.len());
     let flags = u32::from_le_bytes(body[flags.start..flags.start + 4].try_into()?);
     let class = (flags & 0xff) as u8;
     let (ty, dims, pos) = sub_element(body, pos, "dimensions")?;
-    ensure!(
-        ty == MI_INT32 && dims.len() % 4 == 0,
-        "dimensions have type {ty} and {} bytes",
-        dims.len()
-    );
-    let dims: Vec<usize> = body[dims]
-        .chunks_exact(4)
-        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]).max(0) as usize)
-        .collect();
+    ensure!(ty == MI_INT32 && dims.len() % 4 == 0, "dimensions have type {ty} and {} bytes", dims.len());
+    let dims: Vec<usize> =
+        body[dims].chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]).max(0) as usize).collect();
     let (_, name, pos) = sub_element(body, pos, "array name")?;
     let name = String::from_utf8_lossy(&body[name]).into_owned();
     if !wanted.contains(&name.as_str()) {
         return Ok(());
     }
-    ensure!(
-        (MX_DOUBLE..=MX_UINT64).contains(&class),
-        "variable `{name}` has array class {class}, not a numeric array"
-    );
+    ensure!((MX_DOUBLE..=MX_UINT64).contains(&class), "variable `{name}` has array class {class}, not a numeric array");
     ensure!(flags & MX_COMPLEX_FLAG == 0, "variable `{name}` is complex");
     let (data_type, data, _) = sub_element(body, pos, "real part")?;
     let width = match data_type {
@@ -370,13 +307,6 @@ fn read_matrix(body: &[u8], wanted: &[&str], out: &mut HashMap<String, MatArray>
         "variable `{name}` has dims {dims:?} ({numel} elements of {width} bytes) but {} data bytes",
         data.len()
     );
-    out.insert(
-        name,
-        MatArray {
-            dims,
-            data_type,
-            data: body[data].to_vec(),
-        },
-    );
+    out.insert(name, MatArray { dims, data_type, data: body[data].to_vec() });
     Ok(())
 }

@@ -21,10 +21,8 @@ pub fn save(store: &ParamStore, path: &Path) -> Result<()> {
         }
     }
     // safetensors wants host tensors; moving also detaches from any device stream.
-    let tensors = tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
-        .collect::<Result<BTreeMap<_, _>>>()?;
+    let tensors =
+        tensors.into_iter().map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?))).collect::<Result<BTreeMap<_, _>>>()?;
     let tmp = temp_path(path);
     let tensors: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
     candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;

@@ -31,8 +31,11 @@ type GroupSpec = (String, Vec<String>, bool);
 pub fn model_info(model: &str, num_classes: usize) -> Result<ModelInfo> {
     let (store, specs, block_units, neuron_units) = match model {
         "resnet18" | "wrn18" => {
-            let cfg =
-                if model == "resnet18" { ResNetConfig::resnet18(num_classes) } else { ResNetConfig::wrn18(num_classes) };
+            let cfg = if model == "resnet18" {
+                ResNetConfig::resnet18(num_classes)
+            } else {
+                ResNetConfig::wrn18(num_classes)
+            };
             let net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(0, &Device::Cpu))?;
             let mut specs: Vec<GroupSpec> = vec![("stem".into(), vec!["conv1.".into(), "bn1.".into()], false)];
             for b in cfg.blocks() {
@@ -101,7 +104,7 @@ pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

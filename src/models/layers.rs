@@ -48,9 +48,13 @@ impl ParamStore {
 pub enum Init {
     /// U(-1/√fan_in, 1/√fan_in): PyTorch's default for conv and linear weights and linear biases
     /// (kaiming_uniform with a = √5).
-    Uniform { fan_in: usize },
+    Uniform {
+        fan_in: usize,
+    },
     /// Truncated-normal-free N(0, std²) (Swin's linear layers use trunc_normal(std=0.02)).
-    Normal { std: f32 },
+    Normal {
+        std: f32,
+    },
     Const(f32),
 }
 
@@ -84,9 +88,8 @@ impl<'a> Builder<'a> {
     fn value(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         match &self.source {
             Source::Tensors(map) => {
-                let t = map
-                    .get(name)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("no value for parameter `{name}`")))?;
+                let t =
+                    map.get(name).ok_or_else(|| candle_core::Error::Msg(format!("no value for parameter `{name}`")))?;
                 if t.dims() != shape {
                     candle_core::bail!("parameter `{name}` has shape {:?}, expected {shape:?}", t.dims());
                 }
@@ -150,7 +153,8 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let weight = b.param(&format!("{name}.weight"), &[c_out, c_in, k, k], Init::Uniform { fan_in: c_in * k * k })?;
+        let weight =
+            b.param(&format!("{name}.weight"), &[c_out, c_in, k, k], Init::Uniform { fan_in: c_in * k * k })?;
         Ok(Self { weight, stride, padding })
     }
 
@@ -168,11 +172,8 @@ pub struct Linear {
 impl Linear {
     pub fn new(b: &mut Builder, name: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
         let weight = b.param(&format!("{name}.weight"), &[d_out, d_in], Init::Uniform { fan_in: d_in })?;
-        let bias = if bias {
-            Some(b.param(&format!("{name}.bias"), &[d_out], Init::Uniform { fan_in: d_in })?)
-        } else {
-            None
-        };
+        let bias =
+            if bias { Some(b.param(&format!("{name}.bias"), &[d_out], Init::Uniform { fan_in: d_in })?) } else { None };
         Ok(Self { weight, bias })
     }
 

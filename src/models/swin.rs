@@ -71,7 +71,12 @@ impl SwinBlockShape {
         let d = self.dim;
         let table = (2 * self.window - 1).pow(2) * self.heads;
         // norm1 + qkv + table + proj + norm2 + fc1 + fc2
-        2 * d + (3 * d * d + 3 * d) + table + (d * d + d) + 2 * d + (self.mlp_hidden * d + self.mlp_hidden)
+        2 * d
+            + (3 * d * d + 3 * d)
+            + table
+            + (d * d + d)
+            + 2 * d
+            + (self.mlp_hidden * d + self.mlp_hidden)
             + (d * self.mlp_hidden + d)
     }
 
@@ -125,13 +130,16 @@ impl SwinConfig {
                 self.heads.len()
             ));
         }
-        if self.patch_size == 0 || self.img_size % self.patch_size != 0 {
-            return Err(format!("swin: img_size {} is not a multiple of patch_size {}", self.img_size, self.patch_size));
+        if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
+            return Err(format!(
+                "swin: img_size {} is not a multiple of patch_size {}",
+                self.img_size, self.patch_size
+            ));
         }
         let mut res = self.img_size / self.patch_size;
         for s in 0..n {
             if s > 0 {
-                if res % 2 != 0 {
+                if !res.is_multiple_of(2) {
                     return Err(format!("swin: stage {s} halves an odd resolution {res}"));
                 }
                 res /= 2;
@@ -141,7 +149,7 @@ impl SwinConfig {
                 return Err(format!("swin: stage {s} dim {d} is not divisible by its {h} heads"));
             }
             let w = self.window.min(res);
-            if w == 0 || res % w != 0 {
+            if w == 0 || !res.is_multiple_of(w) {
                 return Err(format!("swin: stage {s} resolution {res} is not a multiple of the window {w}"));
             }
         }
@@ -221,7 +229,7 @@ impl SwinConfig {
 /// Heads for a stage of `dim` channels: dim / 32 (Swin-T's head dim), rounded down to a divisor of dim, ≥ 1.
 pub fn default_heads(dim: usize) -> usize {
     let mut h = (dim / 32).max(1);
-    while dim % h != 0 {
+    while !dim.is_multiple_of(h) {
         h -= 1;
     }
     h
@@ -447,10 +455,11 @@ impl SwinBlock {
         let ys = br.norm1.forward(xs)?;
         let ys = if sh > 0 { ys.roll(-sh, 1)?.roll(-sh, 2)? } else { ys };
         // (B, H, W, C) -> (B·nW, w², C)
-        let win = ys
-            .reshape((b, h / ws, ws, w / ws, ws, c))?
-            .permute((0, 1, 3, 2, 4, 5))?
-            .reshape((b * (h / ws) * (w / ws), ws * ws, c))?;
+        let win = ys.reshape((b, h / ws, ws, w / ws, ws, c))?.permute((0, 1, 3, 2, 4, 5))?.reshape((
+            b * (h / ws) * (w / ws),
+            ws * ws,
+            c,
+        ))?;
         let win = br.attn.forward(&win, br.mask.as_ref())?;
         // (B·nW, w², C) -> (B, H, W, C)
         let ys = win.reshape((b, h / ws, w / ws, ws, ws, c))?.permute((0, 1, 3, 2, 4, 5))?.reshape((b, h, w, c))?;
@@ -487,7 +496,8 @@ impl PatchMerging {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = xs.dims4()?;
         // (B, H, W, C) -> (B, H/2, W/2, 4C): the neighbour at (row r, col s) lands in slot 2s + r.
-        let ys = xs.reshape((b, h / 2, 2, w / 2, 2, c))?.permute((0, 1, 3, 4, 2, 5))?.reshape((b, h / 2, w / 2, 4 * c))?;
+        let ys =
+            xs.reshape((b, h / 2, 2, w / 2, 2, c))?.permute((0, 1, 3, 4, 2, 5))?.reshape((b, h / 2, w / 2, 4 * c))?;
         linear_nd(&self.reduction, &self.norm.forward(&ys)?)
     }
 }

@@ -21,11 +21,7 @@ pub(crate) fn check_shapes(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) 
     }
     for (name, t) in [("gamma", gamma), ("beta", beta)] {
         if t.dims() != [c] {
-            bail!(
-                "batch norm: {name} must have shape [{c}] (the channels of x {:?}), got {:?}",
-                x.dims(),
-                t.dims()
-            );
+            bail!("batch norm: {name} must have shape [{c}] (the channels of x {:?}), got {:?}", x.dims(), t.dims());
         }
     }
     if !(eps.is_finite() && eps >= 0.0) {
@@ -172,18 +168,16 @@ impl CustomOp3 for BnTrain {
         let gamma = f32_slice(s2, l2, "gamma")?;
         let beta = f32_slice(s3, l3, "beta")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(sp)
-            .with_min_len(min_planes(sp))
-            .zip(x.par_chunks(sp))
-            .enumerate()
-            .for_each(|(idx, (yp, xp))| {
+        y.par_chunks_mut(sp).with_min_len(min_planes(sp)).zip(x.par_chunks(sp)).enumerate().for_each(
+            |(idx, (yp, xp))| {
                 let ch = idx % c;
                 let scale = gamma[ch] * self.invstd[ch];
                 let shift = beta[ch] - self.mean[ch] * scale;
                 for (o, &v) in yp.iter_mut().zip(xp) {
                     *o = v * scale + shift;
                 }
-            });
+            },
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -54,9 +54,7 @@ impl Geom {
             bail!("conv2d: stride must be at least 1");
         }
         if h + 2 * pad < kh || wd + 2 * pad < kw {
-            bail!(
-                "conv2d: kernel {kh}x{kw} does not fit the input {h}x{wd} with padding {pad}"
-            );
+            bail!("conv2d: kernel {kh}x{kw} does not fit the input {h}x{wd} with padding {pad}");
         }
         Ok(Self {
             b,
@@ -98,11 +96,7 @@ impl Geom {
     /// The output columns `ox` whose input column `ox*s + kx - pad` lies inside `[0, w)`.
     fn valid_ox(&self, kx: usize) -> (usize, usize) {
         let lo = if self.pad > kx { (self.pad - kx).div_ceil(self.stride) } else { 0 };
-        let hi = if self.w + self.pad > kx {
-            (self.w + self.pad - kx).div_ceil(self.stride).min(self.wo)
-        } else {
-            0
-        };
+        let hi = if self.w + self.pad > kx { (self.w + self.pad - kx).div_ceil(self.stride).min(self.wo) } else { 0 };
         (lo.min(hi), hi)
     }
 
@@ -286,11 +280,7 @@ impl Split {
     fn new(b: usize) -> Self {
         let threads = rayon::current_num_threads().max(1);
         let groups = threads.min(b).max(1);
-        let par = if groups == 1 && threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let par = if groups == 1 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         Self { per: b.div_ceil(groups).max(1), par }
     }
 }
@@ -450,16 +440,8 @@ impl CustomOp2 for Conv2d {
         let geom = Geom::new(x.dims(), w.dims(), self.stride, self.padding)?;
         let grad = grad.contiguous()?;
         // An input that does not track gradients (the image batch) needs no input gradient.
-        let dx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(w, &Conv2dInputGrad { geom })?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&grad, &Conv2dWeightGrad { geom })?)
-        } else {
-            None
-        };
+        let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(w, &Conv2dInputGrad { geom })?) } else { None };
+        let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&grad, &Conv2dWeightGrad { geom })?) } else { None };
         Ok((dx, dw))
     }
 }

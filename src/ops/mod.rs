@@ -35,15 +35,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
 /// `(y, mean, var)`: `y` is differentiable w.r.t. `x`, `gamma` and `beta`; `mean` and the biased
 /// variance `var` are detached (C) tensors of the batch statistics, for the caller to update its
 /// running statistics (PyTorch's rule uses the unbiased variance `var * N / (N - 1)`, N = B*H*W).
-pub fn batch_norm_train(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
     let c = batchnorm::check_shapes(x, gamma, beta, eps)?;
-    let on_fast_path = x.device().is_cpu()
-        && [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32);
+    let on_fast_path = x.device().is_cpu() && [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32);
     if on_fast_path {
         batchnorm::train_cpu(x, gamma, beta, eps)
     } else {
