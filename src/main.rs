@@ -64,6 +64,30 @@ enum Command {
         #[arg(long, default_value = "results")]
         results_dir: PathBuf,
     },
+    /// Models: `model info NAME [--classes N]` prints parameters per unit group and the total.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Measure one worker's peak resident memory: its training steps alone in this fresh process.
+    Memprobe {
+        /// Spec file (the first expanded run, or the one selected by --only); or use --resolved.
+        spec: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        only: Option<String>,
+        /// A run's manifest.json (or a resolved spec as JSON) instead of a spec file.
+        #[arg(long, conflicts_with = "spec")]
+        resolved: Option<PathBuf>,
+        /// Worker index (SDP), or `full` for the full model (what a DP worker holds).
+        #[arg(long, default_value = "full")]
+        worker: String,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
+    /// Benchmarks: `bench step` times a training step (see `sdp::bench`).
+    Bench(sdp::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -79,6 +103,16 @@ enum DataCommand {
         name: String,
         #[arg(long, default_value = "datasets")]
         data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Parameters per unit group and in total (resnet18 | wrn18 | swin_t).
+    Info {
+        name: String,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
     },
 }
 
@@ -133,7 +167,9 @@ fn run() -> Result<ExitCode> {
                 }
                 eprintln!("\ninterrupt: finishing the current step, then stopping (Ctrl-C again to abort)");
             })?;
-            let opts = RunOptions { results_dir, data_dir, device: dev, device_name: device, force, only, stop };
+            let memprobe = if dev.is_cpu() { std::env::current_exe().ok() } else { None };
+            let opts =
+                RunOptions { results_dir, data_dir, device: dev, device_name: device, force, only, stop, memprobe };
             let out = runner::run_all(&exps, &opts)?;
             eprintln!("{} done, {} skipped, {} failed", out.done, out.skipped, out.failed);
             Ok(if out.interrupted {
@@ -150,6 +186,49 @@ fn run() -> Result<ExitCode> {
         }
         Command::Data { command: DataCommand::Info { name, data_dir } } => {
             println!("{}", sdp::data::fetch::info(&name, &data_dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model { command: ModelCommand::Info { name, classes } } => {
+            let report = sdp::models::info::info_report(&name, classes).map_err(|e| SpecError(format!("{e:#}")))?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Memprobe { spec, set, only, resolved, worker, steps } => {
+            let run_spec = match (spec, resolved) {
+                (_, Some(path)) => sdp::results::read_resolved_spec(&path)?,
+                (Some(path), None) => {
+                    let exp = spec::load(&path, &set)?;
+                    let run = exp
+                        .runs
+                        .into_iter()
+                        .find(|r| {
+                            only.as_ref().is_none_or(|o| r.id.contains(o.as_str()) || r.label.contains(o.as_str()))
+                        })
+                        .ok_or_else(|| SpecError(format!("{}: no run matches --only", path.display())))?;
+                    run.spec
+                }
+                (None, None) => return Err(SpecError("memprobe needs a SPEC or --resolved FILE".into()).into()),
+            };
+            let worker = match worker.as_str() {
+                "full" => None,
+                k => Some(
+                    k.parse::<usize>()
+                        .map_err(|_| SpecError(format!("--worker `{k}`: expected an index or `full`")))?,
+                ),
+            };
+            let p = sdp::memprobe::probe(&run_spec, worker, steps)?;
+            println!(
+                "worker {}: {} parameters, peak {:.1} MiB above baseline over {steps} steps at batch {}",
+                worker.map_or("full".to_string(), |k| k.to_string()),
+                p.params,
+                p.peak_bytes as f64 / 1048576.0,
+                run_spec.workload.batch_size
+            );
+            println!("peak_bytes={} params={}", p.peak_bytes, p.params);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            sdp::bench::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::List { results_dir } => {

@@ -174,6 +174,29 @@ pub fn write_metrics(path: &Path, rows: &[MetricsRow]) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// One row of `workers.csv`: what one worker holds, measures and sends.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WorkerRow {
+    pub run_id: String,
+    pub worker: usize,
+    pub units_held: usize,
+    /// Achieved fraction of the full model's parameters this worker holds.
+    pub param_fraction: f64,
+    pub param_bytes: usize,
+    pub grad_bytes: usize,
+    /// Optimizer state actually held at the end of training.
+    pub optim_bytes: usize,
+    /// Estimated activation bytes at the per-worker batch (see `ResNet::activation_elems`).
+    pub activation_bytes_est: usize,
+    /// Peak resident bytes of the worker's steps alone in a fresh process (`sdp memprobe`); empty where
+    /// not measured (non-CPU device, or probing disabled).
+    pub peak_bytes_measured: Option<u64>,
+    /// Bytes sent per step with coordinates all-reduced per holder set (the scheme SDP needs).
+    pub comm_bytes_per_step: f64,
+    /// Bytes sent per step by a plain all-reduce of the whole masked model among all K workers.
+    pub comm_bytes_per_step_masked: f64,
+}
+
 /// One row of `summary.csv`: one finished run.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SummaryRow {
@@ -190,6 +213,21 @@ pub struct SummaryRow {
     pub final_train_loss: f64,
     pub img_per_s: f64,
     pub wall_s: f64,
+    /// Mean over workers of the achieved parameter fraction.
+    pub mean_param_fraction: Option<f64>,
+    /// Mean over workers of the measured peak resident bytes (`sdp memprobe`).
+    pub mean_peak_bytes: Option<f64>,
+    /// Mean over workers of the bytes sent per step (holder-set all-reduce).
+    pub comm_bytes_per_step: Option<f64>,
+    pub spectral_gap: Option<f64>,
+}
+
+/// The resolved spec in a run's `manifest.json`, or in a JSON file holding just a resolved spec.
+pub fn read_resolved_spec(path: &Path) -> Result<RunSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let spec = v.get("spec").cloned().unwrap_or(v);
+    serde_json::from_value(spec).with_context(|| format!("{}: not a resolved run spec", path.display()))
 }
 
 /// Paths of one run's results.
@@ -239,6 +277,10 @@ pub fn write_summary(results: &Path, experiment: &str, runs: &[Run]) -> Result<P
             final_train_loss: f.train_loss,
             img_per_s: f.img_per_s,
             wall_s: f.wall_s,
+            mean_param_fraction: m.extra.get("mean_param_fraction").and_then(|v| v.as_f64()),
+            mean_peak_bytes: m.extra.get("mean_peak_bytes_measured").and_then(|v| v.as_f64()),
+            comm_bytes_per_step: m.extra.get("mean_comm_bytes_per_step").and_then(|v| v.as_f64()),
+            spectral_gap: m.extra.get("spectral_gap").and_then(|v| v.as_f64()),
         });
     }
     let path = results.join(experiment).join("summary.csv");

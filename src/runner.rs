@@ -2,9 +2,11 @@
 //! the metrics after every evaluation, mark interrupted and failed runs, rewrite each summary at the end.
 
 use crate::data::{self, Dataset};
-use crate::results::{write_metrics, write_summary, Manifest, MetricsRow, RunDir, Status};
+use crate::memprobe::probe_subprocess;
+use crate::results::{write_csv, write_metrics, write_summary, Manifest, MetricsRow, RunDir, Status, WorkerRow};
+use crate::spec::MethodKind;
 use crate::spec::{Experiment, Run};
-use crate::trainer::{self, Interrupted, Observer};
+use crate::trainer::{self, Accounting, Interrupted, Observer};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,6 +26,8 @@ pub struct RunOptions {
     pub only: Option<String>,
     /// Set (by the Ctrl-C handler) to stop after the current step; checked at every step.
     pub stop: Arc<AtomicBool>,
+    /// The `sdp` binary to run `sdp memprobe` with after each run (CPU runs); `None` disables probing.
+    pub memprobe: Option<PathBuf>,
 }
 
 /// How a batch of runs ended.
@@ -143,6 +147,10 @@ fn run_one(
     let mut obs = Progress::new(title.clone(), rd.metrics(), opts.stop.clone());
     let result = trainer::train(&run.spec, &run.id, data, &opts.device, &mut obs);
     obs.finish();
+    let result = match (result, obs.accounting.take()) {
+        (Ok(f), Some(acc)) => record_accounting(run, rd, &mut manifest, acc, opts).map(|_| f),
+        (r, _) => r,
+    };
     manifest.ended = Some(crate::results::now());
     let status = match result {
         Ok(f) => {
@@ -167,6 +175,46 @@ fn run_one(
     Ok(status)
 }
 
+/// Measures each worker's memory in a fresh process (where enabled), writes `workers.csv`, and records
+/// the method-level facts in the manifest.
+fn record_accounting(
+    run: &Run,
+    rd: &RunDir,
+    manifest: &mut Manifest,
+    mut acc: Accounting,
+    opts: &RunOptions,
+) -> Result<()> {
+    if let Some(exe) = &opts.memprobe {
+        let steps = 3;
+        match run.spec.method.kind {
+            MethodKind::Dp => {
+                let peak = probe_subprocess(exe, &rd.manifest(), None, steps)?;
+                acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
+            }
+            MethodKind::Sdp => {
+                for w in acc.workers.iter_mut() {
+                    w.peak_bytes_measured = Some(probe_subprocess(exe, &rd.manifest(), Some(w.worker), steps)?);
+                }
+            }
+        }
+    }
+    write_csv(&rd.file("workers.csv"), &acc.workers)?;
+    let n = acc.workers.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&WorkerRow) -> f64| acc.workers.iter().map(f).sum::<f64>() / n;
+    let e = &mut manifest.extra;
+    e.insert("holders_m".into(), acc.holders.into());
+    e.insert("mean_param_fraction".into(), mean(&|w| w.param_fraction).into());
+    e.insert("mean_comm_bytes_per_step".into(), mean(&|w| w.comm_bytes_per_step).into());
+    if acc.workers.iter().all(|w| w.peak_bytes_measured.is_some()) {
+        e.insert("mean_peak_bytes_measured".into(), mean(&|w| w.peak_bytes_measured.unwrap_or(0) as f64).into());
+    }
+    if let Some(g) = acc.spectral_gap {
+        eprintln!("spectral gap of the averaging graph: {g:.4}");
+        e.insert("spectral_gap".into(), g.into());
+    }
+    Ok(())
+}
+
 /// Reports progress: an indicatif bar on a terminal, a plain line per evaluation otherwise; writes
 /// `metrics.csv` (atomically, whole) after every evaluation.
 struct Progress {
@@ -177,11 +225,21 @@ struct Progress {
     last_acc: Option<f64>,
     started: Instant,
     stop: Arc<AtomicBool>,
+    accounting: Option<Accounting>,
 }
 
 impl Progress {
     fn new(title: String, metrics_path: PathBuf, stop: Arc<AtomicBool>) -> Self {
-        Self { title, bar: None, rows: Vec::new(), metrics_path, last_acc: None, started: Instant::now(), stop }
+        Self {
+            title,
+            bar: None,
+            rows: Vec::new(),
+            metrics_path,
+            last_acc: None,
+            started: Instant::now(),
+            stop,
+            accounting: None,
+        }
     }
 
     fn finish(&mut self) {
@@ -223,6 +281,11 @@ impl Observer for Progress {
             Some(b) => b.println(line),
             None => eprintln!("{line}"),
         }
+        Ok(())
+    }
+
+    fn accounting(&mut self, acc: &Accounting) -> Result<()> {
+        self.accounting = Some(acc.clone());
         Ok(())
     }
 

@@ -20,12 +20,13 @@ use crate::data::augment::AugmentCfg;
 use crate::data::loader::{eval_batches, steps_per_epoch, Batch, TrainLoader};
 use crate::data::Dataset;
 use crate::masking::{self, Selection};
+use crate::metrics;
 use crate::models::layers::Builder;
 use crate::models::resnet::{BlockPlan, ResNet, ResNetConfig};
 use crate::models::Unit;
 use crate::models::{self, Net};
 use crate::optim::{lr_at, Optimizer};
-use crate::results::{Final, MetricsRow};
+use crate::results::{Final, MetricsRow, WorkerRow};
 use crate::seed::{rng, Stream};
 use crate::spec::{BnStats, EvalMode, MethodKind, RunSpec, SyncMode};
 use crate::subnet::{self, IndexMap};
@@ -55,12 +56,8 @@ pub trait Observer {
     fn eval(&mut self, row: &MetricsRow) -> Result<()>;
     /// Whether the user asked to stop.
     fn interrupted(&self) -> bool;
-    /// An SDP run drew its subnetworks (before training).
-    fn selection(&mut self, _st: &SdpState) -> Result<()> {
-        Ok(())
-    }
-    /// An SDP run finished training (per-worker accounting).
-    fn finished_sdp(&mut self, _st: &SdpState) -> Result<()> {
+    /// Training finished: what each worker held and sent (before the final figures are returned).
+    fn accounting(&mut self, _acc: &Accounting) -> Result<()> {
         Ok(())
     }
 }
@@ -131,7 +128,40 @@ fn train_dp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: 
                 Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
         }
     }
+    obs.accounting(&dp_accounting(net.as_ref(), spec, run_id, &opt, (data.train.h, data.train.w)))?;
     Ok(last)
+}
+
+/// Per-worker memory and communication accounting of a finished run, and method-level facts.
+#[derive(Clone, Debug)]
+pub struct Accounting {
+    pub workers: Vec<WorkerRow>,
+    /// Spectral gap of the worker–unit averaging graph (SDP; see `metrics::spectral_gap`).
+    pub spectral_gap: Option<f64>,
+    /// Workers holding each unit (m).
+    pub holders: usize,
+}
+
+fn dp_accounting(net: &dyn Net, spec: &RunSpec, run_id: &str, opt: &Optimizer, hw: (usize, usize)) -> Accounting {
+    let k = spec.method.workers;
+    let params = net.store().num_params();
+    let comm = metrics::ring_allreduce_bytes(params * 4, k);
+    let workers = (0..k)
+        .map(|worker| WorkerRow {
+            run_id: run_id.to_string(),
+            worker,
+            units_held: 0,
+            param_fraction: 1.0,
+            param_bytes: params * 4,
+            grad_bytes: params * 4,
+            optim_bytes: opt.state_bytes(),
+            activation_bytes_est: net.activation_elems(hw.0, hw.1) * spec.workload.batch_size * 4,
+            peak_bytes_measured: None,
+            comm_bytes_per_step: comm,
+            comm_bytes_per_step_masked: comm,
+        })
+        .collect();
+    Accounting { workers, spectral_gap: None, holders: k }
 }
 
 /// One data-parallel step: per-worker gradients, averaged; BN running statistics averaged; one update.
@@ -238,8 +268,22 @@ pub struct SdpState {
 }
 
 impl SdpState {
-    /// Builds the global model from the run seed and every worker's subnetwork from selection `draw`.
+    /// Builds the global model from the run seed and every worker's subnetwork from the first selection.
     pub fn new(spec: &RunSpec, num_classes: usize, device: &Device) -> Result<Self> {
+        Self::build(spec, num_classes, device, None)
+    }
+
+    /// Builds worker `k`'s physical subnetwork alone, as a process hosting only that worker would (used by
+    /// the memory probe): the global model is built to gather from, then dropped.
+    pub fn single_worker(spec: &RunSpec, num_classes: usize, k: usize, device: &Device) -> Result<Worker> {
+        if k >= spec.method.workers {
+            anyhow::bail!("worker {k} does not exist: the spec has {} workers", spec.method.workers);
+        }
+        let mut st = Self::build(spec, num_classes, device, Some(k))?;
+        st.workers.pop().ok_or_else(|| anyhow::anyhow!("worker {k} was not built"))
+    }
+
+    fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>) -> Result<Self> {
         let cfg = models::resnet_config(&spec.workload, num_classes)?;
         let global = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, device))?;
         let strategy = masking::strategy(&spec.method.masking)?;
@@ -254,13 +298,17 @@ impl SdpState {
             shapes,
             averager: LocalAverager::new(),
         };
-        st.redraw(spec, 0, device)?;
+        st.draw(spec, 0, device, only)?;
         Ok(st)
     }
 
     /// Draws selection number `draw` and rebuilds the workers from the global model's current values.
     /// Optimizer state starts afresh for the new subnetworks.
     pub fn redraw(&mut self, spec: &RunSpec, draw: u64, device: &Device) -> Result<()> {
+        self.draw(spec, draw, device, None)
+    }
+
+    fn draw(&mut self, spec: &RunSpec, draw: u64, device: &Device, only: Option<usize>) -> Result<()> {
         let m = &spec.method;
         let strategy = masking::strategy(&m.masking)?;
         let mut r = rng(spec.seed, Stream::Mask, draw, 0);
@@ -271,7 +319,7 @@ impl SdpState {
             s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
         };
         self.workers.clear();
-        for (k, keep) in keeps.iter().enumerate() {
+        for (k, keep) in keeps.iter().enumerate().filter(|(k, _)| only.is_none_or(|o| o == *k)) {
             let (plan, maps) = subnet::resnet_subnet(&self.cfg, &self.shapes, keep, 1.0);
             let local: BTreeMap<String, Tensor> =
                 maps.iter().map(|(n, map)| Ok((n.clone(), map.gather(&values[n])?))).collect::<Result<_>>()?;
@@ -341,7 +389,6 @@ fn train_sdp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs:
     let m = &spec.method;
     let k = m.workers;
     let mut st = SdpState::new(spec, data.num_classes(), device)?;
-    obs.selection(&st)?;
     let aug = augment_cfg(spec, data);
     let train_set = Arc::new(data.train.clone());
     let epochs = spec.train_epochs();
@@ -393,7 +440,7 @@ fn train_sdp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs:
                 Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
         }
     }
-    obs.finished_sdp(&st)?;
+    obs.accounting(&st.accounting(spec, run_id, (data.train.h, data.train.w)))?;
     Ok(last)
 }
 
@@ -464,6 +511,47 @@ impl SdpState {
     fn global_values(&self) -> BTreeMap<String, Tensor> {
         let s = self.global.store();
         s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+
+    /// Memory and communication of every worker, and the spectral gap of the averaging graph.
+    pub fn accounting(&self, spec: &RunSpec, run_id: &str, hw: (usize, usize)) -> Accounting {
+        let k = self.workers.len();
+        let total = self.global.store().num_params();
+        let unit_bytes: Vec<usize> = self.units.iter().map(|u| u.params * 4).collect();
+        let shared_bytes = (total * 4).saturating_sub(unit_bytes.iter().sum());
+        let comm = metrics::comm_bytes_per_worker(&self.selection, &unit_bytes, shared_bytes, k);
+        // sync = params communicates every sync_every steps; sync = grads every step.
+        let per_step = match spec.method.sync {
+            SyncMode::Params => 1.0 / spec.method.sync_every as f64,
+            SyncMode::Grads => 1.0,
+        };
+        let workers = self
+            .workers
+            .iter()
+            .zip(&comm)
+            .enumerate()
+            .map(|(worker, (w, c))| {
+                let params = w.net.store().num_params();
+                WorkerRow {
+                    run_id: run_id.to_string(),
+                    worker,
+                    units_held: w.units_held,
+                    param_fraction: params as f64 / total.max(1) as f64,
+                    param_bytes: params * 4,
+                    grad_bytes: params * 4,
+                    optim_bytes: w.opt.state_bytes(),
+                    activation_bytes_est: w.net.activation_elems(hw.0, hw.1) * spec.workload.batch_size * 4,
+                    peak_bytes_measured: None,
+                    comm_bytes_per_step: c.grouped * per_step,
+                    comm_bytes_per_step_masked: c.masked_allreduce * per_step,
+                }
+            })
+            .collect();
+        Accounting {
+            workers,
+            spectral_gap: Some(metrics::spectral_gap(&self.selection, &unit_bytes)),
+            holders: self.selection.m,
+        }
     }
 
     /// Fraction of the workers holding each unit (m/K for uniform-representation strategies).

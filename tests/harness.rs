@@ -157,6 +157,7 @@ fn opts(results: &Path) -> RunOptions {
         force: false,
         only: None,
         stop: Arc::new(AtomicBool::new(false)),
+        memprobe: None,
     }
 }
 

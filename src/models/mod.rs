@@ -18,6 +18,10 @@ use swin::{Swin, SwinConfig};
 pub trait Net: Send {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor>;
     fn store(&self) -> &ParamStore;
+    /// Estimated activation elements per image kept for the backward pass at input size h×w (0: unknown).
+    fn activation_elems(&self, _h: usize, _w: usize) -> usize {
+        0
+    }
 }
 
 /// The ResNet-family configuration a workload names (with its width/depth overrides applied).

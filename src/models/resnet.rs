@@ -198,4 +198,26 @@ impl Net for ResNet {
     fn store(&self) -> &ParamStore {
         &self.store
     }
+
+    /// Estimated activation elements per image kept for the backward pass at input size h×w: the outputs
+    /// of every conv, BatchNorm, ReLU and residual add (an upper-bound style estimate; the measured peak
+    /// memory is the real figure).
+    fn activation_elems(&self, h: usize, w: usize) -> usize {
+        let c0 = self.cfg.widths[0];
+        let mut n = 3 * c0 * h * w; // stem conv, bn, relu
+        let (mut h, mut w) = (h, w);
+        for (shape, plan) in self.cfg.blocks().iter().zip(&self.plan) {
+            let (ho, wo) = ((h - 1) / shape.stride + 1, (w - 1) / shape.stride + 1);
+            let hw = ho * wo;
+            if shape.has_projection() {
+                n += 2 * shape.c_out * hw;
+            }
+            if plan.residual {
+                n += 3 * plan.mid * hw + 2 * shape.c_out * hw;
+            }
+            n += 2 * shape.c_out * hw; // add, relu
+            (h, w) = (ho, wo);
+        }
+        n + self.cfg.widths.last().copied().unwrap_or(c0) + self.cfg.num_classes
+    }
 }

@@ -1,0 +1,113 @@
+//! Measured per-worker memory (issue: the paper only estimated it).
+//!
+//! `sdp memprobe` runs one worker's training steps alone in a fresh process — its physical subnetwork for
+//! SDP, the full model for DP — and reports the peak resident memory above the process's baseline. The
+//! baseline is the resident set before any model exists; the global model that the worker's values are
+//! gathered from is dropped and the kernel's high-water mark reset (`/proc/self/clear_refs` = 5) before
+//! the steps, so the figure is what a process hosting only that worker holds: parameters, gradients,
+//! optimizer state, activations and the input batch. CPU only: on CUDA, device bytes are another figure.
+
+use crate::models;
+use crate::optim::{lr_at, Optimizer};
+use crate::spec::{DatasetName, MethodKind, RunSpec};
+use crate::trainer::{loss_and_grads, SdpState};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+
+/// (VmRSS, VmHWM) of this process in bytes, from /proc/self/status.
+pub fn rss() -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("/proc/self/status has no {name} line"))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {line:?}"))?;
+        Ok(kb * 1024)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Resets the resident-set high-water mark to the current resident set (Linux ≥ 4.0).
+fn reset_peak() -> Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5").context("resetting the RSS high-water mark (/proc/self/clear_refs)")
+}
+
+/// Number of classes of a run's dataset, without loading the images.
+pub fn num_classes(spec: &RunSpec) -> Result<usize> {
+    Ok(match spec.dataset() {
+        DatasetName::Shapes | DatasetName::Cifar10 | DatasetName::Svhn => 10,
+        DatasetName::Cifar100 => 100,
+        DatasetName::Folder(p) => {
+            let train = p.join("train");
+            std::fs::read_dir(&train)
+                .with_context(|| format!("reading {}", train.display()))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .count()
+        }
+    })
+}
+
+/// What one probe measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Probe {
+    /// Peak resident bytes above the baseline.
+    pub peak_bytes: u64,
+    /// Scalar parameters the probed worker holds.
+    pub params: usize,
+}
+
+/// Runs `steps` training steps of worker `worker` (SDP) or of the full model (DP, or `worker = None`) of
+/// `spec` on seeded random data at the per-worker batch size, in this process, and measures its memory.
+/// Meant to run in a fresh process (`sdp memprobe`): earlier allocations of the process would blur it.
+pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize) -> Result<Probe> {
+    let device = Device::Cpu;
+    let classes = num_classes(spec)?;
+    let b = spec.workload.batch_size;
+    let (baseline, _) = rss()?;
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
+    let x: Vec<f32> = (0..b * 3 * 32 * 32).map(|_| r.random_range(-1.0..1.0)).collect();
+    let y: Vec<u32> = (0..b).map(|_| r.random_range(0..classes as u32)).collect();
+    let x = Tensor::from_vec(x, (b, 3, 32, 32), &device)?;
+    let y = Tensor::from_vec(y, b, &device)?;
+    let net: Box<dyn models::Net> = match (spec.method.kind, worker) {
+        (MethodKind::Sdp, Some(k)) => Box::new(SdpState::single_worker(spec, classes, k, &device)?.net),
+        _ => models::build(&spec.workload, classes, spec.seed, &device)?,
+    };
+    let params = net.store().num_params();
+    reset_peak()?;
+    let mut opt = Optimizer::new(&spec.optim);
+    for step in 0..steps.max(1) {
+        let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
+        opt.step(&net.store().params, &grads, lr_at(&spec.optim, step, steps, steps))?;
+    }
+    let (_, peak) = rss()?;
+    Ok(Probe { peak_bytes: peak.saturating_sub(baseline), params })
+}
+
+/// Runs `sdp memprobe` in a fresh process for `spec` (written to `spec_json`) and worker `worker`
+/// (`None`: the full model), and parses its `peak_bytes=` line.
+pub fn probe_subprocess(sdp_exe: &Path, spec_json: &Path, worker: Option<usize>, steps: usize) -> Result<u64> {
+    let mut cmd = std::process::Command::new(sdp_exe);
+    cmd.arg("memprobe").arg("--resolved").arg(spec_json).arg("--steps").arg(steps.to_string());
+    match worker {
+        Some(k) => cmd.arg("--worker").arg(k.to_string()),
+        None => cmd.arg("--worker").arg("full"),
+    };
+    let out = cmd.output().with_context(|| format!("running {}", sdp_exe.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("memprobe failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let line = stdout.lines().rev().find(|l| l.starts_with("peak_bytes=")).context("memprobe printed no peak_bytes")?;
+    let v = line["peak_bytes=".len()..].split_whitespace().next().unwrap_or_default();
+    v.parse().with_context(|| format!("parsing memprobe output {line:?}"))
+}
