@@ -188,7 +188,9 @@ fn same_spec_and_seed_give_identical_metrics() -> Result<()> {
     assert_eq!(ma.len(), 3, "header + one row per epoch: {ma:?}");
     assert_eq!(
         ma[0],
-        ["run_id", "epoch", "step", "train_loss", "test_loss", "test_acc", "lr"].map(String::from).to_vec()
+        ["run_id", "epoch", "step", "train_loss", "test_loss", "test_acc", "lr", "test_acc_full"]
+            .map(String::from)
+            .to_vec()
     );
     assert_eq!(ma, mb);
     // A different seed trains differently.

@@ -280,3 +280,67 @@ fn resnet_units_account_for_branch_parameters() -> Result<()> {
     assert_eq!(neurons, branch - bn2);
     Ok(())
 }
+
+/// A CPU run records workers.csv with every worker's measured peak memory (from `sdp memprobe` in a fresh
+/// process), its achieved parameter fraction and its communication, and the spectral gap in the manifest.
+#[test]
+fn sdp_run_records_measured_memory_and_communication() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sets: Vec<String> = ["method.coverage=0.5", "method.masking=neuron", "workload.train_samples=48"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let exp = spec::parse(TINY, Path::new("tiny.toml"), &sets)?;
+    let opts = sdp::runner::RunOptions {
+        results_dir: dir.path().to_path_buf(),
+        data_dir: "datasets".into(),
+        device: Device::Cpu,
+        device_name: "cpu".into(),
+        force: false,
+        only: None,
+        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        memprobe: Some(env!("CARGO_BIN_EXE_sdp").into()),
+    };
+    assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1);
+    let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
+    let mut r = csv::Reader::from_path(run_dir.join("workers.csv"))?;
+    let rows: Vec<BTreeMap<String, String>> = r.deserialize().collect::<std::result::Result<_, _>>()?;
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        let frac: f64 = row["param_fraction"].parse()?;
+        assert!(frac > 0.3 && frac < 0.9, "{frac}");
+        let peak: u64 = row["peak_bytes_measured"].parse()?;
+        assert!(peak > 100_000, "peak {peak}");
+        let grouped: f64 = row["comm_bytes_per_step"].parse()?;
+        let masked: f64 = row["comm_bytes_per_step_masked"].parse()?;
+        assert!(grouped > 0.0 && grouped < masked, "{grouped} vs {masked}");
+    }
+    let m = sdp::results::Manifest::read(&run_dir.join("manifest.json"))?;
+    assert!(m.extra.contains_key("spectral_gap"));
+    assert_eq!(m.extra["holders_m"], 2);
+    Ok(())
+}
+
+#[test]
+fn memprobe_rejects_a_bad_worker() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("s.toml");
+    std::fs::write(&path, TINY.replace("coverage = 1.0", "coverage = 0.5"))?;
+    let run = |w: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdp"))
+            .args(["memprobe"])
+            .arg(&path)
+            .args(["--worker", w])
+            .output()
+    };
+    let out = run("x")?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--worker `x`: expected an index or `full`"));
+    let out = run("7")?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("worker 7 does not exist: the spec has 3 workers"));
+    let out = run("1")?;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("peak_bytes="));
+    Ok(())
+}
