@@ -1,0 +1,448 @@
+//! `sdp bench step`: the time and memory of one training step (forward, backward, SGD-momentum update)
+//! of a model, or of one SDP worker's physical subnetwork, on random seeded input. Issue 6 compares it
+//! with `scripts/pytorch_step.py`, which prints the same machine-readable last line:
+//! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`.
+//!
+//! Peak memory on the CPU is the resident-set high-water mark (`VmHWM`) minus the resident set before
+//! the model is built, so it counts parameters, optimizer state, activations and kernel buffers, but
+//! not the binary and the allocator's start-up state. On CUDA it is the device memory in use (sampled
+//! after every step's backward pass, while the gradients are alive) minus that before the model.
+
+use crate::masking;
+use crate::models::{self, Net};
+use crate::optim::Optimizer;
+use crate::runner;
+use crate::seed::{rng, Stream};
+use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, RunSpec, SpecError, Workload};
+use crate::trainer::{loss_and_grads, SdpState};
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use rand::Rng;
+use std::time::Instant;
+
+/// `sdp bench …`
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Median time, img/s and peak memory of a training step (forward, backward, SGD momentum update).
+    Step(StepArgs),
+}
+
+/// Arguments of `sdp bench step`, as typed on the command line; [`StepArgs::validate`] turns them into
+/// a [`StepBench`].
+#[derive(clap::Args, Debug, Clone)]
+pub struct StepArgs {
+    /// resnet18 | wrn18 | resnet (with --widths/--depths) | swin_t.
+    #[arg(long)]
+    pub model: String,
+    /// Per-stage widths, comma-separated (ResNet family: channels; swin_t: dims).
+    #[arg(long, value_delimiter = ',')]
+    pub widths: Option<Vec<usize>>,
+    /// Per-stage block counts, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub depths: Option<Vec<usize>>,
+    /// Images per step.
+    #[arg(long)]
+    pub batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    pub steps: usize,
+    /// Untimed steps first (allocator and kernel warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Classes of the linear head.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Input height and width (CIFAR: 32; swin_t needs a multiple of its patch and window sizes).
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
+    /// Benchmark one SDP worker's physical subnetwork instead of the full model: a masking strategy
+    /// (block, neuron, random_block). ResNet family only.
+    #[arg(long)]
+    pub masking: Option<String>,
+    /// SDP coverage C in (0, 1] (with --masking).
+    #[arg(long, default_value_t = 0.5)]
+    pub coverage: f64,
+    /// SDP workers K (with --masking); worker 0's subnetwork is benchmarked.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Seed of the weights, the masks and the random input.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// A validated step benchmark.
+#[derive(Debug, Clone)]
+pub struct StepBench {
+    pub spec: RunSpec,
+    pub device: Device,
+    pub steps: usize,
+    pub warmup: usize,
+    pub classes: usize,
+    pub image_size: usize,
+}
+
+/// The figures of one step benchmark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Median seconds per step.
+    pub step_s: f64,
+    pub img_s: f64,
+    /// Peak memory in MiB (None where it cannot be measured).
+    pub peak_mb: Option<f64>,
+    /// Every timed step, in seconds.
+    pub times: Vec<f64>,
+    pub params: usize,
+}
+
+impl StepReport {
+    /// The machine-readable line: `step_s=… img_s=… peak_mb=…`.
+    pub fn line(&self) -> String {
+        let peak = self.peak_mb.map_or_else(|| "n/a".to_string(), |m| format!("{m:.1}"));
+        format!("step_s={:.4} img_s={:.1} peak_mb={peak}", self.step_s, self.img_s)
+    }
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    SpecError(msg).into()
+}
+
+impl StepArgs {
+    /// Checks every flag once; errors are usage errors (exit code 2) naming the flag.
+    pub fn validate(&self) -> Result<StepBench> {
+        let model = match self.model.as_str() {
+            "resnet18" => ModelName::Resnet18,
+            "wrn18" => ModelName::Wrn18,
+            "resnet" => ModelName::Resnet,
+            "swin_t" => ModelName::SwinT,
+            m => {
+                return Err(usage(format!("--model: unknown model `{m}`, expected resnet18, wrn18, resnet or swin_t")))
+            }
+        };
+        if model == ModelName::Resnet && (self.widths.is_none() || self.depths.is_none()) {
+            return Err(usage("--model resnet needs --widths and --depths (e.g. --widths 16,32 --depths 1,1)".into()));
+        }
+        for (flag, v) in [("--widths", &self.widths), ("--depths", &self.depths)] {
+            if v.as_ref().is_some_and(|v| v.is_empty() || v.contains(&0)) {
+                return Err(usage(format!("{flag}: expected positive comma-separated integers, got {v:?}")));
+            }
+        }
+        for (flag, v) in [("--batch", self.batch), ("--steps", self.steps), ("--classes", self.classes)] {
+            if v == 0 {
+                return Err(usage(format!("{flag} must be at least 1")));
+            }
+        }
+        if self.image_size == 0 {
+            return Err(usage("--image-size must be at least 1".into()));
+        }
+        let device = runner::parse_device(&self.device).map_err(|e| usage(format!("{e:#}")))?;
+        let workload = Workload {
+            dataset: "shapes".into(),
+            data_seed: 0,
+            train_samples: None,
+            test_samples: None,
+            model,
+            widths: self.widths.clone(),
+            depths: self.depths.clone(),
+            norm: Norm::Batch,
+            epochs: 1,
+            batch_size: self.batch,
+            augment: Augment::default(),
+            eval_every: 1,
+            eval_batch_size: self.batch,
+        };
+        let mut spec = RunSpec {
+            name: "bench".into(),
+            seed: self.seed,
+            workload,
+            optim: Optim::default(),
+            method: Default::default(),
+        };
+        // Resolve the configuration now, so that bad widths/depths are usage errors.
+        match model {
+            ModelName::SwinT => models::swin_config(&spec.workload, self.classes).map(|_| ()),
+            _ => models::resnet_config(&spec.workload, self.classes).map(|_| ()),
+        }
+        .map_err(|e| usage(format!("{e:#}")))?;
+        if let Some(name) = &self.masking {
+            if model == ModelName::SwinT {
+                return Err(usage("--masking: SDP subnetworks are implemented for the ResNet family only".into()));
+            }
+            masking::strategy(name).map_err(|e| usage(format!("--masking: {e:#}")))?;
+            if self.workers == 0 {
+                return Err(usage("--workers must be at least 1".into()));
+            }
+            if !(self.coverage > 0.0 && self.coverage <= 1.0) {
+                return Err(usage(format!("--coverage must be in (0, 1], got {}", self.coverage)));
+            }
+            spec.method.kind = MethodKind::Sdp;
+            spec.method.masking = name.clone();
+            spec.method.coverage = self.coverage;
+            spec.method.workers = self.workers;
+        }
+        Ok(StepBench {
+            spec,
+            device,
+            steps: self.steps,
+            warmup: self.warmup,
+            classes: self.classes,
+            image_size: self.image_size,
+        })
+    }
+}
+
+/// Runs `sdp bench …` and prints its report; the last line is machine-readable.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    match &args.command {
+        BenchCommand::Step(a) => {
+            let b = a.validate()?;
+            let what = match &a.masking {
+                Some(m) => {
+                    format!("{} (SDP worker 0 of K={}, masking {m}, coverage {})", a.model, a.workers, a.coverage)
+                }
+                None => a.model.clone(),
+            };
+            eprintln!(
+                "bench step: {what}, batch {}, {}x{} input, device {}, {} warm-up + {} timed steps, {} threads",
+                a.batch,
+                a.image_size,
+                a.image_size,
+                a.device,
+                b.warmup,
+                b.steps,
+                rayon::current_num_threads()
+            );
+            let r = step(&b)?;
+            let ms: Vec<String> = r.times.iter().map(|t| format!("{:.1}", t * 1e3)).collect();
+            println!("params: {}", r.params);
+            println!("step times (ms): {}", ms.join(" "));
+            println!("{}", r.line());
+            Ok(())
+        }
+    }
+}
+
+/// Builds the model (or worker 0's subnetwork), runs the warm-up and timed steps, and measures them.
+pub fn step(b: &StepBench) -> Result<StepReport> {
+    let dev = &b.device;
+    let mem0 = MemProbe::new(dev)?;
+    // One SDP worker's physical subnetwork, or the full model.
+    let (net, mut opt): (Box<dyn Net>, Optimizer) = if b.spec.method.kind == MethodKind::Sdp {
+        let st = SdpState::new(&b.spec, b.classes, dev).context("building the SDP subnetworks")?;
+        // Only worker 0 is benchmarked: the global model and the other workers are dropped here.
+        let w0 = st.workers.into_iter().next().context("SDP state without workers")?;
+        (Box::new(w0.net), w0.opt)
+    } else {
+        (models::build(&b.spec.workload, b.classes, b.spec.seed, dev)?, Optimizer::new(&b.spec.optim))
+    };
+    // Building the SDP state held the global model and every worker at once: restart the high-water
+    // mark so that the peak is the benchmarked worker's.
+    mem0.reset_cpu_peak();
+    let params = net.store().num_params();
+    let (x, y) = random_batch(b, dev)?;
+    let lr = b.spec.optim.lr;
+    let mut peak = mem0.current()?;
+    let mut times = Vec::with_capacity(b.steps);
+    for i in 0..b.warmup + b.steps {
+        let t = Instant::now();
+        let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
+        if dev.is_cuda() {
+            peak = match (peak, mem0.current()?) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        opt.step(&net.store().params, &grads, lr)?;
+        drop(grads);
+        dev.synchronize()?;
+        if i >= b.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let peak_mb = match dev {
+        Device::Cpu => mem0.cpu_peak()?,
+        _ => peak,
+    };
+    let step_s = median(&times);
+    Ok(StepReport { step_s, img_s: b.spec.workload.batch_size as f64 / step_s, peak_mb, times, params })
+}
+
+/// Random N(0,1)-ish input and uniform labels from the run seed's data stream.
+fn random_batch(b: &StepBench, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let n = b.spec.workload.batch_size;
+    let s = b.image_size;
+    let mut r = rng(b.spec.seed, Stream::Data, u64::MAX, 0);
+    let xs: Vec<f32> = (0..n * 3 * s * s).map(|_| r.random_range(-2.0f32..2.0)).collect();
+    let ys: Vec<u32> = (0..n).map(|_| r.random_range(0..b.classes as u32)).collect();
+    Ok((Tensor::from_vec(xs, (n, 3, s, s), dev)?, Tensor::from_vec(ys, n, dev)?))
+}
+
+/// The median of `v` (the mean of the two middle values for an even count); 0 for an empty slice.
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        0.5 * (s[m - 1] + s[m])
+    }
+}
+
+/// Memory in use before the model was built, to subtract from the peak.
+struct MemProbe {
+    device: Device,
+    /// CPU: VmRSS in KiB. CUDA: device bytes in use (None: not measurable).
+    base: Option<u64>,
+}
+
+impl MemProbe {
+    fn new(device: &Device) -> Result<Self> {
+        let base = match device {
+            Device::Cpu => Some(proc_status_kib("VmRSS")?),
+            _ => device_used_bytes(device),
+        };
+        Ok(Self { device: device.clone(), base })
+    }
+
+    /// CUDA: device MiB in use above the baseline now. CPU: `Some(0.0)` (the CPU peak is read once,
+    /// from the kernel's high-water mark).
+    fn current(&self) -> Result<Option<f64>> {
+        match (&self.device, self.base) {
+            (Device::Cpu, _) => Ok(Some(0.0)),
+            (d, Some(base)) => Ok(device_used_bytes(d).map(|now| now.saturating_sub(base) as f64 / (1024.0 * 1024.0))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Restarts the kernel's RSS high-water mark at the current RSS (Linux: `5` to
+    /// /proc/self/clear_refs). Where that is refused the peak includes the model construction.
+    fn reset_cpu_peak(&self) {
+        if self.device.is_cpu() {
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+    }
+
+    /// CPU: VmHWM minus the baseline VmRSS, in MiB.
+    fn cpu_peak(&self) -> Result<Option<f64>> {
+        let hwm = proc_status_kib("VmHWM")?;
+        Ok(self.base.map(|base| hwm.saturating_sub(base) as f64 / 1024.0))
+    }
+}
+
+/// A `kB` field of /proc/self/status.
+fn proc_status_kib(field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    parse_status_kib(&text, field).with_context(|| format!("no {field} line in /proc/self/status"))
+}
+
+fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// Device memory in use (total - free) on a CUDA device, where the build can ask the driver.
+#[cfg(feature = "cuda")]
+fn device_used_bytes(device: &Device) -> Option<u64> {
+    let Device::Cuda(d) = device else { return None };
+    let _ = d;
+    let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+    Some((total - free) as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_used_bytes(_device: &Device) -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    }
+
+    fn args(line: &str) -> StepArgs {
+        let argv = std::iter::once("bench").chain(line.split_whitespace());
+        match Cli::parse_from(argv).bench {
+            BenchCommand::Step(a) => a,
+        }
+    }
+
+    fn err(line: &str) -> String {
+        let e = args(line).validate().expect_err("should be rejected");
+        assert!(e.is::<SpecError>(), "not a usage error: {e:#}");
+        format!("{e:#}")
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors_naming_the_flag() {
+        assert!(err("step --model vgg --batch 2").contains("unknown model `vgg`"));
+        assert!(err("step --model resnet --batch 2").contains("--widths and --depths"));
+        assert!(err("step --model resnet18 --batch 0").contains("--batch must be at least 1"));
+        assert!(err("step --model resnet18 --batch 2 --device tpu").contains("invalid --device `tpu`"));
+        assert!(err("step --model resnet18 --batch 2 --masking stripes").contains("unknown masking strategy"));
+        assert!(err("step --model resnet18 --batch 2 --masking block --coverage 1.5").contains("(0, 1]"));
+        assert!(err("step --model swin_t --batch 2 --masking block").contains("ResNet family only"));
+        assert!(err("step --model resnet --widths 8,16 --depths 1 --batch 2").contains("widths has 2 stages"));
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn status_fields_parse_in_kib() {
+        let text = "Name:\tsdp\nVmHWM:\t  123456 kB\nVmRSS:\t   1000 kB\n";
+        assert_eq!(parse_status_kib(text, "VmHWM"), Some(123456));
+        assert_eq!(parse_status_kib(text, "VmRSS"), Some(1000));
+        assert_eq!(parse_status_kib(text, "VmPeak"), None);
+    }
+
+    #[test]
+    fn tiny_step_reports_a_parseable_last_line() -> Result<()> {
+        let b = args("step --model resnet --widths 4,8 --depths 1,1 --batch 2 --steps 3 --warmup 1 --image-size 8")
+            .validate()?;
+        let r = step(&b)?;
+        assert_eq!(r.times.len(), 3);
+        assert!(r.step_s > 0.0 && r.img_s > 0.0);
+        assert!(r.peak_mb.is_some_and(|m| m >= 0.0));
+        let line = r.line();
+        let keys: Vec<&str> = line.split(' ').map(|kv| kv.split('=').next().unwrap_or("")).collect();
+        assert_eq!(keys, ["step_s", "img_s", "peak_mb"]);
+        Ok(())
+    }
+
+    #[test]
+    fn sdp_worker_subnetwork_is_smaller_than_the_full_model() -> Result<()> {
+        let full = args("step --model resnet --widths 4,8 --depths 2,2 --batch 2 --steps 1 --warmup 0 --image-size 8")
+            .validate()?;
+        let sub = args(
+            "step --model resnet --widths 4,8 --depths 2,2 --batch 2 --steps 1 --warmup 0 --image-size 8 \
+             --masking block --coverage 0.5 --workers 2",
+        )
+        .validate()?;
+        let (f, s) = (step(&full)?, step(&sub)?);
+        assert!(s.params < f.params, "subnetwork {} params, full {}", s.params, f.params);
+        Ok(())
+    }
+}
