@@ -490,9 +490,6 @@ impl RunSpec {
         if let Err(e) = crate::masking::strategy(&m.masking) {
             return err("method.masking", format!("{e:#}"));
         }
-        if m.kind == MethodKind::Sdp && m.regime == Regime::Backward {
-            return err("method.regime", "`backward` is not implemented yet (use `forward`)".into());
-        }
         if m.kind == MethodKind::Sdp && w.model == ModelName::SwinT {
             return err("workload.model", "SDP on swin_t is not implemented yet".into());
         }

@@ -28,7 +28,7 @@ use crate::models::{self, Net};
 use crate::optim::{lr_at, Optimizer};
 use crate::results::{Final, MetricsRow, WorkerRow};
 use crate::seed::{rng, Stream};
-use crate::spec::{BnStats, EvalMode, MethodKind, RunSpec, SyncMode};
+use crate::spec::{BnStats, EvalMode, MethodKind, Regime, RunSpec, SyncMode};
 use crate::subnet::{self, IndexMap};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
@@ -250,10 +250,81 @@ pub fn evaluate(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, d
 /// One simulated SDP worker: its physical subnetwork, where its tensors sit in the global model, its
 /// optimizer state (local to its subnetwork).
 pub struct Worker {
+    /// Forward regime: the physical subnetwork. Backward regime: the full model.
     pub net: ResNet,
+    /// For every tensor the worker trains, the global coordinates it holds (its local coordinates).
     pub maps: BTreeMap<String, IndexMap>,
     pub opt: Optimizer,
     pub units_held: usize,
+    /// Backward regime: `net` is the full model; only the coordinates in `maps` are trained and averaged,
+    /// the rest are refreshed from the holders at every synchronisation.
+    pub full_model: bool,
+}
+
+impl Worker {
+    fn var(&self, name: &str) -> Option<&Var> {
+        let s = self.net.store();
+        s.params.get(name).or_else(|| s.buffers.get(name))
+    }
+
+    /// The worker's value of the coordinates it holds of `name` (local shape), if it holds any.
+    pub fn local(&self, name: &str) -> Result<Option<Tensor>> {
+        let (Some(map), Some(var)) = (self.maps.get(name), self.var(name)) else { return Ok(None) };
+        let t = var.as_tensor().detach();
+        Ok(Some(if self.full_model { map.gather(&t)? } else { t }))
+    }
+
+    /// Takes the averaged global value of `name`: its held coordinates, and in the backward regime
+    /// every other coordinate too (non-held parameters are refreshed from their holders).
+    fn receive(&self, name: &str, global: &Tensor) -> Result<()> {
+        let Some(var) = self.var(name) else { return Ok(()) };
+        if self.full_model {
+            var.set(global)?;
+        } else if let Some(map) = self.maps.get(name) {
+            var.set(&map.gather(global)?)?;
+        }
+        Ok(())
+    }
+
+    /// Local gradients (held coordinates) from the gradients of a forward/backward pass of `net`.
+    fn local_grads(&self, grads: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        if !self.full_model {
+            return Ok(grads);
+        }
+        let mut out = BTreeMap::new();
+        for (name, g) in grads {
+            if let Some(map) = self.maps.get(&name) {
+                out.insert(name, map.gather(&g)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One optimizer step on the held coordinates with local gradients.
+    fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        if !self.full_model {
+            return Ok(self.opt.step(&self.net.store().params, grads, lr)?);
+        }
+        // Optimizer state lives on the held coordinates only: step local copies, then write them back.
+        let store = self.net.store().clone();
+        let mut local = BTreeMap::new();
+        for name in grads.keys() {
+            let (Some(map), Some(var)) = (self.maps.get(name), store.params.get(name)) else { continue };
+            local.insert(name.clone(), Var::from_tensor(&map.gather(var.as_tensor())?)?);
+        }
+        self.opt.step(&local, grads, lr)?;
+        for (name, v) in local {
+            let (map, var) = (&self.maps[&name], &store.params[&name]);
+            let new = if map.is_full() {
+                v.as_tensor().clone()
+            } else {
+                let held = map.scatter(&v.as_tensor().ones_like()?)?.gt(0f64)?;
+                held.where_cond(&map.scatter(v.as_tensor())?, var.as_tensor())?
+            };
+            var.set(&new)?;
+        }
+        Ok(())
+    }
 }
 
 /// The state of an SDP run: the assembled global model and the K workers.
@@ -321,11 +392,16 @@ impl SdpState {
         self.workers.clear();
         for (k, keep) in keeps.iter().enumerate().filter(|(k, _)| only.is_none_or(|o| o == *k)) {
             let (plan, maps) = subnet::resnet_subnet(&self.cfg, &self.shapes, keep, 1.0);
-            let local: BTreeMap<String, Tensor> =
-                maps.iter().map(|(n, map)| Ok((n.clone(), map.gather(&values[n])?))).collect::<Result<_>>()?;
-            let net = ResNet::new(&self.cfg, &plan, Builder::from_tensors(&local, device))?;
+            let full_model = m.regime == Regime::Backward;
+            let net = if full_model {
+                ResNet::new(&self.cfg, &self.cfg.full_plan(), Builder::from_tensors(&values, device))?
+            } else {
+                let local: BTreeMap<String, Tensor> =
+                    maps.iter().map(|(n, map)| Ok((n.clone(), map.gather(&values[n])?))).collect::<Result<_>>()?;
+                ResNet::new(&self.cfg, &plan, Builder::from_tensors(&local, device))?
+            };
             let units_held = self.selection.holds[k].iter().filter(|&&h| h).count();
-            self.workers.push(Worker { net, maps, opt: Optimizer::new(&spec.optim), units_held });
+            self.workers.push(Worker { net, maps, opt: Optimizer::new(&spec.optim), units_held, full_model });
         }
         self.averager = LocalAverager::new();
         Ok(())
@@ -334,28 +410,30 @@ impl SdpState {
     /// Averages every parameter (and, with `buffers`, every BN statistic) among its holders into the
     /// global model, and hands each worker the averaged values of its coordinates.
     pub fn sync_params(&mut self, buffers: bool) -> Result<()> {
+        self.sync(true, buffers)
+    }
+
+    /// Averages the chosen tensors among holders into the global model and hands the result back.
+    fn sync(&mut self, params: bool, buffers: bool) -> Result<()> {
         let gstore = self.global.store().clone();
-        let mut maps: Vec<&BTreeMap<String, Var>> = vec![&gstore.params];
-        if buffers {
-            maps.push(&gstore.buffers);
+        let mut tensors: Vec<(&String, &Var)> = Vec::new();
+        if params {
+            tensors.extend(&gstore.params);
         }
-        for (i, gmap) in maps.into_iter().enumerate() {
-            for (name, gvar) in gmap {
-                let holders: Vec<(&Worker, &Var)> = self
-                    .workers
-                    .iter()
-                    .filter_map(|w| {
-                        let s = w.net.store();
-                        if i == 0 { s.params.get(name) } else { s.buffers.get(name) }.map(|v| (w, v))
-                    })
-                    .collect();
-                let contribs: Vec<(&IndexMap, Tensor)> =
-                    holders.iter().map(|(w, v)| (&w.maps[name], v.as_tensor().detach())).collect();
-                let mean = self.averager.average(name, gvar.as_tensor(), &contribs)?;
-                gvar.set(&mean)?;
-                for (w, v) in holders {
-                    v.set(&w.maps[name].gather(&mean)?)?;
+        if buffers {
+            tensors.extend(&gstore.buffers);
+        }
+        for (name, gvar) in tensors {
+            let mut contribs: Vec<(&IndexMap, Tensor)> = Vec::new();
+            for w in &self.workers {
+                if let Some(t) = w.local(name)? {
+                    contribs.push((&w.maps[name], t));
                 }
+            }
+            let mean = self.averager.average(name, gvar.as_tensor(), &contribs)?;
+            gvar.set(&mean)?;
+            for w in &self.workers {
+                w.receive(name, &mean)?;
             }
         }
         Ok(())
@@ -459,9 +537,10 @@ pub fn sdp_step(
     for (worker, batch) in st.workers.iter_mut().zip(batches) {
         let (x, y) = batch.to_tensors(device)?;
         let (loss, grads) = loss_and_grads(&worker.net, &x, &y)?;
+        let grads = worker.local_grads(grads)?;
         loss_sum += loss;
         match m.sync {
-            SyncMode::Params => worker.opt.step(&worker.net.store().params, &grads, lr)?,
+            SyncMode::Params => worker.step(&grads, lr)?,
             SyncMode::Grads => all_grads.push(grads),
         }
     }
@@ -469,10 +548,12 @@ pub fn sdp_step(
         SyncMode::Grads => {
             let avg = st.average_grads(&all_grads)?;
             for (worker, g) in st.workers.iter_mut().zip(&avg) {
-                worker.opt.step(&worker.net.store().params, g, lr)?;
+                worker.step(g, lr)?;
             }
-            // Parameters stay identical on holders; BN statistics are averaged every step.
-            st.sync_buffers()?;
+            // Parameters stay identical on holders; BN statistics are averaged every step. The backward
+            // regime also refreshes the non-held parameters of every full model.
+            let params = st.workers.iter().any(|w| w.full_model);
+            st.sync(params, true)?;
         }
         SyncMode::Params => {
             if step % m.sync_every == 0 {
@@ -484,23 +565,6 @@ pub fn sdp_step(
 }
 
 impl SdpState {
-    /// Averages BN running statistics among holders (parameters untouched).
-    fn sync_buffers(&mut self) -> Result<()> {
-        let gstore = self.global.store().clone();
-        for (name, gvar) in &gstore.buffers {
-            let holders: Vec<(&Worker, &Var)> =
-                self.workers.iter().filter_map(|w| w.net.store().buffers.get(name).map(|v| (w, v))).collect();
-            let contribs: Vec<(&IndexMap, Tensor)> =
-                holders.iter().map(|(w, v)| (&w.maps[name], v.as_tensor().detach())).collect();
-            let mean = self.averager.average(name, gvar.as_tensor(), &contribs)?;
-            gvar.set(&mean)?;
-            for (w, v) in holders {
-                v.set(&w.maps[name].gather(&mean)?)?;
-            }
-        }
-        Ok(())
-    }
-
     /// The global model rebuilt with a per-block plan scale (stochastic-depth-style evaluation).
     fn scaled_global(&self, scale: f64, device: &Device) -> Result<ResNet> {
         let values = self.global_values();
@@ -531,14 +595,16 @@ impl SdpState {
             .zip(&comm)
             .enumerate()
             .map(|(worker, (w, c))| {
-                let params = w.net.store().num_params();
+                // Held (trained) scalars; the backward regime stores the whole model but trains these.
+                let held: usize =
+                    w.net.store().params.keys().filter_map(|n| w.maps.get(n)).map(|m| m.local_len()).sum();
                 WorkerRow {
                     run_id: run_id.to_string(),
                     worker,
                     units_held: w.units_held,
-                    param_fraction: params as f64 / total.max(1) as f64,
-                    param_bytes: params * 4,
-                    grad_bytes: params * 4,
+                    param_fraction: held as f64 / total.max(1) as f64,
+                    param_bytes: w.net.store().num_params() * 4,
+                    grad_bytes: held * 4,
                     optim_bytes: w.opt.state_bytes(),
                     activation_bytes_est: w.net.activation_elems(hw.0, hw.1) * spec.workload.batch_size * 4,
                     peak_bytes_measured: None,

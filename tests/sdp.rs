@@ -344,3 +344,53 @@ fn memprobe_rejects_a_bad_worker() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stdout).contains("peak_bytes="));
     Ok(())
 }
+
+/// Backward regime: at C = 1 it is DP too; below, a worker's step changes exactly its held coordinates.
+#[test]
+fn backward_regime_trains_only_held_coordinates() -> Result<()> {
+    let s = spec(&["method.regime=backward"])?;
+    let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
+    let aug = AugmentCfg { crop_pad: 2, flip: true, mean: data.mean, std: data.std };
+    let train = Arc::new(data.train.clone());
+    let dev = Device::Cpu;
+    let dp = models::build(&s.workload, 10, s.seed, &dev)?;
+    let mut opt = Optimizer::new(&s.optim);
+    let mut st = SdpState::new(&s, 10, &dev)?;
+    for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.enumerate() {
+        dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
+        sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
+    }
+    for (name, v) in &dp.store().params {
+        let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
+        assert!(d < 1e-5, "{name} differs by {d}");
+    }
+
+    for masking in ["block", "neuron"] {
+        let s = spec(&["method.regime=backward", "method.coverage=0.34", &format!("method.masking={masking}")])?;
+        let mut st = SdpState::new(&s, 10, &dev)?;
+        let before = st.global.store().param_tensors();
+        let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.next().unwrap_or_default();
+        // sync_every = 2: after one step the workers have stepped locally but not averaged yet.
+        let s2 = RunSpec { method: sdp::spec::Method { sync_every: 2, ..s.method.clone() }, ..s.clone() };
+        sdp_step(&mut st, &s2, &batches, 0.05, 1, &dev)?;
+        for w in &st.workers {
+            let mut moved = 0.0;
+            assert_eq!(w.net.store().num_params(), st.global.store().num_params(), "a full model per worker");
+            for (name, var) in &w.net.store().params {
+                let old = &before[name];
+                let changed = (var.as_tensor() - old)?.abs()?.gt(0f64)?.to_dtype(candle_core::DType::F32)?;
+                let held = match w.maps.get(name) {
+                    Some(map) => map.scatter(&map.gather(old)?.ones_like()?)?,
+                    None => old.zeros_like()?,
+                };
+                // Changed ⇒ held (held coordinates may stay put only by accident: not checked).
+                let bad =
+                    (changed - &held)?.gt(0f64)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+                assert_eq!(bad, 0.0, "{masking}: {name}: non-held coordinates changed");
+                moved += changed.sum_all()?.to_scalar::<f32>()?;
+            }
+            assert!(moved > 100.0, "{masking}: the worker's step changed only {moved} coordinates");
+        }
+    }
+    Ok(())
+}
