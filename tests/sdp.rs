@@ -385,7 +385,7 @@ fn backward_regime_trains_only_held_coordinates() -> Result<()> {
                 };
                 // Changed ⇒ held (held coordinates may stay put only by accident: not checked).
                 let bad =
-                    (changed - &held)?.gt(0f64)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+                    (&changed - &held)?.gt(0f64)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()?;
                 assert_eq!(bad, 0.0, "{masking}: {name}: non-held coordinates changed");
                 moved += changed.sum_all()?.to_scalar::<f32>()?;
             }
