@@ -5,7 +5,8 @@
 //! The update rules are PyTorch's, so runs are comparable with the reference implementations.
 
 use crate::spec::{Optim, OptimName, ScheduleName};
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// Learning rate at `step` (0-based) of `total` steps, `per_epoch` steps an epoch.
@@ -63,6 +64,9 @@ impl Optimizer {
         self.steps += 1;
         for (name, var) in params {
             let Some(g) = grads.get(name) else { continue };
+            if self.cfg.name == OptimName::Sgd && self.sgd_in_place(name, var, g, lr)? {
+                continue;
+            }
             let p = var.as_tensor().detach();
             let g = g.detach();
             let new = match self.cfg.name {
@@ -91,6 +95,36 @@ impl Optimizer {
         p - (d * lr)?
     }
 
+    /// SGD with (non-Nesterov) momentum on f32 CPU tensors, updating the momentum buffer and the
+    /// parameter in place: two passes over memory instead of about ten, and no temporaries (on a
+    /// ResNet-18 step at batch 32 the tensor-op version took ~5% of the step). Same rule as [`Self::sgd`]:
+    /// buf = mu*buf + g + wd*p (buf = g + wd*p on the first step), p -= lr*buf. Returns false, doing
+    /// nothing, where it does not apply (then the generic path runs).
+    fn sgd_in_place(&mut self, name: &str, var: &Var, g: &Tensor, lr: f64) -> Result<bool> {
+        let o = &self.cfg;
+        let p = var.as_tensor();
+        let fast = o.momentum != 0.0
+            && !o.nesterov
+            && p.device().is_cpu()
+            && p.dtype() == DType::F32
+            && g.dtype() == DType::F32
+            && p.shape() == g.shape()
+            && p.is_contiguous();
+        if !fast {
+            return Ok(false);
+        }
+        let g = g.detach().contiguous()?;
+        let (buf, mu) = match self.state.get(name) {
+            Some(s) if s.len() == 1 && s[0].shape() == p.shape() && s[0].is_contiguous() => (s[0].clone(), o.momentum),
+            // First step: mu * 0 + g + wd * p is PyTorch's initial buffer.
+            _ => (p.zeros_like()?, 0.0),
+        };
+        buf.inplace_op3(&g, &p.detach(), &MomentumUpdate { mu: mu as f32, wd: o.weight_decay as f32 })?;
+        p.inplace_op2(&buf, &Axpy { a: -lr as f32 })?;
+        self.state.insert(name.to_string(), vec![buf]);
+        Ok(true)
+    }
+
     fn adamw(&mut self, name: &str, p: &Tensor, g: Tensor, lr: f64) -> Result<Tensor> {
         let o = &self.cfg;
         let (b1, b2) = (o.betas[0], o.betas[1]);
@@ -107,6 +141,88 @@ impl Optimizer {
         let step = Tensor::new(t as f32, p.device())?;
         self.state.insert(name.to_string(), vec![m, v, step]);
         p - (upd * lr)?
+    }
+}
+
+/// The contiguous f32 data of an in-place op operand.
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("optimizer: expected a contiguous f32 tensor"),
+    }
+}
+
+fn f32_data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("optimizer: expected a contiguous f32 tensor"),
+    }
+}
+
+/// Elements per rayon task of the in-place updates (small tensors stay on one thread).
+const UPDATE_CHUNK: usize = 1 << 15;
+
+/// buf = mu * buf + g + wd * p, in place on `buf`; sources (g, p).
+struct MomentumUpdate {
+    mu: f32,
+    wd: f32,
+}
+
+impl InplaceOp3 for MomentumUpdate {
+    fn name(&self) -> &'static str {
+        "sdp-sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<()> {
+        let buf = f32_data_mut(dst, dst_l)?;
+        let g = f32_data(gs, gl)?;
+        let p = f32_data(ps, pl)?;
+        if g.len() != buf.len() || p.len() != buf.len() {
+            candle_core::bail!("optimizer: buffer, gradient and parameter sizes differ");
+        }
+        let (mu, wd) = (self.mu, self.wd);
+        buf.par_chunks_mut(UPDATE_CHUNK).zip(g.par_chunks(UPDATE_CHUNK).zip(p.par_chunks(UPDATE_CHUNK))).for_each(
+            |(b, (g, p))| {
+                for ((b, &g), &p) in b.iter_mut().zip(g).zip(p) {
+                    *b = mu * *b + g + wd * p;
+                }
+            },
+        );
+        Ok(())
+    }
+}
+
+/// dst += a * src, in place.
+struct Axpy {
+    a: f32,
+}
+
+impl InplaceOp2 for Axpy {
+    fn name(&self) -> &'static str {
+        "sdp-axpy"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, ss: &CpuStorage, sl: &Layout) -> Result<()> {
+        let d = f32_data_mut(dst, dst_l)?;
+        let s = f32_data(ss, sl)?;
+        if s.len() != d.len() {
+            candle_core::bail!("optimizer: parameter and update sizes differ");
+        }
+        let a = self.a;
+        d.par_chunks_mut(UPDATE_CHUNK).zip(s.par_chunks(UPDATE_CHUNK)).for_each(|(d, s)| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d += a * s;
+            }
+        });
+        Ok(())
     }
 }
 
@@ -150,6 +266,28 @@ mod tests {
         opt.step(&params, &grads, 0.1)?;
         let p = var.as_tensor().to_vec1::<f32>()?[0];
         assert!((p - 0.8266).abs() < 1e-6, "{p}");
+        Ok(())
+    }
+
+    #[test]
+    fn in_place_sgd_matches_the_tensor_op_version() -> Result<()> {
+        // f32 takes the in-place path, f64 the generic one; same rule, so same values.
+        let dev = candle_core::Device::Cpu;
+        let p0: Vec<f64> = (0..70_000).map(|i| ((i * 37 % 101) as f64 - 50.0) / 50.0).collect();
+        let g: Vec<f64> = (0..70_000).map(|i| ((i * 53 % 97) as f64 - 48.0) / 40.0).collect();
+        let run = |dt: DType| -> Result<Vec<f64>> {
+            let var = Var::from_tensor(&Tensor::new(p0.as_slice(), &dev)?.to_dtype(dt)?)?;
+            let params = BTreeMap::from([("w".to_string(), var.clone())]);
+            let grads = BTreeMap::from([("w".to_string(), Tensor::new(g.as_slice(), &dev)?.to_dtype(dt)?)]);
+            let mut opt = Optimizer::new(&Optim { weight_decay: 5e-4, ..cfg() });
+            for _ in 0..3 {
+                opt.step(&params, &grads, 0.1)?;
+            }
+            var.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()
+        };
+        let (fast, reference) = (run(DType::F32)?, run(DType::F64)?);
+        let err = fast.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-5, "max difference {err}");
         Ok(())
     }
 
