@@ -187,7 +187,7 @@ fn record_accounting(
     if let Some(exe) = &opts.memprobe {
         let steps = 3;
         match run.spec.method.kind {
-            MethodKind::Dp => {
+            MethodKind::Dp | MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
                 let peak = probe_subprocess(exe, &rd.manifest(), None, steps)?;
                 acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
             }
@@ -202,6 +202,7 @@ fn record_accounting(
     let n = acc.workers.len().max(1) as f64;
     let mean = |f: &dyn Fn(&WorkerRow) -> f64| acc.workers.iter().map(f).sum::<f64>() / n;
     let e = &mut manifest.extra;
+    e.extend(acc.extra.clone());
     e.insert("holders_m".into(), acc.holders.into());
     e.insert("mean_param_fraction".into(), mean(&|w| w.param_fraction).into());
     e.insert("mean_comm_bytes_per_step".into(), mean(&|w| w.comm_bytes_per_step).into());

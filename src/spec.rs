@@ -244,6 +244,12 @@ pub enum MethodKind {
     #[default]
     Dp,
     Sdp,
+    /// DP on a dense model narrowed to an SDP worker's parameter count at `coverage`.
+    SmallDense,
+    /// DP on the full model; each worker skips each residual branch with probability 1 − coverage per step.
+    StochasticDepth,
+    /// DP on the full model; each worker drops each internal channel with probability 1 − coverage per step.
+    Dropout,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -386,9 +392,14 @@ impl RunSpec {
     /// The spec with fields that cannot affect the run reset to their defaults, so that equal runs get
     /// equal ids (a grid over `kind = ["dp", "sdp"]` × coverage holds one DP run, not one per coverage).
     fn canonical(mut self) -> Self {
-        if self.method.kind == MethodKind::Dp {
-            let d = Method::default();
-            self.method = Method { kind: MethodKind::Dp, workers: self.method.workers, ..d };
+        let d = Method::default();
+        let (kind, workers, coverage) = (self.method.kind, self.method.workers, self.method.coverage);
+        match kind {
+            MethodKind::Dp => self.method = Method { kind, workers, ..d },
+            MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
+                self.method = Method { kind, workers, coverage, ..d }
+            }
+            MethodKind::Sdp => {}
         }
         self
     }
@@ -493,8 +504,13 @@ impl RunSpec {
         if m.kind == MethodKind::Sdp && w.model == ModelName::SwinT {
             return err("workload.model", "SDP on swin_t is not implemented yet".into());
         }
-        if m.kind == MethodKind::Dp && m.eval_mode != EvalMode::Full {
-            return err("method.eval_mode", "DP has one model: only `full` applies".into());
+        if m.kind != MethodKind::Sdp && m.eval_mode != EvalMode::Full {
+            return err("method.eval_mode", "this method has one model: only `full` applies".into());
+        }
+        if matches!(m.kind, MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout)
+            && w.model == ModelName::SwinT
+        {
+            return err("method.kind", "the baselines are implemented for the ResNet family only".into());
         }
         Ok(())
     }
@@ -629,14 +645,15 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment
             if !ids.insert(id.clone()) {
                 continue; // a grid may name the same run twice (e.g. coverage 1.0 under two maskings)
             }
-            // A DP run ignores the SDP-only fields: leave them out of its label.
+            // DP and the baselines ignore the SDP-only fields: leave them out of their labels.
             let mut l: Vec<String> = label
                 .iter()
                 .filter(|a| {
-                    spec.method.kind != MethodKind::Dp
+                    spec.method.kind == MethodKind::Sdp
                         || !a.starts_with("method.")
                         || a.starts_with("method.kind=")
                         || a.starts_with("method.workers=")
+                        || (spec.method.kind != MethodKind::Dp && a.starts_with("method.coverage="))
                 })
                 .cloned()
                 .collect();

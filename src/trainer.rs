@@ -21,10 +21,10 @@ use crate::data::loader::{eval_batches, steps_per_epoch, Batch, TrainLoader};
 use crate::data::Dataset;
 use crate::masking::{self, Selection};
 use crate::metrics;
-use crate::models::layers::Builder;
-use crate::models::resnet::{BlockPlan, ResNet, ResNetConfig};
-use crate::models::Unit;
+use crate::models::layers::{Builder, ParamStore};
+use crate::models::resnet::{BlockDrop, BlockPlan, ResNet, ResNetConfig};
 use crate::models::{self, Net};
+use crate::models::{Unit, UnitKind};
 use crate::optim::{lr_at, Optimizer};
 use crate::results::{Final, MetricsRow, WorkerRow};
 use crate::seed::{rng, Stream};
@@ -32,6 +32,7 @@ use crate::spec::{BnStats, EvalMode, MethodKind, Regime, RunSpec, SyncMode};
 use crate::subnet::{self, IndexMap};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
+use rand::Rng;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -67,6 +68,9 @@ pub fn train(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs:
     match spec.method.kind {
         MethodKind::Dp => train_dp(spec, run_id, data, device, obs),
         MethodKind::Sdp => train_sdp(spec, run_id, data, device, obs),
+        MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
+            train_baseline(spec, run_id, data, device, obs)
+        }
     }
 }
 
@@ -132,6 +136,140 @@ fn train_dp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: 
     Ok(last)
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Baselines: DP on a narrowed dense model, or on the full model with per-step random drops.
+
+/// Widths of the dense model whose parameter count is closest to (without exceeding, where possible) an
+/// SDP worker's at coverage C: shared + C × maskable parameters of the full model.
+pub fn small_dense_widths(cfg: &ResNetConfig, coverage: f64) -> Vec<usize> {
+    let params = |c: &ResNetConfig| -> usize {
+        let blocks: usize = c.units(UnitKind::Block).iter().map(|u| u.params).sum();
+        let bn = if c.batch_norm { 2 } else { 0 };
+        let stem = 3 * 9 * c.widths[0] + bn * c.widths[0];
+        let shortcuts: usize =
+            c.blocks().iter().filter(|b| b.has_projection()).map(|b| b.c_in * b.c_out + bn * b.c_out).sum();
+        let head = c.widths.last().copied().unwrap_or(0) * c.num_classes + c.num_classes;
+        stem + blocks + shortcuts + head
+    };
+    let full = params(cfg) as f64;
+    let units: usize = cfg.units(UnitKind::Block).iter().map(|u| u.params).sum();
+    let target = full - units as f64 * (1.0 - coverage);
+    let at = |alpha: f64| -> ResNetConfig {
+        let widths = cfg.widths.iter().map(|&w| ((w as f64 * alpha).round() as usize).max(1)).collect();
+        ResNetConfig { widths, ..cfg.clone() }
+    };
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        if (params(&at(mid)) as f64) <= target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    at(lo.max(1e-3)).widths
+}
+
+/// The per-step random drops of worker `k` at `step` (stochastic depth: skip each branch with probability
+/// 1 − C; dropout: drop each internal channel with probability 1 − C, survivors scaled by 1/C).
+fn baseline_drops(
+    spec: &RunSpec,
+    net: &ResNet,
+    step: usize,
+    k: usize,
+    device: &Device,
+) -> candle_core::Result<Vec<BlockDrop>> {
+    let keep = spec.method.coverage;
+    let mut r = rng(spec.seed, Stream::Drop, step as u64, k as u64);
+    net.cfg
+        .blocks()
+        .iter()
+        .zip(&net.plan)
+        .map(|(_, plan)| {
+            Ok(match spec.method.kind {
+                MethodKind::StochasticDepth => BlockDrop { skip: !r.random_bool(keep), channels: None },
+                MethodKind::Dropout => {
+                    let m: Vec<f32> =
+                        (0..plan.mid).map(|_| if r.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
+                    BlockDrop { skip: false, channels: Some(Tensor::new(m.as_slice(), device)?) }
+                }
+                _ => BlockDrop::default(),
+            })
+        })
+        .collect()
+}
+
+fn train_baseline(
+    spec: &RunSpec,
+    run_id: &str,
+    data: &Dataset,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<Final> {
+    let w = &spec.workload;
+    let k = spec.method.workers;
+    let mut cfg = models::resnet_config(w, data.num_classes())?;
+    if spec.method.kind == MethodKind::SmallDense {
+        cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
+    }
+    let net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, device))?;
+    let mut opt = Optimizer::new(&spec.optim);
+    let aug = augment_cfg(spec, data);
+    let train_set = Arc::new(data.train.clone());
+    let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
+    let total = per_epoch * w.epochs;
+    let start = Instant::now();
+    let (mut step, mut last) = (0, Final::default());
+    for epoch in 1..=w.epochs {
+        let loader = TrainLoader::start(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size)?;
+        let (mut loss_sum, mut images, t_epoch, mut lr) = (0.0, 0usize, Instant::now(), 0.0);
+        for batches in loader {
+            if obs.interrupted() {
+                return Err(Interrupted.into());
+            }
+            lr = lr_at(&spec.optim, step, total, per_epoch);
+            let forward =
+                |i: usize, x: &Tensor| net.forward_dropping(x, true, &baseline_drops(spec, &net, step, i, device)?);
+            loss_sum += dp_step_with(&net, &mut opt, &batches, lr, device, &forward)
+                .with_context(|| format!("training step {} (epoch {epoch})", step + 1))?;
+            step += 1;
+            images += batches.iter().map(Batch::len).sum::<usize>();
+            obs.step(epoch, step, total, loss_sum / (step - (epoch - 1) * per_epoch) as f64);
+        }
+        let img_per_s = images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
+        if epoch % w.eval_every == 0 || epoch == w.epochs {
+            // Stochastic depth evaluates with branches scaled by their survival probability.
+            let scale = if spec.method.kind == MethodKind::StochasticDepth { spec.method.coverage } else { 1.0 };
+            let values: BTreeMap<String, Tensor> = {
+                let s = net.store();
+                s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+            };
+            let plan: Vec<BlockPlan> = cfg.full_plan().into_iter().map(|p| BlockPlan { scale, ..p }).collect();
+            let eval_net = ResNet::new(&cfg, &plan, Builder::from_tensors(&values, device))?;
+            let (test_loss, test_acc) = evaluate(&eval_net, data, &aug, w.eval_batch_size, device)?;
+            let row = MetricsRow {
+                run_id: run_id.to_string(),
+                epoch,
+                step,
+                train_loss: loss_sum / per_epoch as f64,
+                test_loss,
+                test_acc,
+                lr,
+                img_per_s,
+                wall_s: start.elapsed().as_secs_f64(),
+                modes: BTreeMap::from([("full".to_string(), test_acc)]),
+            };
+            obs.eval(&row)?;
+            last =
+                Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
+        }
+    }
+    let mut acc = dp_accounting(&net, spec, run_id, &opt, (data.train.h, data.train.w));
+    acc.extra.insert("widths".into(), serde_json::json!(cfg.widths));
+    obs.accounting(&acc)?;
+    Ok(last)
+}
+
 /// Per-worker memory and communication accounting of a finished run, and method-level facts.
 #[derive(Clone, Debug)]
 pub struct Accounting {
@@ -140,6 +278,8 @@ pub struct Accounting {
     pub spectral_gap: Option<f64>,
     /// Workers holding each unit (m).
     pub holders: usize,
+    /// Method-specific facts for the manifest (e.g. the small-dense baseline's widths).
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 fn dp_accounting(net: &dyn Net, spec: &RunSpec, run_id: &str, opt: &Optimizer, hw: (usize, usize)) -> Accounting {
@@ -161,12 +301,27 @@ fn dp_accounting(net: &dyn Net, spec: &RunSpec, run_id: &str, opt: &Optimizer, h
             comm_bytes_per_step_masked: comm,
         })
         .collect();
-    Accounting { workers, spectral_gap: None, holders: k }
+    Accounting { workers, spectral_gap: None, holders: k, extra: BTreeMap::new() }
 }
 
 /// One data-parallel step: per-worker gradients, averaged; BN running statistics averaged; one update.
 /// Returns the mean training loss over the workers.
 pub fn dp_step(net: &dyn Net, opt: &mut Optimizer, batches: &[Batch], lr: f64, device: &Device) -> Result<f64> {
+    dp_step_with(net, opt, batches, lr, device, &|_, x| net.forward_t(x, true))
+}
+
+/// Training-mode logits of worker k for a batch (the DP baselines drop blocks or channels per worker).
+pub type Forward<'a> = dyn Fn(usize, &Tensor) -> candle_core::Result<Tensor> + 'a;
+
+/// [`dp_step`] with a per-worker forward pass.
+pub fn dp_step_with(
+    net: &dyn Net,
+    opt: &mut Optimizer,
+    batches: &[Batch],
+    lr: f64,
+    device: &Device,
+    forward: &Forward,
+) -> Result<f64> {
     let store = net.store();
     let k = batches.len();
     // Each simulated worker starts from the same running statistics.
@@ -179,7 +334,7 @@ pub fn dp_step(net: &dyn Net, opt: &mut Optimizer, batches: &[Batch], lr: f64, d
             store.set_buffers(s)?;
         }
         let (x, y) = batch.to_tensors(device)?;
-        let (loss, grads) = loss_and_grads(net, &x, &y)?;
+        let (loss, grads) = grads_of(store, &forward(i, &x)?, &y)?;
         loss_sum += loss;
         accumulate(&mut grad_sum, grads)?;
         if snapshot.is_some() {
@@ -197,15 +352,19 @@ pub fn dp_step(net: &dyn Net, opt: &mut Optimizer, batches: &[Batch], lr: f64, d
 
 /// Mean cross-entropy of a training-mode forward pass on (x, y), and the gradient of every parameter.
 pub fn loss_and_grads(net: &dyn Net, x: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let logits = net.forward_t(x, true)?;
-    let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+    grads_of(net.store(), &net.forward_t(x, true)?, y)
+}
+
+/// Mean cross-entropy of `logits` against `y`, and the gradient of every parameter of `store`.
+fn grads_of(store: &ParamStore, logits: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let loss = candle_nn::loss::cross_entropy(logits, y)?;
     let value = loss.to_scalar::<f32>()? as f64;
     if !value.is_finite() {
         anyhow::bail!("training loss is {value}: the run diverged (try a smaller optim.lr)");
     }
     let mut gs = loss.backward()?;
     let mut grads = BTreeMap::new();
-    for (name, var) in &net.store().params {
+    for (name, var) in &store.params {
         if let Some(g) = gs.remove(var.as_tensor()) {
             grads.insert(name.clone(), g.detach());
         }
@@ -617,6 +776,7 @@ impl SdpState {
             workers,
             spectral_gap: Some(metrics::spectral_gap(&self.selection, &unit_bytes)),
             holders: self.selection.m,
+            extra: BTreeMap::new(),
         }
     }
 

@@ -394,3 +394,48 @@ fn backward_regime_trains_only_held_coordinates() -> Result<()> {
     }
     Ok(())
 }
+
+/// The baselines: at coverage 1 stochastic depth and dropout drop nothing and equal DP; the small dense
+/// model is narrowed to about an SDP worker's parameter count; every baseline trains end to end.
+#[test]
+fn baselines_reduce_to_dp_at_full_coverage_and_run() -> Result<()> {
+    use sdp::trainer::small_dense_widths;
+    let cfg = ResNetConfig::resnet18(10);
+    let full = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(0, &Device::Cpu))?.store().num_params();
+    let narrow = small_dense_widths(&cfg, 0.5);
+    assert!(narrow.iter().zip(&cfg.widths).all(|(n, w)| n < w), "{narrow:?}");
+    let small = ResNetConfig { widths: narrow, ..cfg.clone() };
+    let p = ResNet::new(&small, &small.full_plan(), Builder::from_seed(0, &Device::Cpu))?.store().num_params();
+    let units: usize = cfg.units(UnitKind::Block).iter().map(|u| u.params).sum();
+    let target = full - units / 2;
+    assert!(p <= target && p as f64 > 0.97 * target as f64, "{p} vs target {target}");
+
+    let dir = tempfile::tempdir()?;
+    let opts = sdp::runner::RunOptions {
+        results_dir: dir.path().to_path_buf(),
+        data_dir: "datasets".into(),
+        device: Device::Cpu,
+        device_name: "cpu".into(),
+        force: false,
+        only: None,
+        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        memprobe: None,
+    };
+    let losses = |kind: &str, coverage: &str| -> Result<String> {
+        let sets = [format!("method.kind={kind}"), format!("method.coverage={coverage}")];
+        let exp = spec::parse(TINY, Path::new("tiny.toml"), &sets)?;
+        assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1, "{kind}");
+        let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
+        assert!(run_dir.join("workers.csv").is_file());
+        let mut r = csv::Reader::from_path(run_dir.join("metrics.csv"))?;
+        let rows: Vec<BTreeMap<String, String>> = r.deserialize().collect::<std::result::Result<_, _>>()?;
+        Ok(rows[0]["test_loss"].clone())
+    };
+    let dp = losses("dp", "1.0")?;
+    assert_eq!(losses("stochastic_depth", "1.0")?, dp);
+    assert_eq!(losses("dropout", "1.0")?, dp);
+    for kind in ["stochastic_depth", "dropout", "small_dense"] {
+        assert_ne!(losses(kind, "0.5")?, dp, "{kind} at C = 0.5 should train differently from DP");
+    }
+    Ok(())
+}

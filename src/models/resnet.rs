@@ -141,13 +141,18 @@ impl BasicBlock {
         Ok(Self { branch, shortcut, scale: plan.scale })
     }
 
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, xs: &Tensor, train: bool, drop: &BlockDrop) -> Result<Tensor> {
         let skip = match &self.shortcut {
             Some((conv, bn)) => bn.forward_t(&conv.forward(xs)?, train)?,
             None => xs.clone(),
         };
-        let Some(br) = &self.branch else { return skip.relu() };
+        let Some(br) = self.branch.as_ref().filter(|_| !drop.skip) else { return skip.relu() };
         let ys = br.bn1.forward_t(&br.conv1.forward(xs)?, train)?.relu()?;
+        // Channel dropout (baseline): a per-step 0/(1/keep) multiplier per internal channel.
+        let ys = match &drop.channels {
+            Some(m) => ys.broadcast_mul(&m.reshape((1, m.dim(0)?, 1, 1))?)?,
+            None => ys,
+        };
         let ys = br.bn2.forward_t(&br.conv2.forward(&ys)?, train)?;
         let ys = if self.scale == 1.0 { ys } else { (ys * self.scale)? };
         (ys + skip)?.relu()
@@ -183,16 +188,33 @@ impl ResNet {
     }
 }
 
-impl Net for ResNet {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+/// Per-step random drops of one block, used by the stochastic-depth and dropout baselines.
+#[derive(Clone, Debug, Default)]
+pub struct BlockDrop {
+    /// Skip the residual branch this step.
+    pub skip: bool,
+    /// Multiplier per internal channel (0 or 1/keep), shape (mid,).
+    pub channels: Option<Tensor>,
+}
+
+impl ResNet {
+    /// Forward pass with per-block random drops (`drops[b]` for block b; empty: none).
+    pub fn forward_dropping(&self, xs: &Tensor, train: bool, drops: &[BlockDrop]) -> Result<Tensor> {
+        let none = BlockDrop::default();
         // (B, 3, 32, 32) -> (B, widths[0], 32, 32)
         let mut ys = self.bn1.forward_t(&self.conv1.forward(xs)?, train)?.relu()?;
-        for block in &self.blocks {
-            ys = block.forward_t(&ys, train)?;
+        for (b, block) in self.blocks.iter().enumerate() {
+            ys = block.forward_t(&ys, train, drops.get(b).unwrap_or(&none))?;
         }
         // (B, C, H, W) -> (B, C) -> (B, classes)
         let ys = ys.flatten_from(2)?.mean(D::Minus1)?;
         self.linear.forward(&ys)
+    }
+}
+
+impl Net for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_dropping(xs, train, &[])
     }
 
     fn store(&self) -> &ParamStore {
