@@ -197,6 +197,17 @@ pub struct WorkerRow {
     pub comm_bytes_per_step_masked: f64,
 }
 
+/// One row of `alignment.csv`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AlignRow {
+    pub run_id: String,
+    pub step: usize,
+    pub worker: usize,
+    /// Cosine between the worker's subnetwork gradient and the full model's gradient on the same batch,
+    /// over the worker's coordinates.
+    pub cosine_to_full_grad: f64,
+}
+
 /// One row of `summary.csv`: one finished run.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SummaryRow {

@@ -199,6 +199,9 @@ fn record_accounting(
         }
     }
     write_csv(&rd.file("workers.csv"), &acc.workers)?;
+    if !acc.alignment.is_empty() {
+        write_csv(&rd.file("alignment.csv"), &acc.alignment)?;
+    }
     let n = acc.workers.len().max(1) as f64;
     let mean = |f: &dyn Fn(&WorkerRow) -> f64| acc.workers.iter().map(f).sum::<f64>() / n;
     let e = &mut manifest.extra;

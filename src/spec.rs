@@ -218,6 +218,10 @@ pub struct Method {
     /// `same_steps`, or `flop_matched` (SDP trains epochs × 1/C).
     #[serde(default)]
     pub budget: Budget,
+    /// SDP: every this many steps, record the cosine between each worker's gradient and the full model's
+    /// gradient on the same batch (alignment.csv; 0: never).
+    #[serde(default)]
+    pub align_every: usize,
 }
 
 impl Default for Method {
@@ -234,6 +238,7 @@ impl Default for Method {
             resample_every: 0,
             eval_mode: EvalMode::Full,
             budget: Budget::SameSteps,
+            align_every: 0,
         }
     }
 }

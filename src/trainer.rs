@@ -26,7 +26,7 @@ use crate::models::resnet::{BlockDrop, BlockPlan, ResNet, ResNetConfig};
 use crate::models::{self, Net};
 use crate::models::{Unit, UnitKind};
 use crate::optim::{lr_at, Optimizer};
-use crate::results::{Final, MetricsRow, WorkerRow};
+use crate::results::{AlignRow, Final, MetricsRow, WorkerRow};
 use crate::seed::{rng, Stream};
 use crate::spec::{BnStats, EvalMode, MethodKind, Regime, RunSpec, SyncMode};
 use crate::subnet::{self, IndexMap};
@@ -280,6 +280,8 @@ pub struct Accounting {
     pub holders: usize,
     /// Method-specific facts for the manifest (e.g. the small-dense baseline's widths).
     pub extra: BTreeMap<String, serde_json::Value>,
+    /// Gradient alignment records (SDP with `method.align_every`).
+    pub alignment: Vec<AlignRow>,
 }
 
 fn dp_accounting(net: &dyn Net, spec: &RunSpec, run_id: &str, opt: &Optimizer, hw: (usize, usize)) -> Accounting {
@@ -301,7 +303,7 @@ fn dp_accounting(net: &dyn Net, spec: &RunSpec, run_id: &str, opt: &Optimizer, h
             comm_bytes_per_step_masked: comm,
         })
         .collect();
-    Accounting { workers, spectral_gap: None, holders: k, extra: BTreeMap::new() }
+    Accounting { workers, spectral_gap: None, holders: k, extra: BTreeMap::new(), alignment: Vec::new() }
 }
 
 /// One data-parallel step: per-worker gradients, averaged; BN running statistics averaged; one update.
@@ -493,6 +495,8 @@ pub struct SdpState {
     pub workers: Vec<Worker>,
     pub units: Vec<Unit>,
     pub selection: Selection,
+    /// Gradient alignment records (`method.align_every`).
+    pub alignment: Vec<AlignRow>,
     shapes: BTreeMap<String, Vec<usize>>,
     averager: LocalAverager,
 }
@@ -525,6 +529,7 @@ impl SdpState {
             workers: Vec::new(),
             units,
             selection: Selection { holds: vec![], m: 0 },
+            alignment: Vec::new(),
             shapes,
             averager: LocalAverager::new(),
         };
@@ -693,10 +698,17 @@ pub fn sdp_step(
     let m = &spec.method;
     let mut loss_sum = 0.0;
     let mut all_grads = Vec::with_capacity(batches.len());
-    for (worker, batch) in st.workers.iter_mut().zip(batches) {
+    let align = m.align_every > 0 && step % m.align_every == 0;
+    for (k, batch) in batches.iter().enumerate() {
         let (x, y) = batch.to_tensors(device)?;
+        let worker = &st.workers[k];
         let (loss, grads) = loss_and_grads(&worker.net, &x, &y)?;
         let grads = worker.local_grads(grads)?;
+        if align {
+            let cosine = st.alignment_of(k, &grads, &x, &y)?;
+            st.alignment.push(AlignRow { run_id: String::new(), step, worker: k, cosine_to_full_grad: cosine });
+        }
+        let worker = &mut st.workers[k];
         loss_sum += loss;
         match m.sync {
             SyncMode::Params => worker.step(&grads, lr)?,
@@ -734,6 +746,23 @@ impl SdpState {
     fn global_values(&self) -> BTreeMap<String, Tensor> {
         let s = self.global.store();
         s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+
+    /// Cosine between worker k's local gradient and the full (global) model's gradient on the same batch,
+    /// over worker k's coordinates. The global model's BN statistics are left untouched.
+    fn alignment_of(&self, k: usize, local: &BTreeMap<String, Tensor>, x: &Tensor, y: &Tensor) -> Result<f64> {
+        let store = self.global.store();
+        let saved = store.buffer_tensors()?;
+        let (_, full) = loss_and_grads(&self.global, x, y)?;
+        store.set_buffers(&saved)?;
+        let (mut dot, mut n_local, mut n_full) = (0.0f64, 0.0f64, 0.0f64);
+        for (name, g) in local {
+            let f = self.workers[k].maps[name].gather(&full[name])?;
+            dot += (g * &f)?.sum_all()?.to_scalar::<f32>()? as f64;
+            n_local += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            n_full += f.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        Ok(dot / (n_local.sqrt() * n_full.sqrt()).max(1e-30))
     }
 
     /// Memory and communication of every worker, and the spectral gap of the averaging graph.
@@ -777,6 +806,7 @@ impl SdpState {
             spectral_gap: Some(metrics::spectral_gap(&self.selection, &unit_bytes)),
             holders: self.selection.m,
             extra: BTreeMap::new(),
+            alignment: self.alignment.iter().map(|a| AlignRow { run_id: run_id.to_string(), ..a.clone() }).collect(),
         }
     }
 

@@ -439,3 +439,32 @@ fn baselines_reduce_to_dp_at_full_coverage_and_run() -> Result<()> {
     }
     Ok(())
 }
+
+/// alignment.csv: at C = 1 a worker's gradient is the full model's (cosine 1); below 1 it is not.
+#[test]
+fn gradient_alignment_is_one_at_full_coverage_only() -> Result<()> {
+    let dev = Device::Cpu;
+    for (coverage, masking) in [("1.0", "block"), ("0.34", "block"), ("0.5", "neuron")] {
+        let s = spec(&[
+            &format!("method.coverage={coverage}"),
+            &format!("method.masking={masking}"),
+            "method.align_every=2",
+        ])?;
+        let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
+        let aug = AugmentCfg { crop_pad: 2, flip: true, mean: data.mean, std: data.std };
+        let mut st = SdpState::new(&s, 10, &dev)?;
+        for (i, batches) in TrainLoader::start(Arc::new(data.train.clone()), aug, s.seed, 1, 3, 8)?.enumerate() {
+            sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
+        }
+        assert_eq!(st.alignment.len(), 3 * 2, "4 steps, aligned at steps 2 and 4, 3 workers");
+        for a in &st.alignment {
+            let c = a.cosine_to_full_grad;
+            if coverage == "1.0" {
+                assert!((c - 1.0).abs() < 1e-4, "C=1: cosine {c}");
+            } else {
+                assert!(c < 0.9999 && c > -1.0, "{masking} C={coverage}: cosine {c}");
+            }
+        }
+    }
+    Ok(())
+}
