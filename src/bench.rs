@@ -5,8 +5,10 @@
 //!
 //! Peak memory on the CPU is the resident-set high-water mark (`VmHWM`) minus the resident set before
 //! the model is built, so it counts parameters, optimizer state, activations and kernel buffers, but
-//! not the binary and the allocator's start-up state. On CUDA it is the device memory in use (sampled
-//! after every step's backward pass, while the gradients are alive) minus that before the model.
+//! not the binary and the allocator's start-up state. On CUDA it is the device memory in use as the
+//! driver reports it (total - free, sampled after every step's backward pass, while the gradients are
+//! alive) minus that before the model: a lower bound of the true peak, which PyTorch's allocator
+//! counts exactly (`max_memory_allocated`).
 
 use crate::masking;
 use crate::models::{self, Net};
@@ -31,6 +33,47 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Median time, img/s and peak memory of a training step (forward, backward, SGD momentum update).
     Step(StepArgs),
+    /// Augmented images/s the training loader delivers (random 32×32×3 images, crop pad 4 + flip + normalise).
+    Loader(LoaderArgs),
+}
+
+/// Arguments of `sdp bench loader`: synthetic CIFAR-sized images through the real `TrainLoader`
+/// (background thread), as `sdp::data::loader::bench` measures them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoaderArgs {
+    /// Random 32×32×3 training images.
+    #[arg(long, default_value_t = 50_000)]
+    pub images: usize,
+    /// Per-worker batch size.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Workers (disjoint shards) per step.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Timed epochs.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+}
+
+impl LoaderArgs {
+    /// Checks every flag once; errors are usage errors (exit code 2) naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        for (flag, v) in [("--images", self.images), ("--batch", self.batch), ("--workers", self.workers)] {
+            if v == 0 {
+                return Err(usage(format!("{flag} must be at least 1")));
+            }
+        }
+        if self.epochs == 0 {
+            return Err(usage("--epochs must be at least 1".into()));
+        }
+        if self.images < self.workers * self.batch {
+            return Err(usage(format!(
+                "--images {} is fewer than one step of --workers {} × --batch {}",
+                self.images, self.workers, self.batch
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Arguments of `sdp bench step`, as typed on the command line; [`StepArgs::validate`] turns them into
@@ -227,6 +270,29 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("{}", r.line());
             Ok(())
         }
+        BenchCommand::Loader(a) => {
+            a.validate()?;
+            let set = std::sync::Arc::new(crate::data::loader::random_images(0, a.images, 32, 32, 3)?);
+            // CIFAR-10's constants; the cost does not depend on them.
+            let cfg = crate::data::augment::AugmentCfg {
+                crop_pad: 4,
+                flip: true,
+                mean: [0.4914, 0.4822, 0.4465],
+                std: [0.2470, 0.2435, 0.2616],
+            };
+            eprintln!(
+                "bench loader: {} random 32x32x3 images, {} worker(s) x batch {}, crop pad 4 + flip + normalise, \
+                 {} epochs, {} threads",
+                a.images,
+                a.workers,
+                a.batch,
+                a.epochs,
+                rayon::current_num_threads()
+            );
+            let img_s = crate::data::loader::bench(set, cfg, a.workers, a.batch, a.epochs)?;
+            println!("img_s={img_s:.0}");
+            Ok(())
+        }
     }
 }
 
@@ -357,9 +423,9 @@ fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
 #[cfg(feature = "cuda")]
 fn device_used_bytes(device: &Device) -> Option<u64> {
     let Device::Cuda(d) = device else { return None };
-    let _ = d;
-    let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
-    Some((total - free) as u64)
+    // Binds the device's context to this thread first, then asks the driver.
+    let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+    Some(total.saturating_sub(free) as u64)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -382,7 +448,25 @@ mod tests {
         let argv = std::iter::once("bench").chain(line.split_whitespace());
         match Cli::parse_from(argv).bench {
             BenchCommand::Step(a) => a,
+            BenchCommand::Loader(_) => panic!("`{line}` is not a step bench"),
         }
+    }
+
+    fn loader_err(line: &str) -> String {
+        let argv = std::iter::once("bench").chain(line.split_whitespace());
+        let BenchCommand::Loader(a) = Cli::parse_from(argv).bench else { panic!("`{line}` is not a loader bench") };
+        let e = a.validate().expect_err("should be rejected");
+        assert!(e.is::<SpecError>(), "not a usage error: {e:#}");
+        format!("{e:#}")
+    }
+
+    #[test]
+    fn bad_loader_flags_are_usage_errors_naming_the_flag() {
+        assert!(loader_err("loader --batch 0").contains("--batch must be at least 1"));
+        assert!(loader_err("loader --workers 0").contains("--workers must be at least 1"));
+        assert!(loader_err("loader --epochs 0").contains("--epochs must be at least 1"));
+        let e = loader_err("loader --images 100 --workers 2 --batch 64");
+        assert!(e.contains("--images 100 is fewer than one step of --workers 2 × --batch 64"), "{e}");
     }
 
     fn err(line: &str) -> String {

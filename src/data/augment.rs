@@ -23,12 +23,31 @@ pub fn draw(epoch_key: u64, index: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Writes image `index` of `set`, augmented with `bits` (from [`draw`]; `None` = no augmentation), as
-/// normalised CHW f32 into `out` (length c·h·w).
-pub fn write_image(set: &ImageSet, index: usize, cfg: &AugmentCfg, bits: Option<u64>, out: &mut [f32]) {
-    let (h, w, c) = (set.h, set.w, set.c);
-    let src = set.image(index);
-    let (dy, dx, flip) = match bits {
+/// The normalisation of each channel as a table from u8 pixel value to f32: entry `v` of channel `ch` is
+/// `v·scale + shift` with `scale = 1/(255·std)`, `shift = -mean/std`, computed with exactly the expression a
+/// per-pixel loop would use, so that the table changes no bit of the output. Built once per batch.
+#[derive(Clone, Debug)]
+pub struct Normalizer {
+    lut: Vec<[f32; 256]>,
+}
+
+impl Normalizer {
+    /// The tables of the `c` channels (channels beyond the third reuse the third's constants).
+    pub fn new(cfg: &AugmentCfg, c: usize) -> Self {
+        let lut = (0..c)
+            .map(|ch| {
+                let scale = 1.0 / (255.0 * cfg.std[ch.min(2)]);
+                let shift = -cfg.mean[ch.min(2)] / cfg.std[ch.min(2)];
+                std::array::from_fn(|v| v as f32 * scale + shift)
+            })
+            .collect();
+        Self { lut }
+    }
+}
+
+/// The crop offsets `(dy, dx)` and flip that `bits` select (all zero/false without augmentation).
+fn crop_and_flip(cfg: &AugmentCfg, bits: Option<u64>) -> (isize, isize, bool) {
+    match bits {
         Some(b) if cfg.crop_pad > 0 || cfg.flip => {
             let span = (2 * cfg.crop_pad + 1) as u64;
             let dy = (b % span) as isize - cfg.crop_pad as isize;
@@ -37,19 +56,58 @@ pub fn write_image(set: &ImageSet, index: usize, cfg: &AugmentCfg, bits: Option<
             (dy, dx, flip)
         }
         _ => (0, 0, false),
-    };
-    let scale: Vec<f32> = (0..c).map(|ch| 1.0 / (255.0 * cfg.std[ch.min(2)])).collect();
-    let shift: Vec<f32> = (0..c).map(|ch| -cfg.mean[ch.min(2)] / cfg.std[ch.min(2)]).collect();
-    for y in 0..h {
-        let sy = y as isize + dy;
-        for x in 0..w {
-            // A flip mirrors the crop window: output x reads source column w-1-x (then shifted).
-            let xx = if flip { w - 1 - x } else { x };
-            let sx = xx as isize + dx;
-            let inside = sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize;
-            for ch in 0..c {
-                let v = if inside { src[(sy as usize * w + sx as usize) * c + ch] as f32 } else { 0.0 };
-                out[ch * h * w + y * w + x] = v * scale[ch] + shift[ch];
+    }
+}
+
+/// Writes image `index` of `set`, augmented with `bits` (from [`draw`]; `None` = no augmentation), as
+/// normalised CHW f32 into `out` (length c·h·w).
+pub fn write_image(set: &ImageSet, index: usize, cfg: &AugmentCfg, bits: Option<u64>, out: &mut [f32]) {
+    write_image_with(set, index, cfg, &Normalizer::new(cfg, set.c), bits, out);
+}
+
+/// [`write_image`] with the normalisation tables built by the caller (once per batch, not once per image).
+///
+/// Output pixel (y, x) reads source pixel (y + dy, x' + dx), where x' = w-1-x under a flip (the flip mirrors
+/// the crop window); source pixels outside the image are zero. Each output row is therefore a run of
+/// zero-pixel values, a contiguous (or, flipped, reversed) run of one source row, and another zero run: the
+/// loop works on those runs instead of testing every pixel.
+pub fn write_image_with(
+    set: &ImageSet,
+    index: usize,
+    cfg: &AugmentCfg,
+    norm: &Normalizer,
+    bits: Option<u64>,
+    out: &mut [f32],
+) {
+    let (h, w, c) = (set.h, set.w, set.c);
+    let src = set.image(index);
+    let (dy, dx, flip) = crop_and_flip(cfg, bits);
+    // Output columns x0..x1 read inside the source row: unflipped sx = x + dx, flipped sx = w-1-x + dx.
+    let (wi, hi) = (w as isize, h as isize);
+    let (lo, hi_x) = if flip { (dx, wi + dx) } else { (-dx, wi - dx) };
+    let x0 = lo.clamp(0, wi) as usize;
+    let x1 = (hi_x.clamp(0, wi) as usize).max(x0);
+    // First source column of the run (the leftmost one read, whichever direction it is read in).
+    let sx0 = if flip { (wi - x1 as isize + dx).max(0) as usize } else { (x0 as isize + dx).max(0) as usize };
+    let run = x1 - x0;
+    for (ch, plane) in out.chunks_exact_mut(h * w).take(c).enumerate() {
+        let lut = &norm.lut[ch];
+        let pad = lut[0];
+        for (y, o) in plane.chunks_exact_mut(w).enumerate() {
+            let sy = y as isize + dy;
+            if sy < 0 || sy >= hi || run == 0 {
+                o.fill(pad);
+                continue;
+            }
+            o[..x0].fill(pad);
+            o[x1..].fill(pad);
+            let row = &src[(sy as usize * w + sx0) * c..(sy as usize * w + sx0 + run) * c];
+            let px = row.chunks_exact(c).map(|p| lut[p[ch] as usize]);
+            let o = &mut o[x0..x1];
+            if flip {
+                o.iter_mut().zip(px.rev()).for_each(|(o, v)| *o = v);
+            } else {
+                o.iter_mut().zip(px).for_each(|(o, v)| *o = v);
             }
         }
     }
@@ -58,6 +116,49 @@ pub fn write_image(set: &ImageSet, index: usize, cfg: &AugmentCfg, bits: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The original per-pixel implementation, kept as the specification the run-based loop must match bit
+    /// for bit (the determinism and DP-equivalence tests depend on these exact values).
+    fn reference(set: &ImageSet, index: usize, cfg: &AugmentCfg, bits: Option<u64>, out: &mut [f32]) {
+        let (h, w, c) = (set.h, set.w, set.c);
+        let src = set.image(index);
+        let (dy, dx, flip) = crop_and_flip(cfg, bits);
+        let scale: Vec<f32> = (0..c).map(|ch| 1.0 / (255.0 * cfg.std[ch.min(2)])).collect();
+        let shift: Vec<f32> = (0..c).map(|ch| -cfg.mean[ch.min(2)] / cfg.std[ch.min(2)]).collect();
+        for y in 0..h {
+            let sy = y as isize + dy;
+            for x in 0..w {
+                let xx = if flip { w - 1 - x } else { x };
+                let sx = xx as isize + dx;
+                let inside = sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize;
+                for ch in 0..c {
+                    let v = if inside { src[(sy as usize * w + sx as usize) * c + ch] as f32 } else { 0.0 };
+                    out[ch * h * w + y * w + x] = v * scale[ch] + shift[ch];
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn run_based_loop_matches_the_per_pixel_reference_bit_for_bit() -> anyhow::Result<()> {
+        // Shapes include pads wider than the image (every row or column padded) and 1 and 4 channels.
+        for (h, w, c, pad) in [(32, 32, 3, 4), (5, 7, 1, 2), (3, 2, 4, 3), (4, 4, 3, 6), (1, 1, 3, 1)] {
+            let images: Vec<u8> = (0..2 * h * w * c).map(|i| (i * 37 % 256) as u8).collect();
+            let set = ImageSet::new(images, vec![0, 1], h, w, c)?;
+            for flip in [false, true] {
+                let cfg = AugmentCfg { crop_pad: pad, flip, mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26] };
+                for i in 0..400u64 {
+                    let bits = if i == 0 { None } else { Some(draw(0xDEAD_BEEF, i as usize)) };
+                    let (mut a, mut b) = (vec![0.0; h * w * c], vec![1.0; h * w * c]);
+                    reference(&set, 1, &cfg, bits, &mut a);
+                    write_image(&set, 1, &cfg, bits, &mut b);
+                    let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{h}x{w}x{c} pad {pad} flip {flip} bits {bits:?}:\n{a:?}\n{b:?}");
+                }
+            }
+        }
+        Ok(())
+    }
 
     fn set() -> ImageSet {
         // 1 image, 2×3, 1 channel … use 3 channels with distinct values per pixel.

@@ -5,7 +5,7 @@
 //! batch is the s-th run of `b` indices of its shard. The union of the K step-s batches is therefore
 //! `perm[s·K·b .. (s+1)·K·b]`, exactly the step-s batch of one worker with batch K·b.
 
-use super::augment::{draw, write_image, AugmentCfg};
+use super::augment::{draw, write_image_with, AugmentCfg, Normalizer};
 use super::ImageSet;
 use crate::seed::{rng, Stream};
 use anyhow::{bail, Result};
@@ -47,9 +47,11 @@ impl Batch {
 /// Builds the batch of `indices` from `set`; `epoch_key` = `None` disables augmentation (evaluation).
 pub fn make_batch(set: &ImageSet, indices: &[usize], cfg: &AugmentCfg, epoch_key: Option<u64>) -> Batch {
     let per = set.c * set.h * set.w;
+    let norm = Normalizer::new(cfg, set.c);
     let mut x = vec![0f32; indices.len() * per];
-    x.par_chunks_mut(per).zip(indices.par_iter()).for_each(|(out, &i)| {
-        write_image(set, i, cfg, epoch_key.map(|k| draw(k, i)), out);
+    // An image takes a few microseconds: hand rayon runs of 16 so that scheduling does not dominate.
+    x.par_chunks_mut(per).zip(indices.par_iter()).with_min_len(16).for_each(|(out, &i)| {
+        write_image_with(set, i, cfg, &norm, epoch_key.map(|k| draw(k, i)), out);
     });
     let y = indices.iter().map(|&i| set.labels[i]).collect();
     Batch { x, y, c: set.c, h: set.h, w: set.w }
@@ -141,6 +143,29 @@ pub fn eval_batches<'a>(set: &'a ImageSet, cfg: &'a AugmentCfg, batch: usize) ->
         let idx: Vec<usize> = (start..(start + batch).min(set.len())).collect();
         make_batch(set, &idx, cfg, None)
     })
+}
+
+/// `n` random `h`×`w`×`c` images with random labels in `0..10`, drawn from the synthetic stream of `seed`
+/// (input for throughput measurements; the pixel values do not affect the loader's cost).
+pub fn random_images(seed: u64, n: usize, h: usize, w: usize, c: usize) -> Result<ImageSet> {
+    let mut r = rng(seed, Stream::Synthetic, u64::MAX, 0);
+    let mut images = vec![0u8; n * h * w * c];
+    r.fill(&mut images[..]);
+    let labels = (0..n).map(|_| r.random_range(0..10u32)).collect();
+    ImageSet::new(images, labels, h, w, c)
+}
+
+/// Augmented images per second that [`TrainLoader`] delivers over `epochs` epochs of `set` with `workers`
+/// workers of batch `batch`; the consumer only receives the batches (as a training loop would, minus the step).
+pub fn bench(set: Arc<ImageSet>, cfg: AugmentCfg, workers: usize, batch: usize, epochs: usize) -> Result<f64> {
+    let start = std::time::Instant::now();
+    let mut images = 0usize;
+    for epoch in 1..=epochs {
+        for batches in TrainLoader::start(set.clone(), cfg, 0, epoch, workers, batch)? {
+            images += batches.iter().map(Batch::len).sum::<usize>();
+        }
+    }
+    Ok(images as f64 / start.elapsed().as_secs_f64())
 }
 
 #[cfg(test)]
