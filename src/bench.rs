@@ -305,7 +305,7 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
         let st = SdpState::new(&b.spec, b.classes, dev).context("building the SDP subnetworks")?;
         // Only worker 0 is benchmarked: the global model and the other workers are dropped here.
         let w0 = st.workers.into_iter().next().context("SDP state without workers")?;
-        (Box::new(w0.net), w0.opt)
+        (w0.net, w0.opt)
     } else {
         (models::build(&b.spec.workload, b.classes, b.spec.seed, dev)?, Optimizer::new(&b.spec.optim))
     };

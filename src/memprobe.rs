@@ -79,7 +79,7 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize) -> Result<Prob
     let x = Tensor::from_vec(x, (b, 3, 32, 32), &device)?;
     let y = Tensor::from_vec(y, b, &device)?;
     let net: Box<dyn models::Net> = match (spec.method.kind, worker) {
-        (MethodKind::Sdp, Some(k)) => Box::new(SdpState::single_worker(spec, classes, k, &device)?.net),
+        (MethodKind::Sdp, Some(k)) => SdpState::single_worker(spec, classes, k, &device)?.net,
         _ => models::build(&spec.workload, classes, spec.seed, &device)?,
     };
     let params = net.store().num_params();

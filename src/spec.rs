@@ -506,9 +506,6 @@ impl RunSpec {
         if let Err(e) = crate::masking::strategy(&m.masking) {
             return err("method.masking", format!("{e:#}"));
         }
-        if m.kind == MethodKind::Sdp && w.model == ModelName::SwinT {
-            return err("workload.model", "SDP on swin_t is not implemented yet".into());
-        }
         if m.kind != MethodKind::Sdp && m.eval_mode != EvalMode::Full {
             return err("method.eval_mode", "this method has one model: only `full` applies".into());
         }

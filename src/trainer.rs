@@ -29,7 +29,7 @@ use crate::optim::{lr_at, Optimizer};
 use crate::results::{AlignRow, Final, MetricsRow, WorkerRow};
 use crate::seed::{rng, Stream};
 use crate::spec::{BnStats, EvalMode, MethodKind, Regime, RunSpec, SyncMode};
-use crate::subnet::{self, IndexMap};
+use crate::subnet::{self, Arch, IndexMap};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
 use rand::Rng;
@@ -412,7 +412,7 @@ pub fn evaluate(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, d
 /// optimizer state (local to its subnetwork).
 pub struct Worker {
     /// Forward regime: the physical subnetwork. Backward regime: the full model.
-    pub net: ResNet,
+    pub net: Box<dyn Net>,
     /// For every tensor the worker trains, the global coordinates it holds (its local coordinates).
     pub maps: BTreeMap<String, IndexMap>,
     pub opt: Optimizer,
@@ -490,8 +490,8 @@ impl Worker {
 
 /// The state of an SDP run: the assembled global model and the K workers.
 pub struct SdpState {
-    pub cfg: ResNetConfig,
-    pub global: ResNet,
+    pub arch: Arch,
+    pub global: Box<dyn Net>,
     pub workers: Vec<Worker>,
     pub units: Vec<Unit>,
     pub selection: Selection,
@@ -518,13 +518,13 @@ impl SdpState {
     }
 
     fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>) -> Result<Self> {
-        let cfg = models::resnet_config(&spec.workload, num_classes)?;
-        let global = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, device))?;
+        let arch = Arch::of(&spec.workload, num_classes)?;
+        let global = arch.build(None, 1.0, Builder::from_seed(spec.seed, device))?;
         let strategy = masking::strategy(&spec.method.masking)?;
-        let units = cfg.units(strategy.kind());
+        let units = arch.units(strategy.kind());
         let shapes = subnet::shapes(global.store());
         let mut st = Self {
-            cfg,
+            arch,
             global,
             workers: Vec::new(),
             units,
@@ -548,21 +548,21 @@ impl SdpState {
         let strategy = masking::strategy(&m.masking)?;
         let mut r = rng(spec.seed, Stream::Mask, draw, 0);
         self.selection = strategy.select(&self.units, m.workers, m.coverage, &mut r)?;
-        let keeps = subnet::resnet_keeps(&self.cfg, &self.units, &self.selection.holds);
+        let keeps = subnet::keeps(&self.arch.block_widths(), &self.units, &self.selection.holds);
         let values: BTreeMap<String, Tensor> = {
             let s = self.global.store();
             s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
         };
         self.workers.clear();
         for (k, keep) in keeps.iter().enumerate().filter(|(k, _)| only.is_none_or(|o| o == *k)) {
-            let (plan, maps) = subnet::resnet_subnet(&self.cfg, &self.shapes, keep, 1.0);
+            let maps = self.arch.maps(&self.shapes, keep);
             let full_model = m.regime == Regime::Backward;
             let net = if full_model {
-                ResNet::new(&self.cfg, &self.cfg.full_plan(), Builder::from_tensors(&values, device))?
+                self.arch.build(None, 1.0, Builder::from_tensors(&values, device))?
             } else {
                 let local: BTreeMap<String, Tensor> =
                     maps.iter().map(|(n, map)| Ok((n.clone(), map.gather(&values[n])?))).collect::<Result<_>>()?;
-                ResNet::new(&self.cfg, &plan, Builder::from_tensors(&local, device))?
+                self.arch.build(Some(keep), 1.0, Builder::from_tensors(&local, device))?
             };
             let units_held = self.selection.holds[k].iter().filter(|&&h| h).count();
             self.workers.push(Worker { net, maps, opt: Optimizer::new(&spec.optim), units_held, full_model });
@@ -702,7 +702,7 @@ pub fn sdp_step(
     for (k, batch) in batches.iter().enumerate() {
         let (x, y) = batch.to_tensors(device)?;
         let worker = &st.workers[k];
-        let (loss, grads) = loss_and_grads(&worker.net, &x, &y)?;
+        let (loss, grads) = loss_and_grads(worker.net.as_ref(), &x, &y)?;
         let grads = worker.local_grads(grads)?;
         if align {
             let cosine = st.alignment_of(k, &grads, &x, &y)?;
@@ -737,10 +737,8 @@ pub fn sdp_step(
 
 impl SdpState {
     /// The global model rebuilt with a per-block plan scale (stochastic-depth-style evaluation).
-    fn scaled_global(&self, scale: f64, device: &Device) -> Result<ResNet> {
-        let values = self.global_values();
-        let plan: Vec<BlockPlan> = self.cfg.full_plan().into_iter().map(|p| BlockPlan { scale, ..p }).collect();
-        Ok(ResNet::new(&self.cfg, &plan, Builder::from_tensors(&values, device))?)
+    fn scaled_global(&self, scale: f64, device: &Device) -> Result<Box<dyn Net>> {
+        Ok(self.arch.build(None, scale, Builder::from_tensors(&self.global_values(), device))?)
     }
 
     fn global_values(&self) -> BTreeMap<String, Tensor> {
@@ -753,7 +751,7 @@ impl SdpState {
     fn alignment_of(&self, k: usize, local: &BTreeMap<String, Tensor>, x: &Tensor, y: &Tensor) -> Result<f64> {
         let store = self.global.store();
         let saved = store.buffer_tensors()?;
-        let (_, full) = loss_and_grads(&self.global, x, y)?;
+        let (_, full) = loss_and_grads(self.global.as_ref(), x, y)?;
         store.set_buffers(&saved)?;
         let (mut dot, mut n_local, mut n_full) = (0.0f64, 0.0f64, 0.0f64);
         for (name, g) in local {
@@ -828,13 +826,13 @@ pub fn evaluate_sdp(
     let mut out = BTreeMap::new();
     // Recalibrated copy: BN statistics recomputed on training batches in train mode, no gradient.
     let recal = st.scaled_global(1.0, device)?;
-    recalibrate_bn(&recal, data, aug, batch, spec.seed, device)?;
+    recalibrate_bn(recal.as_ref(), data, aug, batch, spec.seed, device)?;
     let full = if spec.method.bn_stats == BnStats::Recompute { &recal } else { &st.global };
-    out.insert(EvalMode::Full, evaluate(full, data, aug, batch, device)?);
-    out.insert(EvalMode::Recal, evaluate(&recal, data, aug, batch, device)?);
+    out.insert(EvalMode::Full, evaluate(full.as_ref(), data, aug, batch, device)?);
+    out.insert(EvalMode::Recal, evaluate(recal.as_ref(), data, aug, batch, device)?);
     let frac = st.holder_fraction();
     let scaled = if frac < 1.0 {
-        evaluate(&st.scaled_global(frac, device)?, data, aug, batch, device)?
+        evaluate(st.scaled_global(frac, device)?.as_ref(), data, aug, batch, device)?
     } else {
         out[&EvalMode::Full]
     };

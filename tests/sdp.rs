@@ -468,3 +468,45 @@ fn gradient_alignment_is_one_at_full_coverage_only() -> Result<()> {
     }
     Ok(())
 }
+
+/// SDP works on swin_t too: C = 1 equals DP; at C = 0.5 workers hold physically smaller subnetworks
+/// (block masking drops whole Swin blocks, neuron masking narrows their MLPs).
+#[test]
+fn sdp_on_a_tiny_swin() -> Result<()> {
+    let dev = Device::Cpu;
+    let base = ["workload.model=swin_t", "workload.widths=[8, 16]", "workload.depths=[2, 2]", "optim.nesterov=false"];
+    let with = |extra: &[&str]| -> Result<RunSpec> {
+        let all: Vec<&str> = base.iter().chain(extra).copied().collect();
+        spec(&all)
+    };
+    let s = with(&[])?;
+    let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
+    let aug = AugmentCfg { crop_pad: 2, flip: true, mean: data.mean, std: data.std };
+    let train = Arc::new(data.train.clone());
+    let dp = models::build(&s.workload, 10, s.seed, &dev)?;
+    let mut opt = Optimizer::new(&s.optim);
+    let mut st = SdpState::new(&s, 10, &dev)?;
+    for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.take(2).enumerate() {
+        dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
+        sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
+    }
+    for (name, v) in &dp.store().params {
+        let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
+        assert!(d < 1e-5, "{name} differs by {d}");
+    }
+    for masking in ["block", "neuron"] {
+        let s = with(&["method.coverage=0.5", &format!("method.masking={masking}")])?;
+        let mut st = SdpState::new(&s, 10, &dev)?;
+        let total = st.global.store().num_params();
+        for w in &st.workers {
+            let n = w.net.store().num_params();
+            assert!(n < total, "{masking}: {n} of {total}");
+            let from_maps: usize = w.net.store().params.keys().map(|k| w.maps[k].local_len()).sum();
+            assert_eq!(n, from_maps);
+        }
+        let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.next().unwrap_or_default();
+        let loss = sdp_step(&mut st, &s, &batches, 0.05, 1, &dev)?;
+        assert!(loss.is_finite());
+    }
+    Ok(())
+}

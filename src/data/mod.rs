@@ -57,13 +57,43 @@ impl ImageSet {
         &self.images[i * n..(i + 1) * n]
     }
 
-    /// The first `n` images (all of them when `n >= len`).
-    pub fn truncated(mut self, n: usize) -> Self {
-        if n < self.len() {
-            self.labels.truncate(n);
-            self.images.truncate(n * self.image_bytes());
+    /// A class-stratified subset of `n` images (all of them when `n >= len`), drawn from `seed`'s data
+    /// stream: each class's images are shuffled, then classes are taken round-robin, so the subset keeps
+    /// the class balance even when the source is stored class by class (ImageFolder). Kept images stay
+    /// in their original order.
+    pub fn subset(self, n: usize, seed: u64) -> Self {
+        if n >= self.len() {
+            return self;
         }
-        self
+        let classes = self.labels.iter().max().map_or(0, |&m| m as usize + 1);
+        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
+        for (i, &l) in self.labels.iter().enumerate() {
+            by_class[l as usize].push(i);
+        }
+        let mut r = crate::seed::rng(seed, crate::seed::Stream::Data, u64::MAX, 0);
+        for c in &mut by_class {
+            rand::seq::SliceRandom::shuffle(c.as_mut_slice(), &mut r);
+        }
+        let mut keep = Vec::with_capacity(n);
+        let mut round = 0;
+        while keep.len() < n {
+            for c in &by_class {
+                if let Some(&i) = c.get(round) {
+                    if keep.len() < n {
+                        keep.push(i);
+                    }
+                }
+            }
+            round += 1;
+        }
+        keep.sort_unstable();
+        let per = self.image_bytes();
+        let mut images = Vec::with_capacity(n * per);
+        for &i in &keep {
+            images.extend_from_slice(self.image(i));
+        }
+        let labels = keep.iter().map(|&i| self.labels[i]).collect();
+        Self { images, labels, ..self }
     }
 
     /// Number of images per class, indexed by label.
@@ -138,11 +168,32 @@ pub fn load(w: &Workload, data_dir: &Path) -> Result<Dataset> {
         DatasetName::Svhn => svhn::load_svhn(data_dir)?,
         DatasetName::Folder(p) => folder::load_folder(&p)?,
     };
+    // Generated `shapes` already has the requested sizes; other sources take a stratified subset.
     if let Some(n) = w.train_samples {
-        ds.train = ds.train.truncated(n);
+        ds.train = ds.train.subset(n, w.data_seed);
     }
     if let Some(n) = w.test_samples {
-        ds.test = ds.test.truncated(n);
+        ds.test = ds.test.subset(n, w.data_seed);
     }
     Ok(ds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subset_keeps_classes_balanced_for_class_ordered_sources() -> Result<()> {
+        // 3 classes stored class by class, 10 images each, 1×1×1 pixels holding the image index.
+        let labels: Vec<u32> = (0..30).map(|i| i / 10).collect();
+        let set = ImageSet::new((0..30u8).collect(), labels, 1, 1, 1)?;
+        let sub = set.clone().subset(9, 0);
+        assert_eq!(sub.class_counts(3), vec![3, 3, 3]);
+        // Pixels still belong to their labels, and the subset depends on the seed.
+        assert!(sub.images.iter().zip(&sub.labels).all(|(&p, &l)| p as u32 / 10 == l));
+        assert_ne!(set.clone().subset(9, 1).images, sub.images);
+        assert_eq!(set.clone().subset(9, 0), sub);
+        assert_eq!(set.clone().subset(40, 0), set);
+        Ok(())
+    }
 }
