@@ -22,7 +22,7 @@ use crate::data::Dataset;
 use crate::masking::{self, Selection};
 use crate::metrics;
 use crate::models::layers::{Builder, ParamStore};
-use crate::models::resnet::{BlockDrop, BlockPlan, ResNet, ResNetConfig};
+use crate::models::resnet::{BlockDrop, ResNet, ResNetConfig};
 use crate::models::{self, Net};
 use crate::models::{Unit, UnitKind};
 use crate::optim::{lr_at, Optimizer};
@@ -84,28 +84,59 @@ fn augment_cfg(spec: &RunSpec, data: &Dataset) -> AugmentCfg {
 }
 
 fn train_dp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
+    let net = models::build(&spec.workload, data.num_classes(), spec.seed, device)?;
+    let mut opt = Optimizer::new(&spec.optim);
+    let aug = augment_cfg(spec, data);
+    let last = epoch_loop(
+        spec,
+        run_id,
+        data,
+        spec.workload.epochs,
+        obs,
+        &mut |batches, lr, _| dp_step(net.as_ref(), &mut opt, batches, lr, device),
+        &mut || single_mode(net.as_ref(), data, &aug, spec.workload.eval_batch_size, device),
+    )?;
+    obs.accounting(&dp_accounting(net.as_ref(), spec, run_id, &opt, (data.train.h, data.train.w)))?;
+    Ok(last)
+}
+
+/// How a method evaluates: (test loss, test accuracy) of the headline mode, and every mode's accuracy.
+struct Evaluation {
+    test_loss: f64,
+    test_acc: f64,
+    modes: BTreeMap<String, f64>,
+}
+
+/// The epoch loop every method shares: batches from the loader, one `step` per optimizer step (given the
+/// batches, the learning rate and the 1-based step number; returns the mean training loss), an
+/// `evaluate` every `eval_every` epochs and at the end, progress and metrics through `obs`.
+#[allow(clippy::too_many_arguments)]
+fn epoch_loop(
+    spec: &RunSpec,
+    run_id: &str,
+    data: &Dataset,
+    epochs: usize,
+    obs: &mut dyn Observer,
+    step_fn: &mut dyn FnMut(&[Batch], f64, usize) -> Result<f64>,
+    eval_fn: &mut dyn FnMut() -> Result<Evaluation>,
+) -> Result<Final> {
     let w = &spec.workload;
     let k = spec.method.workers;
-    let net = models::build(w, data.num_classes(), spec.seed, device)?;
-    let mut opt = Optimizer::new(&spec.optim);
     let aug = augment_cfg(spec, data);
     let train_set = Arc::new(data.train.clone());
     let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
-    let total = per_epoch * w.epochs;
+    let total = per_epoch * epochs;
     let start = Instant::now();
-    let mut step = 0;
-    let mut last = Final::default();
-    for epoch in 1..=w.epochs {
+    let (mut step, mut last) = (0, Final::default());
+    for epoch in 1..=epochs {
         let loader = TrainLoader::start(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size)?;
-        let (mut loss_sum, mut images) = (0.0, 0usize);
-        let t_epoch = Instant::now();
-        let mut lr = 0.0;
+        let (mut loss_sum, mut images, t_epoch, mut lr) = (0.0, 0usize, Instant::now(), 0.0);
         for batches in loader {
             if obs.interrupted() {
                 return Err(Interrupted.into());
             }
             lr = lr_at(&spec.optim, step, total, per_epoch);
-            let loss = dp_step(net.as_ref(), &mut opt, &batches, lr, device)
+            let loss = step_fn(&batches, lr, step + 1)
                 .with_context(|| format!("training step {} (epoch {epoch})", step + 1))?;
             step += 1;
             loss_sum += loss;
@@ -113,27 +144,39 @@ fn train_dp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: 
             obs.step(epoch, step, total, loss);
         }
         let img_per_s = images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
-        if epoch % w.eval_every == 0 || epoch == w.epochs {
-            let (test_loss, test_acc) = evaluate(net.as_ref(), data, &aug, w.eval_batch_size, device)?;
+        if epoch % w.eval_every == 0 || epoch == epochs {
+            let e = eval_fn()?;
             let row = MetricsRow {
                 run_id: run_id.to_string(),
                 epoch,
                 step,
                 train_loss: loss_sum / per_epoch as f64,
-                test_loss,
-                test_acc,
+                test_loss: e.test_loss,
+                test_acc: e.test_acc,
                 lr,
                 img_per_s,
                 wall_s: start.elapsed().as_secs_f64(),
-                modes: BTreeMap::from([("full".to_string(), test_acc)]),
+                modes: e.modes,
             };
             obs.eval(&row)?;
-            last =
-                Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
+            last = Final {
+                epoch,
+                step,
+                train_loss: row.train_loss,
+                test_loss: e.test_loss,
+                test_acc: e.test_acc,
+                wall_s: row.wall_s,
+                img_per_s,
+            };
         }
     }
-    obs.accounting(&dp_accounting(net.as_ref(), spec, run_id, &opt, (data.train.h, data.train.w)))?;
     Ok(last)
+}
+
+/// A single-model evaluation: the `full` mode only.
+fn single_mode(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, device: &Device) -> Result<Evaluation> {
+    let (test_loss, test_acc) = evaluate(net, data, aug, batch, device)?;
+    Ok(Evaluation { test_loss, test_acc, modes: BTreeMap::from([("full".to_string(), test_acc)]) })
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -206,64 +249,32 @@ fn train_baseline(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<Final> {
-    let w = &spec.workload;
-    let k = spec.method.workers;
-    let mut cfg = models::resnet_config(w, data.num_classes())?;
+    let mut cfg = models::resnet_config(&spec.workload, data.num_classes())?;
     if spec.method.kind == MethodKind::SmallDense {
         cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
     }
     let net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, device))?;
     let mut opt = Optimizer::new(&spec.optim);
     let aug = augment_cfg(spec, data);
-    let train_set = Arc::new(data.train.clone());
-    let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
-    let total = per_epoch * w.epochs;
-    let start = Instant::now();
-    let (mut step, mut last) = (0, Final::default());
-    for epoch in 1..=w.epochs {
-        let loader = TrainLoader::start(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size)?;
-        let (mut loss_sum, mut images, t_epoch, mut lr) = (0.0, 0usize, Instant::now(), 0.0);
-        for batches in loader {
-            if obs.interrupted() {
-                return Err(Interrupted.into());
-            }
-            lr = lr_at(&spec.optim, step, total, per_epoch);
+    // Stochastic depth evaluates with branches scaled by their survival probability.
+    let scale = if spec.method.kind == MethodKind::StochasticDepth { spec.method.coverage } else { 1.0 };
+    let last = epoch_loop(
+        spec,
+        run_id,
+        data,
+        spec.workload.epochs,
+        obs,
+        &mut |batches, lr, step| {
             let forward =
                 |i: usize, x: &Tensor| net.forward_dropping(x, true, &baseline_drops(spec, &net, step, i, device)?);
-            loss_sum += dp_step_with(&net, &mut opt, &batches, lr, device, &forward)
-                .with_context(|| format!("training step {} (epoch {epoch})", step + 1))?;
-            step += 1;
-            images += batches.iter().map(Batch::len).sum::<usize>();
-            obs.step(epoch, step, total, loss_sum / (step - (epoch - 1) * per_epoch) as f64);
-        }
-        let img_per_s = images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
-        if epoch % w.eval_every == 0 || epoch == w.epochs {
-            // Stochastic depth evaluates with branches scaled by their survival probability.
-            let scale = if spec.method.kind == MethodKind::StochasticDepth { spec.method.coverage } else { 1.0 };
-            let values: BTreeMap<String, Tensor> = {
-                let s = net.store();
-                s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
-            };
-            let plan: Vec<BlockPlan> = cfg.full_plan().into_iter().map(|p| BlockPlan { scale, ..p }).collect();
-            let eval_net = ResNet::new(&cfg, &plan, Builder::from_tensors(&values, device))?;
-            let (test_loss, test_acc) = evaluate(&eval_net, data, &aug, w.eval_batch_size, device)?;
-            let row = MetricsRow {
-                run_id: run_id.to_string(),
-                epoch,
-                step,
-                train_loss: loss_sum / per_epoch as f64,
-                test_loss,
-                test_acc,
-                lr,
-                img_per_s,
-                wall_s: start.elapsed().as_secs_f64(),
-                modes: BTreeMap::from([("full".to_string(), test_acc)]),
-            };
-            obs.eval(&row)?;
-            last =
-                Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
-        }
-    }
+            dp_step_with(&net, &mut opt, batches, lr, device, &forward)
+        },
+        &mut || {
+            let arch = Arch::ResNet(cfg.clone());
+            let eval_net = arch.build(None, scale, Builder::from_tensors(&net.store().values(), device))?;
+            single_mode(eval_net.as_ref(), data, &aug, spec.workload.eval_batch_size, device)
+        },
+    )?;
     let mut acc = dp_accounting(&net, spec, run_id, &opt, (data.train.h, data.train.w));
     acc.extra.insert("widths".into(), serde_json::json!(cfg.widths));
     obs.accounting(&acc)?;
@@ -549,10 +560,7 @@ impl SdpState {
         let mut r = rng(spec.seed, Stream::Mask, draw, 0);
         self.selection = strategy.select(&self.units, m.workers, m.coverage, &mut r)?;
         let keeps = subnet::keeps(&self.arch.block_widths(), &self.units, &self.selection.holds);
-        let values: BTreeMap<String, Tensor> = {
-            let s = self.global.store();
-            s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
-        };
+        let values = self.global.store().values();
         self.workers.clear();
         for (k, keep) in keeps.iter().enumerate().filter(|(k, _)| only.is_none_or(|o| o == *k)) {
             let maps = self.arch.maps(&self.shapes, keep);
@@ -627,61 +635,36 @@ impl SdpState {
 }
 
 fn train_sdp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
-    let w = &spec.workload;
     let m = &spec.method;
-    let k = m.workers;
-    let mut st = SdpState::new(spec, data.num_classes(), device)?;
+    let st = std::cell::RefCell::new(SdpState::new(spec, data.num_classes(), device)?);
     let aug = augment_cfg(spec, data);
-    let train_set = Arc::new(data.train.clone());
-    let epochs = spec.train_epochs();
-    let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
-    let total = per_epoch * epochs;
-    let start = Instant::now();
-    let mut step = 0;
-    let mut last = Final::default();
-    for epoch in 1..=epochs {
-        let loader = TrainLoader::start(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size)?;
-        let (mut loss_sum, mut images) = (0.0, 0usize);
-        let t_epoch = Instant::now();
-        let mut lr = 0.0;
-        for batches in loader {
-            if obs.interrupted() {
-                return Err(Interrupted.into());
-            }
-            if m.resample_every > 0 && step > 0 && step % m.resample_every == 0 {
+    let last = epoch_loop(
+        spec,
+        run_id,
+        data,
+        spec.train_epochs(),
+        obs,
+        &mut |batches, lr, step| {
+            let mut st = st.borrow_mut();
+            if m.resample_every > 0 && step > 1 && (step - 1) % m.resample_every == 0 {
                 st.sync_params(true)?;
-                st.redraw(spec, (step / m.resample_every) as u64, device)?;
+                st.redraw(spec, ((step - 1) / m.resample_every) as u64, device)?;
             }
-            lr = lr_at(&spec.optim, step, total, per_epoch);
-            let loss = sdp_step(&mut st, spec, &batches, lr, step + 1, device)
-                .with_context(|| format!("training step {} (epoch {epoch})", step + 1))?;
-            step += 1;
-            loss_sum += loss;
-            images += batches.iter().map(Batch::len).sum::<usize>();
-            obs.step(epoch, step, total, loss);
-        }
-        let img_per_s = images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
-        if epoch % w.eval_every == 0 || epoch == epochs {
+            sdp_step(&mut st, spec, batches, lr, step, device)
+        },
+        &mut || {
+            let mut st = st.borrow_mut();
             st.sync_params(true)?;
             let modes = evaluate_sdp(&st, spec, data, &aug, device)?;
             let (test_loss, test_acc) = modes[&m.eval_mode];
-            let row = MetricsRow {
-                run_id: run_id.to_string(),
-                epoch,
-                step,
-                train_loss: loss_sum / per_epoch as f64,
+            Ok(Evaluation {
                 test_loss,
                 test_acc,
-                lr,
-                img_per_s,
-                wall_s: start.elapsed().as_secs_f64(),
                 modes: modes.iter().map(|(k, v)| (k.name().to_string(), v.1)).collect(),
-            };
-            obs.eval(&row)?;
-            last =
-                Final { epoch, step, train_loss: row.train_loss, test_loss, test_acc, wall_s: row.wall_s, img_per_s };
-        }
-    }
+            })
+        },
+    )?;
+    let st = st.into_inner();
     obs.accounting(&st.accounting(spec, run_id, (data.train.h, data.train.w)))?;
     Ok(last)
 }
@@ -742,8 +725,7 @@ impl SdpState {
     }
 
     fn global_values(&self) -> BTreeMap<String, Tensor> {
-        let s = self.global.store();
-        s.params.iter().chain(&s.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+        self.global.store().values()
     }
 
     /// Cosine between worker k's local gradient and the full (global) model's gradient on the same batch,

@@ -27,6 +27,11 @@ impl ParamStore {
         self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
     }
 
+    /// Current values of every parameter and buffer, detached, by name.
+    pub fn values(&self) -> BTreeMap<String, Tensor> {
+        self.params.iter().chain(&self.buffers).map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+
     /// Current buffer values, detached (copied: buffers are updated in place by training forwards).
     pub fn buffer_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         self.buffers.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect()
