@@ -108,15 +108,18 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
     /// Benchmark one SDP worker's physical subnetwork instead of the full model: a masking strategy
-    /// (block, neuron, random_block). ResNet family only.
+    /// (block, neuron, random_block).
     #[arg(long)]
     pub masking: Option<String>,
     /// SDP coverage C in (0, 1] (with --masking).
     #[arg(long, default_value_t = 0.5)]
     pub coverage: f64,
-    /// SDP workers K (with --masking); worker 0's subnetwork is benchmarked.
+    /// SDP workers K (with --masking).
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
+    /// Which SDP worker's subnetwork to benchmark (with --masking): 0..K.
+    #[arg(long, default_value_t = 0)]
+    pub worker: usize,
     /// Seed of the weights, the masks and the random input.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -126,6 +129,8 @@ pub struct StepArgs {
 #[derive(Debug, Clone)]
 pub struct StepBench {
     pub spec: RunSpec,
+    /// The SDP worker benchmarked (with masking).
+    pub worker: usize,
     pub device: Device,
     pub steps: usize,
     pub warmup: usize,
@@ -216,12 +221,12 @@ impl StepArgs {
         }
         .map_err(|e| usage(format!("{e:#}")))?;
         if let Some(name) = &self.masking {
-            if model == ModelName::SwinT {
-                return Err(usage("--masking: SDP subnetworks are implemented for the ResNet family only".into()));
-            }
             masking::strategy(name).map_err(|e| usage(format!("--masking: {e:#}")))?;
             if self.workers == 0 {
                 return Err(usage("--workers must be at least 1".into()));
+            }
+            if self.worker >= self.workers {
+                return Err(usage(format!("--worker {} does not exist with --workers {}", self.worker, self.workers)));
             }
             if !(self.coverage > 0.0 && self.coverage <= 1.0) {
                 return Err(usage(format!("--coverage must be in (0, 1], got {}", self.coverage)));
@@ -233,6 +238,7 @@ impl StepArgs {
         }
         Ok(StepBench {
             spec,
+            worker: self.worker,
             device,
             steps: self.steps,
             warmup: self.warmup,
@@ -249,7 +255,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let b = a.validate()?;
             let what = match &a.masking {
                 Some(m) => {
-                    format!("{} (SDP worker 0 of K={}, masking {m}, coverage {})", a.model, a.workers, a.coverage)
+                    format!(
+                        "{} (SDP worker {} of K={}, masking {m}, coverage {})",
+                        a.model, a.worker, a.workers, a.coverage
+                    )
                 }
                 None => a.model.clone(),
             };
@@ -302,10 +311,9 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     let mem0 = MemProbe::new(dev)?;
     // One SDP worker's physical subnetwork, or the full model.
     let (net, mut opt): (Box<dyn Net>, Optimizer) = if b.spec.method.kind == MethodKind::Sdp {
-        let st = SdpState::new(&b.spec, b.classes, dev).context("building the SDP subnetworks")?;
-        // Only worker 0 is benchmarked: the global model and the other workers are dropped here.
-        let w0 = st.workers.into_iter().next().context("SDP state without workers")?;
-        (w0.net, w0.opt)
+        // Only this worker is built: the global model it is gathered from is dropped here.
+        let w = SdpState::single_worker(&b.spec, b.classes, b.worker, dev).context("building the SDP subnetwork")?;
+        (w.net, w.opt)
     } else {
         (models::build(&b.spec.workload, b.classes, b.spec.seed, dev)?, Optimizer::new(&b.spec.optim))
     };
@@ -483,7 +491,8 @@ mod tests {
         assert!(err("step --model resnet18 --batch 2 --device tpu").contains("invalid --device `tpu`"));
         assert!(err("step --model resnet18 --batch 2 --masking stripes").contains("unknown masking strategy"));
         assert!(err("step --model resnet18 --batch 2 --masking block --coverage 1.5").contains("(0, 1]"));
-        assert!(err("step --model swin_t --batch 2 --masking block").contains("ResNet family only"));
+        assert!(err("step --model resnet18 --batch 2 --masking block --workers 4 --worker 4")
+            .contains("--worker 4 does not exist with --workers 4"));
         assert!(err("step --model resnet --widths 8,16 --depths 1 --batch 2").contains("widths has 2 stages"));
     }
 

@@ -42,7 +42,7 @@ fn reset_peak() -> Result<()> {
 
 /// Number of classes of a run's dataset, without loading the images.
 pub fn num_classes(spec: &RunSpec) -> Result<usize> {
-    Ok(match spec.dataset() {
+    Ok(match spec.dataset()? {
         DatasetName::Shapes | DatasetName::Cifar10 | DatasetName::Svhn => 10,
         DatasetName::Cifar100 => 100,
         DatasetName::Folder(p) => {

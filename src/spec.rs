@@ -389,9 +389,10 @@ impl DatasetName {
 }
 
 impl RunSpec {
-    pub fn dataset(&self) -> DatasetName {
-        // Validated when the spec was loaded.
-        DatasetName::parse(&self.workload.dataset).unwrap_or(DatasetName::Shapes)
+    /// The dataset `workload.dataset` names (checked when a spec file is loaded; a resolved spec read back
+    /// from a manifest is checked here).
+    pub fn dataset(&self) -> Result<DatasetName> {
+        DatasetName::parse(&self.workload.dataset).map_err(|e| anyhow!("workload.dataset: {e}"))
     }
 
     /// The spec with fields that cannot affect the run reset to their defaults, so that equal runs get
