@@ -209,6 +209,10 @@ pub struct Method {
     /// on the full model from training data before each evaluation.
     #[serde(default)]
     pub bn_stats: BnStats,
+    /// SDP, forward regime: multiply kept activations by 1/keep in training (HeteroFL-style scaler): a held
+    /// block's residual branch by K/m, a block's internal activations by n_b / kept_b.
+    #[serde(default)]
+    pub rescale: bool,
     /// SDP: redraw the masks every this many steps (0: fixed for the run).
     #[serde(default)]
     pub resample_every: usize,
@@ -235,6 +239,7 @@ impl Default for Method {
             sync: SyncMode::Params,
             sync_every: 1,
             bn_stats: BnStats::Average,
+            rescale: false,
             resample_every: 0,
             eval_mode: EvalMode::Full,
             budget: Budget::SameSteps,
@@ -500,6 +505,9 @@ impl RunSpec {
         }
         if !(m.coverage > 0.0 && m.coverage <= 1.0) {
             return err("method.coverage", format!("must be in (0, 1], got {}", m.coverage));
+        }
+        if m.rescale && m.regime == Regime::Backward {
+            return err("method.rescale", "applies to the forward regime (workers run their subnetworks)".into());
         }
         if m.sync_every == 0 {
             return err("method.sync_every", "must be at least 1".into());

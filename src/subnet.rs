@@ -139,14 +139,29 @@ impl Arch {
     }
 
     /// The network holding `keeps` (all blocks at full width: the full model), residual branches scaled
-    /// by `scale`, with values from `b`.
-    pub fn build(&self, keeps: Option<&[Keep]>, scale: f64, b: Builder) -> Result<Box<dyn Net>> {
+    /// by `scale`, with values from `b`. `rescale[b]` = (branch, internal) multipliers of block b in
+    /// training (`method.rescale`); `None`: 1.
+    pub fn build(
+        &self,
+        keeps: Option<&[Keep]>,
+        scale: f64,
+        rescale: Option<&[(f64, f64)]>,
+        b: Builder,
+    ) -> Result<Box<dyn Net>> {
+        let factor = |i: usize| rescale.and_then(|r| r.get(i)).copied().unwrap_or((1.0, 1.0));
         Ok(match self {
             Self::ResNet(c) => {
                 let plan: Vec<BlockPlan> = match keeps {
-                    Some(k) => {
-                        k.iter().map(|k| BlockPlan { residual: k.residual, mid: k.channels.len(), scale }).collect()
-                    }
+                    Some(k) => k
+                        .iter()
+                        .enumerate()
+                        .map(|(i, k)| BlockPlan {
+                            residual: k.residual,
+                            mid: k.channels.len(),
+                            scale: scale * factor(i).0,
+                            mid_scale: factor(i).1,
+                        })
+                        .collect(),
                     None => c.full_plan().into_iter().map(|p| BlockPlan { scale, ..p }).collect(),
                 };
                 Box::new(ResNet::new(c, &plan, b)?)
@@ -155,7 +170,13 @@ impl Arch {
                 let plan: Vec<SwinBlockPlan> = match keeps {
                     Some(k) => k
                         .iter()
-                        .map(|k| SwinBlockPlan { present: k.residual, mlp_hidden: k.channels.len(), scale })
+                        .enumerate()
+                        .map(|(i, k)| SwinBlockPlan {
+                            present: k.residual,
+                            mlp_hidden: k.channels.len(),
+                            scale: scale * factor(i).0,
+                            mlp_scale: factor(i).1,
+                        })
                         .collect(),
                     None => c.full_plan().into_iter().map(|p| SwinBlockPlan { scale, ..p }).collect(),
                 };
@@ -251,7 +272,10 @@ pub fn resnet_subnet(
     keeps: &[Keep],
     scale: f64,
 ) -> (Vec<BlockPlan>, BTreeMap<String, IndexMap>) {
-    let plan = keeps.iter().map(|k| BlockPlan { residual: k.residual, mid: k.channels.len(), scale }).collect();
+    let plan = keeps
+        .iter()
+        .map(|k| BlockPlan { residual: k.residual, mid: k.channels.len(), scale, mid_scale: 1.0 })
+        .collect();
     (plan, Arch::ResNet(cfg.clone()).maps(shapes, keeps))
 }
 

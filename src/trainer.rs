@@ -271,7 +271,7 @@ fn train_baseline(
         },
         &mut || {
             let arch = Arch::ResNet(cfg.clone());
-            let eval_net = arch.build(None, scale, Builder::from_tensors(&net.store().values(), device))?;
+            let eval_net = arch.build(None, scale, None, Builder::from_tensors(&net.store().values(), device))?;
             single_mode(eval_net.as_ref(), data, &aug, spec.workload.eval_batch_size, device)
         },
     )?;
@@ -530,7 +530,7 @@ impl SdpState {
 
     fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>) -> Result<Self> {
         let arch = Arch::of(&spec.workload, num_classes)?;
-        let global = arch.build(None, 1.0, Builder::from_seed(spec.seed, device))?;
+        let global = arch.build(None, 1.0, None, Builder::from_seed(spec.seed, device))?;
         let strategy = masking::strategy(&spec.method.masking)?;
         let units = arch.units(strategy.kind());
         let shapes = subnet::shapes(global.store());
@@ -559,18 +559,30 @@ impl SdpState {
         let strategy = masking::strategy(&m.masking)?;
         let mut r = rng(spec.seed, Stream::Mask, draw, 0);
         self.selection = strategy.select(&self.units, m.workers, m.coverage, &mut r)?;
-        let keeps = subnet::keeps(&self.arch.block_widths(), &self.units, &self.selection.holds);
+        let widths = self.arch.block_widths();
+        let keeps = subnet::keeps(&widths, &self.units, &self.selection.holds);
         let values = self.global.store().values();
         self.workers.clear();
         for (k, keep) in keeps.iter().enumerate().filter(|(k, _)| only.is_none_or(|o| o == *k)) {
             let maps = self.arch.maps(&self.shapes, keep);
             let full_model = m.regime == Regime::Backward;
+            // HeteroFL-style scaler: kept activations × 1/keep in training (block units: the branch, kept
+            // by m of K workers; neuron units: the internal activations, kept_b of n_b per block).
+            let rescale: Option<Vec<(f64, f64)>> = m.rescale.then(|| {
+                keep.iter()
+                    .zip(&widths)
+                    .map(|(kp, &n)| match self.units.first().map(|u| u.kind) {
+                        Some(UnitKind::Block) => (m.workers as f64 / self.selection.m.max(1) as f64, 1.0),
+                        _ => (1.0, n as f64 / kp.channels.len().max(1) as f64),
+                    })
+                    .collect()
+            });
             let net = if full_model {
-                self.arch.build(None, 1.0, Builder::from_tensors(&values, device))?
+                self.arch.build(None, 1.0, None, Builder::from_tensors(&values, device))?
             } else {
                 let local: BTreeMap<String, Tensor> =
                     maps.iter().map(|(n, map)| Ok((n.clone(), map.gather(&values[n])?))).collect::<Result<_>>()?;
-                self.arch.build(Some(keep), 1.0, Builder::from_tensors(&local, device))?
+                self.arch.build(Some(keep), 1.0, rescale.as_deref(), Builder::from_tensors(&local, device))?
             };
             let units_held = self.selection.holds[k].iter().filter(|&&h| h).count();
             self.workers.push(Worker { net, maps, opt: Optimizer::new(&spec.optim), units_held, full_model });
@@ -721,7 +733,7 @@ pub fn sdp_step(
 impl SdpState {
     /// The global model rebuilt with a per-block plan scale (stochastic-depth-style evaluation).
     fn scaled_global(&self, scale: f64, device: &Device) -> Result<Box<dyn Net>> {
-        Ok(self.arch.build(None, scale, Builder::from_tensors(&self.global_values(), device))?)
+        Ok(self.arch.build(None, scale, None, Builder::from_tensors(&self.global_values(), device))?)
     }
 
     fn global_values(&self) -> BTreeMap<String, Tensor> {

@@ -362,7 +362,7 @@ fn swin_plan_drops_blocks_and_hidden_units() -> Result<()> {
     let shapes = cfg.blocks();
     // Every block dropped: only the shared parameters exist, and the blocks are the identity.
     let none: Vec<SwinBlockPlan> =
-        shapes.iter().map(|_| SwinBlockPlan { present: false, mlp_hidden: 0, scale: 1.0 }).collect();
+        shapes.iter().map(|_| SwinBlockPlan { present: false, mlp_hidden: 0, scale: 1.0, mlp_scale: 1.0 }).collect();
     let net = Swin::new(&cfg, &none, Builder::from_seed(1, &cpu()))?;
     ensure!(net.store().num_params() == cfg.shared_params());
     ensure!(!net.store().params.keys().any(|k| k.contains(".blocks.")));

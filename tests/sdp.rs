@@ -510,3 +510,46 @@ fn sdp_on_a_tiny_swin() -> Result<()> {
     }
     Ok(())
 }
+
+/// `rescale`: a no-op at C = 1; at C = 0.5 a block-masked worker's held branches are scaled by K/m = 2 and
+/// a neuron-masked worker's internal activations by n_b / kept_b in training.
+#[test]
+fn rescale_scales_kept_activations_by_the_inverse_keep() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = input(4)?;
+    let worker_out = |sets: &[&str]| -> Result<Vec<Tensor>> {
+        let st = SdpState::new(&spec(sets)?, 10, &dev)?;
+        st.workers.iter().map(|w| Ok(w.net.forward_t(&x, false)?)).collect()
+    };
+    // C = 1: nothing kept is dropped, so nothing is rescaled.
+    let (a, b) = (worker_out(&["method.rescale=true"])?, worker_out(&[])?);
+    assert!(max_diff(&a[0], &b[0])? == 0.0);
+    for masking in ["block", "neuron"] {
+        let sets = ["method.coverage=0.67", &format!("method.masking={masking}")];
+        let plain = worker_out(&sets)?;
+        let scaled = worker_out(&[sets[0], sets[1], "method.rescale=true"])?;
+        assert!(max_diff(&plain[0], &scaled[0])? > 1e-4, "{masking}: rescale changed nothing");
+        // Rebuild worker 0 by hand with the expected factors and compare.
+        let s = spec(&sets)?;
+        let st = SdpState::new(&s, 10, &dev)?;
+        let arch = sdp::subnet::Arch::of(&s.workload, 10)?;
+        let widths = arch.block_widths();
+        let keeps = sdp::subnet::keeps(&widths, &st.units, &st.selection.holds);
+        let factors: Vec<(f64, f64)> = keeps[0]
+            .iter()
+            .zip(&widths)
+            .map(
+                |(k, &n)| if masking == "block" { (3.0 / 2.0, 1.0) } else { (1.0, n as f64 / k.channels.len() as f64) },
+            )
+            .collect();
+        let by_hand = arch.build(
+            Some(&keeps[0]),
+            1.0,
+            Some(&factors),
+            Builder::from_tensors(&st.workers[0].net.store().values(), &dev),
+        )?;
+        let d = max_diff(&by_hand.forward_t(&x, false)?, &scaled[0])?;
+        assert!(d < 1e-5, "{masking}: {d}");
+    }
+    Ok(())
+}

@@ -74,7 +74,7 @@ impl ResNetConfig {
 
     /// The full model's plan: every branch present at full width.
     pub fn full_plan(&self) -> Vec<BlockPlan> {
-        self.blocks().iter().map(|b| BlockPlan { residual: true, mid: b.c_out, scale: 1.0 }).collect()
+        self.blocks().iter().map(|b| BlockPlan { residual: true, mid: b.c_out, scale: 1.0, mid_scale: 1.0 }).collect()
     }
 }
 
@@ -100,6 +100,8 @@ pub struct BlockPlan {
     pub residual: bool,
     /// Internal channels held (output of conv1, input of conv2).
     pub mid: usize,
+    /// Multiplier of the internal activations (1; `1/keep` with `method.rescale`, HeteroFL-style).
+    pub mid_scale: f64,
     /// Multiplier of the residual branch output (1 in training; holder fraction in scaled evaluation).
     pub scale: f64,
 }
@@ -115,6 +117,7 @@ struct BasicBlock {
     branch: Option<Branch>,
     shortcut: Option<(Conv2d, BatchNorm)>,
     scale: f64,
+    mid_scale: f64,
 }
 
 impl BasicBlock {
@@ -138,7 +141,7 @@ impl BasicBlock {
         } else {
             None
         };
-        Ok(Self { branch, shortcut, scale: plan.scale })
+        Ok(Self { branch, shortcut, scale: plan.scale, mid_scale: plan.mid_scale })
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool, drop: &BlockDrop) -> Result<Tensor> {
@@ -148,6 +151,7 @@ impl BasicBlock {
         };
         let Some(br) = self.branch.as_ref().filter(|_| !drop.skip) else { return skip.relu() };
         let ys = br.bn1.forward_t(&br.conv1.forward(xs)?, train)?.relu()?;
+        let ys = if self.mid_scale == 1.0 { ys } else { (ys * self.mid_scale)? };
         // Channel dropout (baseline): a per-step 0/(1/keep) multiplier per internal channel.
         let ys = match &drop.channels {
             Some(m) => ys.broadcast_mul(&m.reshape((1, m.dim(0)?, 1, 1))?)?,

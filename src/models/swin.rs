@@ -93,6 +93,8 @@ pub struct SwinBlockPlan {
     pub present: bool,
     /// MLP hidden units held.
     pub mlp_hidden: usize,
+    /// Multiplier of the MLP hidden activations (1; `1/keep` with `method.rescale`, HeteroFL-style).
+    pub mlp_scale: f64,
     /// Multiplier of both residual branches' outputs (1 in training; holder fraction in scaled evaluation).
     pub scale: f64,
 }
@@ -184,7 +186,10 @@ impl SwinConfig {
 
     /// The full model's plan: every block present with all its MLP hidden units.
     pub fn full_plan(&self) -> Vec<SwinBlockPlan> {
-        self.blocks().iter().map(|b| SwinBlockPlan { present: true, mlp_hidden: b.mlp_hidden, scale: 1.0 }).collect()
+        self.blocks()
+            .iter()
+            .map(|b| SwinBlockPlan { present: true, mlp_hidden: b.mlp_hidden, scale: 1.0, mlp_scale: 1.0 })
+            .collect()
     }
 
     /// Parameters of the full model.
@@ -382,25 +387,30 @@ impl WindowAttention {
 
 /// The MLP branch: fc1 → GELU → fc2. A worker holding none of a block's hidden units keeps only fc2's bias.
 enum Mlp {
-    Full { fc1: Linear, fc2: Linear },
+    Full { fc1: Linear, fc2: Linear, scale: f64 },
     BiasOnly(Var),
 }
 
 impl Mlp {
-    fn new(b: &mut Builder, name: &str, d: usize, hidden: usize) -> Result<Self> {
+    fn new(b: &mut Builder, name: &str, d: usize, hidden: usize, scale: f64) -> Result<Self> {
         if hidden == 0 {
             return Ok(Self::BiasOnly(b.param(&format!("{name}.fc2.bias"), &[d], Init::Const(0.0))?));
         }
         Ok(Self::Full {
             fc1: Linear::new_trunc_normal(b, &format!("{name}.fc1"), d, hidden, true)?,
             fc2: Linear::new_trunc_normal(b, &format!("{name}.fc2"), hidden, d, true)?,
+            scale,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             // GELU in its exact erf form (PyTorch's `nn.GELU()` default).
-            Self::Full { fc1, fc2 } => linear_nd(fc2, &linear_nd(fc1, xs)?.gelu_erf()?),
+            Self::Full { fc1, fc2, scale } => {
+                let hidden = linear_nd(fc1, xs)?.gelu_erf()?;
+                let hidden = if *scale == 1.0 { hidden } else { (hidden * *scale)? };
+                linear_nd(fc2, &hidden)
+            }
             Self::BiasOnly(bias) => xs.zeros_like()?.broadcast_add(bias.as_tensor()),
         }
     }
@@ -438,7 +448,7 @@ impl SwinBlock {
                 norm1: LayerNorm::new(b, &format!("{n}.norm1"), s.dim)?,
                 attn: WindowAttention::new(b, &format!("{n}.attn"), s)?,
                 norm2: LayerNorm::new(b, &format!("{n}.norm2"), s.dim)?,
-                mlp: Mlp::new(b, &format!("{n}.mlp"), s.dim, plan.mlp_hidden)?,
+                mlp: Mlp::new(b, &format!("{n}.mlp"), s.dim, plan.mlp_hidden, plan.mlp_scale)?,
                 mask,
             })
         } else {
