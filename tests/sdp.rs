@@ -45,6 +45,20 @@ fn spec(sets: &[&str]) -> Result<RunSpec> {
     Ok(spec::parse(TINY, Path::new("tiny.toml"), &sets)?.runs.remove(0).spec)
 }
 
+/// Options for `run_all` into `results` on the CPU; `memprobe`: the sdp binary to probe memory with.
+fn run_options(results: &Path, memprobe: Option<std::path::PathBuf>) -> sdp::runner::RunOptions {
+    sdp::runner::RunOptions {
+        results_dir: results.to_path_buf(),
+        data_dir: "datasets".into(),
+        device: Device::Cpu,
+        device_name: "cpu".into(),
+        force: false,
+        only: None,
+        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        memprobe,
+    }
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
@@ -291,16 +305,7 @@ fn sdp_run_records_measured_memory_and_communication() -> Result<()> {
         .map(|s| s.to_string())
         .collect();
     let exp = spec::parse(TINY, Path::new("tiny.toml"), &sets)?;
-    let opts = sdp::runner::RunOptions {
-        results_dir: dir.path().to_path_buf(),
-        data_dir: "datasets".into(),
-        device: Device::Cpu,
-        device_name: "cpu".into(),
-        force: false,
-        only: None,
-        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        memprobe: Some(env!("CARGO_BIN_EXE_sdp").into()),
-    };
+    let opts = run_options(dir.path(), Some(env!("CARGO_BIN_EXE_sdp").into()));
     assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1);
     let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
     let mut r = csv::Reader::from_path(run_dir.join("workers.csv"))?;
@@ -411,16 +416,7 @@ fn baselines_reduce_to_dp_at_full_coverage_and_run() -> Result<()> {
     assert!(p <= target && p as f64 > 0.97 * target as f64, "{p} vs target {target}");
 
     let dir = tempfile::tempdir()?;
-    let opts = sdp::runner::RunOptions {
-        results_dir: dir.path().to_path_buf(),
-        data_dir: "datasets".into(),
-        device: Device::Cpu,
-        device_name: "cpu".into(),
-        force: false,
-        only: None,
-        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        memprobe: None,
-    };
+    let opts = run_options(dir.path(), None);
     let losses = |kind: &str, coverage: &str| -> Result<String> {
         let sets = [format!("method.kind={kind}"), format!("method.coverage={coverage}")];
         let exp = spec::parse(TINY, Path::new("tiny.toml"), &sets)?;
