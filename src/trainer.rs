@@ -431,6 +431,9 @@ pub struct Worker {
     /// Backward regime: `net` is the full model; only the coordinates in `maps` are trained and averaged,
     /// the rest are refreshed from the holders at every synchronisation.
     pub full_model: bool,
+    /// Backward regime: for each partly held tensor, a global-shaped 0/1 mask of the held coordinates
+    /// (fixed while the selection is; computed once, not at every step).
+    held_masks: BTreeMap<String, Tensor>,
 }
 
 impl Worker {
@@ -490,7 +493,7 @@ impl Worker {
             let new = if map.is_full() {
                 v.as_tensor().clone()
             } else {
-                let held = map.scatter(&v.as_tensor().ones_like()?)?.gt(0f64)?;
+                let held = self.held_masks.get(&name).ok_or_else(|| anyhow::anyhow!("no held mask for {name}"))?;
                 held.where_cond(&map.scatter(v.as_tensor())?, var.as_tensor())?
             };
             var.set(&new)?;
@@ -585,7 +588,15 @@ impl SdpState {
                 self.arch.build(Some(keep), 1.0, rescale.as_deref(), Builder::from_tensors(&local, device))?
             };
             let units_held = self.selection.holds[k].iter().filter(|&&h| h).count();
-            self.workers.push(Worker { net, maps, opt: Optimizer::new(&spec.optim), units_held, full_model });
+            let mut held_masks = BTreeMap::new();
+            if full_model {
+                for (name, map) in maps.iter().filter(|(_, m)| !m.is_full()) {
+                    let ones = Tensor::ones(map.local_shape().as_slice(), candle_core::DType::F32, device)?;
+                    held_masks.insert(name.clone(), map.scatter(&ones)?.gt(0f64)?);
+                }
+            }
+            let opt = Optimizer::new(&spec.optim);
+            self.workers.push(Worker { net, maps, opt, units_held, full_model, held_masks });
         }
         self.averager = LocalAverager::new();
         Ok(())

@@ -210,6 +210,20 @@ impl CustomOp3 for BnTrain {
     }
 }
 
+/// The (B, C, spatial) dims and the slices of a backward op's inputs (x, dy), which must match.
+fn backward_inputs<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> Result<(usize, usize, usize, &'a [f32], &'a [f32])> {
+    let (b, c, sp) = dims3(l1.dims())?;
+    if l2.dims() != l1.dims() {
+        bail!("batch norm backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());
+    }
+    Ok((b, c, sp, f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "output gradient")?))
+}
+
 /// (x, dy) -> (2, C): per-channel sum(dy) and sum(dy * xhat).
 struct BnGradSums {
     mean: Vec<f32>,
@@ -222,12 +236,7 @@ impl CustomOp2 for BnGradSums {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, sp) = dims3(l1.dims())?;
-        if l2.dims() != l1.dims() {
-            bail!("batch norm backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());
-        }
-        let x = f32_slice(s1, l1, "input")?;
-        let dy = f32_slice(s2, l2, "output gradient")?;
+        let (b, c, sp, x, dy) = backward_inputs(s1, l1, s2, l2)?;
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -260,12 +269,7 @@ impl CustomOp2 for BnInputGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, sp) = dims3(l1.dims())?;
-        if l2.dims() != l1.dims() {
-            bail!("batch norm backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());
-        }
-        let x = f32_slice(s1, l1, "input")?;
-        let dy = f32_slice(s2, l2, "output gradient")?;
+        let (b, c, sp, x, dy) = backward_inputs(s1, l1, s2, l2)?;
         let n = (b * sp) as f32;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(sp)
