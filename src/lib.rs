@@ -3,6 +3,7 @@
 //! The crate is organised as in DESIGN.md §3: specs expand into runs (`spec`), runs train models (`models`,
 //! `ops`) on datasets (`data`) with a method (`trainer`, `optim`, `comm`), and write results (`results`).
 
+pub mod alloc;
 pub mod bench;
 pub mod comm;
 pub mod data;

@@ -117,6 +117,7 @@ enum ModelCommand {
 }
 
 fn main() -> ExitCode {
+    sdp::alloc::tune_for_training();
     match run() {
         Ok(code) => code,
         Err(e) => {

@@ -313,6 +313,76 @@ fn batch_norm_train_gradients_match_finite_differences() -> Result<()> {
     assert_close("dbeta vs finite differences", grads.get(&beta).context("no dbeta")?, &fd_b, 2e-3)
 }
 
+/// The fused op against batch norm from candle ops followed by candle's scale, add and ReLU:
+/// output and the gradients of x, gamma, beta and the residual, for every epilogue shape.
+#[test]
+fn batch_norm_fused_epilogues_match_composed_candle_ops() -> Result<()> {
+    let cases: [(&[usize], f64, bool, bool); 6] = [
+        (&[4, 3, 7, 5], 1.0, false, true),
+        (&[4, 3, 7, 5], 0.5, true, true),
+        (&[2, 6, 4, 4], 2.0, true, false),
+        (&[3, 4, 5, 3], 1.0, true, true),
+        (&[1, 5, 3, 3], -0.7, false, false),
+        (&[7, 10], 1.3, true, true),
+    ];
+    for (i, &(dims, scale, residual, relu)) in cases.iter().enumerate() {
+        let mut rng = ChaCha8Rng::seed_from_u64(60 + i as u64);
+        let c = dims[1];
+        let x = Var::from_tensor(&rand_tensor(&mut rng, dims)?)?;
+        let gamma = Var::from_tensor(&rand_tensor(&mut rng, &[c])?)?;
+        let beta = Var::from_tensor(&rand_tensor(&mut rng, &[c])?)?;
+        let res = Var::from_tensor(&rand_tensor(&mut rng, dims)?)?;
+        let r = rand_tensor(&mut rng, dims)?;
+        let epi = ops::Epilogue { scale, residual: residual.then_some(res.as_tensor()), relu };
+        let run = |y: Tensor| -> Result<[Tensor; 5]> {
+            let grads = (&y * &r)?.sum_all()?.backward()?;
+            let g = |t: &Tensor| grads.get(t).cloned().unwrap_or(t.zeros_like().expect("zeros"));
+            Ok([y.clone(), g(&x), g(&gamma), g(&beta), g(&res)])
+        };
+        let ours = run(ops::batch_norm_train_fused(&x, &gamma, &beta, 1e-5, &epi)?.0)?;
+        let reference = run(epi.apply(bn_reference(&x, &gamma, &beta, 1e-5)?.0)?)?;
+        for ((name, a), b) in ["y", "dx", "dgamma", "dbeta", "dresidual"].iter().zip(&ours).zip(&reference) {
+            assert_close(&format!("{dims:?} scale {scale} residual {residual} relu {relu}: {name}"), a, b, TOL)?;
+        }
+        if !residual {
+            anyhow::ensure!(ours[4].abs()?.sum_all()?.to_scalar::<f32>()? == 0.0, "gradient to an unused residual");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_fused_fallback_and_eval_match_the_fast_path() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(71);
+    let x = rand_tensor(&mut rng, &[4, 3, 5, 5])?;
+    let gamma = rand_tensor(&mut rng, &[3])?;
+    let beta = rand_tensor(&mut rng, &[3])?;
+    let res = rand_tensor(&mut rng, &[4, 3, 5, 5])?;
+    let epi = ops::Epilogue { scale: 0.8, residual: Some(&res), relu: true };
+    let (y, mean, var) = ops::batch_norm_train_fused(&x, &gamma, &beta, 1e-5, &epi)?;
+    // f64 takes the candle-op path (the one used on GPUs).
+    let to64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let res64 = to64(&res)?;
+    let epi64 = ops::Epilogue { residual: Some(&res64), ..epi };
+    let (y64, _, _) = ops::batch_norm_train_fused(&to64(&x)?, &to64(&gamma)?, &to64(&beta)?, 1e-5, &epi64)?;
+    assert_close("fallback y", &y, &y64.to_dtype(DType::F32)?, TOL)?;
+    // Evaluation with the batch's own statistics as running statistics gives the training output.
+    let y_eval = ops::batch_norm_eval_fused(&x, &gamma, &beta, &mean, &var, 1e-5, &epi)?;
+    assert_close("eval y", &y_eval, &y, TOL)
+}
+
+#[test]
+fn batch_norm_fused_rejects_a_mismatched_residual() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &dev)?;
+    let g = Tensor::ones(3, DType::F32, &dev)?;
+    let r = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev)?;
+    let epi = ops::Epilogue { residual: Some(&r), ..Default::default() };
+    expect_err(ops::batch_norm_train_fused(&x, &g, &g, 1e-5, &epi), "residual [2, 3, 4, 5] does not match input")?;
+    let epi = ops::Epilogue { scale: f64::NAN, ..Default::default() };
+    expect_err(ops::batch_norm_train_fused(&x, &g, &g, 1e-5, &epi), "scale must be finite")
+}
+
 #[test]
 fn batch_norm_train_fallback_matches_fast_path() -> Result<()> {
     // f64 input takes the candle-op path (the one used on GPUs); it must agree with the f32 kernel.

@@ -4,6 +4,7 @@
 //! PyTorch `state_dict` names and always iterated in name order (collectives and checkpoints need one order
 //! on every rank). Layers hold clones of the same `Var`s, so the maps and the layers see one set of values.
 
+use crate::ops::Epilogue;
 use crate::seed::{name_hash, rng, Stream};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -235,9 +236,16 @@ impl BatchNorm {
     }
 
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let Some(p) = &self.inner else { return Ok(xs.clone()) };
+        self.forward_fused(xs, train, &Epilogue::default())
+    }
+
+    /// `act(scale * bn(xs) + residual)` as one op (see [`crate::ops::batch_norm_train_fused`]);
+    /// without normalisation, the epilogue applied to `xs`.
+    pub fn forward_fused(&self, xs: &Tensor, train: bool, epi: &Epilogue) -> Result<Tensor> {
+        let Some(p) = &self.inner else { return epi.apply(xs.clone()) };
         if train {
-            let (ys, mean, var) = crate::ops::batch_norm_train(xs, p.weight.as_tensor(), p.bias.as_tensor(), BN_EPS)?;
+            let (ys, mean, var) =
+                crate::ops::batch_norm_train_fused(xs, p.weight.as_tensor(), p.bias.as_tensor(), BN_EPS, epi)?;
             let n = (xs.elem_count() / xs.dim(1)?) as f64;
             let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
             let m = BN_MOMENTUM;
@@ -245,13 +253,14 @@ impl BatchNorm {
             p.running_var.set(&((p.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
             Ok(ys)
         } else {
-            crate::ops::batch_norm_eval(
+            crate::ops::batch_norm_eval_fused(
                 xs,
                 p.weight.as_tensor(),
                 p.bias.as_tensor(),
                 p.running_mean.as_tensor(),
                 p.running_var.as_tensor(),
                 BN_EPS,
+                epi,
             )
         }
     }

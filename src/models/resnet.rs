@@ -8,6 +8,7 @@
 
 use super::layers::{BatchNorm, Builder, Conv2d, Linear, ParamStore};
 use super::{Net, Unit, UnitKind};
+use crate::ops::Epilogue;
 use candle_core::{Result, Tensor, D};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -145,21 +146,26 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool, drop: &BlockDrop) -> Result<Tensor> {
+        let branch = self.branch.as_ref().filter(|_| !drop.skip);
         let skip = match &self.shortcut {
-            Some((conv, bn)) => bn.forward_t(&conv.forward(xs)?, train)?,
+            // Without a branch the block's output is relu(shortcut): fused into the shortcut's BN.
+            Some((conv, bn)) => {
+                bn.forward_fused(&conv.forward(xs)?, train, &Epilogue { relu: branch.is_none(), ..Default::default() })?
+            }
+            None if branch.is_none() => xs.relu()?,
             None => xs.clone(),
         };
-        let Some(br) = self.branch.as_ref().filter(|_| !drop.skip) else { return skip.relu() };
-        let ys = br.bn1.forward_t(&br.conv1.forward(xs)?, train)?.relu()?;
-        let ys = if self.mid_scale == 1.0 { ys } else { (ys * self.mid_scale)? };
+        let Some(br) = branch else { return Ok(skip) };
+        // relu(bn1) * mid_scale = relu(mid_scale * bn1), as mid_scale > 0.
+        let epi = Epilogue { scale: self.mid_scale, relu: true, ..Default::default() };
+        let ys = br.bn1.forward_fused(&br.conv1.forward(xs)?, train, &epi)?;
         // Channel dropout (baseline): a per-step 0/(1/keep) multiplier per internal channel.
         let ys = match &drop.channels {
             Some(m) => ys.broadcast_mul(&m.reshape((1, m.dim(0)?, 1, 1))?)?,
             None => ys,
         };
-        let ys = br.bn2.forward_t(&br.conv2.forward(&ys)?, train)?;
-        let ys = if self.scale == 1.0 { ys } else { (ys * self.scale)? };
-        (ys + skip)?.relu()
+        let epi = Epilogue { scale: self.scale, residual: Some(&skip), relu: true };
+        br.bn2.forward_fused(&br.conv2.forward(&ys)?, train, &epi)
     }
 }
 
@@ -206,7 +212,8 @@ impl ResNet {
     pub fn forward_dropping(&self, xs: &Tensor, train: bool, drops: &[BlockDrop]) -> Result<Tensor> {
         let none = BlockDrop::default();
         // (B, 3, 32, 32) -> (B, widths[0], 32, 32)
-        let mut ys = self.bn1.forward_t(&self.conv1.forward(xs)?, train)?.relu()?;
+        let relu = Epilogue { relu: true, ..Default::default() };
+        let mut ys = self.bn1.forward_fused(&self.conv1.forward(xs)?, train, &relu)?;
         for (b, block) in self.blocks.iter().enumerate() {
             ys = block.forward_t(&ys, train, drops.get(b).unwrap_or(&none))?;
         }

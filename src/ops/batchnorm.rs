@@ -101,16 +101,80 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
 }
 
 /// Entry point of the CPU path: all tensors f32 on the CPU, shapes already checked.
-pub(crate) fn train_cpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn train_cpu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    epi: &Epilogue,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let x = x.contiguous()?;
     let stats = x.apply_op1_no_bwd(&ChannelStats)?.to_vec2::<f32>()?;
     let [mean, var] = [&stats[0], &stats[1]];
     let invstd = var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
-    let op = BnTrain { mean: mean.clone(), invstd };
-    let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let op = BnTrain { mean: mean.clone(), invstd, scale: epi.scale as f32, relu: epi.relu };
+    let y = match epi.residual {
+        None => x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?,
+        Some(r) => {
+            // Four inputs do not fit candle's custom ops: gamma and beta travel as one (2C) tensor,
+            // whose gradient `cat`'s backward splits again.
+            let gb = Tensor::cat(&[gamma, beta], 0)?;
+            x.apply_op3(&gb, &r.contiguous()?, BnTrainResidual(op))?
+        }
+    };
     let mean = Tensor::new(mean.as_slice(), x.device())?;
     let var = Tensor::new(var.as_slice(), x.device())?;
     Ok((y, mean, var))
+}
+
+/// What follows the normalisation in a fused batch-norm call: `y = act(scale * bn(x) + residual)`,
+/// `act` being ReLU or the identity. The default is plain batch norm.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a> {
+    /// Multiplier of the normalised output (a residual branch's scale); any finite value.
+    pub scale: f64,
+    /// Added after scaling, before the activation: (B, C, H, W) like x.
+    pub residual: Option<&'a Tensor>,
+    /// Apply ReLU last.
+    pub relu: bool,
+}
+
+impl Default for Epilogue<'_> {
+    fn default() -> Self {
+        Self { scale: 1.0, residual: None, relu: false }
+    }
+}
+
+impl Epilogue<'_> {
+    /// The epilogue from candle ops (the fallback paths, and layers without normalisation).
+    pub fn apply(&self, y: Tensor) -> Result<Tensor> {
+        let y = if self.scale == 1.0 { y } else { (y * self.scale)? };
+        let y = match self.residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        if self.relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// Validates the residual's shape and the scale against the input's.
+    pub(crate) fn check(&self, x: &Tensor) -> Result<()> {
+        if !self.scale.is_finite() {
+            bail!("batch norm: epilogue scale must be finite, got {}", self.scale);
+        }
+        if let Some(r) = self.residual {
+            if r.dims() != x.dims() {
+                bail!("batch norm: residual {:?} does not match input {:?}", r.dims(), x.dims());
+            }
+            if r.dtype() != x.dtype() {
+                bail!("batch norm: residual is {:?} but input is {:?}", r.dtype(), x.dtype());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// x (B, C, ...) -> (2, C): per-channel mean and biased variance, in one pass over x.
@@ -143,10 +207,74 @@ impl CustomOp1 for ChannelStats {
     }
 }
 
-/// (x, gamma, beta) -> y = (x - mean) * invstd * gamma + beta, with the batch statistics fixed.
+/// (x, gamma, beta) -> y = act(scale * ((x - mean) * invstd * gamma + beta)), with the batch
+/// statistics fixed.
 struct BnTrain {
     mean: Vec<f32>,
     invstd: Vec<f32>,
+    scale: f32,
+    relu: bool,
+}
+
+impl BnTrain {
+    /// y = act(a * x + b + r) per channel, with the scale folded into a and b.
+    fn forward(&self, l1: &Layout, x: &[f32], gamma: &[f32], beta: &[f32], r: Option<&[f32]>) -> Result<Vec<f32>> {
+        let (_, c, sp) = dims3(l1.dims())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(sp).with_min_len(min_planes(sp)).zip(x.par_chunks(sp)).enumerate().for_each(
+            |(idx, (yp, xp))| {
+                let ch = idx % c;
+                let a = self.scale * gamma[ch] * self.invstd[ch];
+                let b = self.scale * beta[ch] - self.mean[ch] * a;
+                match (r, self.relu) {
+                    (None, false) => yp.iter_mut().zip(xp).for_each(|(o, &v)| *o = v * a + b),
+                    (None, true) => yp.iter_mut().zip(xp).for_each(|(o, &v)| *o = (v * a + b).max(0.0)),
+                    (Some(r), relu) => {
+                        let rp = &r[idx * sp..][..sp];
+                        let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
+                        yp.iter_mut().zip(xp).zip(rp).for_each(|((o, &v), &rv)| *o = (v * a + b + rv).max(lo));
+                    }
+                }
+            },
+        );
+        Ok(y)
+    }
+
+    /// (dx, dgamma, dbeta) for the output gradient `dy`; `mask` is the output when the ReLU's
+    /// gradient mask (y > 0) still has to be applied to `dy`, `None` when it has been.
+    fn backward(&self, x: &Tensor, gamma: &Tensor, dy: &Tensor, mask: Option<&Tensor>) -> Result<[Option<Tensor>; 3]> {
+        let dy = dy.contiguous()?;
+        let mask = match mask {
+            Some(y) => Some(y.contiguous()?),
+            None => None,
+        };
+        let kernel = BnBackward {
+            mean: self.mean.clone(),
+            invstd: self.invstd.clone(),
+            scale: self.scale,
+            relu: mask.is_some(),
+            sums: None,
+        };
+        // The mask argument is ignored when `relu` is false; dy stands in for it.
+        let m = mask.as_ref().unwrap_or(&dy);
+        let sums = x.apply_op3_no_bwd(&dy, m, &kernel)?; // (2, C): sum(dy'), sum(dy' * xhat)
+        let dbeta = sums.get(0)?;
+        let dgamma = sums.get(1)?;
+        let dx = if x.track_op() {
+            let kernel = BnBackward {
+                sums: Some(BnSums {
+                    gamma: gamma.to_vec1::<f32>()?,
+                    sum_dy: dbeta.to_vec1::<f32>()?,
+                    sum_dy_xhat: dgamma.to_vec1::<f32>()?,
+                }),
+                ..kernel
+            };
+            Some(x.apply_op3_no_bwd(&dy, m, &kernel)?)
+        } else {
+            None
+        };
+        Ok([dx, Some(dgamma), Some(dbeta)])
+    }
 }
 
 impl CustomOp3 for BnTrain {
@@ -163,22 +291,10 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, sp) = dims3(l1.dims())?;
         let x = f32_slice(s1, l1, "input")?;
         let gamma = f32_slice(s2, l2, "gamma")?;
         let beta = f32_slice(s3, l3, "beta")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(sp).with_min_len(min_planes(sp)).zip(x.par_chunks(sp)).enumerate().for_each(
-            |(idx, (yp, xp))| {
-                let ch = idx % c;
-                let scale = gamma[ch] * self.invstd[ch];
-                let shift = beta[ch] - self.mean[ch] * scale;
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = v * scale + shift;
-                }
-            },
-        );
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(self.forward(l1, x, gamma, beta, None)?), l1.shape().clone()))
     }
 
     fn bwd(
@@ -186,102 +302,188 @@ impl CustomOp3 for BnTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = grad.contiguous()?;
-        let reduce = BnGradSums { mean: self.mean.clone(), invstd: self.invstd.clone() };
-        let sums = x.apply_op2_no_bwd(&dy, &reduce)?; // (2, C): sum(dy), sum(dy * xhat)
-        let dbeta = sums.get(0)?;
-        let dgamma = sums.get(1)?;
-        let dx = if x.track_op() {
-            let op = BnInputGrad {
-                mean: self.mean.clone(),
-                invstd: self.invstd.clone(),
-                gamma: gamma.to_vec1::<f32>()?,
-                sum_dy: dbeta.to_vec1::<f32>()?,
-                sum_dy_xhat: dgamma.to_vec1::<f32>()?,
-            };
-            Some(x.apply_op2_no_bwd(&dy, &op)?)
-        } else {
-            None
-        };
-        Ok((dx, Some(dgamma), Some(dbeta)))
+        let [dx, dgamma, dbeta] = self.backward(x, gamma, grad, self.relu.then_some(res))?;
+        Ok((dx, dgamma, dbeta))
     }
 }
 
-/// The (B, C, spatial) dims and the slices of a backward op's inputs (x, dy), which must match.
+/// (x, [gamma; beta], residual) -> y = act(scale * bn(x) + residual).
+struct BnTrainResidual(BnTrain);
+
+impl CustomOp3 for BnTrainResidual {
+    fn name(&self) -> &'static str {
+        "sdp-batch-norm-train-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "input")?;
+        let gb = f32_slice(s2, l2, "gamma/beta")?;
+        let r = f32_slice(s3, l3, "residual")?;
+        let (gamma, beta) = gb.split_at(gb.len() / 2);
+        Ok((CpuStorage::F32(self.0.forward(l1, x, gamma, beta, Some(r))?), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        _r: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The residual's gradient is the masked output gradient itself: compute it once and feed
+        // the batch-norm backward with it.
+        let dz = if self.0.relu { grad.apply_op2_no_bwd(res, &ReluMask)? } else { grad.clone() };
+        let c = gb.dim(0)? / 2;
+        let [dx, dgamma, dbeta] = self.0.backward(x, &gb.narrow(0, 0, c)?, &dz, None)?;
+        let dgb = match (dgamma, dbeta) {
+            (Some(g), Some(b)) => Some(Tensor::cat(&[g, b], 0)?),
+            _ => None,
+        };
+        Ok((dx, dgb, Some(dz)))
+    }
+}
+
+/// (dy, y) -> dy where y > 0, else 0: the ReLU backward from its output (as PyTorch's).
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "sdp-relu-mask"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            bail!("relu mask: gradient {:?} does not match output {:?}", l1.dims(), l2.dims());
+        }
+        let dy = f32_slice(s1, l1, "output gradient")?;
+        let y = f32_slice(s2, l2, "output")?;
+        let mut out = vec![0f32; dy.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK).zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK))).for_each(|(o, (d, y))| {
+            for ((o, &d), &y) in o.iter_mut().zip(d).zip(y) {
+                *o = if y > 0.0 { d } else { 0.0 };
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// The (B, C, spatial) dims and the slices of a backward op's inputs (x, dy, mask), which must match.
 fn backward_inputs<'a>(
     s1: &'a CpuStorage,
     l1: &Layout,
     s2: &'a CpuStorage,
     l2: &Layout,
-) -> Result<(usize, usize, usize, &'a [f32], &'a [f32])> {
+    s3: &'a CpuStorage,
+    l3: &Layout,
+) -> Result<(usize, usize, usize, [&'a [f32]; 3])> {
     let (b, c, sp) = dims3(l1.dims())?;
-    if l2.dims() != l1.dims() {
-        bail!("batch norm backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());
+    if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
+        bail!(
+            "batch norm backward: gradient {:?} / output {:?} do not match input {:?}",
+            l2.dims(),
+            l3.dims(),
+            l1.dims()
+        );
     }
-    Ok((b, c, sp, f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "output gradient")?))
+    let slices = [f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "output gradient")?, f32_slice(s3, l3, "output")?];
+    Ok((b, c, sp, slices))
 }
 
-/// (x, dy) -> (2, C): per-channel sum(dy) and sum(dy * xhat).
-struct BnGradSums {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
-}
-
-impl CustomOp2 for BnGradSums {
-    fn name(&self) -> &'static str {
-        "sdp-bn-grad-sums"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, sp, x, dy) = backward_inputs(s1, l1, s2, l2)?;
-        let sums: Vec<(f32, f32)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (s1, s2) = (0..b)
-                    .map(|bi| {
-                        let off = (bi * c + ch) * sp;
-                        plane_grad_sums(&x[off..][..sp], &dy[off..][..sp], self.mean[ch])
-                    })
-                    .fold((0.0, 0.0), |a, m| (a.0 + m.0, a.1 + m.1));
-                (s1 as f32, (s2 * self.invstd[ch] as f64) as f32)
-            })
-            .collect();
-        let out = sums.iter().map(|s| s.0).chain(sums.iter().map(|s| s.1)).collect();
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
-    }
-}
-
-/// (x, dy) -> dx, with the per-channel sums from [`BnGradSums`].
-struct BnInputGrad {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
+/// The per-channel sums the input gradient needs (the result of the first backward pass).
+#[derive(Clone)]
+struct BnSums {
     gamma: Vec<f32>,
     sum_dy: Vec<f32>,
     sum_dy_xhat: Vec<f32>,
 }
 
-impl CustomOp2 for BnInputGrad {
+/// The two backward passes over (x, dy, y), with the effective output gradient
+/// dy' = scale * dy * [y > 0 if relu]: without `sums`, (x, dy, y) -> (2, C) per-channel sum(dy')
+/// and sum(dy' * xhat); with them, (x, dy, y) -> dx.
+#[derive(Clone)]
+struct BnBackward {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    scale: f32,
+    relu: bool,
+    sums: Option<BnSums>,
+}
+
+impl BnBackward {
+    /// dy' of one plane into `out` (a copy only when a mask or a scale has to be applied).
+    fn effective<'a>(&self, dy: &'a [f32], y: &[f32], out: &'a mut Vec<f32>) -> &'a [f32] {
+        if !self.relu && self.scale == 1.0 {
+            return dy;
+        }
+        out.clear();
+        let s = self.scale;
+        if self.relu {
+            out.extend(dy.iter().zip(y).map(|(&d, &y)| if y > 0.0 { s * d } else { 0.0 }));
+        } else {
+            out.extend(dy.iter().map(|&d| s * d));
+        }
+        out
+    }
+}
+
+impl CustomOp3 for BnBackward {
     fn name(&self) -> &'static str {
-        "sdp-bn-input-grad"
+        "sdp-batch-norm-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, sp, x, dy) = backward_inputs(s1, l1, s2, l2)?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, sp, [x, dy, y]) = backward_inputs(s1, l1, s2, l2, s3, l3)?;
+        let Some(sums) = &self.sums else {
+            let sums: Vec<(f32, f32)> = (0..c)
+                .into_par_iter()
+                .map_init(Vec::new, |buf, ch| {
+                    let (s1, s2) = (0..b)
+                        .map(|bi| {
+                            let off = (bi * c + ch) * sp;
+                            let d = self.effective(&dy[off..][..sp], &y[off..][..sp], buf);
+                            plane_grad_sums(&x[off..][..sp], d, self.mean[ch])
+                        })
+                        .fold((0.0, 0.0), |a, m| (a.0 + m.0, a.1 + m.1));
+                    (s1 as f32, (s2 * self.invstd[ch] as f64) as f32)
+                })
+                .collect();
+            let out = sums.iter().map(|s| s.0).chain(sums.iter().map(|s| s.1)).collect();
+            return Ok((CpuStorage::F32(out), Shape::from((2, c))));
+        };
         let n = (b * sp) as f32;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(sp)
             .with_min_len(min_planes(sp))
-            .zip(x.par_chunks(sp).zip(dy.par_chunks(sp)))
+            .zip(x.par_chunks(sp).zip(dy.par_chunks(sp).zip(y.par_chunks(sp))))
             .enumerate()
-            .for_each(|(idx, (dxp, (xp, dyp)))| {
+            .for_each_init(Vec::new, |buf, (idx, (dxp, (xp, (dyp, yp))))| {
                 let ch = idx % c;
-                // dx = a*dy + c1*x + c0, the closed form rearranged to one multiply-add chain.
-                let a = self.gamma[ch] * self.invstd[ch];
-                let c1 = -a * self.sum_dy_xhat[ch] * self.invstd[ch] / n;
-                let c0 = -a * self.sum_dy[ch] / n - c1 * self.mean[ch];
+                let dyp = self.effective(dyp, yp, buf);
+                // dx = a*dy' + c1*x + c0, the closed form rearranged to one multiply-add chain.
+                let a = sums.gamma[ch] * self.invstd[ch];
+                let c1 = -a * sums.sum_dy_xhat[ch] * self.invstd[ch] / n;
+                let c0 = -a * sums.sum_dy[ch] / n - c1 * self.mean[ch];
                 for ((o, &xv), &dv) in dxp.iter_mut().zip(xp).zip(dyp) {
                     *o = a * dv + c1 * xv + c0;
                 }

@@ -12,6 +12,8 @@
 
 mod batchnorm;
 mod conv;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -23,11 +25,16 @@ use candle_core::{bail, DType, Result, Tensor};
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     conv::check_shapes(x.dims(), w.dims(), stride, padding)?;
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        conv::conv2d_cpu(x, w, stride, padding)
-    } else {
-        x.conv2d(w, padding, stride, 1, 1)
+        return conv::conv2d_cpu(x, w, stride, padding);
     }
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda() && x.dtype() == w.dtype() && cudnn::supports(x.dtype()) {
+        return cudnn::conv2d(x, w, stride, padding);
+    }
+    x.conv2d(w, padding, stride, 1, 1)
 }
+
+pub use batchnorm::Epilogue;
 
 /// Batch norm in training mode.
 ///
@@ -36,12 +43,31 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
 /// variance `var` are detached (C) tensors of the batch statistics, for the caller to update its
 /// running statistics (PyTorch's rule uses the unbiased variance `var * N / (N - 1)`, N = B*H*W).
 pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_train_fused(x, gamma, beta, eps, &Epilogue::default())
+}
+
+/// [`batch_norm_train`] followed by an [`Epilogue`] in the same op: `y = act(scale * bn(x) + residual)`.
+///
+/// One graph node instead of up to four, and no intermediate activations: candle's backward gives
+/// every node a zero-filled gradient buffer plus an add, and its ReLU backward takes five passes, so
+/// a ResNet basic block's BN→ReLU and BN→add→ReLU chains cost more than the convolutions' own
+/// bookkeeping. Gradients flow to `x`, `gamma`, `beta` and the residual; the ReLU's backward uses
+/// its output (`y > 0`), as PyTorch's does.
+pub fn batch_norm_train_fused(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    epi: &Epilogue,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let c = batchnorm::check_shapes(x, gamma, beta, eps)?;
+    epi.check(x)?;
     let on_fast_path = x.device().is_cpu() && [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32);
     if on_fast_path {
-        batchnorm::train_cpu(x, gamma, beta, eps)
+        batchnorm::train_cpu(x, gamma, beta, eps, epi)
     } else {
-        batchnorm::train_generic(x, gamma, beta, eps, c)
+        let (y, mean, var) = batchnorm::train_generic(x, gamma, beta, eps, c)?;
+        Ok((epi.apply(y)?, mean, var))
     }
 }
 
@@ -57,7 +83,22 @@ pub fn batch_norm_eval(
     running_var: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
+    batch_norm_eval_fused(x, gamma, beta, running_mean, running_var, eps, &Epilogue::default())
+}
+
+/// [`batch_norm_eval`] followed by an [`Epilogue`] (composed from candle ops: evaluation has no
+/// backward pass to save).
+pub fn batch_norm_eval_fused(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    epi: &Epilogue,
+) -> Result<Tensor> {
     let c = batchnorm::check_shapes(x, gamma, beta, eps)?;
+    epi.check(x)?;
     for (name, t) in [("running_mean", running_mean), ("running_var", running_var)] {
         if t.dims() != [c] {
             bail!(
@@ -67,5 +108,5 @@ pub fn batch_norm_eval(
             );
         }
     }
-    batchnorm::eval_generic(x, gamma, beta, running_mean, running_var, eps, c)
+    epi.apply(batchnorm::eval_generic(x, gamma, beta, running_mean, running_var, eps, c)?)
 }
