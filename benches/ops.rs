@@ -39,6 +39,7 @@ fn conv_step(x: &Var, w: &Var, s: &ConvShape, ours: bool) -> Result<candle_core:
 }
 
 fn bench_conv(c: &mut Criterion) {
+    sdp::alloc::tune_for_training(); // as the `sdp` binary does
     let mut group = c.benchmark_group("conv");
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     for s in &CONV_SHAPES {
@@ -68,6 +69,7 @@ fn bn_candle(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
 }
 
 fn bench_bn(c: &mut Criterion) {
+    sdp::alloc::tune_for_training(); // as the `sdp` binary does
     let mut group = c.benchmark_group("bn_train");
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for (name, ch, side) in [("64x32", 64, 32), ("512x4", 512, 4)] {
@@ -92,12 +94,46 @@ fn bench_bn(c: &mut Criterion) {
     group.finish();
 }
 
+/// The end of a ResNet basic block, relu(bn(x) + skip): the fused op against our batch norm
+/// followed by candle's add and ReLU (what the models did before the fusion).
+fn bench_bn_add_relu(c: &mut Criterion) {
+    sdp::alloc::tune_for_training(); // as the `sdp` binary does
+    let mut group = c.benchmark_group("bn_add_relu");
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for (name, ch, side) in [("64x32", 64, 32), ("512x4", 512, 4)] {
+        let dims = [BATCH, ch, side, side];
+        let (Ok(x), Ok(g), Ok(bt), Ok(skip)) = (
+            rand_var(&mut rng, &dims),
+            rand_var(&mut rng, &[ch]),
+            rand_var(&mut rng, &[ch]),
+            rand_var(&mut rng, &dims),
+        ) else {
+            panic!("building the inputs of {name}");
+        };
+        let epi = ops::Epilogue { residual: Some(skip.as_tensor()), relu: true, ..Default::default() };
+        group.bench_function(BenchmarkId::new(name, "fused"), |b| {
+            b.iter(|| {
+                let (y, _, _) = ops::batch_norm_train_fused(&x, &g, &bt, 1e-5, &epi).expect("fused forward");
+                y.sum_all().and_then(|l| l.backward()).map(drop).expect("fused backward")
+            })
+        });
+        group.bench_function(BenchmarkId::new(name, "composed"), |b| {
+            b.iter(|| {
+                let (y, _, _) = ops::batch_norm_train(&x, &g, &bt, 1e-5).expect("bn forward");
+                let y = (y + skip.as_tensor()).and_then(|y| y.relu()).expect("add relu");
+                y.sum_all().and_then(|l| l.backward()).map(drop).expect("composed backward")
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_conv, bench_bn
+    targets = bench_conv, bench_bn, bench_bn_add_relu
 }
 criterion_main!(benches);
