@@ -7,6 +7,8 @@
 //!
 //! - on the CPU with f32 tensors they run candle custom ops (im2col + GEMM for the convolution and
 //!   both its gradients, a one-pass statistics kernel and a closed-form backward for batch norm);
+//! - on CUDA with f32, bf16 or f16 tensors and the `cudnn` feature, `conv2d` runs cuDNN custom ops
+//!   (forward, backward-data and backward-filter calls with cached algorithms: see `cudnn.rs`);
 //! - on other devices or dtypes they fall back to candle's own ops with the same semantics, so the
 //!   models run unchanged on a GPU.
 
