@@ -15,7 +15,7 @@ use crate::models::{self, Net};
 use crate::optim::Optimizer;
 use crate::runner;
 use crate::seed::{rng, Stream};
-use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, RunSpec, SpecError, Workload};
+use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, Precision, RunSpec, SpecError, Workload};
 use crate::trainer::{loss_and_grads, SdpState};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -120,6 +120,10 @@ pub struct StepArgs {
     /// Which SDP worker's subnetwork to benchmark (with --masking): 0..K.
     #[arg(long, default_value_t = 0)]
     pub worker: usize,
+    /// Compute precision: f32, or bf16 (bf16 activations and convolutions, f32 master weights,
+    /// gradients and BatchNorm statistics; ResNet family; meant for CUDA, slow on the CPU).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
     /// Seed of the weights, the masks and the random input.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -206,6 +210,7 @@ impl StepArgs {
             augment: Augment::default(),
             eval_every: 1,
             eval_batch_size: self.batch,
+            precision: self.precision,
         };
         let mut spec = RunSpec {
             name: "bench".into(),

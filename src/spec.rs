@@ -79,6 +79,33 @@ pub struct Workload {
     /// Test-set batch size for evaluation.
     #[serde(default = "eval_batch")]
     pub eval_batch_size: usize,
+    /// Compute precision: `f32` (default) or `bf16` (bf16 activations and convolutions, f32 master
+    /// weights, gradients, optimizer state and BatchNorm statistics; ResNet family only). Left out
+    /// of the canonical spec when `f32`, so run ids of f32 runs do not depend on the key existing.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    /// The dtype activations are computed in.
+    pub fn dtype(&self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

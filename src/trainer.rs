@@ -31,7 +31,7 @@ use crate::seed::{rng, Stream};
 use crate::spec::{BnStats, EvalMode, MethodKind, Regime, RunSpec, SyncMode};
 use crate::subnet::{self, Arch, IndexMap};
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -253,7 +253,8 @@ fn train_baseline(
     if spec.method.kind == MethodKind::SmallDense {
         cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
     }
-    let net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, device))?;
+    let compute = spec.workload.precision.dtype();
+    let net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
     let mut opt = Optimizer::new(&spec.optim);
     let aug = augment_cfg(spec, data);
     // Stochastic depth evaluates with branches scaled by their survival probability.
@@ -271,7 +272,9 @@ fn train_baseline(
         },
         &mut || {
             let arch = Arch::ResNet(cfg.clone());
-            let eval_net = arch.build(None, scale, None, Builder::from_tensors(&net.store().values(), device))?;
+            let values = net.store().values();
+            let eval_net =
+                arch.build(None, scale, None, Builder::from_tensors(&values, device).with_compute_dtype(compute))?;
             single_mode(eval_net.as_ref(), data, &aug, spec.workload.eval_batch_size, device)
         },
     )?;
@@ -513,6 +516,8 @@ pub struct SdpState {
     pub alignment: Vec<AlignRow>,
     shapes: BTreeMap<String, Vec<usize>>,
     averager: LocalAverager,
+    /// Activation dtype of every model built (`workload.precision`).
+    compute: DType,
 }
 
 impl SdpState {
@@ -533,7 +538,8 @@ impl SdpState {
 
     fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>) -> Result<Self> {
         let arch = Arch::of(&spec.workload, num_classes)?;
-        let global = arch.build(None, 1.0, None, Builder::from_seed(spec.seed, device))?;
+        let compute = spec.workload.precision.dtype();
+        let global = arch.build(None, 1.0, None, Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
         let strategy = masking::strategy(&spec.method.masking)?;
         let units = arch.units(strategy.kind());
         let shapes = subnet::shapes(global.store());
@@ -546,6 +552,7 @@ impl SdpState {
             alignment: Vec::new(),
             shapes,
             averager: LocalAverager::new(),
+            compute,
         };
         st.draw(spec, 0, device, only)?;
         Ok(st)
@@ -581,11 +588,17 @@ impl SdpState {
                     .collect()
             });
             let net = if full_model {
-                self.arch.build(None, 1.0, None, Builder::from_tensors(&values, device))?
+                self.arch.build(
+                    None,
+                    1.0,
+                    None,
+                    Builder::from_tensors(&values, device).with_compute_dtype(self.compute),
+                )?
             } else {
                 let local: BTreeMap<String, Tensor> =
                     maps.iter().map(|(n, map)| Ok((n.clone(), map.gather(&values[n])?))).collect::<Result<_>>()?;
-                self.arch.build(Some(keep), 1.0, rescale.as_deref(), Builder::from_tensors(&local, device))?
+                let b = Builder::from_tensors(&local, device).with_compute_dtype(self.compute);
+                self.arch.build(Some(keep), 1.0, rescale.as_deref(), b)?
             };
             let units_held = self.selection.holds[k].iter().filter(|&&h| h).count();
             let mut held_masks = BTreeMap::new();
@@ -744,7 +757,13 @@ pub fn sdp_step(
 impl SdpState {
     /// The global model rebuilt with a per-block plan scale (stochastic-depth-style evaluation).
     fn scaled_global(&self, scale: f64, device: &Device) -> Result<Box<dyn Net>> {
-        Ok(self.arch.build(None, scale, None, Builder::from_tensors(&self.global_values(), device))?)
+        let values = self.global_values();
+        Ok(self.arch.build(
+            None,
+            scale,
+            None,
+            Builder::from_tensors(&values, device).with_compute_dtype(self.compute),
+        )?)
     }
 
     fn global_values(&self) -> BTreeMap<String, Tensor> {

@@ -202,6 +202,28 @@ fn same_spec_and_seed_give_identical_metrics() -> Result<()> {
 }
 
 #[test]
+fn bf16_precision_has_its_own_run_id_and_trains_end_to_end() -> Result<()> {
+    // `precision = "f32"` is the default and leaves the run id unchanged.
+    let f32_id = parse(TINY, &[])?.runs[0].id.clone();
+    assert_eq!(parse(TINY, &["workload.precision=\"f32\""])?.runs[0].id, f32_id);
+    let exp = parse(TINY, &["workload.precision=\"bf16\""])?;
+    assert_ne!(exp.runs[0].id, f32_id);
+    let err = parse_err(TINY, &["workload.precision=\"fp8\""]);
+    assert!(err.contains("workload.precision") && err.contains("bf16"), "{err}");
+    // SDP workers compute in bf16 too; the run finishes with finite losses.
+    let exp = parse(TINY, &["workload.precision=\"bf16\"", "method.kind=\"sdp\"", "method.coverage=0.5"])?;
+    let dir = tempfile::tempdir()?;
+    assert_eq!(run_all(std::slice::from_ref(&exp), &opts(dir.path()))?.done, 1);
+    let rows = metrics_without_clock(&dir.path().join("tiny").join(&exp.runs[0].id).join("metrics.csv"))?;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for row in &rows[1..] {
+        let loss: f64 = row[3].parse()?;
+        assert!(loss.is_finite() && loss > 0.0, "train loss {loss} in {row:?}");
+    }
+    Ok(())
+}
+
+#[test]
 fn finished_runs_are_skipped_and_force_reruns_them() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exp = parse(TINY, &[])?;

@@ -392,3 +392,53 @@ fn swin_plan_drops_blocks_and_hidden_units() -> Result<()> {
     ensure!(max_abs_diff(&full.forward_t(&xs, false)?, &dropped.forward_t(&xs, false)?)? > 1e-4);
     Ok(())
 }
+
+/// Mixed precision (`workload.precision = "bf16"`): the same weights computing in bf16 give logits and
+/// gradients close to f32's, the gradients land on the f32 masters, and swin_t refuses clearly.
+#[test]
+fn bf16_resnet_tracks_f32_and_keeps_f32_masters() -> Result<()> {
+    use candle_core::DType;
+    let cfg = tiny_resnet();
+    let f32_net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(3, &cpu()))?;
+    let bf16_net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(3, &cpu()).with_compute_dtype(DType::BF16))?;
+    let xs = input(6, 11)?;
+    let labels = Tensor::new(&[1u32, 2, 3, 4, 5, 6], &cpu())?;
+    let run = |net: &ResNet| -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        let logits = net.forward_t(&xs, true)?;
+        let grads = candle_nn::loss::cross_entropy(&logits, &labels)?.backward()?;
+        Ok((logits, grads))
+    };
+    let (l32, g32) = run(&f32_net)?;
+    let (l16, g16) = run(&bf16_net)?;
+    ensure!(l16.dtype() == DType::F32, "logits come back as {:?}", l16.dtype());
+    let scale = l32.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = max_abs_diff(&l16, &l32)?;
+    // bf16 keeps 8 mantissa bits: ~0.4% per rounding, a few percent through the network.
+    ensure!(diff <= 0.05 * scale, "bf16 logits differ from f32 by {diff} (scale {scale})");
+    ensure!(diff > 0.0, "bf16 logits equal f32's bit for bit: the bf16 path did not run");
+    let (mut dot, mut n16, mut n32) = (0f64, 0f64, 0f64);
+    for (name, var) in &bf16_net.store().params {
+        let g = g16.get(var.as_tensor()).with_context(|| format!("no bf16 gradient for `{name}`"))?;
+        ensure!(g.dtype() == DType::F32, "`{name}` gradient is {:?}", g.dtype());
+        let r = g32.get(f32_net.store().params[name].as_tensor()).context("no f32 gradient")?;
+        let (a, b) = (g.flatten_all()?, r.flatten_all()?);
+        let sum = |t: Tensor| -> Result<f64> { Ok(t.sum_all()?.to_scalar::<f32>()? as f64) };
+        let (d, na, nb) = (sum((&a * &b)?)?, sum(a.sqr()?)?, sum(b.sqr()?)?);
+        // Width-4 layers at batch 6: BN-bias gradients (sums of cancelling terms) are the noisiest.
+        let cos = d / (na * nb).sqrt().max(1e-30);
+        ensure!(cos > 0.8, "`{name}`: bf16 gradient has cosine {cos} to the f32 one");
+        (dot, n16, n32) = (dot + d, n16 + na, n32 + nb);
+    }
+    let cos = dot / (n16 * n32).sqrt();
+    ensure!(cos > 0.97, "the whole bf16 gradient has cosine {cos} to the f32 one");
+    // BatchNorm statistics stay f32.
+    for (name, buf) in &bf16_net.store().buffers {
+        ensure!(buf.dtype() == DType::F32, "buffer `{name}` is {:?}", buf.dtype());
+    }
+    let s = tiny_swin();
+    let err = Swin::new(&s, &s.full_plan(), Builder::from_seed(1, &cpu()).with_compute_dtype(DType::BF16))
+        .err()
+        .context("swin_t accepted bf16")?;
+    ensure!(err.to_string().contains("swin_t computes in f32 only"), "unexpected error: {err}");
+    Ok(())
+}

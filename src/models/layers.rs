@@ -71,6 +71,7 @@ pub struct Builder<'a> {
     pub store: ParamStore,
     device: Device,
     source: Source<'a>,
+    compute: DType,
 }
 
 enum Source<'a> {
@@ -80,15 +81,31 @@ enum Source<'a> {
 
 impl<'a> Builder<'a> {
     pub fn from_seed(seed: u64, device: &Device) -> Self {
-        Self { store: ParamStore::default(), device: device.clone(), source: Source::Seed(seed) }
+        Self { store: ParamStore::default(), device: device.clone(), source: Source::Seed(seed), compute: DType::F32 }
     }
 
     pub fn from_tensors(values: &'a BTreeMap<String, Tensor>, device: &Device) -> Self {
-        Self { store: ParamStore::default(), device: device.clone(), source: Source::Tensors(values) }
+        Self {
+            store: ParamStore::default(),
+            device: device.clone(),
+            source: Source::Tensors(values),
+            compute: DType::F32,
+        }
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype the built model computes its activations in (parameters stay f32: layers cast them
+    /// to the input's dtype in the forward pass, so gradients reach the f32 masters).
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
     }
 
     fn value(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
@@ -142,6 +159,16 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// A parameter in the dtype of the activations it meets (a differentiable cast, so the gradient
+/// reaches the f32 master; free when the dtypes already agree).
+fn as_dtype_of(param: &Tensor, xs: &Tensor) -> Result<Tensor> {
+    if param.dtype() == xs.dtype() {
+        Ok(param.clone())
+    } else {
+        param.to_dtype(xs.dtype())
+    }
+}
+
 /// 2-D convolution without bias.
 pub struct Conv2d {
     pub weight: Var,
@@ -165,7 +192,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::ops::conv2d(xs, self.weight.as_tensor(), self.stride, self.padding)
+        crate::ops::conv2d(xs, &as_dtype_of(self.weight.as_tensor(), xs)?, self.stride, self.padding)
     }
 }
 
@@ -192,13 +219,13 @@ impl Linear {
 
     /// `xs` is (…, d_in).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
+        let w = as_dtype_of(self.weight.as_tensor(), xs)?;
         let ys = match xs.rank() {
             2 => xs.matmul(&w.t()?)?,
             _ => xs.broadcast_matmul(&w.t()?)?,
         };
         match &self.bias {
-            Some(b) => ys.broadcast_add(b.as_tensor()),
+            Some(b) => ys.broadcast_add(&as_dtype_of(b.as_tensor(), xs)?),
             None => Ok(ys),
         }
     }

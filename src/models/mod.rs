@@ -65,12 +65,20 @@ pub fn build(w: &Workload, num_classes: usize, seed: u64, device: &Device) -> Re
         ModelName::SwinT => {
             let cfg = swin_config(w, num_classes)?;
             let plan = cfg.full_plan();
-            Ok(Box::new(Swin::new(&cfg, &plan, Builder::from_seed(seed, device))?))
+            Ok(Box::new(Swin::new(
+                &cfg,
+                &plan,
+                Builder::from_seed(seed, device).with_compute_dtype(w.precision.dtype()),
+            )?))
         }
         _ => {
             let cfg = resnet_config(w, num_classes)?;
             let plan = cfg.full_plan();
-            Ok(Box::new(ResNet::new(&cfg, &plan, Builder::from_seed(seed, device))?))
+            Ok(Box::new(ResNet::new(
+                &cfg,
+                &plan,
+                Builder::from_seed(seed, device).with_compute_dtype(w.precision.dtype()),
+            )?))
         }
     }
 }

@@ -9,7 +9,7 @@
 use super::layers::{BatchNorm, Builder, Conv2d, Linear, ParamStore};
 use super::{Net, Unit, UnitKind};
 use crate::ops::Epilogue;
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResNetConfig {
@@ -161,7 +161,7 @@ impl BasicBlock {
         let ys = br.bn1.forward_fused(&br.conv1.forward(xs)?, train, &epi)?;
         // Channel dropout (baseline): a per-step 0/(1/keep) multiplier per internal channel.
         let ys = match &drop.channels {
-            Some(m) => ys.broadcast_mul(&m.reshape((1, m.dim(0)?, 1, 1))?)?,
+            Some(m) => ys.broadcast_mul(&m.to_dtype(ys.dtype())?.reshape((1, m.dim(0)?, 1, 1))?)?,
             None => ys,
         };
         let epi = Epilogue { scale: self.scale, residual: Some(&skip), relu: true };
@@ -177,6 +177,8 @@ pub struct ResNet {
     blocks: Vec<BasicBlock>,
     linear: Linear,
     store: ParamStore,
+    /// Activation dtype (see [`Builder::with_compute_dtype`]); logits are returned in f32.
+    compute: DType,
 }
 
 impl ResNet {
@@ -194,7 +196,8 @@ impl ResNet {
             .collect::<Result<Vec<_>>>()?;
         let c_last = *cfg.widths.last().unwrap_or(&cfg.widths[0]);
         let linear = Linear::new(&mut b, "linear", c_last, cfg.num_classes, true)?;
-        Ok(Self { cfg: cfg.clone(), plan: plan.to_vec(), conv1, bn1, blocks, linear, store: b.store })
+        let compute = b.compute_dtype();
+        Ok(Self { cfg: cfg.clone(), plan: plan.to_vec(), conv1, bn1, blocks, linear, store: b.store, compute })
     }
 }
 
@@ -212,13 +215,16 @@ impl ResNet {
     pub fn forward_dropping(&self, xs: &Tensor, train: bool, drops: &[BlockDrop]) -> Result<Tensor> {
         let none = BlockDrop::default();
         // (B, 3, 32, 32) -> (B, widths[0], 32, 32)
+        let xs = xs.to_dtype(self.compute)?;
         let relu = Epilogue { relu: true, ..Default::default() };
-        let mut ys = self.bn1.forward_fused(&self.conv1.forward(xs)?, train, &relu)?;
+        let mut ys = self.bn1.forward_fused(&self.conv1.forward(&xs)?, train, &relu)?;
         for (b, block) in self.blocks.iter().enumerate() {
             ys = block.forward_t(&ys, train, drops.get(b).unwrap_or(&none))?;
         }
         // (B, C, H, W) -> (B, C) -> (B, classes)
-        let ys = ys.flatten_from(2)?.mean(D::Minus1)?;
+        // The head and the loss run in f32 (standard mixed precision; also, candle's CPU matmul
+        // has no bf16).
+        let ys = ys.flatten_from(2)?.to_dtype(DType::F32)?.mean(D::Minus1)?;
         self.linear.forward(&ys)
     }
 }

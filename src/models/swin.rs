@@ -531,6 +531,11 @@ pub struct Swin {
 
 impl Swin {
     pub fn new(cfg: &SwinConfig, plan: &[SwinBlockPlan], mut b: Builder) -> Result<Self> {
+        if b.compute_dtype() != candle_core::DType::F32 {
+            candle_core::bail!(
+                "swin_t computes in f32 only (workload.precision = \"bf16\" is implemented for the ResNet family)"
+            );
+        }
         cfg.validate().map_err(candle_core::Error::Msg)?;
         let shapes = cfg.blocks();
         if plan.len() != shapes.len() {

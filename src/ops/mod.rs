@@ -29,6 +29,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         return conv::conv2d_cpu(x, w, stride, padding);
     }
+    if x.device().is_cpu() && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+        // candle has no CPU bf16 matmul. Emulate what a GPU's bf16 convolution does (bf16 operands,
+        // f32 accumulation, bf16 result) so the mixed-precision path runs, and is tested, here.
+        let y = conv::conv2d_cpu(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, stride, padding)?;
+        return y.to_dtype(DType::BF16);
+    }
     #[cfg(feature = "cudnn")]
     if x.device().is_cuda() && x.dtype() == w.dtype() && cudnn::supports(x.dtype()) {
         return cudnn::conv2d(x, w, stride, padding);
