@@ -172,6 +172,10 @@ fn sgemm(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    #[cfg(feature = "mkl")]
+    if matches!(par, gemm::Parallelism::None) && mkl::sgemm(m, n, k, dst, accumulate, lhs, rhs) {
+        return Ok(());
+    }
     // SAFETY: the three views were bounds-checked above for the extents gemm reads and writes,
     // and `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
     unsafe {
@@ -198,6 +202,90 @@ fn sgemm(
         );
     }
     Ok(())
+}
+
+/// The optional MKL backend (feature `mkl`): sequential `cblas_sgemm`, as each rayon task runs its
+/// own GEMM.
+#[cfg(feature = "mkl")]
+mod mkl {
+    use super::MatRef;
+
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        fn cblas_sgemm(
+            layout: i32,
+            trans_a: i32,
+            trans_b: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+
+    /// A (rows x cols) view as a BLAS operand: (transpose flag, leading dimension), when one of
+    /// its strides is 1.
+    fn operand(v: &MatRef, rows: usize, cols: usize) -> Option<(i32, i32)> {
+        if v.cs == 1 && (v.rs >= cols.max(1) || rows == 1) {
+            Some((NO_TRANS, v.rs.max(cols).max(1) as i32))
+        } else if v.rs == 1 && (v.cs >= rows.max(1) || cols == 1) {
+            Some((TRANS, v.cs.max(rows).max(1) as i32))
+        } else {
+            None
+        }
+    }
+
+    /// `dst (m x n) [+]= lhs * rhs` through MKL; false (nothing done) for views BLAS cannot
+    /// express, which then take the `gemm` crate. Bounds were checked by the caller.
+    pub(super) fn sgemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        accumulate: bool,
+        lhs: MatRef,
+        rhs: MatRef,
+    ) -> bool {
+        let (Some((ta, lda)), Some((tb, ldb))) = (operand(&lhs, m, k), operand(&rhs, k, n)) else {
+            return false;
+        };
+        if [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
+            return false;
+        }
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: the views were bounds-checked for these extents and strides; with beta = 0 BLAS
+        // does not read dst.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                ta,
+                tb,
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                lhs.data.as_ptr(),
+                lda,
+                rhs.data.as_ptr(),
+                ldb,
+                beta,
+                dst.as_mut_ptr(),
+                n.max(1) as i32,
+            );
+        }
+        true
+    }
 }
 
 /// Writes the column matrix (K, nb*P) of the `nb` images in `x` into `col`; column `b*P + q` is
