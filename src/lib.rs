@@ -1,12 +1,14 @@
 //! `sdp`: a reproducible benchmark suite for Subnetwork Data Parallelism (arXiv 2507.09029).
 //!
 //! The crate is organised as in DESIGN.md §3: specs expand into runs (`spec`), runs train models (`models`,
-//! `ops`) on datasets (`data`) with a method (`trainer`, `optim`, `comm`), and write results (`results`).
+//! `ops`) on datasets (`data`) with a method (`trainer`, `optim`, `comm`), and write results (`results`),
+//! from which `figures` draws figures and tables.
 
 pub mod alloc;
 pub mod bench;
 pub mod comm;
 pub mod data;
+pub mod figures;
 pub mod masking;
 pub mod memprobe;
 pub mod metrics;

@@ -88,6 +88,15 @@ enum Command {
     },
     /// Benchmarks: `bench step` times a training step (see `sdp::bench`).
     Bench(sdp::bench::BenchArgs),
+    /// Figures (SVG + PNG) and a markdown table per experiment, from the results files only.
+    Figures {
+        /// Experiments to draw (directory names under --results); default: all.
+        experiments: Vec<String>,
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        #[arg(long, default_value = "paper_figures")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +239,25 @@ fn run() -> Result<ExitCode> {
         }
         Command::Bench(args) => {
             sdp::bench::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Figures { experiments, results, out } => {
+            for w in sdp::figures::render(&results, &out, &experiments)? {
+                for f in &w.files {
+                    println!("{}", f.display());
+                }
+                eprintln!(
+                    "{}: {} file(s) in {}{}",
+                    w.experiment,
+                    w.files.len(),
+                    out.join(&w.experiment).display(),
+                    if w.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} run(s) not done skipped", w.skipped.len())
+                    }
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::List { results_dir } => {

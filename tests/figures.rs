@@ -1,0 +1,286 @@
+//! `sdp figures` on a results tree written by real tiny runs (DP and SDP at C ∈ {0.5, 1}, two seeds, with
+//! measured memory): which files appear, what the SVGs name, that table.md holds summary.csv's numbers,
+//! that unfinished runs are skipped, and that a malformed CSV is an error naming the file and line.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use sdp::results::{Manifest, Status, SummaryRow};
+use sdp::runner::{run_all, RunOptions};
+use sdp::spec;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+const SPEC: &str = r#"# figures fixture
+name = "tiny-fig"
+seeds = [0, 1]
+
+[workload]
+dataset = "shapes"
+train_samples = 64
+test_samples = 40
+model = "resnet"
+widths = [4, 8]
+depths = [1, 1]
+epochs = 2
+batch_size = 8
+
+[optim]
+lr = 0.05
+
+[method]
+kind = ["dp", "sdp"]
+workers = 2
+masking = "block"
+coverage = [0.5, 1.0]
+"#;
+
+const EXP: &str = "tiny-fig";
+
+/// The results tree, built once per test binary (under cargo's per-target temp dir, replaced each run).
+fn fixture() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| build_fixture().expect("building the results fixture"))
+}
+
+fn build_fixture() -> Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("figures-fixture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let exp = spec::parse(SPEC, Path::new("tiny-fig.toml"), &[])?;
+    assert_eq!(exp.runs.len(), 6, "DP + SDP at two coverages, two seeds each");
+    let opts = RunOptions {
+        results_dir: dir.clone(),
+        data_dir: PathBuf::from("datasets"),
+        device: Device::Cpu,
+        device_name: "cpu".into(),
+        force: false,
+        only: None,
+        stop: Arc::new(AtomicBool::new(false)),
+        // Measure each worker's peak memory as `sdp run` does, so the memory figure has measured data.
+        memprobe: Some(PathBuf::from(env!("CARGO_BIN_EXE_sdp"))),
+    };
+    let out = run_all(std::slice::from_ref(&exp), &opts)?;
+    assert_eq!(out.done, 6);
+    // A run that is still running (a copy of a finished one): figures must leave it out.
+    let first = dir.join(EXP).join(&exp.runs[0].id);
+    let mut m = Manifest::read(&first.join("manifest.json"))?;
+    m.run_id = "00running0".into();
+    m.status = Status::Running;
+    m.final_metrics = None;
+    m.write(&dir.join(EXP).join("00running0").join("manifest.json"))?;
+    Ok(dir)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn figures_and_table_from_a_real_results_tree() -> Result<()> {
+    let results = fixture();
+    let out = tempfile::tempdir()?;
+    let written = sdp::figures::render(results, out.path(), &[])?;
+    assert_eq!(written.len(), 1);
+    let w = &written[0];
+    assert_eq!(w.experiment, EXP);
+    assert_eq!(w.skipped, [("00running0".to_string(), "running".to_string())]);
+
+    let dir = out.path().join(EXP);
+    let mut names: Vec<String> =
+        w.files.iter().map(|f| f.strip_prefix(&dir).unwrap_or(f).display().to_string()).collect();
+    names.sort();
+    let expected = [
+        "accuracy_vs_coverage.png",
+        "accuracy_vs_coverage.svg",
+        "accuracy_vs_epoch_sdp_block_forward.png",
+        "accuracy_vs_epoch_sdp_block_forward.svg",
+        "comm_vs_coverage.png",
+        "comm_vs_coverage.svg",
+        "memory_vs_coverage.png",
+        "memory_vs_coverage.svg",
+        "table.md",
+    ];
+    assert_eq!(names, expected);
+    let mut on_disk: Vec<String> =
+        std::fs::read_dir(&dir)?.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<Result<_>>()?;
+    on_disk.sort();
+    assert_eq!(on_disk, expected, "no temp files left behind");
+
+    // PNGs decode, at twice the SVG's size.
+    for f in names.iter().filter(|n| n.ends_with(".png")) {
+        let img = image::open(dir.join(f)).with_context(|| f.clone())?;
+        assert_eq!((img.width(), img.height()), (2200, 1240), "{f}");
+    }
+
+    // SVGs name their series, axes (with units) and experiment, as whole text elements.
+    let svg = |n: &str| -> Result<Vec<String>> { Ok(svg_texts(&std::fs::read_to_string(dir.join(n))?)) };
+    let acc = svg("accuracy_vs_coverage.svg")?;
+    for s in [
+        "tiny-fig: final test accuracy vs coverage",
+        "shapes, resnet widths [4, 8] depths [1, 1], K = 2",
+        "coverage C (fraction of maskable units per worker)",
+        "final test accuracy (%), mean ± std over seeds",
+        "SDP block forward",
+    ] {
+        assert!(acc.iter().any(|t| t == s), "accuracy_vs_coverage.svg lacks `{s}`: {acc:?}");
+    }
+    assert!(acc.iter().any(|t| t == "DP" || t == "DP (shaded: ± std)"), "{acc:?}");
+    let mem = svg("memory_vs_coverage.svg")?;
+    for s in [
+        "per-worker memory / DP (ratio)",
+        "SDP block forward: peak memory (measured)",
+        "SDP block forward: parameter fraction",
+        "DP (= 1)",
+    ] {
+        assert!(mem.iter().any(|t| t == s), "memory_vs_coverage.svg lacks `{s}`: {mem:?}");
+    }
+    let comm = svg("comm_vs_coverage.svg")?;
+    assert!(comm.iter().any(|t| t == "communication bytes per step per worker / DP (ratio)"), "{comm:?}");
+    assert!(comm.iter().any(|t| t == "SDP block forward"), "{comm:?}");
+    let curve = svg("accuracy_vs_epoch_sdp_block_forward.svg")?;
+    for s in
+        ["epoch", "test accuracy (%), mean over seeds", "SDP block forward C = 0.5", "SDP block forward C = 1", "DP"]
+    {
+        assert!(curve.iter().any(|t| t == s), "accuracy_vs_epoch svg lacks `{s}`: {curve:?}");
+    }
+
+    check_table_against_summary(results, &std::fs::read_to_string(dir.join("table.md"))?)?;
+
+    // Rendering again gives byte-identical files (no timestamps, stable order).
+    let again = tempfile::tempdir()?;
+    sdp::figures::render(results, again.path(), &[EXP.to_string()])?;
+    for n in &names {
+        assert_eq!(std::fs::read(dir.join(n))?, std::fs::read(again.path().join(EXP).join(n))?, "{n} differs");
+    }
+    Ok(())
+}
+
+/// The contents of an SVG's `<text>` elements.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+        .collect()
+}
+
+/// Recomputes each table row from summary.csv (grouped by the runs' manifests) and compares.
+fn check_table_against_summary(results: &Path, table: &str) -> Result<()> {
+    let mut rdr = csv::Reader::from_path(results.join(EXP).join("summary.csv"))?;
+    let rows: Vec<SummaryRow> = rdr.deserialize().collect::<Result<_, _>>()?;
+    assert_eq!(rows.len(), 6);
+    // (method label, coverage) → summary rows, grouped by each run's resolved spec.
+    let mut groups: BTreeMap<(String, String), Vec<&SummaryRow>> = BTreeMap::new();
+    for r in &rows {
+        let spec = Manifest::read(&results.join(EXP).join(&r.run_id).join("manifest.json"))?.spec;
+        let label = if r.method == "dp" { "DP".to_string() } else { "SDP block forward".to_string() };
+        groups.entry((label, format!("{:.3}", spec.method.coverage))).or_default().push(r);
+    }
+    assert_eq!(groups.len(), 3);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let dp = &groups[&("DP".to_string(), "1.000".to_string())];
+    let dp_peak = mean(&dp.iter().map(|r| r.mean_peak_bytes.unwrap_or(f64::NAN)).collect::<Vec<_>>());
+    let dp_comm = mean(&dp.iter().map(|r| r.comm_bytes_per_step.unwrap_or(f64::NAN)).collect::<Vec<_>>());
+    assert!(dp_peak > 0.0 && dp_comm > 0.0, "the fixture measured memory and counted bytes");
+
+    let parsed: BTreeMap<(String, String), Vec<String>> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("| method | coverage C | seeds |"))
+        .skip(2) // header and separator
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<String> = l.split('|').map(|c| c.trim().to_string()).collect();
+            ((cells[1].clone(), cells[2].clone()), cells[3..8].to_vec())
+        })
+        .collect();
+    assert_eq!(parsed.len(), 3, "{table}");
+    for (key, runs) in &groups {
+        let cells = parsed.get(key).with_context(|| format!("no table row for {key:?}:\n{table}"))?;
+        assert_eq!(cells[0], runs.len().to_string(), "{key:?}: seeds");
+        let accs: Vec<f64> = runs.iter().map(|r| r.final_test_acc * 100.0).collect();
+        let m = mean(&accs);
+        let sd = (accs.iter().map(|a| (a - m).powi(2)).sum::<f64>() / (accs.len() - 1) as f64).sqrt();
+        let (tm, tsd) = cells[1].split_once(" ± ").with_context(|| format!("acc cell `{}`", cells[1]))?;
+        assert!((tm.parse::<f64>()? - m).abs() < 0.0051, "{key:?}: acc {tm} vs {m}");
+        assert!((tsd.parse::<f64>()? - sd).abs() < 0.0051, "{key:?}: std {tsd} vs {sd}");
+        let ratio = |f: &dyn Fn(&SummaryRow) -> Option<f64>, reference: f64| {
+            mean(&runs.iter().map(|r| f(r).unwrap_or(f64::NAN) / reference).collect::<Vec<_>>())
+        };
+        let frac = ratio(&|r| r.mean_param_fraction, 1.0);
+        let mem = ratio(&|r| r.mean_peak_bytes, dp_peak);
+        let comm = ratio(&|r| r.comm_bytes_per_step, dp_comm);
+        for (name, cell, want) in
+            [("param fraction", &cells[2], frac), ("memory", &cells[3], mem), ("comm", &cells[4], comm)]
+        {
+            let got: f64 = cell.parse().with_context(|| format!("{key:?} {name}: `{cell}`"))?;
+            assert!((got - want).abs() < 0.00051, "{key:?} {name}: table {got}, summary.csv {want}");
+        }
+    }
+    // SDP at C = 0.5 holds about half the parameters and sends less than DP; at C = 1 it matches DP.
+    let half = &parsed[&("SDP block forward".to_string(), "0.500".to_string())];
+    assert!(half[2].parse::<f64>()? < 0.8 && half[4].parse::<f64>()? < 1.0, "{half:?}");
+    let full = &parsed[&("SDP block forward".to_string(), "1.000".to_string())];
+    assert_eq!((full[2].as_str(), full[4].as_str()), ("1.000", "1.000"));
+    assert!(table.contains("1 not done and left out"), "{table}");
+    assert!(table.contains("## Final test accuracy by evaluation mode"), "{table}");
+    Ok(())
+}
+
+#[test]
+fn a_malformed_metrics_csv_is_an_error_naming_the_file_and_line() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let results = tmp.path().join("results");
+    copy_tree(fixture(), &results)?;
+    let exp = spec::parse(SPEC, Path::new("tiny-fig.toml"), &[])?;
+    let metrics = results.join(EXP).join(&exp.runs[1].id).join("metrics.csv");
+    let text = std::fs::read_to_string(&metrics)?;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "header + two epochs");
+
+    // A value that is not a number.
+    let mut cells: Vec<String> = lines[2].split(',').map(String::from).collect();
+    cells[5] = "oops".into();
+    std::fs::write(&metrics, format!("{}\n{}\n{}\n", lines[0], lines[1], cells.join(",")))?;
+    let out = tmp.path().join("figs");
+    let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("malformed metrics.csv"));
+    assert!(
+        err.contains(&format!("{}: line 3: column `test_acc`: `oops` is not a number", metrics.display())),
+        "{err}"
+    );
+
+    // A row with a missing field.
+    std::fs::write(&metrics, format!("{}\n{}\n1,2\n", lines[0], lines[1]))?;
+    let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("short row"));
+    assert!(err.contains(&metrics.display().to_string()) && err.contains("line 3"), "{err}");
+
+    // The command line: a failure exits 1 naming the file; nothing was written for the experiment.
+    let sdp = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_sdp")).args(args).output();
+    let (r, o) = (results.to_str().unwrap_or_default(), out.to_str().unwrap_or_default());
+    let bad = sdp(&["figures", "--results", r, "--out", o])?;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains(&metrics.display().to_string()));
+    assert!(!out.join(EXP).exists());
+
+    // Repaired, it succeeds and lists what it wrote; an unknown experiment is a usage error.
+    std::fs::write(&metrics, &text)?;
+    let good = sdp(&["figures", "--results", r, "--out", o, EXP])?;
+    assert_eq!(good.status.code(), Some(0), "{}", String::from_utf8_lossy(&good.stderr));
+    let listed = String::from_utf8_lossy(&good.stdout);
+    assert_eq!(listed.lines().count(), 9, "{listed}");
+    assert!(listed.lines().all(|l| Path::new(l).is_file()), "{listed}");
+    assert!(String::from_utf8_lossy(&good.stderr).contains("00running0: status `running`, not done: skipped"));
+    let unknown = sdp(&["figures", "--results", r, "--out", o, "no-such-experiment"])?;
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no experiment `no-such-experiment`"));
+    Ok(())
+}
