@@ -1,6 +1,7 @@
 //! `sdp figures` on a results tree written by real tiny runs (DP and SDP at C ∈ {0.5, 1}, two seeds, with
 //! measured memory): which files appear, what the SVGs name, that table.md holds summary.csv's numbers,
-//! that unfinished runs are skipped, and that a malformed CSV is an error naming the file and line.
+//! that unfinished runs are skipped, and that a malformed CSV is an error naming the file and line. Also that
+//! every spec of the paper grid (`experiments/paper/`, what `make reproduce` runs) still loads.
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -282,5 +283,43 @@ fn a_malformed_metrics_csv_is_an_error_naming_the_file_and_line() -> Result<()> 
     let unknown = sdp(&["figures", "--results", r, "--out", o, "no-such-experiment"])?;
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no experiment `no-such-experiment`"));
+    Ok(())
+}
+
+/// `make reproduce` runs every file in experiments/paper/: each must load (what `sdp check` does) and together
+/// they must cover the paper grid.
+#[test]
+fn every_paper_spec_loads_and_the_grid_is_complete() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/paper");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .map(|e| Ok(e?.path()))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    let mut cells = std::collections::BTreeSet::new();
+    let mut names = std::collections::BTreeSet::new();
+    for p in &paths {
+        let exp = spec::load(p, &[]).with_context(|| format!("{}", p.display()))?;
+        let text = std::fs::read_to_string(p)?;
+        assert!(text.starts_with("# Paper grid row:"), "{}: starts with its claim, expectation and cost", p.display());
+        assert!(text.contains("# Cost:") && text.contains("# Expected:"), "{}", p.display());
+        assert!(names.insert(exp.name.clone()), "{}: experiment name {} used twice", p.display(), exp.name);
+        // DP once + SDP {block, neuron} x {forward, backward} x C {0.5, 0.75, 1} = 13 runs per seed.
+        assert_eq!(exp.runs.len(), 13 * 3, "{}", p.display());
+        let w = &exp.runs[0].spec.workload;
+        assert_eq!(w.epochs, 200, "{}", p.display());
+        assert!(exp.runs.iter().all(|r| r.spec.method.workers == 8), "{}", p.display());
+        let model = serde_json::to_value(w.model)?.as_str().unwrap_or_default().to_string();
+        cells.insert((w.dataset.clone(), model));
+    }
+    let mut want = std::collections::BTreeSet::new();
+    for d in ["cifar10", "cifar100", "svhn"] {
+        for m in ["resnet18", "wrn18", "swin_t"] {
+            want.insert((d.to_string(), m.to_string()));
+        }
+    }
+    assert_eq!(cells, want);
     Ok(())
 }
