@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SDP   := target/release/sdp
 
-.PHONY: build test demo check-specs clean-results fmt lint bench
+.PHONY: build test demo check-specs clean-results fmt lint bench reproduce figures
 
 build:
 	$(CARGO) build --release
@@ -16,7 +16,7 @@ demo: build
 	$(SDP) run experiments/demo.toml
 
 check-specs: build
-	$(SDP) check experiments/*.toml
+	$(SDP) check experiments/*.toml experiments/paper/*.toml
 
 fmt:
 	$(CARGO) fmt --all
@@ -49,3 +49,31 @@ cifar10-jpeg:
 demo-cifar10-jpeg: build cifar10-jpeg
 	$(SDP) data info folder:$(CIFAR10_JPEG_DIR)
 	$(SDP) run experiments/cifar10_jpeg_demo.toml
+
+# The paper grid (experiments/paper/*.toml: CIFAR-10/100, SVHN x ResNet-18, WRN-18, Swin-T x DP and SDP
+# block/neuron x forward/backward x C in {0.5, 0.75, 1}, K = 8, 3 seeds; 351 runs, ~1,400 GPU-hours on one
+# H200, see each file's Cost line). Downloads the datasets (md5-checked, resumable), trains every run (finished
+# runs are skipped, so an interrupted `make reproduce` continues where it stopped), then draws the figures.
+# On a machine without CUDA: `make reproduce DEVICE=cpu` (months: only sensible with --only or --set).
+DEVICE       ?= cuda
+FEATURES     ?= $(if $(filter cpu,$(DEVICE)),,--features cuda)
+DATA_DIR     ?= datasets
+RESULTS_DIR  ?= results
+FIGURES_DIR  ?= paper_figures
+PAPER_DATA   := cifar10 cifar100 svhn
+# Cheapest model first, so the first complete figures arrive early; then any other file in experiments/paper/.
+PAPER_FIRST  := $(foreach m,resnet18 wrn18 swin_t,$(foreach d,$(PAPER_DATA),experiments/paper/$(d)_$(m).toml))
+PAPER_SPECS  := $(PAPER_FIRST) $(filter-out $(PAPER_FIRST),$(sort $(wildcard experiments/paper/*.toml)))
+
+reproduce:
+	$(CARGO) build --release $(FEATURES)
+	$(SDP) check $(PAPER_SPECS) > /dev/null
+	for d in $(PAPER_DATA); do $(SDP) data fetch $$d --data-dir $(DATA_DIR) || exit $$?; done
+	$(SDP) run $(PAPER_SPECS) --device $(DEVICE) --data-dir $(DATA_DIR) --results-dir $(RESULTS_DIR); \
+	rc=$$?; [ $$rc -eq 130 ] && exit 130; \
+	$(SDP) figures --results $(RESULTS_DIR) --out $(FIGURES_DIR) || exit $$?; \
+	exit $$rc
+
+# Figures and tables (paper_figures/<experiment>/) from whatever results exist; reads only results/.
+figures: build
+	$(SDP) figures --results $(RESULTS_DIR) --out $(FIGURES_DIR)
