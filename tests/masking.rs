@@ -26,6 +26,8 @@ fn resnet18_blocks() -> Vec<Unit> {
             index: 0,
             name: format!("layer{}.{}", b / 2 + 1, b % 2),
             params: 9 * cin * c + 9 * c * c + 4 * c,
+            // conv1 and BN-ReLU outputs (c each) and conv2's (c) at 32², 16², 8², 4² pixels.
+            act_elems: 3 * c * (1024 >> (2 * (b / 2))),
         })
         .collect()
 }
@@ -43,6 +45,7 @@ fn resnet18_neurons(w: usize) -> Vec<Unit> {
                 index: j,
                 name: format!("layer{}.{}#{j}", b / 2 + 1, b % 2),
                 params: 9 * cin + 2 + 9 * c,
+                act_elems: 2 * (1024 >> (2 * (b / 2))),
             });
         }
     }
@@ -171,6 +174,7 @@ fn block_balances_parameter_bytes() -> Result<()> {
             index: 0,
             name: format!("b{i}"),
             params: (i * 7919) % 997 + 1,
+            act_elems: (i * 31) % 101 + 1,
         })
         .collect();
     for (units, largest) in [(&units, largest), (&varied, 997)] {
@@ -238,5 +242,32 @@ fn selection_is_usable_with_plain_chacha_seed() -> Result<()> {
     let sel: Selection =
         strategy("random_block")?.select(&resnet18_blocks(), 3, 0.34, &mut ChaCha8Rng::seed_from_u64(5))?;
     assert_eq!(sel.m, 1);
+    Ok(())
+}
+
+/// Per-worker totals of `f` over the units each worker holds.
+fn per_worker(sel: &Selection, units: &[Unit], f: impl Fn(&Unit) -> usize) -> Vec<usize> {
+    sel.holds.iter().map(|row| units.iter().zip(row).filter(|(_, &h)| h).map(|(u, _)| f(u)).sum()).collect()
+}
+
+#[test]
+fn block_act_balances_activations_where_block_balances_parameters() -> Result<()> {
+    // The real ResNet-18 unit list (the model's own estimate of each branch's activations).
+    let units = sdp::models::resnet::ResNetConfig::resnet18(10).units(UnitKind::Block);
+    let largest = units.iter().map(|u| u.act_elems).max().unwrap();
+    let (act, blk) = (strategy("block_act")?, strategy("block")?);
+    for (k, m) in [(4, 2), (8, 4), (4, 3), (8, 6)] {
+        for seed in 0..4 {
+            let sel = act.select(&units, k, coverage_for(m, k), &mut mask_rng(seed))?;
+            sel.check_uniform(units.len())?;
+            let a = per_worker(&sel, &units, |u| u.act_elems);
+            let (lo, hi) = (*a.iter().min().unwrap(), *a.iter().max().unwrap());
+            assert!(hi - lo <= largest, "K={k} m={m}: activation spread {} > largest unit {largest}", hi - lo);
+            // Against `block` on the same draw: the most loaded worker carries fewer activations.
+            let by_params = blk.select(&units, k, coverage_for(m, k), &mut mask_rng(seed))?;
+            let hi_params = *per_worker(&by_params, &units, |u| u.act_elems).iter().max().unwrap();
+            assert!(hi <= hi_params, "K={k} m={m} seed {seed}: block_act max {hi} > block max {hi_params}");
+        }
+    }
     Ok(())
 }

@@ -23,6 +23,7 @@
 //! - **Bad input is an error, not a panic**: K = 0, C outside (0, 1] or a unit of the wrong kind.
 
 mod block;
+mod block_act;
 mod neuron;
 mod random_block;
 
@@ -120,8 +121,12 @@ pub trait MaskStrategy: Send + Sync {
 pub type Constructor = fn() -> Box<dyn MaskStrategy>;
 
 /// Every masking strategy a spec may name. One line per strategy.
-pub const REGISTRY: &[(&str, Constructor)] =
-    &[("block", block::new), ("neuron", neuron::new), ("random_block", random_block::new)];
+pub const REGISTRY: &[(&str, Constructor)] = &[
+    ("block", block::new),
+    ("block_act", block_act::new),
+    ("neuron", neuron::new),
+    ("random_block", random_block::new),
+];
 
 /// The registered strategy called `name`; an unknown name is an error listing the registered names.
 pub fn strategy(name: &str) -> Result<Box<dyn MaskStrategy>> {
@@ -236,7 +241,7 @@ mod tests {
 
     #[test]
     fn check_args_messages() {
-        let u = Unit { kind: UnitKind::Neuron, block: 0, index: 1, name: "layer1.0#1".into(), params: 3 };
+        let u = Unit { kind: UnitKind::Neuron, block: 0, index: 1, name: "layer1.0#1".into(), params: 3, act_elems: 2 };
         let e = check_args("block", UnitKind::Block, &[u], 2, 0.5).unwrap_err().to_string();
         assert!(e.contains("layer1.0#1") && e.contains("Neuron"), "{e}");
         let e = check_args("block", UnitKind::Block, &[], 0, 0.5).unwrap_err().to_string();
@@ -250,7 +255,14 @@ mod tests {
     #[test]
     fn selection_helpers() {
         let units: Vec<Unit> = (0..3)
-            .map(|i| Unit { kind: UnitKind::Block, block: i, index: 0, name: format!("b{i}"), params: 10 * (i + 1) })
+            .map(|i| Unit {
+                kind: UnitKind::Block,
+                block: i,
+                index: 0,
+                name: format!("b{i}"),
+                params: 10 * (i + 1),
+                act_elems: 0,
+            })
             .collect();
         let sel = Selection { holds: vec![vec![true, false, true], vec![false, true, true]], m: 1 };
         assert_eq!(sel.workers(), 2);

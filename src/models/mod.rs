@@ -107,4 +107,8 @@ pub struct Unit {
     pub name: String,
     /// Scalar parameters this unit owns (its share of the block's parameters).
     pub params: usize,
+    /// Activation elements per input sample (at the model's input size) that holding the unit adds to
+    /// what a training step keeps for its backward pass: an estimate from the layer shapes, used to
+    /// balance activation memory across workers (`block_act` masking) and for accounting.
+    pub act_elems: usize,
 }

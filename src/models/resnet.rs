@@ -51,7 +51,7 @@ impl ResNetConfig {
     pub fn units(&self, kind: UnitKind) -> Vec<Unit> {
         let bn = if self.batch_norm { 2 } else { 0 };
         let mut out = Vec::new();
-        for (b, s) in self.blocks().iter().enumerate() {
+        for ((b, s), hw) in self.blocks().iter().enumerate().zip(self.block_pixels()) {
             let per_channel = s.c_in * 9 + bn + s.c_out * 9;
             match kind {
                 UnitKind::Block => out.push(Unit {
@@ -60,6 +60,7 @@ impl ResNetConfig {
                     index: 0,
                     name: s.name.clone(),
                     params: per_channel * s.c_out + bn * s.c_out,
+                    act_elems: branch_act_elems(s.c_out, s.c_out, hw),
                 }),
                 UnitKind::Neuron => out.extend((0..s.c_out).map(|i| Unit {
                     kind,
@@ -67,10 +68,24 @@ impl ResNetConfig {
                     index: i,
                     name: format!("{}#{i}", s.name),
                     params: per_channel,
+                    // One internal channel: its conv1 output and its BN-ReLU output.
+                    act_elems: 2 * hw,
                 })),
             }
         }
         out
+    }
+
+    /// Output pixels (H×W) of each block for a 32×32 input.
+    pub fn block_pixels(&self) -> Vec<usize> {
+        let mut side = 32;
+        self.blocks()
+            .iter()
+            .map(|s| {
+                side = (side - 1) / s.stride + 1;
+                side * side
+            })
+            .collect()
     }
 
     /// The full model's plan: every branch present at full width.
@@ -201,6 +216,13 @@ impl ResNet {
     }
 }
 
+/// Activations a residual branch keeps for backward, per sample: conv1's output and the fused
+/// BN-ReLU output (`mid` channels each) and conv2's output (`c_out`); the fused BN-add-ReLU output is
+/// the block's output, kept with or without the branch.
+fn branch_act_elems(mid: usize, c_out: usize, hw: usize) -> usize {
+    (2 * mid + c_out) * hw
+}
+
 /// Per-step random drops of one block, used by the stochastic-depth and dropout baselines.
 #[derive(Clone, Debug, Default)]
 pub struct BlockDrop {
@@ -243,18 +265,18 @@ impl Net for ResNet {
     /// memory is the real figure).
     fn activation_elems(&self, h: usize, w: usize) -> usize {
         let c0 = self.cfg.widths[0];
-        let mut n = 3 * c0 * h * w; // stem conv, bn, relu
+        let mut n = 2 * c0 * h * w; // stem conv, fused bn+relu
         let (mut h, mut w) = (h, w);
         for (shape, plan) in self.cfg.blocks().iter().zip(&self.plan) {
             let (ho, wo) = ((h - 1) / shape.stride + 1, (w - 1) / shape.stride + 1);
             let hw = ho * wo;
             if shape.has_projection() {
-                n += 2 * shape.c_out * hw;
+                n += 2 * shape.c_out * hw; // shortcut conv, bn
             }
             if plan.residual {
-                n += 3 * plan.mid * hw + 2 * shape.c_out * hw;
+                n += branch_act_elems(plan.mid, shape.c_out, hw);
             }
-            n += 2 * shape.c_out * hw; // add, relu
+            n += shape.c_out * hw; // the block output: fused bn2+add+relu, or relu(shortcut)
             (h, w) = (ho, wo);
         }
         n + self.cfg.widths.last().copied().unwrap_or(c0) + self.cfg.num_classes

@@ -66,6 +66,16 @@ pub struct SwinBlockShape {
 }
 
 impl SwinBlockShape {
+    /// Activations the block's two branches keep for backward, per sample (an estimate from the
+    /// shapes): attention — norm1, qkv (3d), scores and probabilities (heads × window² per token),
+    /// attention output, projection; MLP — norm2, fc1 and GELU outputs (hidden), fc2.
+    pub fn act_elems(&self) -> usize {
+        let t = self.resolution * self.resolution;
+        let attn = t * (6 * self.dim + 2 * self.heads * self.window * self.window);
+        let mlp = t * (2 * self.dim + 2 * self.mlp_hidden);
+        attn + mlp
+    }
+
     /// Parameters of the whole block (both residual branches with their norms).
     pub fn params(&self) -> usize {
         let d = self.dim;
@@ -215,15 +225,22 @@ impl SwinConfig {
         let mut out = Vec::new();
         for (i, b) in self.blocks().iter().enumerate() {
             match kind {
-                UnitKind::Block => {
-                    out.push(Unit { kind, block: i, index: 0, name: b.name.clone(), params: b.params() })
-                }
+                UnitKind::Block => out.push(Unit {
+                    kind,
+                    block: i,
+                    index: 0,
+                    name: b.name.clone(),
+                    params: b.params(),
+                    act_elems: b.act_elems(),
+                }),
                 UnitKind::Neuron => out.extend((0..b.mlp_hidden).map(|h| Unit {
                     kind,
                     block: i,
                     index: h,
                     name: format!("{}#{h}", b.name),
                     params: b.neuron_params(),
+                    // One hidden unit: its fc1 output and its GELU output, per token.
+                    act_elems: 2 * b.resolution * b.resolution,
                 })),
             }
         }
