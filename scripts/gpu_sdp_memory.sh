@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 bench() { timeout 60 /tmp/sdp bench step --batch 128 --device cuda:0 --steps 5 --warmup 2 "$@" 2>&1 | tail -1; }
 for model in resnet18 wrn18; do
   printf '%-8s %-28s %s\n' "$model" "full model (DP worker)" "$(bench --model $model)"
-  for cfg in "block 0.5" "neuron 0.5" "block 0.75"; do
+  for cfg in "block 0.5" "block_act 0.5" "neuron 0.5" "block 0.75"; do
     set -- $cfg
     lines=""
     for w in 0 1 2 3; do
