@@ -158,7 +158,7 @@ fn load_experiment(dir: &Path, name: &str) -> Result<ExperimentData> {
     for rd in run_dirs {
         let manifest_path = rd.join("manifest.json");
         let m = Manifest::read(&manifest_path)
-            .with_context(|| format!("(pass experiment names to `sdp figures` to leave {name} out)"))?;
+            .map_err(|e| anyhow!("{e:#} (name other experiments on the command line to leave `{name}` out)"))?;
         if m.status != Status::Done {
             skipped.push((m.run_id.clone(), m.status.to_string()));
             continue;
@@ -388,12 +388,12 @@ fn slug(s: &str) -> String {
     out.trim_matches('_').to_string()
 }
 
-/// The DP series a series' ratios are relative to: same workload and K, else the same workload.
+/// The DP series a series' ratios are relative to: the same workload, optimizer and K; else the same
+/// workload and K; else the same workload.
 fn dp_reference<'a>(s: &Series, series: &'a [Series]) -> Option<&'a Series> {
-    let dps = || series.iter().filter(|d| d.kind == MethodKind::Dp);
-    dps()
-        .find(|d| d.spec.workload == s.spec.workload && d.spec.method.workers == s.spec.method.workers)
-        .or_else(|| dps().find(|d| d.spec.workload == s.spec.workload))
+    let dps = || series.iter().filter(|d| d.kind == MethodKind::Dp && d.spec.workload == s.spec.workload);
+    let same_k = |d: &&Series| d.spec.method.workers == s.spec.method.workers;
+    dps().find(|d| same_k(d) && d.spec.optim == s.spec.optim).or_else(|| dps().find(same_k)).or_else(|| dps().next())
 }
 
 /// Mean and sample standard deviation (0 for a single value).
@@ -477,6 +477,8 @@ struct Plot {
     hlines: Vec<HLine>,
     /// Fixed x range (else from the data).
     x_range: Option<(f64, f64)>,
+    /// The x values are whole numbers (epochs): integer tick labels only.
+    integer_x: bool,
     /// Clamp the y range to this (accuracy: [0, 100]).
     y_clamp: Option<(f64, f64)>,
 }
@@ -538,8 +540,15 @@ where
         .y_label_area_size(70 * k)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(e)?;
+    // Whole-number axes get at most one tick per unit, labelled without decimals.
+    let x_ticks = if p.integer_x { ((x1 - x0).floor() as usize + 1).clamp(2, 12) } else { 10 };
+    let int_label = |v: &f64| format!("{v:.0}");
+    let float_label = |v: &f64| format!("{v}");
+    let x_fmt: &dyn Fn(&f64) -> String = if p.integer_x { &int_label } else { &float_label };
     chart
         .configure_mesh()
+        .x_labels(x_ticks)
+        .x_label_formatter(x_fmt)
         .x_desc(p.x_label.as_str())
         .y_desc(p.y_label.as_str())
         .axis_desc_style(font(16))
@@ -698,6 +707,7 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
         lines: vec![],
         hlines: vec![],
         x_range: Some(cov_range),
+        integer_x: false,
         y_clamp: Some((0.0, 100.0)),
     };
     for d in &dps {
@@ -729,6 +739,7 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
         lines: vec![],
         hlines: vec![],
         x_range: Some(cov_range),
+        integer_x: false,
         y_clamp: Some((0.0, f64::INFINITY)),
     };
     let mut measured_any = false;
@@ -771,6 +782,7 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
         lines: vec![],
         hlines: vec![],
         x_range: Some(cov_range),
+        integer_x: false,
         y_clamp: Some((0.0, f64::INFINITY)),
     };
     for &(i, s) in &others {
@@ -797,6 +809,7 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
             lines: vec![],
             hlines: vec![],
             x_range: None,
+            integer_x: true,
             y_clamp: Some((0.0, 100.0)),
         };
         let curve = |idx: &[usize]| -> Vec<(f64, f64, f64)> {
@@ -808,15 +821,6 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
             }
             by_epoch.into_iter().map(|(e, v)| (e as f64, mean_std(&v).0, 0.0)).collect()
         };
-        if s.kind != MethodKind::Dp {
-            for d in &dps {
-                let idx: Vec<usize> = d.points.values().flatten().cloned().collect();
-                let points = curve(&idx);
-                if !points.is_empty() {
-                    p.lines.push(Line { name: d.label.clone(), color: BLACK, dashed: true, markers: false, points });
-                }
-            }
-        }
         for (j, (&c, idx)) in s.points.iter().enumerate() {
             let points = curve(idx);
             if points.is_empty() {
@@ -828,6 +832,16 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
                 (format!("{} C = {}", s.label, cov_of(c)), PALETTE[j % PALETTE.len()])
             };
             p.lines.push(Line { name, color, dashed: false, markers: true, points });
+        }
+        // DP dashed, drawn last so that it stays visible where SDP at C = 1 coincides with it.
+        if s.kind != MethodKind::Dp {
+            for d in &dps {
+                let idx: Vec<usize> = d.points.values().flatten().cloned().collect();
+                let points = curve(&idx);
+                if !points.is_empty() {
+                    p.lines.push(Line { name: d.label.clone(), color: BLACK, dashed: true, markers: false, points });
+                }
+            }
         }
         if !p.lines.is_empty() {
             files.extend(write_plot(dir, &format!("accuracy_vs_epoch_{}", s.slug), &p)?);
@@ -957,6 +971,62 @@ mod tests {
         assert_eq!(mean_std(&[1.0]), (1.0, 0.0));
         let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
         assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12);
+    }
+
+    fn run(spec: RunSpec) -> RunData {
+        RunData {
+            spec,
+            final_acc: 0.5,
+            param_fraction: None,
+            peak_bytes: None,
+            est_bytes: None,
+            comm_bytes: None,
+            curve: vec![],
+        }
+    }
+
+    #[test]
+    fn series_are_named_by_the_fields_that_vary() -> Result<()> {
+        let text = r#"
+name = "t"
+seeds = [0, 1]
+[workload]
+dataset = "shapes"
+model = "resnet18"
+epochs = 1
+batch_size = 8
+[optim]
+lr = [0.05, 0.1]
+[method]
+kind = ["dp", "sdp"]
+workers = 4
+masking = ["block", "neuron"]
+coverage = [0.5, 1.0]
+"#;
+        let exp = crate::spec::parse(text, Path::new("t.toml"), &[])?;
+        let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
+        let series = series_of(&runs);
+        let labels: Vec<&str> = series.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "DP lr=0.05",
+                "DP lr=0.1",
+                "SDP block forward lr=0.05",
+                "SDP block forward lr=0.1",
+                "SDP neuron forward lr=0.05",
+                "SDP neuron forward lr=0.1"
+            ]
+        );
+        // Each SDP series has both coverages with both seeds; DP one point with both seeds.
+        for s in &series {
+            let sizes: Vec<usize> = s.points.values().map(Vec::len).collect();
+            assert_eq!(sizes, if s.kind == MethodKind::Dp { vec![2] } else { vec![2, 2] }, "{}", s.label);
+        }
+        // The DP reference trained with the same optimizer settings.
+        assert_eq!(dp_reference(&series[5], &series).map(|d| d.label.as_str()), Some("DP lr=0.1"));
+        assert_eq!(dp_reference(&series[2], &series).map(|d| d.label.as_str()), Some("DP lr=0.05"));
+        Ok(())
     }
 
     #[test]

@@ -46,7 +46,15 @@ fn fixture() -> &'static Path {
 }
 
 fn build_fixture() -> Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("figures-fixture-{}", std::process::id()));
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    // Fixtures of earlier test processes (statics are never dropped): remove those older than ten minutes.
+    for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if e.file_name().to_string_lossy().starts_with("figures-fixture-") && old.is_some_and(|a| a.as_secs() > 600) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let dir = tmp.join(format!("figures-fixture-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let exp = spec::parse(SPEC, Path::new("tiny-fig.toml"), &[])?;
     assert_eq!(exp.runs.len(), 6, "DP + SDP at two coverages, two seeds each");
@@ -263,6 +271,28 @@ fn a_malformed_metrics_csv_is_an_error_naming_the_file_and_line() -> Result<()> 
     std::fs::write(&metrics, format!("{}\n{}\n1,2\n", lines[0], lines[1]))?;
     let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("short row"));
     assert!(err.contains(&metrics.display().to_string()) && err.contains("line 3"), "{err}");
+
+    // A malformed summary.csv and manifest.json are errors naming the file too.
+    std::fs::write(&metrics, &text)?;
+    let summary = results.join(EXP).join("summary.csv");
+    let summary_text = std::fs::read_to_string(&summary)?;
+    let broken: Vec<String> = summary_text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| if i == 2 { l.replacen(",2,0.", ",two,0.", 1) } else { l.to_string() })
+        .collect();
+    assert_ne!(broken.join("\n"), summary_text.trim_end(), "the edit must hit the epochs column");
+    std::fs::write(&summary, broken.join("\n"))?;
+    let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("malformed summary.csv"));
+    assert!(err.contains(&format!("{}: line 3:", summary.display())), "{err}");
+    std::fs::write(&summary, &summary_text)?;
+    let manifest = results.join(EXP).join(&exp.runs[0].id).join("manifest.json");
+    let manifest_text = std::fs::read_to_string(&manifest)?;
+    std::fs::write(&manifest, &manifest_text[..manifest_text.len() / 2])?;
+    let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("truncated manifest"));
+    assert!(err.contains(&format!("parsing {}", manifest.display())), "{err}");
+    std::fs::write(&manifest, &manifest_text)?;
+    std::fs::write(&metrics, format!("{}\n{}\n1,2\n", lines[0], lines[1]))?;
 
     // The command line: a failure exits 1 naming the file; nothing was written for the experiment.
     let sdp = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_sdp")).args(args).output();
