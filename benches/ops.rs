@@ -39,7 +39,7 @@ fn conv_step(x: &Var, w: &Var, s: &ConvShape, ours: bool) -> Result<candle_core:
 }
 
 fn bench_conv(c: &mut Criterion) {
-    sdp::alloc::tune_for_training(); // as the `sdp` binary does
+    sdp::runtime::tune_for_training(); // as the `sdp` binary does
     let mut group = c.benchmark_group("conv");
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     for s in &CONV_SHAPES {
@@ -69,7 +69,7 @@ fn bn_candle(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
 }
 
 fn bench_bn(c: &mut Criterion) {
-    sdp::alloc::tune_for_training(); // as the `sdp` binary does
+    sdp::runtime::tune_for_training(); // as the `sdp` binary does
     let mut group = c.benchmark_group("bn_train");
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for (name, ch, side) in [("64x32", 64, 32), ("512x4", 512, 4)] {
@@ -97,7 +97,7 @@ fn bench_bn(c: &mut Criterion) {
 /// The end of a ResNet basic block, relu(bn(x) + skip): the fused op against our batch norm
 /// followed by candle's add and ReLU (what the models did before the fusion).
 fn bench_bn_add_relu(c: &mut Criterion) {
-    sdp::alloc::tune_for_training(); // as the `sdp` binary does
+    sdp::runtime::tune_for_training(); // as the `sdp` binary does
     let mut group = c.benchmark_group("bn_add_relu");
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     for (name, ch, side) in [("64x32", 64, 32), ("512x4", 512, 4)] {

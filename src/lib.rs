@@ -4,7 +4,7 @@
 //! `ops`) on datasets (`data`) with a method (`trainer`, `optim`, `comm`), and write results (`results`),
 //! from which `figures` draws figures and tables.
 
-pub mod alloc;
+pub mod runtime;
 pub mod bench;
 pub mod comm;
 pub mod data;

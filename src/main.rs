@@ -126,7 +126,7 @@ enum ModelCommand {
 }
 
 fn main() -> ExitCode {
-    sdp::alloc::tune_for_training();
+    sdp::runtime::tune_for_training();
     match run() {
         Ok(code) => code,
         Err(e) => {
