@@ -79,6 +79,8 @@ def ints(s):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["resnet", "swin_t"], default="resnet",
+                   help="resnet (kuangliu's CIFAR ResNet; --widths/--depths) or swin_t (timm, 32x32 as `sdp`'s)")
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=7)
@@ -102,7 +104,14 @@ def main():
     torch.manual_seed(a.seed)
     base_kib = rss_kib()
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
-    model = ResNet(a.widths, a.depths, a.classes).to(dev, memory_format=fmt)
+    if a.model == "swin_t":
+        import timm  # only needed here
+
+        # DESIGN.md §7's swin_t: patch 2, window 4, dims 96..768, depths 2/2/6/2, heads 3/6/12/24.
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=a.image_size,
+                                  patch_size=2, window_size=4, num_classes=a.classes).to(dev)
+    else:
+        model = ResNet(a.widths, a.depths, a.classes).to(dev, memory_format=fmt)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(a.seed)
