@@ -432,18 +432,9 @@ fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
-/// Device memory in use (total - free) on a CUDA device, where the build can ask the driver.
-#[cfg(feature = "cuda")]
+/// Device memory in use on a CUDA device (`None` where it cannot be asked).
 fn device_used_bytes(device: &Device) -> Option<u64> {
-    let Device::Cuda(d) = device else { return None };
-    // Binds the device's context to this thread first, then asks the driver.
-    let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
-    Some(total.saturating_sub(free) as u64)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn device_used_bytes(_device: &Device) -> Option<u64> {
-    None
+    crate::memprobe::device_used_bytes(device).ok()
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
-    /// Measure one worker's peak resident memory: its training steps alone in this fresh process.
+    /// Measure one worker's peak memory (resident set on the CPU, device memory on CUDA): its training steps alone in this fresh process.
     Memprobe {
         /// Spec file (the first expanded run, or the one selected by --only); or use --resolved.
         spec: Option<PathBuf>,
@@ -85,6 +85,9 @@ enum Command {
         worker: String,
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// cpu (peak resident memory) or cuda / cuda:N (peak device memory in use).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Benchmarks: `bench step` times a training step (see `sdp::bench`).
     Bench(sdp::bench::BenchArgs),
@@ -177,7 +180,7 @@ fn run() -> Result<ExitCode> {
                 }
                 eprintln!("\ninterrupt: finishing the current step, then stopping (Ctrl-C again to abort)");
             })?;
-            let memprobe = if dev.is_cpu() { std::env::current_exe().ok() } else { None };
+            let memprobe = std::env::current_exe().ok();
             let opts =
                 RunOptions { results_dir, data_dir, device: dev, device_name: device, force, only, stop, memprobe };
             let out = runner::run_all(&exps, &opts)?;
@@ -203,7 +206,7 @@ fn run() -> Result<ExitCode> {
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Memprobe { spec, set, only, resolved, worker, steps } => {
+        Command::Memprobe { spec, set, only, resolved, worker, steps, device } => {
             let run_spec = match (spec, resolved) {
                 (_, Some(path)) => sdp::results::read_resolved_spec(&path)?,
                 (Some(path), None) => {
@@ -226,7 +229,8 @@ fn run() -> Result<ExitCode> {
                         .map_err(|_| SpecError(format!("--worker `{k}`: expected an index or `full`")))?,
                 ),
             };
-            let p = sdp::memprobe::probe(&run_spec, worker, steps)?;
+            let dev = sdp::runner::parse_device(&device).map_err(|e| SpecError(format!("{e:#}")))?;
+            let p = sdp::memprobe::probe(&run_spec, worker, steps, &dev)?;
             println!(
                 "worker {}: {} parameters, peak {:.1} MiB above baseline over {steps} steps at batch {}",
                 worker.map_or("full".to_string(), |k| k.to_string()),

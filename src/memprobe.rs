@@ -5,7 +5,13 @@
 //! baseline is the resident set before any model exists; the global model that the worker's values are
 //! gathered from is dropped and the kernel's high-water mark reset (`/proc/self/clear_refs` = 5) before
 //! the steps, so the figure is what a process hosting only that worker holds: parameters, gradients,
-//! optimizer state, activations and the input batch. CPU only: on CUDA, device bytes are another figure.
+//! optimizer state, activations and the input batch.
+//!
+//! On CUDA (`--device cuda:N`) the figure is device memory: the driver's used bytes (total − free)
+//! sampled after every forward+backward (the step's high point: activations and gradients alive) and
+//! after every update, minus the same figure before the model was built. It counts what candle's
+//! allocator holds, so it is an upper bound on live tensors and a lower bound on the true peak
+//! between samples; other processes on the card must stay idle while it runs.
 
 use crate::models;
 use crate::optim::{lr_at, Optimizer};
@@ -68,11 +74,12 @@ pub struct Probe {
 /// Runs `steps` training steps of worker `worker` (SDP) or of the full model (DP, or `worker = None`) of
 /// `spec` on seeded random data at the per-worker batch size, in this process, and measures its memory.
 /// Meant to run in a fresh process (`sdp memprobe`): earlier allocations of the process would blur it.
-pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize) -> Result<Probe> {
-    let device = Device::Cpu;
+pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Device) -> Result<Probe> {
+    let device = device.clone();
     let classes = num_classes(spec)?;
     let b = spec.workload.batch_size;
-    let (baseline, _) = rss()?;
+    let (rss0, _) = rss()?;
+    let dev0 = if device.is_cpu() { 0 } else { device_used_bytes(&device)? };
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
     let x: Vec<f32> = (0..b * 3 * 32 * 32).map(|_| r.random_range(-1.0..1.0)).collect();
     let y: Vec<u32> = (0..b).map(|_| r.random_range(0..classes as u32)).collect();
@@ -85,19 +92,51 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize) -> Result<Prob
     let params = net.store().num_params();
     reset_peak()?;
     let mut opt = Optimizer::new(&spec.optim);
+    let mut dev_peak = 0u64;
+    let mut sample = |device: &Device| -> Result<()> {
+        if !device.is_cpu() {
+            device.synchronize()?;
+            dev_peak = dev_peak.max(device_used_bytes(device)?);
+        }
+        Ok(())
+    };
     for step in 0..steps.max(1) {
         let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
+        sample(&device)?;
         opt.step(&net.store().params, &grads, lr_at(&spec.optim, step, steps, steps))?;
+        sample(&device)?;
     }
-    let (_, peak) = rss()?;
-    Ok(Probe { peak_bytes: peak.saturating_sub(baseline), params })
+    let peak_bytes = if device.is_cpu() { rss()?.1.saturating_sub(rss0) } else { dev_peak.saturating_sub(dev0) };
+    Ok(Probe { peak_bytes, params })
+}
+
+/// Device memory in use (total − free) on a CUDA device, from the driver.
+#[cfg(feature = "cuda")]
+pub fn device_used_bytes(device: &Device) -> Result<u64> {
+    let Device::Cuda(d) = device else { bail!("device memory: {device:?} is not a CUDA device") };
+    // Binds the device's context to this thread first, then asks the driver.
+    let (free, total) = d.cuda_stream().context().mem_get_info().context("cuMemGetInfo")?;
+    Ok(total.saturating_sub(free) as u64)
+}
+
+/// Device memory in use: only CUDA devices can be asked (and only in a `cuda` build).
+#[cfg(not(feature = "cuda"))]
+pub fn device_used_bytes(device: &Device) -> Result<u64> {
+    bail!("device memory of {device:?}: this build has no CUDA support (build with --features cuda)")
 }
 
 /// Runs `sdp memprobe` in a fresh process for `spec` (written to `spec_json`) and worker `worker`
-/// (`None`: the full model), and parses its `peak_bytes=` line.
-pub fn probe_subprocess(sdp_exe: &Path, spec_json: &Path, worker: Option<usize>, steps: usize) -> Result<u64> {
+/// (`None`: the full model) on `device` (`cpu`, `cuda:N`), and parses its `peak_bytes=` line.
+pub fn probe_subprocess(
+    sdp_exe: &Path,
+    spec_json: &Path,
+    worker: Option<usize>,
+    steps: usize,
+    device: &str,
+) -> Result<u64> {
     let mut cmd = std::process::Command::new(sdp_exe);
     cmd.arg("memprobe").arg("--resolved").arg(spec_json).arg("--steps").arg(steps.to_string());
+    cmd.arg("--device").arg(device);
     match worker {
         Some(k) => cmd.arg("--worker").arg(k.to_string()),
         None => cmd.arg("--worker").arg("full"),

@@ -317,6 +317,13 @@ fn cli_usage_errors_exit_2() -> Result<()> {
     let out = sdp(&["run", path.to_str().unwrap_or_default(), "--device", "tpu"])?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid --device `tpu`"));
+    let out = sdp(&["memprobe", path.to_str().unwrap_or_default(), "--device", "tpu"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid --device `tpu`"));
+    // The CPU probe prints its machine-readable line.
+    let out = sdp(&["memprobe", path.to_str().unwrap_or_default(), "--steps", "1"])?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("peak_bytes=")));
     Ok(())
 }
 
