@@ -11,13 +11,14 @@ SP=${SP:-/opt/torch/.venv/lib/python3.12/site-packages}
 export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:$SP/nvidia/cudnn/lib:$SP/nvidia/nccl/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 PY=${PY:-/opt/torch/.venv/bin/python}; [ -x "$PY" ] || PY=python3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-# With --features cudnn: first the parity of the cuDNN conv2d (forward and both gradients against candle's own
+# With --features cudnn: first the parity of the fused CUDA batch norm (against the CPU f32 op) and of the cuDNN
+# conv2d (forward and both gradients against candle's own
 # conv, tests/cuda_ops.rs), shipped as target-gpu/cuda_ops.xz (the test binary that
 # `CARGO_TARGET_DIR=target-gpu cargo test --release --features cudnn --no-run` prints for tests/cuda_ops.rs).
 if [ -f target-gpu/cuda_ops.xz ]; then
   xz -dc target-gpu/cuda_ops.xz > /tmp/cuda_ops && chmod +x /tmp/cuda_ops
   timeout 240 /tmp/cuda_ops --test-threads 1 >"$OUT/cuda_ops.txt" 2>&1
-  echo "cuda_ops parity rc=$?"; grep -E "^test |panicked|differs|skipping" "$OUT/cuda_ops.txt" | head -n 20
+  echo "cuda_ops parity rc=$?"; grep -E "^test |panicked|differs|skipping" "$OUT/cuda_ops.txt" | head -n 40
 fi
 timeout 150 /tmp/sdp bench step --model resnet18 --batch 128 --device cuda:0 --steps 7 --warmup 3 >"$OUT/sdp.txt" 2>&1
 echo "sdp rc=$?"

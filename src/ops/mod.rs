@@ -13,6 +13,8 @@
 //!   models run unchanged on a GPU.
 
 mod batchnorm;
+#[cfg(feature = "cuda")]
+mod bn_cuda;
 mod conv;
 #[cfg(feature = "cudnn")]
 mod cudnn;
@@ -70,6 +72,10 @@ pub fn batch_norm_train_fused(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let c = batchnorm::check_shapes(x, gamma, beta, eps)?;
     epi.check(x)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && bn_cuda::supports(x.dtype(), gamma.dtype(), beta.dtype()) {
+        return bn_cuda::train_cuda(x, gamma, beta, eps, epi);
+    }
     let on_fast_path = x.device().is_cpu() && [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32);
     if on_fast_path {
         batchnorm::train_cpu(x, gamma, beta, eps, epi)
