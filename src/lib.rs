@@ -4,7 +4,6 @@
 //! `ops`) on datasets (`data`) with a method (`trainer`, `optim`, `comm`), and write results (`results`),
 //! from which `figures` draws figures and tables.
 
-pub mod runtime;
 pub mod bench;
 pub mod comm;
 pub mod data;
@@ -17,6 +16,7 @@ pub mod ops;
 pub mod optim;
 pub mod results;
 pub mod runner;
+pub mod runtime;
 pub mod seed;
 pub mod spec;
 pub mod subnet;
