@@ -1,4 +1,4 @@
-//! Process-wide tuning for training: the allocator and candle's CPU thread pool.
+//! Process-wide tuning for training: the allocator (and why candle's CPU thread pool is left alone).
 //!
 //! # Allocator
 //!
@@ -10,22 +10,18 @@
 //! resident memory is unchanged (the same buffers are live at the peak either way).
 
 //!
-//! # candle's thread pool
+//! # candle's thread pool (left alone)
 //!
 //! candle 0.11 runs its large element-wise ops on its own pool of spinning threads, next to rayon's
-//! (which runs this crate's kernels and the GEMMs). With both pools on the same cores, candle's main
-//! thread spins in a barrier waiting for a pool thread that rayon has descheduled: 27% of a swin_t
-//! step on 2 cores was `BarrierGuard::drop`. Unless `CANDLE_NUM_THREADS` is set, it is set to 1, so
-//! candle's element-wise ops run inline on the calling thread and every parallel loop is rayon's.
+//! (this crate's kernels and the GEMMs). On an otherwise idle machine that is the faster choice
+//! (swin_t batch 32 on 2 cores: 1.51 s with candle's pool, 1.80-1.90 s with `CANDLE_NUM_THREADS=1`;
+//! resnet18 0.76 vs 0.79 s), so it is not changed. Under CPU contention (other jobs on the cores) the
+//! pool's barrier spins waiting for descheduled threads: swin_t took 5.5 s against 2.9 s with
+//! `CANDLE_NUM_THREADS=1`. Set that variable when sharing the machine.
 
-/// Applies the tuning; call once at the start of `main`, before other threads start and before any
-/// tensor op. `SDP_MALLOC=default` leaves glibc's allocator alone; an explicit `CANDLE_NUM_THREADS`
-/// is respected.
+/// Applies the tuning; call once at the start of `main`, before other threads start.
+/// `SDP_MALLOC=default` leaves glibc's allocator alone (for comparisons).
 pub fn tune_for_training() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Single-threaded at this point (documented precondition), so setting the variable is sound.
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
     if std::env::var("SDP_MALLOC").is_ok_and(|v| v == "default") {
         return;
     }
