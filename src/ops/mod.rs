@@ -9,8 +9,13 @@
 //!   both its gradients, a one-pass statistics kernel and a closed-form backward for batch norm);
 //! - on CUDA with f32, bf16 or f16 tensors and the `cudnn` feature, `conv2d` runs cuDNN custom ops
 //!   (forward, backward-data and backward-filter calls with cached algorithms: see `cudnn.rs`);
-//! - on other devices or dtypes they fall back to candle's own ops with the same semantics, so the
-//!   models run unchanged on a GPU.
+//! - on CUDA with the `cuda` feature, batch norm in training (with its fused epilogue) runs custom
+//!   CUDA kernels: one-pass statistics and the same closed-form backward (`bn_cuda.rs`);
+//! - on the CPU with bf16 tensors, `conv2d` emulates a GPU's bf16 convolution (f32 arithmetic);
+//! - otherwise they fall back to candle's own ops with the same semantics.
+//!
+//! The GPU paths were written and built without a GPU at hand; `tests/cuda_ops.rs` checks them
+//! against the CPU ops on a device (`scripts/gpu_step.sh`).
 
 mod batchnorm;
 #[cfg(feature = "cuda")]
