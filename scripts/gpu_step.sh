@@ -22,11 +22,15 @@ if [ -f target-gpu/cuda_ops.xz ]; then
 fi
 timeout 150 /tmp/sdp bench step --model resnet18 --batch 128 --device cuda:0 --steps 7 --warmup 3 >"$OUT/sdp.txt" 2>&1
 echo "sdp rc=$?"
+timeout 90 /tmp/sdp bench step --model resnet18 --batch 128 --device cuda:0 --steps 7 --warmup 3 --precision bf16 \
+  >"$OUT/sdp_bf16.txt" 2>&1
+echo "sdp bf16 rc=$?"
 timeout 60 "$PY" scripts/pytorch_step.py --batch 128 --device cuda:0 --steps 7 --warmup 3 >"$OUT/torch.txt" 2>&1
 echo "torch rc=$?"
 timeout 60 "$PY" scripts/pytorch_step.py --batch 128 --device cuda:0 --steps 7 --warmup 3 --channels-last \
   >"$OUT/torch_cl.txt" 2>&1
 echo "torch channels_last rc=$?"
-echo "== sdp (candle cuda) =="; tail -n 4 "$OUT/sdp.txt"
+echo "== sdp fp32 (cuDNN conv, CUDA BN) =="; tail -n 4 "$OUT/sdp.txt"
+echo "== sdp bf16 =="; tail -n 2 "$OUT/sdp_bf16.txt"
 echo "== pytorch eager fp32 =="; tail -n 2 "$OUT/torch.txt"
 echo "== pytorch eager fp32 channels_last =="; tail -n 2 "$OUT/torch_cl.txt"
