@@ -440,3 +440,53 @@ fn batch_norm_rejects_bad_shapes_with_clear_messages() -> Result<()> {
     expect_err(ops::batch_norm_eval(&x, &g, &g, &g4, &g, 1e-5), "running_mean must have shape [3]")?;
     expect_err(ops::batch_norm_eval(&x, &g, &g, &g, &g4, 1e-5), "running_var must have shape [3]")
 }
+
+/// Layer norm from candle ops (the composition swin_t used before the custom op).
+fn ln_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+#[test]
+fn layer_norm_matches_candle_ops_and_finite_differences() -> Result<()> {
+    for (i, dims) in [&[4, 7, 96][..], &[2, 3, 5, 8], &[1, 1], &[300, 3], &[3, 129]].iter().enumerate() {
+        let mut rng = ChaCha8Rng::seed_from_u64(80 + i as u64);
+        let d = *dims.last().context("dims")?;
+        // An offset on x: the row statistics must stay accurate when |mean| > std.
+        let x = Var::from_tensor(&(rand_tensor(&mut rng, dims)? + 3.0)?)?;
+        let w = Var::from_tensor(&rand_tensor(&mut rng, &[d])?)?;
+        let b = Var::from_tensor(&rand_tensor(&mut rng, &[d])?)?;
+        let r = rand_tensor(&mut rng, dims)?;
+        let run = |y: Tensor| -> Result<[Tensor; 4]> {
+            let grads = (&y * &r)?.sum_all()?.backward()?;
+            let g = |t: &Tensor| grads.get(t).cloned().context("no gradient");
+            Ok([y.clone(), g(&x)?, g(&w)?, g(&b)?])
+        };
+        let ours = run(ops::layer_norm(&x, &w, &b, 1e-5)?)?;
+        let reference = run(ln_reference(&x, &w, &b, 1e-5)?)?;
+        for ((name, a), b) in ["y", "dx", "dw", "db"].iter().zip(&ours).zip(&reference) {
+            assert_close(&format!("{dims:?} {name}"), a, b, 2e-4)?;
+        }
+    }
+    // Finite differences on a tiny case (the loss is smooth; eps large enough for f32).
+    let mut rng = ChaCha8Rng::seed_from_u64(90);
+    let x = Var::from_tensor(&rand_tensor(&mut rng, &[3, 4])?)?;
+    let w = Var::from_tensor(&rand_tensor(&mut rng, &[4])?)?;
+    let b = Var::from_tensor(&rand_tensor(&mut rng, &[4])?)?;
+    let r = rand_tensor(&mut rng, &[3, 4])?;
+    let eps = 1e-3;
+    let grads = (ops::layer_norm(&x, &w, &b, eps)? * &r)?.sum_all()?.backward()?;
+    let fd_x = finite_diff(&x, 1e-2, |xp| weighted_sum(&ops::layer_norm(xp, &w, &b, eps)?, &r))?;
+    let fd_w = finite_diff(&w, 1e-2, |wp| weighted_sum(&ops::layer_norm(&x, wp, &b, eps)?, &r))?;
+    assert_close("dx vs finite differences", grads.get(&x).context("no dx")?, &fd_x, 2e-3)?;
+    assert_close("dw vs finite differences", grads.get(&w).context("no dw")?, &fd_w, 2e-3)?;
+    // The f64 path (candle ops, as on GPUs) agrees with the f32 kernel.
+    let to64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let y64 = ops::layer_norm(&to64(&x)?, &to64(&w)?, &to64(&b)?, eps)?;
+    assert_close("fallback", &ops::layer_norm(&x, &w, &b, eps)?, &y64.to_dtype(DType::F32)?, TOL)?;
+    // Bad shapes are errors that say what is wrong.
+    expect_err(ops::layer_norm(&x, &b.narrow(0, 0, 3)?, &b, eps), "weight must have shape [4]")?;
+    expect_err(ops::layer_norm(&x, &w, &b, f64::NAN), "eps must be finite")
+}

@@ -257,8 +257,7 @@ pub fn default_heads(dim: usize) -> usize {
     h
 }
 
-/// LayerNorm over the last dim, composed of candle ops so that it is differentiable (candle-nn's fused
-/// `layer_norm` has no backward pass).
+/// LayerNorm over the last dim (candle-nn's fused `layer_norm` has no backward pass; ours does).
 pub struct LayerNorm {
     pub weight: Var,
     pub bias: Var,
@@ -277,12 +276,10 @@ impl LayerNorm {
     }
 }
 
-/// `(x - mean) / sqrt(var + eps) * w + b` over the last dim (biased variance, as PyTorch).
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dim (biased variance, as PyTorch): see
+/// [`crate::ops::layer_norm`].
 pub fn layer_norm(xs: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = xs.mean_keepdim(D::Minus1)?;
-    let xc = xs.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
+    crate::ops::layer_norm(xs, w, b, eps)
 }
 
 /// Applies a [`Linear`] to (…, d_in) by flattening the leading dims (one GEMM instead of a batched one).

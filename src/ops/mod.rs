@@ -23,6 +23,7 @@ mod bn_cuda;
 mod conv;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod layernorm;
 
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -50,6 +51,19 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
 }
 
 pub use batchnorm::Epilogue;
+
+/// Layer norm over the last dim: `(x - mean) / sqrt(var + eps) * w + b` with the biased variance (as
+/// PyTorch's). `x` is (…, D); `w` and `b` are (D). Differentiable w.r.t. all three. On the CPU with
+/// f32 tensors a custom op (one pass forward, a closed-form backward); elsewhere candle ops, computed
+/// in f32 for half-precision inputs.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    layernorm::check_shapes(x, w, b, eps)?;
+    if x.device().is_cpu() && [x, w, b].iter().all(|t| t.dtype() == DType::F32) {
+        layernorm::layer_norm_cpu(x, w, b, eps)
+    } else {
+        layernorm::layer_norm_generic(x, w, b, eps)
+    }
+}
 
 /// Batch norm in training mode.
 ///
