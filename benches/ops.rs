@@ -128,12 +128,38 @@ fn bench_bn_add_relu(c: &mut Criterion) {
     group.finish();
 }
 
+/// swin_t's element-wise ops at their stage-1 shapes (batch 32): the attention softmax over windows
+/// of 16 tokens, the MLP's GELU and the LayerNorm, ours against candle's composition.
+fn bench_swin_ops(c: &mut Criterion) {
+    sdp::runtime::tune_for_training(); // as the `sdp` binary does
+    let mut group = c.benchmark_group("swin_ops");
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (Ok(attn), Ok(hidden), Ok(tokens), Ok(w), Ok(b)) = (
+        rand_var(&mut rng, &[BATCH * 64, 3, 16, 16]),
+        rand_var(&mut rng, &[BATCH * 256, 384]),
+        rand_var(&mut rng, &[BATCH * 256, 96]),
+        rand_var(&mut rng, &[96]),
+        rand_var(&mut rng, &[96]),
+    ) else {
+        panic!("building the swin op inputs");
+    };
+    let step = |y: Result<Tensor>| y.and_then(|y| y.sum_all()?.backward()).map(drop).expect("fwd+bwd");
+    group.bench_function("softmax/ours", |bn| bn.iter(|| step(ops::softmax_last_dim(&attn))));
+    group.bench_function("softmax/candle", |bn| {
+        bn.iter(|| step(candle_nn::ops::softmax(&attn, candle_core::D::Minus1)))
+    });
+    group.bench_function("gelu/ours", |bn| bn.iter(|| step(ops::gelu_erf(&hidden))));
+    group.bench_function("gelu/candle", |bn| bn.iter(|| step(hidden.gelu_erf())));
+    group.bench_function("layer_norm/ours", |bn| bn.iter(|| step(ops::layer_norm(&tokens, &w, &b, 1e-5))));
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_conv, bench_bn, bench_bn_add_relu
+    targets = bench_conv, bench_bn, bench_bn_add_relu, bench_swin_ops
 }
 criterion_main!(benches);

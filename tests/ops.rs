@@ -490,3 +490,26 @@ fn layer_norm_matches_candle_ops_and_finite_differences() -> Result<()> {
     expect_err(ops::layer_norm(&x, &b.narrow(0, 0, 3)?, &b, eps), "weight must have shape [4]")?;
     expect_err(ops::layer_norm(&x, &w, &b, f64::NAN), "eps must be finite")
 }
+
+#[test]
+fn softmax_and_gelu_match_candle_ops() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(95);
+    for dims in [&[2, 3, 16, 16][..], &[5, 7], &[4, 1], &[1, 300]] {
+        // Scaled so that softmax rows are far from uniform and GELU sees its curved region and tails.
+        let x = Var::from_tensor(&(rand_tensor(&mut rng, dims)? * 4.0)?)?;
+        let r = rand_tensor(&mut rng, dims)?;
+        let grad = |y: Tensor| -> Result<[Tensor; 2]> {
+            let g = (&y * &r)?.sum_all()?.backward()?;
+            Ok([y, g.get(&x).cloned().context("no dx")?])
+        };
+        let pairs = [
+            ("softmax", grad(ops::softmax_last_dim(&x)?)?, grad(candle_nn::ops::softmax(&x, D::Minus1)?)?),
+            ("gelu", grad(ops::gelu_erf(&x)?)?, grad(x.gelu_erf()?)?),
+        ];
+        for (name, ours, reference) in &pairs {
+            assert_close(&format!("{name} {dims:?} y"), &ours[0], &reference[0], TOL)?;
+            assert_close(&format!("{name} {dims:?} dx"), &ours[1], &reference[1], TOL)?;
+        }
+    }
+    expect_err(ops::softmax_last_dim(&Tensor::zeros((2, 0), DType::F32, &Device::Cpu)?), "at least one dim")
+}

@@ -21,7 +21,7 @@
 
 use super::layers::{Builder, Conv2d, Init, Linear, ParamStore};
 use super::{Net, Unit, UnitKind};
-use candle_core::{Device, Result, Tensor, Var, D};
+use candle_core::{Device, Result, Tensor, Var};
 
 /// timm's LayerNorm epsilon (`nn.LayerNorm` default).
 pub const LN_EPS: f64 = 1e-5;
@@ -392,7 +392,7 @@ impl WindowAttention {
             }
             None => attn,
         };
-        let attn = candle_nn::ops::softmax(&attn, D::Minus1)?;
+        let attn = crate::ops::softmax_last_dim(&attn)?;
         // (B·nW, heads, N, head_dim) -> (B·nW, N, C)
         let ys = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
         linear_nd(&self.proj, &ys)
@@ -421,7 +421,7 @@ impl Mlp {
         match self {
             // GELU in its exact erf form (PyTorch's `nn.GELU()` default).
             Self::Full { fc1, fc2, scale } => {
-                let hidden = linear_nd(fc1, xs)?.gelu_erf()?;
+                let hidden = crate::ops::gelu_erf(&linear_nd(fc1, xs)?)?;
                 let hidden = if *scale == 1.0 { hidden } else { (hidden * *scale)? };
                 linear_nd(fc2, &hidden)
             }

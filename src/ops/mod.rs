@@ -17,6 +17,7 @@
 //! The GPU paths were written and built without a GPU at hand; `tests/cuda_ops.rs` checks them
 //! against the CPU ops on a device (`scripts/gpu_step.sh`).
 
+mod activation;
 mod batchnorm;
 #[cfg(feature = "cuda")]
 mod bn_cuda;
@@ -50,6 +51,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     x.conv2d(w, padding, stride, 1, 1)
 }
 
+pub use activation::{gelu_erf, softmax_last_dim};
 pub use batchnorm::Epilogue;
 
 /// Layer norm over the last dim: `(x - mean) / sqrt(var + eps) * w + b` with the biased variance (as
