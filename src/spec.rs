@@ -521,7 +521,7 @@ impl RunSpec {
                 format!("must be in [0, workload.epochs = {}], got {}", w.epochs, o.warmup_epochs),
             );
         }
-        if !(o.gamma > 0.0) {
+        if o.gamma.is_nan() || o.gamma <= 0.0 {
             return err("optim.gamma", format!("must be positive, got {}", o.gamma));
         }
         if o.betas.len() != 2 || o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {

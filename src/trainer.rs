@@ -107,6 +107,9 @@ struct Evaluation {
     modes: BTreeMap<String, f64>,
 }
 
+/// One training step of [`epoch_loop`]: (the workers' batches, learning rate, global step) → mean loss.
+type StepFn<'a> = dyn FnMut(&[Batch], f64, usize) -> Result<f64> + 'a;
+
 /// The epoch loop every method shares: batches from the loader, one `step` per optimizer step (given the
 /// batches, the learning rate and the 1-based step number; returns the mean training loss), an
 /// `evaluate` every `eval_every` epochs and at the end, progress and metrics through `obs`.
@@ -117,7 +120,7 @@ fn epoch_loop(
     data: &Dataset,
     epochs: usize,
     obs: &mut dyn Observer,
-    step_fn: &mut dyn FnMut(&[Batch], f64, usize) -> Result<f64>,
+    step_fn: &mut StepFn,
     eval_fn: &mut dyn FnMut() -> Result<Evaluation>,
 ) -> Result<Final> {
     let w = &spec.workload;
@@ -717,7 +720,7 @@ pub fn sdp_step(
     let m = &spec.method;
     let mut loss_sum = 0.0;
     let mut all_grads = Vec::with_capacity(batches.len());
-    let align = m.align_every > 0 && step % m.align_every == 0;
+    let align = m.align_every > 0 && step.is_multiple_of(m.align_every);
     for (k, batch) in batches.iter().enumerate() {
         let (x, y) = batch.to_tensors(device)?;
         let worker = &st.workers[k];
@@ -746,7 +749,7 @@ pub fn sdp_step(
             st.sync(params, true)?;
         }
         SyncMode::Params => {
-            if step % m.sync_every == 0 {
+            if step.is_multiple_of(m.sync_every) {
                 st.sync_params(true)?;
             }
         }
