@@ -51,7 +51,7 @@ demo-cifar10-jpeg: build cifar10-jpeg
 	$(SDP) run experiments/cifar10_jpeg_demo.toml
 
 # The paper grid (experiments/paper/*.toml: CIFAR-10/100, SVHN x ResNet-18, WRN-18, Swin-T x DP and SDP
-# block/neuron x forward/backward x C in {0.5, 0.75, 1}, K = 8, 3 seeds; 351 runs, ~1,400 GPU-hours on one
+# block/neuron x forward/backward x C in {0.5, 0.75, 1}, K = 8, 3 seeds; 270 runs, ~1,100 GPU-hours on one
 # H200, see each file's Cost line). Downloads the datasets (md5-checked, resumable), trains every run (finished
 # runs are skipped, so an interrupted `make reproduce` continues where it stopped), then draws the figures.
 # On a machine without CUDA: `make reproduce DEVICE=cpu` (months: only sensible with --only or --set).

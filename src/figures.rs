@@ -371,9 +371,44 @@ fn series_of(runs: &[RunData]) -> Vec<Series> {
             Series { slug: slug(&label), label, kind: m.kind, spec, points }
         })
         .collect();
+    share_full_coverage_runs(runs, &mut out);
     // DP first, then the others in a stable order.
     out.sort_by(|a, b| (a.kind != MethodKind::Dp, &a.label).cmp(&(b.kind != MethodKind::Dp, &b.label)));
     out
+}
+
+/// SDP runs at full coverage (m = K) stand for every masking, regime, rescaling and resampling
+/// (`RunSpec::canonical` gives them one run id), so each SDP series that matches such a run apart from
+/// those fields gets it as its full-coverage point. A series made only of such runs is dropped once
+/// another series has taken them.
+fn share_full_coverage_runs(runs: &[RunData], series: &mut Vec<Series>) {
+    let loose = |spec: &RunSpec| {
+        let mut f = flat_spec(spec);
+        for k in ["method.masking", "method.regime", "method.rescale", "method.resample_every"] {
+            f.remove(k);
+        }
+        f
+    };
+    let is_full = |i: usize| runs[i].spec.method.kind == MethodKind::Sdp && runs[i].spec.full_coverage();
+    let full: Vec<usize> = (0..runs.len()).filter(|&i| is_full(i)).collect();
+    if full.is_empty() {
+        return;
+    }
+    let only_full = |s: &Series| s.points.values().flatten().all(|&i| is_full(i));
+    let mut absorbed = BTreeSet::new();
+    for s in series.iter_mut().filter(|s| s.kind == MethodKind::Sdp && !only_full(s)) {
+        let key = loose(&s.spec);
+        for &i in full.iter().filter(|&&i| loose(&runs[i].spec) == key) {
+            let point = s.points.entry(cov_key(runs[i].spec.method.coverage)).or_default();
+            if !point.contains(&i) {
+                point.push(i);
+            }
+            absorbed.insert(i);
+        }
+    }
+    series.retain(|s| {
+        !(s.kind == MethodKind::Sdp && only_full(s) && s.points.values().flatten().all(|i| absorbed.contains(i)))
+    });
 }
 
 fn slug(s: &str) -> String {
@@ -971,6 +1006,36 @@ mod tests {
         assert_eq!(mean_std(&[1.0]), (1.0, 0.0));
         let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
         assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn full_coverage_runs_are_shared_by_every_sdp_series() -> Result<()> {
+        let text = r#"
+name = "t"
+[workload]
+dataset = "shapes"
+model = "resnet18"
+epochs = 1
+batch_size = 8
+[method]
+kind = "sdp"
+workers = 4
+masking = ["neuron", "block"]
+regime = ["forward", "backward"]
+coverage = [0.5, 1.0]
+"#;
+        let exp = crate::spec::parse(text, Path::new("t.toml"), &[])?;
+        // Four runs at C = 0.5 and one run for all four variants at C = 1 (RunSpec::canonical).
+        assert_eq!(exp.runs.len(), 5);
+        let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
+        let full = runs.iter().position(|r| r.spec.full_coverage()).context("no full-coverage run")?;
+        let series = series_of(&runs);
+        assert_eq!(series.len(), 4, "{:?}", series.iter().map(|s| &s.label).collect::<Vec<_>>());
+        for s in &series {
+            assert_eq!(s.points.keys().copied().collect::<Vec<_>>(), [cov_key(0.5), cov_key(1.0)], "{}", s.label);
+            assert_eq!(s.points[&cov_key(1.0)], [full], "{}", s.label);
+        }
+        Ok(())
     }
 
     fn run(spec: RunSpec) -> RunData {

@@ -437,9 +437,30 @@ impl RunSpec {
             MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
                 self.method = Method { kind, workers, coverage, ..d }
             }
+            MethodKind::Sdp if self.full_coverage() => {
+                // Every worker holds every unit: the strategy, the regime, rescaling (factors K/m = 1)
+                // and mask resampling change nothing, so one run stands for all of them.
+                let m = &mut self.method;
+                (m.masking, m.regime, m.rescale, m.resample_every) = (d.masking, d.regime, d.rescale, d.resample_every);
+            }
             MethodKind::Sdp => {}
         }
         self
+    }
+
+    /// SDP with m = round(C·K) = K: every worker holds the whole model.
+    pub fn full_coverage(&self) -> bool {
+        crate::masking::holders(self.method.coverage, self.method.workers) == self.method.workers
+    }
+
+    /// The `method.*` fields that [`RunSpec::canonical`] resets for this run (they do not change what
+    /// it computes), so labels leave them out.
+    fn ignored_method_fields(&self) -> &'static [&'static str] {
+        match self.method.kind {
+            MethodKind::Sdp if self.full_coverage() => &["masking", "regime", "rescale", "resample_every"],
+            MethodKind::Sdp => &[],
+            _ => &["*"],
+        }
     }
 
     /// Epochs actually trained: `flop_matched` SDP trains epochs × 1/C (rounded).
@@ -687,11 +708,16 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment
             let mut l: Vec<String> = label
                 .iter()
                 .filter(|a| {
-                    spec.method.kind == MethodKind::Sdp
-                        || !a.starts_with("method.")
-                        || a.starts_with("method.kind=")
-                        || a.starts_with("method.workers=")
-                        || (spec.method.kind != MethodKind::Dp && a.starts_with("method.coverage="))
+                    let Some(field) = a.strip_prefix("method.").and_then(|f| f.split('=').next()) else {
+                        return true;
+                    };
+                    match spec.ignored_method_fields() {
+                        ["*"] => {
+                            ["kind", "workers"].contains(&field)
+                                || (spec.method.kind != MethodKind::Dp && field == "coverage")
+                        }
+                        ignored => !ignored.contains(&field),
+                    }
                 })
                 .cloned()
                 .collect();

@@ -130,6 +130,26 @@ fn lists_expand_into_a_grid_times_seeds() -> Result<()> {
 }
 
 #[test]
+fn full_coverage_sdp_runs_are_one_run_whatever_the_masking_and_regime() -> Result<()> {
+    let text = TINY.replace("[method]\nworkers = 2", "[method]\nkind = \"sdp\"\nworkers = 2")
+        + "masking = [\"neuron\", \"block\"]\nregime = [\"forward\", \"backward\"]\ncoverage = [0.5, 1.0]\n";
+    let e = parse(&text, &[])?;
+    // 2 maskings × 2 regimes at C = 0.5 (m = 1 of K = 2), and one run at C = 1 (m = K).
+    assert_eq!(e.runs.len(), 5, "{:?}", e.runs.iter().map(|r| &r.label).collect::<Vec<_>>());
+    let full: Vec<_> = e.runs.iter().filter(|r| r.spec.method.coverage == 1.0).collect();
+    assert_eq!(full.len(), 1);
+    // Its label and spec do not pretend to a masking or regime.
+    assert_eq!(full[0].label, "method.coverage=1.0");
+    assert_eq!((full[0].spec.method.masking.as_str(), full[0].spec.method.rescale), ("block", false));
+    // m = round(C·K): C = 0.8 with K = 2 is also full coverage, and the same computation as C = 1
+    // except for the coverage value itself (kept: it is what the user asked for).
+    let e = parse(&text, &["method.coverage=0.8", "method.masking=\"neuron\""])?;
+    assert_eq!(e.runs.len(), 1);
+    assert!(e.runs[0].spec.full_coverage());
+    Ok(())
+}
+
+#[test]
 fn set_replaces_a_list_by_a_scalar_and_list_keys_need_nesting() -> Result<()> {
     let text = TINY.replace("lr = 0.05", "lr = [0.05, 0.1]");
     let e = parse(&text, &["optim.lr=0.1", "seeds=[4, 5]"])?;
