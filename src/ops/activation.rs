@@ -8,22 +8,12 @@
 //! Softmax: y = exp(x - max) / sum, dx = y * (dy - sum(dy * y)) per row.
 //! GELU: y = x * Φ(x), dy/dx = Φ(x) + x * φ(x), with Φ(x) = (1 + erf(x / √2)) / 2.
 
-use candle_core::backend::BackendStorage;
+use super::f32_slice;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Elements per rayon task of the element-wise kernels.
 const CHUNK: usize = 1 << 14;
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("{what} must be f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("{what} must be contiguous (layout {l:?})"),
-    }
-}
 
 fn on_cpu_f32(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
@@ -49,7 +39,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "softmax input")?;
+        let x = f32_slice("softmax", s, l, "input")?;
         let d = *l.dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).with_min_len((4096 / d).max(1)).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
@@ -79,8 +69,8 @@ impl CustomOp2 for SoftmaxGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = f32_slice(s1, l1, "softmax output")?;
-        let dy = f32_slice(s2, l2, "softmax output gradient")?;
+        let y = f32_slice("softmax", s1, l1, "output")?;
+        let dy = f32_slice("softmax", s2, l2, "output gradient")?;
         if l1.dims() != l2.dims() {
             bail!("softmax backward: gradient {:?} does not match output {:?}", l2.dims(), l1.dims());
         }
@@ -120,7 +110,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "gelu input")?;
+        let x = f32_slice("gelu", s, l, "input")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, xs)| {
             for (o, &v) in o.iter_mut().zip(xs) {
@@ -144,8 +134,8 @@ impl CustomOp2 for GeluGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "gelu input")?;
-        let dy = f32_slice(s2, l2, "gelu output gradient")?;
+        let x = f32_slice("gelu", s1, l1, "input")?;
+        let dy = f32_slice("gelu", s2, l2, "output gradient")?;
         if l1.dims() != l2.dims() {
             bail!("gelu backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());
         }

@@ -6,7 +6,7 @@
 //! dx = gamma * invstd / N * (N*dy - sum(dy) - xhat * sum(dy * xhat)),
 //! dgamma = sum(dy * xhat), dbeta = sum(dy).
 
-use candle_core::backend::BackendStorage;
+use super::f32_slice;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -87,17 +87,6 @@ fn plane_grad_sums(x: &[f32], dy: &[f32], mean: f32) -> (f64, f64) {
         t2 += (dv * (xv - mean)) as f64;
     }
     (t1, t2)
-}
-
-/// The contiguous f32 data of a custom-op argument.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("batch norm: {what} must be f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("batch norm: {what} must be contiguous (layout {l:?})"),
-    }
 }
 
 /// Entry point of the CPU path: all tensors f32 on the CPU, shapes already checked.
@@ -187,7 +176,7 @@ impl CustomOp1 for ChannelStats {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, sp) = dims3(l.dims())?;
-        let x = f32_slice(s, l, "input")?;
+        let x = f32_slice("batch norm", s, l, "input")?;
         let n = (b * sp) as f64;
         let stats: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
@@ -291,9 +280,9 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let gamma = f32_slice(s2, l2, "gamma")?;
-        let beta = f32_slice(s3, l3, "beta")?;
+        let x = f32_slice("batch norm", s1, l1, "input")?;
+        let gamma = f32_slice("batch norm", s2, l2, "gamma")?;
+        let beta = f32_slice("batch norm", s3, l3, "beta")?;
         Ok((CpuStorage::F32(self.forward(l1, x, gamma, beta, None)?), l1.shape().clone()))
     }
 
@@ -327,9 +316,9 @@ impl CustomOp3 for BnTrainResidual {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let gb = f32_slice(s2, l2, "gamma/beta")?;
-        let r = f32_slice(s3, l3, "residual")?;
+        let x = f32_slice("batch norm", s1, l1, "input")?;
+        let gb = f32_slice("batch norm", s2, l2, "gamma/beta")?;
+        let r = f32_slice("batch norm", s3, l3, "residual")?;
         let (gamma, beta) = gb.split_at(gb.len() / 2);
         Ok((CpuStorage::F32(self.0.forward(l1, x, gamma, beta, Some(r))?), l1.shape().clone()))
     }
@@ -367,8 +356,8 @@ impl CustomOp2 for ReluMask {
         if l1.dims() != l2.dims() {
             bail!("relu mask: gradient {:?} does not match output {:?}", l1.dims(), l2.dims());
         }
-        let dy = f32_slice(s1, l1, "output gradient")?;
-        let y = f32_slice(s2, l2, "output")?;
+        let dy = f32_slice("batch norm", s1, l1, "output gradient")?;
+        let y = f32_slice("batch norm", s2, l2, "output")?;
         let mut out = vec![0f32; dy.len()];
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK).zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK))).for_each(|(o, (d, y))| {
@@ -398,7 +387,11 @@ fn backward_inputs<'a>(
             l1.dims()
         );
     }
-    let slices = [f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "output gradient")?, f32_slice(s3, l3, "output")?];
+    let slices = [
+        f32_slice("batch norm", s1, l1, "input")?,
+        f32_slice("batch norm", s2, l2, "output gradient")?,
+        f32_slice("batch norm", s3, l3, "output")?,
+    ];
     Ok((b, c, sp, slices))
 }
 

@@ -8,24 +8,13 @@
 //! candle's composed layer norm is 9 graph nodes forward (each costing its backward a zero-filled
 //! gradient buffer plus an add) and ~20 ops backward; swin_t has 29 of them per step.
 
-use candle_core::backend::BackendStorage;
+use super::f32_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Rows per rayon task: enough work per task for short rows.
 fn min_rows(d: usize) -> usize {
     (4096 / d.max(1)).max(1)
-}
-
-/// The contiguous f32 data of a custom-op argument.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("layer norm: {what} must be f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("layer norm: {what} must be contiguous (layout {l:?})"),
-    }
 }
 
 /// Validates shapes: x is (…, D) with D ≥ 1, w and b are (D).
@@ -77,9 +66,9 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
-        let b = f32_slice(s3, l3, "bias")?;
+        let x = f32_slice("layer norm", s1, l1, "input")?;
+        let w = f32_slice("layer norm", s2, l2, "weight")?;
+        let b = f32_slice("layer norm", s3, l3, "bias")?;
         let d = w.len();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).with_min_len(min_rows(d)).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
@@ -130,9 +119,9 @@ impl CustomOp3 for LayerNormInputGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let dy = f32_slice(s2, l2, "output gradient")?;
-        let w = f32_slice(s3, l3, "weight")?;
+        let x = f32_slice("layer norm", s1, l1, "input")?;
+        let dy = f32_slice("layer norm", s2, l2, "output gradient")?;
+        let w = f32_slice("layer norm", s3, l3, "weight")?;
         if dy.len() != x.len() {
             bail!("layer norm backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());
         }
@@ -169,8 +158,8 @@ impl CustomOp2 for LayerNormParamGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let dy = f32_slice(s2, l2, "output gradient")?;
+        let x = f32_slice("layer norm", s1, l1, "input")?;
+        let dy = f32_slice("layer norm", s2, l2, "output gradient")?;
         let d = *l1.dims().last().unwrap_or(&1);
         if dy.len() != x.len() || d == 0 {
             bail!("layer norm backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());

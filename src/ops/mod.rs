@@ -26,7 +26,8 @@ mod conv;
 mod cudnn;
 mod layernorm;
 
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor};
 
 /// 2-D convolution without bias, dilation 1 and groups 1.
 ///
@@ -144,4 +145,15 @@ pub fn batch_norm_eval_fused(
         }
     }
     epi.apply(batchnorm::eval_generic(x, gamma, beta, running_mean, running_var, eps, c)?)
+}
+
+/// The contiguous f32 data of a CPU custom op's argument; `op` and `what` name it in errors.
+pub(crate) fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: {what} must be f32, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => bail!("{op}: {what} must be contiguous (layout {l:?})"),
+    }
 }
