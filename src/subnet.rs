@@ -64,6 +64,21 @@ impl IndexMap {
         }
     }
 
+    /// `acc + scatter(local)` in one op where the map restricts at most one axis (every map the models
+    /// build: a block is held whole or not at all, a neuron unit narrows one axis of each tensor).
+    pub fn scatter_add(&self, acc: &Tensor, local: &Tensor) -> Result<Tensor> {
+        let restricted: Vec<(usize, &Vec<u32>)> =
+            self.axes.iter().enumerate().filter_map(|(a, ix)| ix.as_ref().map(|ix| (a, ix))).collect();
+        match restricted.as_slice() {
+            [] => acc + local,
+            [(axis, ix)] => {
+                let idx = Tensor::from_slice(ix, ix.len(), local.device())?;
+                acc.index_add(&idx, local, *axis)
+            }
+            _ => acc + self.scatter(local)?,
+        }
+    }
+
     /// A global-shaped tensor holding `local` at its coordinates and zeros elsewhere.
     pub fn scatter(&self, local: &Tensor) -> Result<Tensor> {
         let mut t = local.clone();
@@ -83,7 +98,20 @@ impl IndexMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn scatter_add_equals_adding_the_scatter() -> Result<()> {
+        let acc = Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((2, 3, 4))?;
+        let mut two = IndexMap::narrowed(&[2, 3, 4], 1, &[0, 2]);
+        two.axes[2] = Some(vec![1, 3]);
+        for m in [IndexMap::full(&[2, 3, 4]), IndexMap::narrowed(&[2, 3, 4], 2, &[0, 3]), two] {
+            let local = (Tensor::ones(m.local_shape().as_slice(), DType::F32, &Device::Cpu)? * 10.0)?;
+            let want = (&acc + m.scatter(&local)?)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(m.scatter_add(&acc, &local)?.flatten_all()?.to_vec1::<f32>()?, want, "{m:?}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn gather_then_scatter_roundtrips_on_held_coordinates() -> Result<()> {

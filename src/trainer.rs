@@ -459,10 +459,12 @@ impl Worker {
     /// every other coordinate too (non-held parameters are refreshed from their holders).
     fn receive(&self, name: &str, global: &Tensor) -> Result<()> {
         let Some(var) = self.var(name) else { return Ok(()) };
-        if self.full_model {
-            var.set(global)?;
-        } else if let Some(map) = self.maps.get(name) {
-            var.set(&map.gather(global)?)?;
+        match self.maps.get(name) {
+            // `set` copies, so a whole tensor needs no gathered copy first.
+            Some(map) if !self.full_model && !map.is_full() => var.set(&map.gather(global)?)?,
+            Some(_) => var.set(global)?,
+            None if self.full_model => var.set(global)?,
+            None => {}
         }
         Ok(())
     }
