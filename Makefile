@@ -56,7 +56,7 @@ demo-cifar10-jpeg: build cifar10-jpeg
 # runs are skipped, so an interrupted `make reproduce` continues where it stopped), then draws the figures.
 # On a machine without CUDA: `make reproduce DEVICE=cpu` (months: only sensible with --only or --set).
 DEVICE       ?= cuda
-FEATURES     ?= $(if $(filter cpu,$(DEVICE)),,--features cuda)
+FEATURES     ?= $(if $(filter cpu,$(DEVICE)),,--features cudnn)  # cuDNN conv + CUDA batch norm (implies cuda)
 DATA_DIR     ?= datasets
 RESULTS_DIR  ?= results
 FIGURES_DIR  ?= paper_figures
