@@ -513,3 +513,35 @@ fn softmax_and_gelu_match_candle_ops() -> Result<()> {
     }
     expect_err(ops::softmax_last_dim(&Tensor::zeros((2, 0), DType::F32, &Device::Cpu)?), "at least one dim")
 }
+
+#[test]
+fn bmm_matches_candle_matmul_with_gradients() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let cases: [(&[usize], &[usize]); 5] = [
+        (&[2, 3, 16, 32], &[2, 3, 32, 16]),
+        (&[5, 4, 7], &[5, 7, 3]),
+        (&[1, 1, 1], &[1, 1, 1]),
+        (&[300, 2, 3], &[300, 3, 5]),
+        (&[4, 6], &[6, 2]),
+    ];
+    for (da, db) in cases {
+        let a = Var::from_tensor(&rand_tensor(&mut rng, da)?)?;
+        let b = Var::from_tensor(&rand_tensor(&mut rng, db)?)?;
+        let run = |c: Tensor| -> Result<[Tensor; 3]> {
+            let r = rand_tensor(&mut ChaCha8Rng::seed_from_u64(7), c.dims())?;
+            let g = (&c * &r)?.sum_all()?.backward()?;
+            Ok([c, g.get(&a).cloned().context("no da")?, g.get(&b).cloned().context("no db")?])
+        };
+        let ours = run(ops::bmm(&a, &b)?)?;
+        let reference = run(a.matmul(&b)?)?;
+        for ((name, x), y) in ["c", "da", "db"].iter().zip(&ours).zip(&reference) {
+            assert_close(&format!("{da:?}·{db:?} {name}"), x, y, TOL)?;
+        }
+    }
+    // A transposed (non-contiguous) operand, as attention's k.t() is.
+    let a = rand_tensor(&mut rng, &[3, 4, 5])?;
+    let k = rand_tensor(&mut rng, &[3, 6, 5])?;
+    assert_close("a·kᵀ", &ops::bmm(&a, &k.t()?)?, &a.matmul(&k.t()?.contiguous()?)?, TOL)?;
+    expect_err(ops::bmm(&a, &a), "inner dims differ")?;
+    expect_err(ops::bmm(&a, &rand_tensor(&mut rng, &[2, 5, 4])?), "same leading dims")
+}

@@ -378,7 +378,7 @@ impl WindowAttention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         // (B·nW, heads, N, N)
-        let attn = q.matmul(&k.t()?.contiguous()?)?;
+        let attn = crate::ops::bmm(&q, &k.t()?)?;
         let ww = self.window * self.window;
         // (N·N, heads) -> (heads, N, N)
         let bias = self.table.as_tensor().index_select(&self.index, 0)?.reshape((ww, ww, nh))?.permute((2, 0, 1))?;
@@ -394,7 +394,7 @@ impl WindowAttention {
         };
         let attn = crate::ops::softmax_last_dim(&attn)?;
         // (B·nW, heads, N, head_dim) -> (B·nW, N, C)
-        let ys = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
+        let ys = crate::ops::bmm(&attn, &v)?.transpose(1, 2)?.reshape((bw, n, c))?;
         linear_nd(&self.proj, &ys)
     }
 }

@@ -141,22 +141,22 @@ impl Geom {
 
 /// A read-only strided matrix view for [`sgemm`].
 #[derive(Clone, Copy)]
-struct MatRef<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(super) struct MatRef<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Result<()> {
     if rows > 0 && cols > 0 && (rows - 1) * rs + (cols - 1) * cs >= len {
-        bail!("conv2d internal error: {what} view {rows}x{cols} (strides {rs}, {cs}) exceeds its buffer of {len}");
+        bail!("gemm internal error: {what} view {rows}x{cols} (strides {rs}, {cs}) exceeds its buffer of {len}");
     }
     Ok(())
 }
 
 /// `dst (m x n) [+]= lhs (m x k) * rhs (k x n)`; `dst` is row-major with row stride `n`.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(super) fn sgemm(
     m: usize,
     n: usize,
     k: usize,

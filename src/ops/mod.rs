@@ -19,6 +19,7 @@
 
 mod activation;
 mod batchnorm;
+mod bmm;
 #[cfg(feature = "cuda")]
 mod bn_cuda;
 mod conv;
@@ -53,6 +54,18 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
 }
 
 pub use activation::{gelu_erf, softmax_last_dim};
+
+/// Batched matrix product (…, M, K) · (…, K, N) → (…, M, N) with equal leading dims, differentiable
+/// in both. On the CPU with f32 tensors the batch is spread over rayon threads (candle runs batches
+/// of small products one by one on one thread); elsewhere candle's `matmul`.
+pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    bmm::check_shapes(a.dims(), b.dims())?;
+    if a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        bmm::bmm_cpu(a, b)
+    } else {
+        a.matmul(b)
+    }
+}
 pub use batchnorm::Epilogue;
 
 /// Layer norm over the last dim: `(x - mean) / sqrt(var + eps) * w + b` with the biased variance (as
