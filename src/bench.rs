@@ -10,13 +10,14 @@
 //! alive) minus that before the model: a lower bound of the true peak, which PyTorch's allocator
 //! counts exactly (`max_memory_allocated`).
 
+use crate::data::loader::Batch;
 use crate::masking;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
 use crate::runner;
 use crate::seed::{rng, Stream};
 use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, Precision, RunSpec, SpecError, Workload};
-use crate::trainer::{loss_and_grads, SdpState};
+use crate::trainer::{loss_and_grads, sdp_step, SdpState};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -120,6 +121,11 @@ pub struct StepArgs {
     /// Which SDP worker's subnetwork to benchmark (with --masking): 0..K.
     #[arg(long, default_value_t = 0)]
     pub worker: usize,
+    /// Time a whole simulated SDP step instead (with --masking): every worker's forward, backward and
+    /// update, one after another, then the averaging among holders. Peak memory is then the
+    /// process's: the global model and all K workers.
+    #[arg(long, conflicts_with = "worker")]
+    pub all_workers: bool,
     /// Compute precision: f32, or bf16 (bf16 activations and convolutions, f32 master weights,
     /// gradients and BatchNorm statistics; ResNet family; meant for CUDA, slow on the CPU).
     #[arg(long, value_enum, default_value = "f32")]
@@ -135,6 +141,8 @@ pub struct StepBench {
     pub spec: RunSpec,
     /// The SDP worker benchmarked (with masking).
     pub worker: usize,
+    /// Time whole SDP steps (every worker plus the averaging) instead of one worker's.
+    pub all_workers: bool,
     pub device: Device,
     pub steps: usize,
     pub warmup: usize,
@@ -240,10 +248,13 @@ impl StepArgs {
             spec.method.masking = name.clone();
             spec.method.coverage = self.coverage;
             spec.method.workers = self.workers;
+        } else if self.all_workers {
+            return Err(usage("--all-workers needs --masking (an SDP configuration)".into()));
         }
         Ok(StepBench {
             spec,
             worker: self.worker,
+            all_workers: self.all_workers,
             device,
             steps: self.steps,
             warmup: self.warmup,
@@ -259,6 +270,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchCommand::Step(a) => {
             let b = a.validate()?;
             let what = match &a.masking {
+                Some(m) if a.all_workers => format!(
+                    "{} (a whole SDP step: all K={} workers + averaging, masking {m}, coverage {})",
+                    a.model, a.workers, a.coverage
+                ),
                 Some(m) => {
                     format!(
                         "{} (SDP worker {} of K={}, masking {m}, coverage {})",
@@ -312,6 +327,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
 /// Builds the model (or worker 0's subnetwork), runs the warm-up and timed steps, and measures them.
 pub fn step(b: &StepBench) -> Result<StepReport> {
+    if b.all_workers {
+        return sdp_step_bench(b);
+    }
     let dev = &b.device;
     let mem0 = MemProbe::new(dev)?;
     // One SDP worker's physical subnetwork, or the full model.
@@ -352,6 +370,51 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     };
     let step_s = median(&times);
     Ok(StepReport { step_s, img_s: b.spec.workload.batch_size as f64 / step_s, peak_mb, times, params })
+}
+
+/// Whole simulated SDP steps: K worker steps one after another plus the averaging (`trainer::sdp_step`).
+fn sdp_step_bench(b: &StepBench) -> Result<StepReport> {
+    let dev = &b.device;
+    let mem0 = MemProbe::new(dev)?;
+    let mut st = SdpState::new(&b.spec, b.classes, dev).context("building the SDP state")?;
+    let params = st.global.store().num_params();
+    let batches: Vec<Batch> = (0..b.spec.method.workers)
+        .map(|k| {
+            let n = b.spec.workload.batch_size;
+            let s = b.image_size;
+            let mut r = rng(b.spec.seed, Stream::Data, u64::MAX - 1, k as u64);
+            Batch {
+                x: (0..n * 3 * s * s).map(|_| r.random_range(-2.0f32..2.0)).collect(),
+                y: (0..n).map(|_| r.random_range(0..b.classes as u32)).collect(),
+                c: 3,
+                h: s,
+                w: s,
+            }
+        })
+        .collect();
+    let mut peak = mem0.current()?;
+    let mut times = Vec::with_capacity(b.steps);
+    for i in 0..b.warmup + b.steps {
+        let t = Instant::now();
+        sdp_step(&mut st, &b.spec, &batches, b.spec.optim.lr, i + 1, dev)?;
+        dev.synchronize()?;
+        if dev.is_cuda() {
+            peak = match (peak, mem0.current()?) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if i >= b.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let peak_mb = match dev {
+        Device::Cpu => mem0.cpu_peak()?,
+        _ => peak,
+    };
+    let step_s = median(&times);
+    let images = (b.spec.workload.batch_size * b.spec.method.workers) as f64;
+    Ok(StepReport { step_s, img_s: images / step_s, peak_mb, times, params })
 }
 
 /// Random N(0,1)-ish input and uniform labels from the run seed's data stream.
@@ -518,6 +581,20 @@ mod tests {
         let line = r.line();
         let keys: Vec<&str> = line.split(' ').map(|kv| kv.split('=').next().unwrap_or("")).collect();
         assert_eq!(keys, ["step_s", "img_s", "peak_mb"]);
+        Ok(())
+    }
+
+    #[test]
+    fn whole_sdp_step_times_every_worker_and_needs_masking() -> Result<()> {
+        let base = "step --model resnet --widths 4,8 --depths 1,1 --batch 2 --steps 2 --warmup 1 --image-size 8";
+        let whole =
+            step(&args(&format!("{base} --masking block --workers 4 --coverage 0.5 --all-workers")).validate()?)?;
+        assert_eq!(whole.times.len(), 2);
+        // K workers' images per step, and the global model's parameters.
+        assert!((whole.img_s - 8.0 / whole.step_s).abs() < 1e-6 * whole.img_s);
+        assert_eq!(whole.params, step(&args(base).validate()?)?.params);
+        let err = args(&format!("{base} --all-workers")).validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("--all-workers needs --masking"), "{err}");
         Ok(())
     }
 
