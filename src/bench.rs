@@ -19,7 +19,7 @@ use crate::seed::{rng, Stream};
 use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, Precision, RunSpec, SpecError, Workload};
 use crate::trainer::{loss_and_grads, sdp_step, SdpState};
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rand::Rng;
 use std::time::Instant;
 
@@ -343,33 +343,14 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     // Building the SDP state held the global model and every worker at once: restart the high-water
     // mark so that the peak is the benchmarked worker's.
     mem0.reset_cpu_peak();
-    let params = net.store().num_params();
-    let (x, y) = random_batch(b, dev)?;
+    let (x, y) = random_batch(b, 0).to_tensors(dev)?;
     let lr = b.spec.optim.lr;
-    let mut peak = mem0.current()?;
-    let mut times = Vec::with_capacity(b.steps);
-    for i in 0..b.warmup + b.steps {
-        let t = Instant::now();
+    timed_steps(b, &mem0, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
         let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
-        if dev.is_cuda() {
-            peak = match (peak, mem0.current()?) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
-        }
+        sample()?; // activations and gradients alive: the step's high point
         opt.step(&net.store().params, &grads, lr)?;
-        drop(grads);
-        dev.synchronize()?;
-        if i >= b.warmup {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    let peak_mb = match dev {
-        Device::Cpu => mem0.cpu_peak()?,
-        _ => peak,
-    };
-    let step_s = median(&times);
-    Ok(StepReport { step_s, img_s: b.spec.workload.batch_size as f64 / step_s, peak_mb, times, params })
+        Ok(())
+    })
 }
 
 /// Whole simulated SDP steps: K worker steps one after another plus the averaging (`trainer::sdp_step`).
@@ -378,32 +359,40 @@ fn sdp_step_bench(b: &StepBench) -> Result<StepReport> {
     let mem0 = MemProbe::new(dev)?;
     let mut st = SdpState::new(&b.spec, b.classes, dev).context("building the SDP state")?;
     let params = st.global.store().num_params();
-    let batches: Vec<Batch> = (0..b.spec.method.workers)
-        .map(|k| {
-            let n = b.spec.workload.batch_size;
-            let s = b.image_size;
-            let mut r = rng(b.spec.seed, Stream::Data, u64::MAX - 1, k as u64);
-            Batch {
-                x: (0..n * 3 * s * s).map(|_| r.random_range(-2.0f32..2.0)).collect(),
-                y: (0..n).map(|_| r.random_range(0..b.classes as u32)).collect(),
-                c: 3,
-                h: s,
-                w: s,
-            }
-        })
-        .collect();
-    let mut peak = mem0.current()?;
-    let mut times = Vec::with_capacity(b.steps);
-    for i in 0..b.warmup + b.steps {
-        let t = Instant::now();
+    let batches: Vec<Batch> = (0..b.spec.method.workers).map(|k| random_batch(b, k)).collect();
+    let images = b.spec.workload.batch_size * b.spec.method.workers;
+    timed_steps(b, &mem0, params, images, |i, sample| {
         sdp_step(&mut st, &b.spec, &batches, b.spec.optim.lr, i + 1, dev)?;
-        dev.synchronize()?;
+        sample()
+    })
+}
+
+/// Runs `b.warmup + b.steps` calls of `one_step(i, sample)` (`sample` reads CUDA memory; a step calls
+/// it at its high point) and reports the median time of the timed ones, img/s for `images` per step
+/// and the peak memory.
+fn timed_steps(
+    b: &StepBench,
+    mem0: &MemProbe,
+    params: usize,
+    images: usize,
+    mut one_step: impl FnMut(usize, &mut dyn FnMut() -> Result<()>) -> Result<()>,
+) -> Result<StepReport> {
+    let dev = &b.device;
+    let mut peak = mem0.current()?;
+    let mut sample = || -> Result<()> {
         if dev.is_cuda() {
             peak = match (peak, mem0.current()?) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
             };
         }
+        Ok(())
+    };
+    let mut times = Vec::with_capacity(b.steps);
+    for i in 0..b.warmup + b.steps {
+        let t = Instant::now();
+        one_step(i, &mut sample)?;
+        dev.synchronize()?;
         if i >= b.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -413,18 +402,21 @@ fn sdp_step_bench(b: &StepBench) -> Result<StepReport> {
         _ => peak,
     };
     let step_s = median(&times);
-    let images = (b.spec.workload.batch_size * b.spec.method.workers) as f64;
-    Ok(StepReport { step_s, img_s: images / step_s, peak_mb, times, params })
+    Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, params })
 }
 
-/// Random N(0,1)-ish input and uniform labels from the run seed's data stream.
-fn random_batch(b: &StepBench, dev: &Device) -> Result<(Tensor, Tensor)> {
+/// Worker `k`'s random input (uniform in [-2, 2)) and uniform labels from the run seed's data stream.
+fn random_batch(b: &StepBench, k: usize) -> Batch {
     let n = b.spec.workload.batch_size;
     let s = b.image_size;
-    let mut r = rng(b.spec.seed, Stream::Data, u64::MAX, 0);
-    let xs: Vec<f32> = (0..n * 3 * s * s).map(|_| r.random_range(-2.0f32..2.0)).collect();
-    let ys: Vec<u32> = (0..n).map(|_| r.random_range(0..b.classes as u32)).collect();
-    Ok((Tensor::from_vec(xs, (n, 3, s, s), dev)?, Tensor::from_vec(ys, n, dev)?))
+    let mut r = rng(b.spec.seed, Stream::Data, u64::MAX, k as u64);
+    Batch {
+        x: (0..n * 3 * s * s).map(|_| r.random_range(-2.0f32..2.0)).collect(),
+        y: (0..n).map(|_| r.random_range(0..b.classes as u32)).collect(),
+        c: 3,
+        h: s,
+        w: s,
+    }
 }
 
 /// The median of `v` (the mean of the two middle values for an even count); 0 for an empty slice.
