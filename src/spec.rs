@@ -453,13 +453,18 @@ impl RunSpec {
         crate::masking::holders(self.method.coverage, self.method.workers) == self.method.workers
     }
 
-    /// The `method.*` fields that [`RunSpec::canonical`] resets for this run (they do not change what
-    /// it computes), so labels leave them out.
-    fn ignored_method_fields(&self) -> &'static [&'static str] {
+    /// Whether `method.<field>` can change what this run computes; [`RunSpec::canonical`] resets the
+    /// fields that cannot, and labels leave them out.
+    fn method_field_matters(&self, field: &str) -> bool {
         match self.method.kind {
-            MethodKind::Sdp if self.full_coverage() => &["masking", "regime", "rescale", "resample_every"],
-            MethodKind::Sdp => &[],
-            _ => &["*"],
+            MethodKind::Dp => ["kind", "workers"].contains(&field),
+            MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
+                ["kind", "workers", "coverage"].contains(&field)
+            }
+            MethodKind::Sdp if self.full_coverage() => {
+                !["masking", "regime", "rescale", "resample_every"].contains(&field)
+            }
+            MethodKind::Sdp => true,
         }
     }
 
@@ -707,17 +712,9 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment
             // DP and the baselines ignore the SDP-only fields: leave them out of their labels.
             let mut l: Vec<String> = label
                 .iter()
-                .filter(|a| {
-                    let Some(field) = a.strip_prefix("method.").and_then(|f| f.split('=').next()) else {
-                        return true;
-                    };
-                    match spec.ignored_method_fields() {
-                        ["*"] => {
-                            ["kind", "workers"].contains(&field)
-                                || (spec.method.kind != MethodKind::Dp && field == "coverage")
-                        }
-                        ignored => !ignored.contains(&field),
-                    }
+                .filter(|a| match a.strip_prefix("method.").and_then(|f| f.split('=').next()) {
+                    Some(field) => spec.method_field_matters(field),
+                    None => true,
                 })
                 .cloned()
                 .collect();
