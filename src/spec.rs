@@ -430,20 +430,20 @@ impl RunSpec {
     /// The spec with fields that cannot affect the run reset to their defaults, so that equal runs get
     /// equal ids (a grid over `kind = ["dp", "sdp"]` × coverage holds one DP run, not one per coverage).
     fn canonical(mut self) -> Self {
-        let d = Method::default();
-        let (kind, workers, coverage) = (self.method.kind, self.method.workers, self.method.coverage);
-        match kind {
-            MethodKind::Dp => self.method = Method { kind, workers, ..d },
-            MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-                self.method = Method { kind, workers, coverage, ..d }
+        // Every `method` field that cannot change this run (`method_field_matters`) takes its default,
+        // through the serialized form so that the predicate is the only list of such fields.
+        let (Ok(serde_json::Value::Object(mut m)), Ok(d)) =
+            (serde_json::to_value(&self.method), serde_json::to_value(Method::default()))
+        else {
+            return self; // plain data: serializing cannot fail
+        };
+        for (field, v) in m.iter_mut() {
+            if !self.method_field_matters(field) {
+                *v = d[field.as_str()].clone();
             }
-            MethodKind::Sdp if self.full_coverage() => {
-                // Every worker holds every unit: the strategy, the regime, rescaling (factors K/m = 1)
-                // and mask resampling change nothing, so one run stands for all of them.
-                let m = &mut self.method;
-                (m.masking, m.regime, m.rescale, m.resample_every) = (d.masking, d.regime, d.rescale, d.resample_every);
-            }
-            MethodKind::Sdp => {}
+        }
+        if let Ok(method) = serde_json::from_value(serde_json::Value::Object(m)) {
+            self.method = method;
         }
         self
     }
@@ -461,6 +461,8 @@ impl RunSpec {
             MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
                 ["kind", "workers", "coverage"].contains(&field)
             }
+            // Every worker holds every unit: the strategy, the regime, rescaling (factors K/m = 1) and
+            // mask resampling change nothing, so one run stands for all of them.
             MethodKind::Sdp if self.full_coverage() => {
                 !["masking", "regime", "rescale", "resample_every"].contains(&field)
             }
