@@ -87,28 +87,12 @@ pub(crate) struct ConvShape {
 
 impl ConvShape {
     pub(crate) fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
-        let &[b, cin, h, wd] = x else {
-            candle_core::bail!("cudnn-conv2d: input must be (B, Cin, H, W), got shape {x:?}");
+        // The checks every conv2d path shares (ranks, empty tensors, channels, stride, fit) ...
+        super::conv::check_shapes(x, w, stride, pad)?;
+        let (&[b, cin, h, wd], &[cout, _, kh, kw]) = (x, w) else {
+            candle_core::bail!("cudnn-conv2d: input {x:?} / weight {w:?} are not 4-d");
         };
-        let &[cout, wcin, kh, kw] = w else {
-            candle_core::bail!("cudnn-conv2d: weight must be (Cout, Cin, kh, kw), got shape {w:?}");
-        };
-        if x.contains(&0) || w.contains(&0) {
-            candle_core::bail!("cudnn-conv2d: empty tensors are not supported (input {x:?}, weight {w:?})");
-        }
-        if wcin != cin {
-            candle_core::bail!(
-                "cudnn-conv2d: input has {cin} channels (shape {x:?}) but weight expects {wcin} (shape {w:?})"
-            );
-        }
-        if stride == 0 {
-            candle_core::bail!("cudnn-conv2d: stride must be at least 1 (input {x:?}, weight {w:?})");
-        }
-        if h + 2 * pad < kh || wd + 2 * pad < kw {
-            candle_core::bail!(
-                "cudnn-conv2d: kernel {kh}x{kw} does not fit the input {h}x{wd} with padding {pad} (input {x:?})"
-            );
-        }
+        // ... and cuDNN's own: every dimension and element count fits an `int`.
         let s = Self { b, cin, h, w: wd, cout, kh, kw, stride, pad };
         let limit = i32::MAX as usize;
         let too_big = [s.x_dims(), s.w_dims(), s.y_dims()]
