@@ -1,15 +1,19 @@
 # sdp — common entry points. `make test` is the test command CI runs.
 CARGO ?= cargo
 SDP   := target/release/sdp
+DATA_DIR     ?= datasets
+RESULTS_DIR  ?= results
+FIGURES_DIR  ?= paper_figures
 
 .PHONY: build test demo check-specs clean-results fmt lint bench reproduce figures
 
 build:
 	$(CARGO) build --release
 
-# Tests: tiny models on synthetic data, CPU only, a few minutes on 2 cores; no ../shared needed.
+# Tests: tiny models on synthetic data, CPU only, a few minutes on 2 cores; no ../shared needed. In the
+# release profile, so `make test` and `make demo` share one build of the dependencies.
 test:
-	$(CARGO) test --all-targets
+	$(CARGO) test --release --all-targets
 
 # The demo: DP on the built-in `shapes` dataset with a small ResNet (~3 minutes on 2 cores).
 demo: build
@@ -22,7 +26,7 @@ fmt:
 	$(CARGO) fmt --all
 
 lint:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --release --all-targets -- -D warnings
 
 bench:
 	$(CARGO) bench
@@ -30,25 +34,44 @@ bench:
 clean-results:
 	rm -rf results/*/
 
-# Real images, offline: CIFAR-10 as JPEG (lossy, q≈75) from ../shared/datasets, extracted outside the repo.
-# Label results on it `cifar10-jpeg-q75`, never `cifar10`. Not part of `make test`.
+# Real images, offline: CIFAR-10 as JPEG (lossy, q≈75), extracted into the data directory as an ImageFolder
+# tree. Label results on it `cifar10-jpeg-q75`, never `cifar10`. Not part of `make test`.
 CIFAR10_JPEG_TGZ ?= ../shared/datasets/cifar10-jpeg-q75.tar.gz
-CIFAR10_JPEG_DIR := /tmp/cifar10-jpeg
+CIFAR10_JPEG_DIR := $(DATA_DIR)/cifar10-jpeg-q75
 
-.PHONY: cifar10-jpeg demo-cifar10-jpeg
+.PHONY: cifar10-jpeg demo-cifar10-jpeg reproduce-mini
 
 cifar10-jpeg:
 	@if [ -d $(CIFAR10_JPEG_DIR)/train ] && [ -d $(CIFAR10_JPEG_DIR)/test ]; then \
 		echo "$(CIFAR10_JPEG_DIR) exists"; \
+	elif [ ! -f $(CIFAR10_JPEG_TGZ) ]; then \
+		echo "error: no $(CIFAR10_JPEG_TGZ): set CIFAR10_JPEG_TGZ=PATH to the cifar10-jpeg-q75 archive, or place an ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg) in $(CIFAR10_JPEG_DIR)" >&2; exit 2; \
 	else \
-		mkdir -p $(CIFAR10_JPEG_DIR).part && tar -xzf $(CIFAR10_JPEG_TGZ) -C $(CIFAR10_JPEG_DIR).part && \
-		mv $(CIFAR10_JPEG_DIR).part $(CIFAR10_JPEG_DIR); \
+		rm -rf $(CIFAR10_JPEG_DIR).part && mkdir -p $(CIFAR10_JPEG_DIR).part && \
+		tar -xzf $(CIFAR10_JPEG_TGZ) -C $(CIFAR10_JPEG_DIR).part && mv $(CIFAR10_JPEG_DIR).part $(CIFAR10_JPEG_DIR) || \
+		{ rm -rf $(CIFAR10_JPEG_DIR).part; echo "error: extracting $(CIFAR10_JPEG_TGZ) failed" >&2; exit 1; }; \
 	fi
 
 # DP (K = 2) with a small ResNet on all of cifar10-jpeg-q75 (~6 minutes on 2 cores).
 demo-cifar10-jpeg: build cifar10-jpeg
-	$(SDP) data info folder:$(CIFAR10_JPEG_DIR)
-	$(SDP) run experiments/cifar10_jpeg_demo.toml
+	$(SDP) data info folder:cifar10-jpeg-q75 --data-dir $(DATA_DIR)
+	$(SDP) run experiments/cifar10_jpeg_demo.toml --data-dir $(DATA_DIR)
+
+# The mini tier of the paper grid (experiments/mini/*.toml: a width-16 ResNet-18 on 10,000 CIFAR-10 images,
+# K = 4, DP, SDP, baselines, 3 seeds; see each file's header), sized for a 2-core CPU. MINI_DATA picks the data:
+# cifar10-jpeg-q75 (default: the JPEG copy, extracted by `make cifar10-jpeg`) or cifar10 (the official files in
+# $(DATA_DIR), from `sdp data fetch cifar10`); the experiment is named after it. Finished runs are skipped, so
+# an interrupted tier continues where it stopped. Results in results/mini/, figures in paper_figures/mini/.
+MINI_DATA    ?= cifar10-jpeg-q75
+MINI_SPECS   := $(sort $(wildcard experiments/mini/*.toml))
+MINI_SET     := $(if $(filter cifar10,$(MINI_DATA)),--set workload.dataset=cifar10 --set name=mini-cifar10,)
+MINI_DEVICE  ?= cpu
+
+reproduce-mini: build $(if $(filter cifar10,$(MINI_DATA)),,cifar10-jpeg)
+	$(SDP) run $(MINI_SPECS) $(MINI_SET) --device $(MINI_DEVICE) --data-dir $(DATA_DIR) --results-dir $(RESULTS_DIR)/mini; \
+	rc=$$?; [ $$rc -eq 130 ] && exit 130; \
+	$(SDP) figures --results $(RESULTS_DIR)/mini --out $(FIGURES_DIR)/mini || exit $$?; \
+	exit $$rc
 
 # The paper grid (experiments/paper/*.toml: CIFAR-10/100, SVHN x ResNet-18, WRN-18, Swin-T x DP and SDP
 # block/neuron x forward/backward x C in {0.5, 0.75, 1}, K = 8, 3 seeds; 270 runs, ~1,100 GPU-hours on one
@@ -57,9 +80,6 @@ demo-cifar10-jpeg: build cifar10-jpeg
 # On a machine without CUDA: `make reproduce DEVICE=cpu` (months: only sensible with --only or --set).
 DEVICE       ?= cuda
 FEATURES     ?= $(if $(filter cpu,$(DEVICE)),,--features cudnn)  # cuDNN conv + CUDA batch norm (implies cuda)
-DATA_DIR     ?= datasets
-RESULTS_DIR  ?= results
-FIGURES_DIR  ?= paper_figures
 PAPER_DATA   := cifar10 cifar100 svhn
 # Cheapest model first, so the first complete figures arrive early; then any other file in experiments/paper/.
 PAPER_FIRST  := $(foreach m,resnet18 wrn18 swin_t,$(foreach d,$(PAPER_DATA),experiments/paper/$(d)_$(m).toml))

@@ -11,7 +11,7 @@
 //! Synthetic pixels, so it runs without `../shared`; the loader's cost does not depend on pixel values.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sdp::data::augment::{draw, write_image_with, AugmentCfg, Normalizer};
+use sdp::data::augment::{draw, write_image_with, AugmentCfg, Normalizer, PadMode};
 use sdp::data::loader::{epoch_key, make_batch, random_images, steps_per_epoch, TrainLoader};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -22,7 +22,13 @@ const BATCH: usize = 128;
 
 fn cfg() -> AugmentCfg {
     // The CIFAR-10 constants; crop pad 4 and flip as in the paper's recipe.
-    AugmentCfg { crop_pad: 4, flip: true, mean: [0.4914, 0.4822, 0.4465], std: [0.2470, 0.2435, 0.2616] }
+    AugmentCfg {
+        crop_pad: 4,
+        pad_mode: PadMode::Zero,
+        flip: true,
+        mean: [0.4914, 0.4822, 0.4465],
+        std: [0.2470, 0.2435, 0.2616],
+    }
 }
 
 fn loader(c: &mut Criterion) {

@@ -305,6 +305,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             // CIFAR-10's constants; the cost does not depend on them.
             let cfg = crate::data::augment::AugmentCfg {
                 crop_pad: 4,
+                pad_mode: crate::spec::PadMode::Zero,
                 flip: true,
                 mean: [0.4914, 0.4822, 0.4465],
                 std: [0.2470, 0.2435, 0.2616],

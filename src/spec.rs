@@ -134,11 +134,30 @@ pub struct Augment {
     /// Random horizontal flips.
     #[serde(default = "yes")]
     pub flip: bool,
+    /// What the random crop reads outside the image: `zero` pixels (the default) or `reflect` (the image
+    /// mirrored at its border, torchvision's `padding_mode="reflect"`). Left out of the canonical spec when
+    /// `zero`, so run ids of zero-padded runs do not depend on the key existing.
+    #[serde(default, skip_serializing_if = "PadMode::is_zero")]
+    pub pad_mode: PadMode,
 }
 
 impl Default for Augment {
     fn default() -> Self {
-        Self { crop_pad: 4, flip: true }
+        Self { crop_pad: 4, flip: true, pad_mode: PadMode::Zero }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PadMode {
+    #[default]
+    Zero,
+    Reflect,
+}
+
+impl PadMode {
+    pub fn is_zero(&self) -> bool {
+        *self == PadMode::Zero
     }
 }
 
@@ -863,6 +882,19 @@ batch_size = 8
         assert_eq!(key_line(&doc, "workload.epochs"), Some(6));
         assert_eq!(key_line(&doc, "name"), Some(2));
         assert_eq!(key_line(&doc, "method.workers"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn pad_mode_zero_keeps_the_run_id_and_a_bad_mode_names_the_key() -> Result<()> {
+        let plain = parse(MIN, Path::new("t.toml"), &[])?.runs[0].id.clone();
+        let zero = parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=zero".into()])?;
+        assert_eq!(zero.runs[0].id, plain);
+        let reflect = parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=reflect".into()])?;
+        assert_ne!(reflect.runs[0].id, plain);
+        assert_eq!(reflect.runs[0].spec.workload.augment.pad_mode, PadMode::Reflect);
+        let e = parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=mirror".into()]).unwrap_err().to_string();
+        assert!(e.contains("workload.augment.pad_mode") && e.contains("mirror") && e.contains("reflect"), "{e}");
         Ok(())
     }
 }

@@ -77,6 +77,7 @@ pub fn train(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs:
 fn augment_cfg(spec: &RunSpec, data: &Dataset) -> AugmentCfg {
     AugmentCfg {
         crop_pad: spec.workload.augment.crop_pad,
+        pad_mode: spec.workload.augment.pad_mode,
         flip: spec.workload.augment.flip,
         mean: data.mean,
         std: data.std,

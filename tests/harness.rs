@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use candle_core::Device;
-use sdp::data::augment::AugmentCfg;
+use sdp::data::augment::{AugmentCfg, PadMode};
 use sdp::data::loader::TrainLoader;
 use sdp::models;
 use sdp::optim::Optimizer;
@@ -356,7 +356,7 @@ fn dp_with_k_workers_equals_one_worker_with_k_times_the_batch() -> Result<()> {
     let exp = parse(TINY, &["workload.norm=none", "optim.weight_decay=0.001", "optim.nesterov=true"])?;
     let spec = &exp.runs[0].spec;
     let data = sdp::data::load(&spec.workload, Path::new("datasets"))?;
-    let aug = AugmentCfg { crop_pad: 4, flip: true, mean: data.mean, std: data.std };
+    let aug = AugmentCfg { crop_pad: 4, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
     let train = Arc::new(data.train.clone());
     let dev = Device::Cpu;
     let mut finals = Vec::new();

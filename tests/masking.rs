@@ -271,3 +271,36 @@ fn block_act_balances_activations_where_block_balances_parameters() -> Result<()
     }
     Ok(())
 }
+
+#[test]
+fn cyclic_connects_the_workers_block_can_split() -> Result<()> {
+    let units = resnet18_blocks();
+    let bytes: Vec<usize> = units.iter().map(|u| u.params * 4).collect();
+    let gap = |name: &str, k: usize, m: usize, seed: u64| -> Result<f64> {
+        let sel = strategy(name)?.select(&units, k, coverage_for(m, k), &mut mask_rng(seed))?;
+        Ok(sdp::metrics::spectral_gap(&sel, &bytes))
+    };
+    // The split this strategy exists for: byte-balanced `block` at K = 4, C = 0.5 leaves two halves.
+    let split = (0..8).filter(|&seed| gap("block", 4, 2, seed).unwrap() == 0.0).count();
+    assert!(split > 0, "block at K = 4, C = 0.5 was connected for every seed: the motivating case changed");
+    for k in 3..=8 {
+        for m in 2..k {
+            for seed in 0..4 {
+                let g = gap("cyclic", k, m, seed)?;
+                assert!(g > 1e-9, "cyclic K={k} m={m} seed={seed}: spectral gap {g}");
+            }
+        }
+    }
+    // Balanced: at K = 4, m = 2 each worker holds one of the two largest blocks, so the spread of the
+    // per-worker parameters stays within the largest block.
+    let largest = units.iter().map(|u| u.params).max().unwrap();
+    for seed in 0..8 {
+        let sel = strategy("cyclic")?.select(&units, 4, 0.5, &mut mask_rng(seed))?;
+        let p = sel.params_per_worker(&units);
+        let spread = p.iter().max().unwrap() - p.iter().min().unwrap();
+        assert!(spread <= largest, "seed {seed}: per-worker params {p:?}");
+        let big: Vec<usize> = (0..4).map(|k| sel.held_by(k).into_iter().filter(|&u| u >= 6).count()).collect();
+        assert_eq!(big, vec![1; 4], "seed {seed}: stage-4 blocks per worker");
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sdp::comm::{Averager, LocalAverager};
-use sdp::data::augment::AugmentCfg;
+use sdp::data::augment::{AugmentCfg, PadMode};
 use sdp::data::loader::TrainLoader;
 use sdp::models::layers::Builder;
 use sdp::models::resnet::{ResNet, ResNetConfig};
@@ -70,7 +70,7 @@ fn full_coverage_sdp_equals_dp() -> Result<()> {
     for masking in ["block", "neuron"] {
         let s = spec(&[&format!("method.masking={masking}")])?;
         let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
-        let aug = AugmentCfg { crop_pad: 2, flip: true, mean: data.mean, std: data.std };
+        let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
         let train = Arc::new(data.train.clone());
         let dev = Device::Cpu;
 
@@ -355,7 +355,7 @@ fn memprobe_rejects_a_bad_worker() -> Result<()> {
 fn backward_regime_trains_only_held_coordinates() -> Result<()> {
     let s = spec(&["method.regime=backward"])?;
     let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
-    let aug = AugmentCfg { crop_pad: 2, flip: true, mean: data.mean, std: data.std };
+    let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
     let train = Arc::new(data.train.clone());
     let dev = Device::Cpu;
     let dp = models::build(&s.workload, 10, s.seed, &dev)?;
@@ -447,7 +447,7 @@ fn gradient_alignment_is_one_at_full_coverage_only() -> Result<()> {
             "method.align_every=2",
         ])?;
         let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
-        let aug = AugmentCfg { crop_pad: 2, flip: true, mean: data.mean, std: data.std };
+        let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
         let mut st = SdpState::new(&s, 10, &dev)?;
         for (i, batches) in TrainLoader::start(Arc::new(data.train.clone()), aug, s.seed, 1, 3, 8)?.enumerate() {
             sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
@@ -477,7 +477,7 @@ fn sdp_on_a_tiny_swin() -> Result<()> {
     };
     let s = with(&[])?;
     let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
-    let aug = AugmentCfg { crop_pad: 2, flip: true, mean: data.mean, std: data.std };
+    let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
     let train = Arc::new(data.train.clone());
     let dp = models::build(&s.workload, 10, s.seed, &dev)?;
     let mut opt = Optimizer::new(&s.optim);

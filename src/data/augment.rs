@@ -1,15 +1,18 @@
-//! Data augmentation and normalisation: random crop with zero padding, horizontal flip, per-channel
-//! mean/std normalisation, HWC u8 → CHW f32.
+//! Data augmentation and normalisation: random crop with zero or reflection padding, horizontal flip,
+//! per-channel mean/std normalisation, HWC u8 → CHW f32.
 //!
 //! The draws for an image depend only on `(augment key of the epoch, sample index)`, not on which worker
 //! loads it: DP with any K, SDP and the single-worker baseline see identical augmented data.
 
 use super::ImageSet;
+pub use crate::spec::PadMode;
 
 /// The augmentation a loader applies (validated from `workload.augment`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AugmentCfg {
     pub crop_pad: usize,
+    /// What the crop reads outside the image: zero pixels, or the image mirrored at its border.
+    pub pad_mode: PadMode,
     pub flip: bool,
     pub mean: [f32; 3],
     pub std: [f32; 3],
@@ -79,9 +82,12 @@ pub fn write_image_with(
     bits: Option<u64>,
     out: &mut [f32],
 ) {
+    let (dy, dx, flip) = crop_and_flip(cfg, bits);
+    if cfg.pad_mode == PadMode::Reflect && (dy != 0 || dx != 0) {
+        return write_reflected(set, index, norm, (dy, dx, flip), out);
+    }
     let (h, w, c) = (set.h, set.w, set.c);
     let src = set.image(index);
-    let (dy, dx, flip) = crop_and_flip(cfg, bits);
     // Output columns x0..x1 read inside the source row: unflipped sx = x + dx, flipped sx = w-1-x + dx.
     let (wi, hi) = (w as isize, h as isize);
     let (lo, hi_x) = if flip { (dx, wi + dx) } else { (-dx, wi - dx) };
@@ -109,6 +115,40 @@ pub fn write_image_with(
             } else {
                 o.iter_mut().zip(px).for_each(|(o, v)| *o = v);
             }
+        }
+    }
+}
+
+/// Index `i` (possibly outside `0..n`) mirrored into `0..n` about the border pixels, without repeating
+/// them (`-1 → 1`, `n → n-2`): NumPy's and PyTorch's `reflect` padding, extended periodically for pads wider
+/// than the image.
+fn reflect(i: isize, n: usize) -> usize {
+    if n == 1 {
+        return 0;
+    }
+    let period = 2 * (n as isize - 1);
+    let r = i.rem_euclid(period);
+    (if r < n as isize { r } else { period - r }) as usize
+}
+
+/// [`write_image_with`] for a shifted crop with reflection padding: each output pixel reads the source pixel
+/// its mirrored coordinates name (the row and column maps are computed once per image).
+fn write_reflected(set: &ImageSet, index: usize, norm: &Normalizer, crop: (isize, isize, bool), out: &mut [f32]) {
+    let (h, w, c) = (set.h, set.w, set.c);
+    let src = set.image(index);
+    let (dy, dx, flip) = crop;
+    let rows: Vec<usize> = (0..h).map(|y| reflect(y as isize + dy, h)).collect();
+    let cols: Vec<usize> = (0..w)
+        .map(|x| {
+            let xx = if flip { w - 1 - x } else { x };
+            reflect(xx as isize + dx, w)
+        })
+        .collect();
+    for (ch, plane) in out.chunks_exact_mut(h * w).take(c).enumerate() {
+        let lut = &norm.lut[ch];
+        for (o, &sy) in plane.chunks_exact_mut(w).zip(&rows) {
+            let row = &src[sy * w * c..(sy + 1) * w * c];
+            o.iter_mut().zip(&cols).for_each(|(o, &sx)| *o = lut[row[sx * c + ch] as usize]);
         }
     }
 }
@@ -146,7 +186,13 @@ mod tests {
             let images: Vec<u8> = (0..2 * h * w * c).map(|i| (i * 37 % 256) as u8).collect();
             let set = ImageSet::new(images, vec![0, 1], h, w, c)?;
             for flip in [false, true] {
-                let cfg = AugmentCfg { crop_pad: pad, flip, mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26] };
+                let cfg = AugmentCfg {
+                    crop_pad: pad,
+                    pad_mode: PadMode::Zero,
+                    flip,
+                    mean: [0.49, 0.48, 0.45],
+                    std: [0.25, 0.24, 0.26],
+                };
                 for i in 0..400u64 {
                     let bits = if i == 0 { None } else { Some(draw(0xDEAD_BEEF, i as usize)) };
                     let (mut a, mut b) = (vec![0.0; h * w * c], vec![1.0; h * w * c]);
@@ -168,7 +214,7 @@ mod tests {
 
     #[test]
     fn identity_without_augmentation_is_chw_normalised() {
-        let cfg = AugmentCfg { crop_pad: 0, flip: false, mean: [0.0; 3], std: [1.0; 3] };
+        let cfg = AugmentCfg { crop_pad: 0, pad_mode: PadMode::Zero, flip: false, mean: [0.0; 3], std: [1.0; 3] };
         let mut out = vec![0.0; 18];
         write_image(&set(), 0, &cfg, Some(12345), &mut out);
         // channel 0 of pixel (y=1, x=2) is HWC index (1*3+2)*3 = 15 -> value 150.
@@ -178,7 +224,7 @@ mod tests {
 
     #[test]
     fn flip_mirrors_columns() {
-        let cfg = AugmentCfg { crop_pad: 0, flip: true, mean: [0.0; 3], std: [1.0; 3] };
+        let cfg = AugmentCfg { crop_pad: 0, pad_mode: PadMode::Zero, flip: true, mean: [0.0; 3], std: [1.0; 3] };
         let flip_bits = 1u64 << 40;
         let mut a = vec![0.0; 18];
         let mut b = vec![0.0; 18];
@@ -193,12 +239,40 @@ mod tests {
 
     #[test]
     fn crop_shifts_and_pads_with_zero_pixels() {
-        let cfg = AugmentCfg { crop_pad: 1, flip: false, mean: [0.5; 3], std: [0.25; 3] };
+        let cfg = AugmentCfg { crop_pad: 1, pad_mode: PadMode::Zero, flip: false, mean: [0.5; 3], std: [0.25; 3] };
         // span 3: bits 0 -> dy = -1, dx = -1: output (0,0) reads source (-1,-1), a zero pixel.
         let mut out = vec![0.0; 18];
         write_image(&set(), 0, &cfg, Some(0), &mut out);
         assert!((out[0] - (0.0 - 0.5) / 0.25).abs() < 1e-6);
         // output (1,1) reads source (0,0) channel 0 = 0 as well; output (1,2) reads source (0,1) = 30.
         assert!((out[5] - (30.0 / 255.0 - 0.5) / 0.25).abs() < 1e-5);
+    }
+
+    #[test]
+    fn reflect_mirrors_without_repeating_the_border() {
+        let got: Vec<usize> = (-4..8).map(|i| reflect(i, 4)).collect();
+        // PyTorch: F.pad(torch.arange(4.)[None, None], (4, 4), mode="reflect") → 0 1 2 3 2 1 | 0 1 2 3 | 2 1 0 1
+        assert_eq!(got, vec![2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1]);
+        assert_eq!(reflect(-3, 1), 0);
+    }
+
+    #[test]
+    fn reflection_padding_reads_mirrored_pixels() {
+        let set = set(); // 2×3, 3 channels, pixel (y, x) channel ch = ((y*3 + x)*3 + ch)*10
+        let mk = |pad_mode| AugmentCfg { crop_pad: 1, pad_mode, flip: false, mean: [0.0; 3], std: [1.0; 3] };
+        // bits 0 → dy = dx = -1: output (y, x) reads source (y-1, x-1), mirrored: row -1 → 1, column -1 → 1.
+        let mut out = vec![0.0; 18];
+        write_image(&set, 0, &mk(PadMode::Reflect), Some(0), &mut out);
+        let px = |y: usize, x: usize| ((y * 3 + x) * 3) as f32 * 10.0 / 255.0;
+        let want = [px(1, 1), px(1, 0), px(1, 1), px(0, 1), px(0, 0), px(0, 1)];
+        for (i, w) in want.iter().enumerate() {
+            assert!((out[i] - w).abs() < 1e-6, "pixel {i}: {} vs {w}", out[i]);
+        }
+        // Without a shift, reflection changes nothing: identical bits to zero padding.
+        let (mut a, mut b) = (vec![0.0; 18], vec![0.0; 18]);
+        let centred = Some(1 + 3); // dy = 0, dx = 0 for span 3
+        write_image(&set, 0, &mk(PadMode::Reflect), centred, &mut a);
+        write_image(&set, 0, &mk(PadMode::Zero), centred, &mut b);
+        assert_eq!(a, b);
     }
 }

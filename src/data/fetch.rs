@@ -352,10 +352,11 @@ fn extract_tar_gz(archive: &Path, data_dir: &Path) -> Result<()> {
 pub fn info(name: &str, data_dir: &Path) -> Result<String> {
     let mut s = String::new();
     let (loaded, cache_note): (Result<Dataset>, String) = if let Some(root) = name.strip_prefix("folder:") {
-        let root = Path::new(root);
+        // Relative to the data directory, as `sdp run` reads it.
+        let root = data_dir.join(root);
         let _ = writeln!(s, "{name}: ImageFolder tree at {}", root.display());
-        let ds = folder::load_folder(root);
-        (ds, describe_cache(&cache::cache_path(root)))
+        let ds = folder::load_folder(&root);
+        (ds, describe_cache(&cache::cache_path(&root)))
     } else {
         let source = official(name)?;
         let _ = writeln!(s, "{name} in {}", data_dir.display());

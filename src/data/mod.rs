@@ -166,7 +166,8 @@ pub fn load(w: &Workload, data_dir: &Path) -> Result<Dataset> {
         DatasetName::Cifar10 => cifar::load_cifar10(data_dir)?,
         DatasetName::Cifar100 => cifar::load_cifar100(data_dir)?,
         DatasetName::Svhn => svhn::load_svhn(data_dir)?,
-        DatasetName::Folder(p) => folder::load_folder(&p)?,
+        // A relative folder is looked up under the data directory, like the official datasets.
+        DatasetName::Folder(p) => folder::load_folder(&data_dir.join(p))?,
     };
     // Generated `shapes` already has the requested sizes; other sources take a stratified subset.
     if let Some(n) = w.train_samples {

@@ -24,6 +24,7 @@
 
 mod block;
 mod block_act;
+mod cyclic;
 mod neuron;
 mod random_block;
 
@@ -124,6 +125,7 @@ pub type Constructor = fn() -> Box<dyn MaskStrategy>;
 pub const REGISTRY: &[(&str, Constructor)] = &[
     ("block", block::new),
     ("block_act", block_act::new),
+    ("cyclic", cyclic::new),
     ("neuron", neuron::new),
     ("random_block", random_block::new),
 ];
