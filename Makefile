@@ -63,7 +63,9 @@ demo-cifar10-jpeg: build cifar10-jpeg
 # $(DATA_DIR), from `sdp data fetch cifar10`); the experiment is named after it. Finished runs are skipped, so
 # an interrupted tier continues where it stopped. Results in results/mini/, figures in paper_figures/mini/.
 MINI_DATA    ?= cifar10-jpeg-q75
-MINI_SPECS   := $(sort $(wildcard experiments/mini/*.toml))
+# The core comparison first, so that an interrupted tier has DP and the main SDP variants.
+MINI_FIRST   := $(addprefix experiments/mini/,sdp_forward.toml cyclic.toml sdp_backward.toml baselines.toml)
+MINI_SPECS   := $(MINI_FIRST) $(filter-out $(MINI_FIRST),$(sort $(wildcard experiments/mini/*.toml)))
 MINI_SET     := $(if $(filter cifar10,$(MINI_DATA)),--set workload.dataset=cifar10 --set name=mini-cifar10,)
 MINI_DEVICE  ?= cpu
 

@@ -110,7 +110,8 @@ enum DataCommand {
         #[arg(long, default_value = "datasets")]
         data_dir: PathBuf,
     },
-    /// Samples per split and class, image size, md5 status and cache of NAME or folder:PATH.
+    /// Samples per split and class, image size, md5 status and cache of NAME or folder:PATH (exit 1 when
+    /// it does not load).
     Info {
         name: String,
         #[arg(long, default_value = "datasets")]
@@ -198,8 +199,9 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Data { command: DataCommand::Info { name, data_dir } } => {
-            println!("{}", sdp::data::fetch::info(&name, &data_dir)?);
-            Ok(ExitCode::SUCCESS)
+            let info = sdp::data::fetch::info(&name, &data_dir)?;
+            print!("{info}");
+            Ok(if info.loadable { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Model { command: ModelCommand::Info { name, classes } } => {
             let report = sdp::models::info::info_report(&name, classes).map_err(|e| SpecError(format!("{e:#}")))?;

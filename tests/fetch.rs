@@ -346,6 +346,8 @@ fn fetch_extracts_cifar_archive_that_then_loads() -> Result<()> {
 
     // `info` with the official sums: this archive is not the official one.
     let report = fetch::info("cifar10", dir.path())?;
+    ensure!(report.loadable);
+    let report = report.text;
     check_contains(
         &report,
         &[
@@ -358,6 +360,8 @@ fn fetch_extracts_cifar_archive_that_then_loads() -> Result<()> {
         ],
     )?;
     let report = fetch::info("svhn", dir.path())?;
+    ensure!(!report.loadable, "a missing dataset must make `sdp data info` fail");
+    let report = report.text;
     check_contains(
         &report,
         &["train_32x32.mat: missing", "test_32x32.mat: missing", "not loadable", "sdp data fetch svhn"],
@@ -377,12 +381,15 @@ fn info_reports_folder_datasets_and_rejects_unknown_names() -> Result<()> {
             }
         }
     }
-    let report = fetch::info(&format!("folder:{}", dir.path().display()), Path::new("unused"))?;
+    let report = fetch::info(&format!("folder:{}", dir.path().display()), Path::new("unused"))?.text;
     check_contains(&report, &["train: 6 images, test: 2 images, 4x4x3", "cat", "3 / 1", ".sdp-cache-v1.bin ("])?;
     check_contains(
         &err_text(fetch::info("mnist", dir.path())),
         &["unknown dataset `mnist`", "cifar10, cifar100 or svhn"],
     )?;
+    let shapes = fetch::info("shapes", dir.path())?;
+    ensure!(shapes.loadable);
+    check_contains(&shapes.text, &["shapes: generated", "train: 10000 images, test: 2000 images, 32x32x3", "10 classes"])?;
     check_contains(&err_text(fetch::fetch("mnist", dir.path())), &["unknown dataset `mnist`"])?;
     let official = fetch::official("svhn")?;
     ensure!(

@@ -346,12 +346,30 @@ fn extract_tar_gz(archive: &Path, data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A human-readable report on dataset `name` (`cifar10`, `cifar100`, `svhn` or `folder:<path>`) in `data_dir`:
-/// md5 status of the official files, samples per split and per class, image size, and where the cache is.
-/// A dataset that fails to load is reported (with the reason), not an error; an unknown name is.
-pub fn info(name: &str, data_dir: &Path) -> Result<String> {
+/// What `sdp data info` reports: the text, and whether the dataset loaded (the command's exit status).
+#[derive(Clone, Debug)]
+pub struct Info {
+    pub text: String,
+    pub loadable: bool,
+}
+
+impl std::fmt::Display for Info {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A human-readable report on dataset `name` (`shapes`, `cifar10`, `cifar100`, `svhn` or `folder:<path>`) in
+/// `data_dir`: md5 status of the official files, samples per split and per class, image size, and where the
+/// cache is. A dataset that fails to load is reported with the reason (and `loadable = false`), not an
+/// error; an unknown name is.
+pub fn info(name: &str, data_dir: &Path) -> Result<Info> {
     let mut s = String::new();
-    let (loaded, cache_note): (Result<Dataset>, String) = if let Some(root) = name.strip_prefix("folder:") {
+    let (loaded, cache_note): (Result<Dataset>, String) = if name == "shapes" {
+        let _ = writeln!(s, "shapes: generated in memory (data_seed 0, the default sizes)");
+        let ds = super::synthetic::shapes(0, super::SHAPES_TRAIN, super::SHAPES_TEST);
+        (ds, "none (generated)".into())
+    } else if let Some(root) = name.strip_prefix("folder:") {
         // Relative to the data directory, as `sdp run` reads it.
         let root = data_dir.join(root);
         let _ = writeln!(s, "{name}: ImageFolder tree at {}", root.display());
@@ -383,6 +401,7 @@ pub fn info(name: &str, data_dir: &Path) -> Result<String> {
             }
         }
     };
+    let loadable = loaded.is_ok();
     match loaded {
         Ok(ds) => {
             let t = &ds.train;
@@ -409,7 +428,7 @@ pub fn info(name: &str, data_dir: &Path) -> Result<String> {
         }
     }
     let _ = writeln!(s, "cache: {cache_note}");
-    Ok(s)
+    Ok(Info { text: s, loadable })
 }
 
 fn describe_cache(path: &Path) -> String {
