@@ -107,7 +107,7 @@ def main():
     if a.model == "swin_t":
         import timm  # only needed here
 
-        # DESIGN.md §7's swin_t: patch 2, window 4, dims 96..768, depths 2/2/6/2, heads 3/6/12/24.
+        # docs/design.md §7's swin_t: patch 2, window 4, dims 96..768, depths 2/2/6/2, heads 3/6/12/24.
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=a.image_size,
                                   patch_size=2, window_size=4, num_classes=a.classes).to(dev)
     else:

@@ -1,6 +1,6 @@
 //! `sdp`: a reproducible benchmark suite for Subnetwork Data Parallelism (arXiv 2507.09029).
 //!
-//! The crate is organised as in DESIGN.md §3: specs expand into runs (`spec`), runs train models (`models`,
+//! The crate is organised as in docs/design.md §3: specs expand into runs (`spec`), runs train models (`models`,
 //! `ops`) on datasets (`data`) with a method (`trainer`, `optim`, `comm`), and write results (`results`),
 //! from which `figures` draws figures and tables.
 

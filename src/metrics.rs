@@ -1,4 +1,4 @@
-//! Metrics of the method that do not need a model: communication accounting (DESIGN.md §2, "Communication
+//! Metrics of the method that do not need a model: communication accounting (docs/design.md §2, "Communication
 //! bytes per step") and the spectral gap of the worker–unit averaging graph. Every function here is a pure
 //! function of a [`Selection`] and byte counts, so the simulated and the NCCL runs report the same numbers.
 
@@ -21,7 +21,7 @@ pub struct CommBytes {
     /// ring_allreduce_bytes(shared + Σ_u bytes_u, K). What a plain DP all-reduce over a masked model costs.
     pub masked_allreduce: f64,
     /// Coordinates grouped by holder set H (the set of workers holding them); each group all-reduced only
-    /// among its members (one communicator per holder set, DESIGN.md §2). Worker k pays
+    /// among its members (one communicator per holder set, docs/design.md §2). Worker k pays
     /// Σ_{H ∋ k} ring_allreduce_bytes(bytes_H, |H|). Shared parameters join the group of all K workers.
     /// Never more than `masked_allreduce`.
     pub grouped: f64,

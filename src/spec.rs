@@ -1,4 +1,4 @@
-//! Experiment specs: TOML → validated, grid-expanded runs with stable ids (DESIGN.md §4).
+//! Experiment specs: TOML → validated, grid-expanded runs with stable ids (docs/design.md §4).
 //!
 //! A spec file is one experiment. Any field may hold a list instead of a scalar; lists expand into a grid
 //! (cartesian product, times `seeds`). Fields whose value is itself a list (`workload.widths`, …) form a grid
@@ -332,7 +332,7 @@ pub enum BnStats {
     Recompute,
 }
 
-/// How the model is evaluated (DESIGN.md §1, "Evaluation").
+/// How the model is evaluated (docs/design.md §1, "Evaluation").
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum EvalMode {

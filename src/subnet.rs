@@ -1,5 +1,5 @@
 //! Physical subnetworks: which global coordinates each worker's local tensors hold, and moving values
-//! between the global model and the workers (gather to build, scatter to average). DESIGN.md §2.
+//! between the global model and the workers (gather to build, scatter to average). docs/design.md §2.
 //!
 //! A worker never holds a masked full-size model: dropped blocks have no tensors at all on that worker, and
 //! kept internal channels are gathered into narrower dense tensors. An [`IndexMap`] records, per axis of a
@@ -135,7 +135,7 @@ pub struct Keep {
     pub channels: Vec<usize>,
 }
 
-/// A maskable architecture: the model family a worker's subnetwork is built from (DESIGN.md §2).
+/// A maskable architecture: the model family a worker's subnetwork is built from (docs/design.md §2).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Arch {
     ResNet(ResNetConfig),

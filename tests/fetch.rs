@@ -389,7 +389,10 @@ fn info_reports_folder_datasets_and_rejects_unknown_names() -> Result<()> {
     )?;
     let shapes = fetch::info("shapes", dir.path())?;
     ensure!(shapes.loadable);
-    check_contains(&shapes.text, &["shapes: generated", "train: 10000 images, test: 2000 images, 32x32x3", "10 classes"])?;
+    check_contains(
+        &shapes.text,
+        &["shapes: generated", "train: 10000 images, test: 2000 images, 32x32x3", "10 classes"],
+    )?;
     check_contains(&err_text(fetch::fetch("mnist", dir.path())), &["unknown dataset `mnist`"])?;
     let official = fetch::official("svhn")?;
     ensure!(

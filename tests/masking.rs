@@ -1,4 +1,4 @@
-//! Shared invariants of every registered masking strategy (DESIGN.md §1): the tests loop over
+//! Shared invariants of every registered masking strategy (docs/design.md §1): the tests loop over
 //! `masking::REGISTRY`, so a newly registered strategy is checked without touching this file.
 //! Strategy-specific guarantees (byte balance of `block`, per-block floor/ceil of `neuron`) follow.
 

@@ -1,4 +1,4 @@
-//! Model tests: shapes and gradients, the DESIGN.md §7 parameter counts, full-size forward + backward on the
+//! Model tests: shapes and gradients, the docs/design.md §7 parameter counts, full-size forward + backward on the
 //! CPU, the shifted-window mask and relative position index, checkpoints, unit listings, and golden logits
 //! from PyTorch (tests/golden/make_golden.py, which says how the fixtures were made).
 

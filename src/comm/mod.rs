@@ -1,4 +1,4 @@
-//! Averaging among holders: the collective every SDP synchronisation goes through (DESIGN.md §2).
+//! Averaging among holders: the collective every SDP synchronisation goes through (docs/design.md §2).
 //!
 //! The trait is shaped like a collective so that the in-process simulation ([`local::LocalAverager`]) and a
 //! process-per-GPU implementation (NCCL, one communicator per holder set) are interchangeable.
@@ -9,7 +9,7 @@ use crate::subnet::IndexMap;
 use candle_core::{Result, Tensor};
 pub use local::LocalAverager;
 
-/// The collective that averages each coordinate among the workers holding it (DESIGN.md §2).
+/// The collective that averages each coordinate among the workers holding it (docs/design.md §2).
 ///
 /// `contributions` are the local tensors of the workers *this process hosts* that hold the parameter, with
 /// their index maps: all holders for the in-process simulation, one (its own) for a process-per-GPU

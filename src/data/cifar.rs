@@ -1,4 +1,4 @@
-//! Readers for the official CIFAR-10 and CIFAR-100 binary distributions (DESIGN.md §6).
+//! Readers for the official CIFAR-10 and CIFAR-100 binary distributions (docs/design.md §6).
 //!
 //! CIFAR-10 (`cifar-10-batches-bin/`): `data_batch_{1..5}.bin` and `test_batch.bin`, records of 1 label byte and
 //! 3072 pixel bytes (three 32×32 planes, CHW). CIFAR-100 (`cifar-100-binary/`): `train.bin` and `test.bin`, records

@@ -1,5 +1,5 @@
 //! Downloading the official dataset files (`sdp data fetch cifar10|cifar100|svhn`) and reporting what a data
-//! directory holds (`sdp data info …`); DESIGN.md §6.
+//! directory holds (`sdp data info …`); docs/design.md §6.
 //!
 //! A download goes to `<file>.part` and is resumed with an HTTP `Range` request, both after a connection cut
 //! during the same call (retried while each attempt makes progress) and across calls. A finished download is
@@ -59,7 +59,7 @@ pub struct Source {
 const TORONTO: &str = "https://www.cs.toronto.edu/~kriz";
 const STANFORD: &str = "http://ufldl.stanford.edu/housenumbers";
 
-/// The official files of `cifar10`, `cifar100` or `svhn` (URLs and md5 sums of DESIGN.md §6).
+/// The official files of `cifar10`, `cifar100` or `svhn` (URLs and md5 sums of docs/design.md §6).
 pub fn official(name: &str) -> Result<Source> {
     let files = match name {
         "cifar10" => vec![RemoteFile {

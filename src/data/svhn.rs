@@ -1,4 +1,4 @@
-//! Reader for the official SVHN cropped-digits files (`train_32x32.mat`, `test_32x32.mat`; DESIGN.md §6).
+//! Reader for the official SVHN cropped-digits files (`train_32x32.mat`, `test_32x32.mat`; docs/design.md §6).
 //!
 //! The files are MATLAB v5 MAT-files holding `X` (uint8, 32×32×3×N, column-major) and `y` (N×1, label 10 meaning
 //! digit 0). No crate reads these robustly, so this module carries a small reader of exactly what is needed: the

@@ -1,5 +1,5 @@
 //! `block` masking: each worker holds whole residual blocks, with parameter bytes balanced across workers
-//! (DESIGN.md §1: the paper's block-level subnetworks with uniform representation).
+//! (docs/design.md §1: the paper's block-level subnetworks with uniform representation).
 
 use super::{check_args, greedy_balance, MaskStrategy, Selection};
 use crate::models::{Unit, UnitKind};

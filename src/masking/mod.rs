@@ -1,4 +1,4 @@
-//! Masking strategies: which worker holds which maskable unit (DESIGN.md §1 "Coverage C", §2).
+//! Masking strategies: which worker holds which maskable unit (docs/design.md §1 "Coverage C", §2).
 //!
 //! A strategy turns the model's unit list, the worker count K and the coverage C into a [`Selection`]:
 //! `holds[k][u]` says whether worker k holds unit u. Every rank computes every worker's mask from the same
@@ -180,7 +180,7 @@ pub fn least_loaded(loads: &mut [u64], m: usize, size: u64, rng: &mut ChaCha8Rng
     chosen
 }
 
-/// Greedy byte balancing (DESIGN.md §1): units in decreasing size (ties ordered by a seeded shuffle), each
+/// Greedy byte balancing (docs/design.md §1): units in decreasing size (ties ordered by a seeded shuffle), each
 /// given to the m least-loaded workers (ties among workers broken by `rng`). `loads` holds each worker's
 /// running total and is updated. Returns `holds[k][u]`.
 ///

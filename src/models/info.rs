@@ -2,7 +2,7 @@
 //! residual branch, shortcuts and patch mergings, head) and how many maskable units of each kind it has.
 //!
 //! Counts come from the built model's [`ParamStore`] (not from a formula), so they check the model code
-//! itself against DESIGN.md §7; the unit listing is cross-checked against the same store.
+//! itself against docs/design.md §7; the unit listing is cross-checked against the same store.
 
 use super::layers::{Builder, ParamStore};
 use super::resnet::{ResNet, ResNetConfig};

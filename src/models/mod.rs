@@ -83,7 +83,7 @@ pub fn build(w: &Workload, num_classes: usize, seed: u64, device: &Device) -> Re
     }
 }
 
-/// The two kinds of maskable unit (DESIGN.md §1).
+/// The two kinds of maskable unit (docs/design.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnitKind {

@@ -1,5 +1,5 @@
 //! The CIFAR ResNet family (BasicBlocks, 3×3 stem without max-pool): resnet18, wrn18 and tiny variants are
-//! one implementation with configurable widths and depths (DESIGN.md §7).
+//! one implementation with configurable widths and depths (docs/design.md §7).
 //!
 //! A network is built from a [`ResNetConfig`] and a per-block [`BlockPlan`]: the full model holds every
 //! residual branch at full width; a worker's subnetwork may lack some branches (they do not exist on that

@@ -1,4 +1,4 @@
-//! Swin Transformer for 32×32 inputs (DESIGN.md §7): `swin_t` and tiny variants are one implementation with
+//! Swin Transformer for 32×32 inputs (docs/design.md §7): `swin_t` and tiny variants are one implementation with
 //! configurable per-stage dims, depths, heads and window.
 //!
 //! The structure follows timm's `SwinTransformer` (timm 1.0.x, the version the golden fixtures were made
@@ -17,7 +17,7 @@
 //!
 //! A network is built from a [`SwinConfig`] and a per-block [`SwinBlockPlan`]: a dropped block is the
 //! identity (both residual branches gone), a kept block may hold fewer MLP hidden units (a worker's physical
-//! subnetwork, DESIGN.md §2).
+//! subnetwork, docs/design.md §2).
 
 use super::layers::{Builder, Conv2d, Init, Linear, ParamStore};
 use super::{Net, Unit, UnitKind};
@@ -110,7 +110,7 @@ pub struct SwinBlockPlan {
 }
 
 impl SwinConfig {
-    /// Swin-T adapted to 32×32 (DESIGN.md §7): 27,574,318 parameters with 100 classes.
+    /// Swin-T adapted to 32×32 (docs/design.md §7): 27,574,318 parameters with 100 classes.
     pub fn swin_t(num_classes: usize) -> Self {
         Self {
             img_size: 32,
@@ -218,7 +218,7 @@ impl SwinConfig {
         embed + merges + 2 * d_last + d_last * self.num_classes + self.num_classes
     }
 
-    /// The maskable units of `kind` (DESIGN.md §1): one Block unit per Swin block (its attention and MLP
+    /// The maskable units of `kind` (docs/design.md §1): one Block unit per Swin block (its attention and MLP
     /// branches with their norms), or one Neuron unit per MLP hidden unit (fc1 row + bias, fc2 column).
     /// Attention heads are not units (docs/protocol.md, "Units").
     pub fn units(&self, kind: UnitKind) -> Vec<Unit> {
