@@ -88,6 +88,9 @@ enum Command {
         /// cpu (peak resident memory) or cuda / cuda:N (peak device memory in use).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Where the run's data lives (only the number of classes is read).
+        #[arg(long, default_value = "datasets")]
+        data_dir: PathBuf,
     },
     /// Benchmarks: `bench step` times a training step (see `sdp::bench`).
     Bench(sdp::bench::BenchArgs),
@@ -208,7 +211,7 @@ fn run() -> Result<ExitCode> {
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Memprobe { spec, set, only, resolved, worker, steps, device } => {
+        Command::Memprobe { spec, set, only, resolved, worker, steps, device, data_dir } => {
             let run_spec = match (spec, resolved) {
                 (_, Some(path)) => sdp::results::read_resolved_spec(&path)?,
                 (Some(path), None) => {
@@ -232,7 +235,7 @@ fn run() -> Result<ExitCode> {
                 ),
             };
             let dev = sdp::runner::parse_device(&device).map_err(|e| SpecError(format!("{e:#}")))?;
-            let p = sdp::memprobe::probe(&run_spec, worker, steps, &dev)?;
+            let p = sdp::memprobe::probe(&run_spec, worker, steps, &dev, &data_dir)?;
             println!(
                 "worker {}: {} parameters, peak {:.1} MiB above baseline over {steps} steps at batch {}",
                 worker.map_or("full".to_string(), |k| k.to_string()),

@@ -46,13 +46,14 @@ fn reset_peak() -> Result<()> {
     std::fs::write("/proc/self/clear_refs", "5").context("resetting the RSS high-water mark (/proc/self/clear_refs)")
 }
 
-/// Number of classes of a run's dataset, without loading the images.
-pub fn num_classes(spec: &RunSpec) -> Result<usize> {
+/// Number of classes of a run's dataset, without loading the images (a relative `folder:` path is looked up
+/// in `data_dir`, as `sdp run` reads it).
+pub fn num_classes(spec: &RunSpec, data_dir: &Path) -> Result<usize> {
     Ok(match spec.dataset()? {
         DatasetName::Shapes | DatasetName::Cifar10 | DatasetName::Svhn => 10,
         DatasetName::Cifar100 => 100,
         DatasetName::Folder(p) => {
-            let train = p.join("train");
+            let train = data_dir.join(p).join("train");
             std::fs::read_dir(&train)
                 .with_context(|| format!("reading {}", train.display()))?
                 .filter_map(|e| e.ok())
@@ -74,9 +75,9 @@ pub struct Probe {
 /// Runs `steps` training steps of worker `worker` (SDP) or of the full model (DP, or `worker = None`) of
 /// `spec` on seeded random data at the per-worker batch size, in this process, and measures its memory.
 /// Meant to run in a fresh process (`sdp memprobe`): earlier allocations of the process would blur it.
-pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Device) -> Result<Probe> {
+pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Device, data_dir: &Path) -> Result<Probe> {
     let device = device.clone();
-    let classes = num_classes(spec)?;
+    let classes = num_classes(spec, data_dir)?;
     let b = spec.workload.batch_size;
     let (rss0, _) = rss()?;
     let dev0 = if device.is_cpu() { 0 } else { device_used_bytes(&device)? };
@@ -126,17 +127,19 @@ pub fn device_used_bytes(device: &Device) -> Result<u64> {
 }
 
 /// Runs `sdp memprobe` in a fresh process for `spec` (written to `spec_json`) and worker `worker`
-/// (`None`: the full model) on `device` (`cpu`, `cuda:N`), and parses its `peak_bytes=` line.
+/// (`None`: the full model) on `device` (`cpu`, `cuda:N`) with the run's data directory, and parses its
+/// `peak_bytes=` line.
 pub fn probe_subprocess(
     sdp_exe: &Path,
     spec_json: &Path,
     worker: Option<usize>,
     steps: usize,
     device: &str,
+    data_dir: &Path,
 ) -> Result<u64> {
     let mut cmd = std::process::Command::new(sdp_exe);
     cmd.arg("memprobe").arg("--resolved").arg(spec_json).arg("--steps").arg(steps.to_string());
-    cmd.arg("--device").arg(device);
+    cmd.arg("--device").arg(device).arg("--data-dir").arg(data_dir);
     match worker {
         Some(k) => cmd.arg("--worker").arg(k.to_string()),
         None => cmd.arg("--worker").arg("full"),
@@ -149,4 +152,24 @@ pub fn probe_subprocess(
     let line = stdout.lines().rev().find(|l| l.starts_with("peak_bytes=")).context("memprobe printed no peak_bytes")?;
     let v = line["peak_bytes=".len()..].split_whitespace().next().unwrap_or_default();
     v.parse().with_context(|| format!("parsing memprobe output {line:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_folder_dataset_is_counted_under_the_data_dir() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        for class in ["a", "b", "c"] {
+            std::fs::create_dir_all(dir.path().join("imgs/train").join(class))?;
+        }
+        let text =
+            "name = \"t\"\n[workload]\ndataset = \"folder:imgs\"\nmodel = \"resnet18\"\nepochs = 1\nbatch_size = 2\n";
+        let spec = crate::spec::parse(text, Path::new("t.toml"), &[])?.runs.remove(0).spec;
+        assert_eq!(num_classes(&spec, dir.path())?, 3);
+        let e = num_classes(&spec, Path::new("/nonexistent")).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/imgs/train"), "{e}");
+        Ok(())
+    }
 }

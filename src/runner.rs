@@ -188,12 +188,19 @@ fn record_accounting(
         let steps = 3;
         match run.spec.method.kind {
             MethodKind::Dp | MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-                let peak = probe_subprocess(exe, &rd.manifest(), None, steps, &opts.device_name)?;
+                let peak = probe_subprocess(exe, &rd.manifest(), None, steps, &opts.device_name, &opts.data_dir)?;
                 acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
             }
             MethodKind::Sdp => {
                 for w in acc.workers.iter_mut() {
-                    let probe = probe_subprocess(exe, &rd.manifest(), Some(w.worker), steps, &opts.device_name)?;
+                    let probe = probe_subprocess(
+                        exe,
+                        &rd.manifest(),
+                        Some(w.worker),
+                        steps,
+                        &opts.device_name,
+                        &opts.data_dir,
+                    )?;
                     w.peak_bytes_measured = Some(probe);
                 }
             }
