@@ -399,8 +399,11 @@ fn cli_list_summary_only_and_bad_specs() -> Result<()> {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a UTF-8 text file"), "{out:?}");
 
-    let out = sdp_cmd(&["run", spec_s, "--results-dir", results_s]).output()?;
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // Stderr is not a terminal here: progress comes as lines (one per step with --progress-secs 0).
+    let out = sdp_cmd(&["run", spec_s, "--results-dir", results_s, "--progress-secs", "0"]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.lines().any(|l| l.contains(": epoch 1 step 2/4 loss ") && l.contains(" img/s ETA 0:00:")), "{err}");
     // An unreadable manifest is listed as such, and a dead owner's `running` run as stale.
     let junk = results.join("tiny").join("0000junk");
     std::fs::create_dir_all(&junk)?;
@@ -439,5 +442,58 @@ fn a_closed_stdout_ends_the_listing_quietly() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    Ok(())
+}
+
+/// The columns of summary.csv that do not depend on the clock or the memory probe, by run id.
+fn summary_without_clock(path: &Path) -> Result<Vec<Vec<String>>> {
+    let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+    let headers = r.headers()?.clone();
+    let cols = ["run_id", "label", "final_test_acc", "final_test_loss", "final_train_loss"];
+    let idx: Vec<usize> =
+        cols.iter().map(|c| headers.iter().position(|h| h == *c).context("column")).collect::<Result<_>>()?;
+    let mut rows = Vec::new();
+    for rec in r.records() {
+        let rec = rec?;
+        rows.push(idx.iter().map(|&i| rec[i].to_string()).collect::<Vec<_>>());
+    }
+    rows.sort();
+    Ok(rows)
+}
+
+/// `--jobs 2`, two `--shard` processes, and two plain `sdp run` processes started together, each over one
+/// folder, train every run exactly once and leave the summary one process leaves.
+#[test]
+fn jobs_shards_and_concurrent_processes_train_each_run_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec_path = write_spec(dir.path(), &["workload.epochs=1", "seeds=[0, 1, 2]"])?;
+    let spec_s = spec_path.to_str().context("path")?.to_string();
+    let folder = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let start = |results: &str, extra: &[&str]| -> Result<Child> {
+        let mut args = vec!["run", spec_s.as_str(), "--results-dir", results];
+        args.extend(extra);
+        Ok(sdp_cmd(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?)
+    };
+    let trained = |children: Vec<Child>| -> Result<usize> {
+        let mut n = 0;
+        for c in children {
+            let out = c.wait_with_output()?;
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert_eq!(out.status.code(), Some(0), "{err}");
+            n += err.lines().filter(|l| l.contains(": done: test_acc")).count();
+        }
+        Ok(n)
+    };
+    assert_eq!(trained(vec![start(&folder("one"), &[])?])?, 3);
+    let expected = summary_without_clock(&dir.path().join("one/tiny/summary.csv"))?;
+    assert_eq!(expected.len(), 3);
+    assert_eq!(trained(vec![start(&folder("jobs"), &["--jobs", "2"])?])?, 3, "--jobs 2");
+    let shards = vec![start(&folder("shards"), &["--shard", "0/2"])?, start(&folder("shards"), &["--shard", "1/2"])?];
+    assert_eq!(trained(shards)?, 3, "--shard 0/2 and 1/2");
+    let pair = vec![start(&folder("pair"), &[])?, start(&folder("pair"), &[])?];
+    assert_eq!(trained(pair)?, 3, "two processes over one folder");
+    for name in ["jobs", "shards", "pair"] {
+        assert_eq!(summary_without_clock(&dir.path().join(name).join("tiny/summary.csv"))?, expected, "{name}");
+    }
     Ok(())
 }
