@@ -237,8 +237,8 @@ fn finish(spec: &Path, results: &Path) -> Result<()> {
     Ok(())
 }
 
-/// SIGKILL mid-epoch (DP and SDP), and for DP also SIGTERM, each followed by `sdp run`: the same
-/// metrics.csv as an uninterrupted run; SIGTERM leaves the run `interrupted` with exit code 130.
+/// SIGKILL mid-epoch, then SIGTERM (DP) or SIGHUP (SDP), each followed by `sdp run`: the same metrics.csv
+/// as an uninterrupted run; SIGTERM and SIGHUP leave the run `interrupted` with exit code 130.
 #[test]
 fn killed_and_terminated_runs_resume_to_the_same_metrics() -> Result<()> {
     for sets in [&[][..], SDP] {
@@ -257,11 +257,12 @@ fn killed_and_terminated_runs_resume_to_the_same_metrics() -> Result<()> {
         child.kill()?; // SIGKILL
         child.wait()?;
         assert_eq!(Manifest::read(&run_dir.join("manifest.json"))?.status, Status::Running, "killed: no chance to say");
-        if sets.is_empty() {
-            // Resumed, then stopped by SIGTERM at a later step.
+        {
+            // Resumed, then stopped by SIGTERM (DP) or SIGHUP (SDP) at a later step.
+            let signal = if sets.is_empty() { libc::SIGTERM } else { libc::SIGHUP };
             let child = start_and_wait(&spec_path, &results, &run_dir, 6)?;
             // SAFETY: signalling the child we started.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(child.id() as i32, signal) };
             let out = child.wait_with_output()?;
             assert_eq!(out.status.code(), Some(130));
             let m = Manifest::read(&run_dir.join("manifest.json"))?;
@@ -413,6 +414,9 @@ fn cli_list_summary_only_and_bad_specs() -> Result<()> {
     let mut m = Manifest::read(&results.join("tiny").join(&id).join("manifest.json"))?;
     m.status = Status::Running;
     m.write(&stale.join("manifest.json"))?;
+    // A failure reason over several lines stays on one line.
+    m.status = Status::Failed("decoding x.jpg:\n  truncated".into());
+    m.write(&results.join("tiny").join("0002failed").join("manifest.json"))?;
     let out = sdp_cmd(&["list", "--results-dir", results_s]).output()?;
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout)?;
@@ -420,6 +424,8 @@ fn cli_list_summary_only_and_bad_specs() -> Result<()> {
     assert_eq!(lines[0], "experiment\trun_id\tstatus\tprogress\tage\ttest_acc\tlabel");
     assert!(lines.iter().any(|l| l.starts_with("tiny\t0000junk\tunreadable: parsing ")), "{text}");
     assert!(lines.iter().any(|l| l.starts_with("tiny\t0001stale\tstale\t")), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("tiny\t0002failed\tfailed: decoding x.jpg:   truncated\t")), "{text}");
+    assert_eq!(lines.len(), 5, "a header and one line per run: {text}");
     assert!(lines.iter().any(|l| l.starts_with(&format!("tiny\t{id}\tdone\tepoch 1 step 4\t"))), "{text}");
     // The summary, rebuilt, ignores what is not a finished run.
     let out = sdp_cmd(&["summary", "--results-dir", results_s]).output()?;
