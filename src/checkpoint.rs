@@ -51,10 +51,11 @@ pub struct TrainState {
 /// A checkpoint's tensors by name.
 pub type Tensors = BTreeMap<String, Tensor>;
 
-/// Adds every parameter and buffer of `store` as `<prefix>/model/<name>`.
+/// Adds every parameter and buffer of `store` as `<prefix>/model/<name>`. The tensors share storage with
+/// the live model (no copy of the model in memory): write them out before the next step changes them.
 pub fn save_store(prefix: &str, store: &ParamStore, out: &mut Tensors) -> Result<()> {
     for (name, v) in store.params.iter().chain(&store.buffers) {
-        out.insert(format!("{prefix}/model/{name}"), v.as_tensor().copy()?);
+        out.insert(format!("{prefix}/model/{name}"), v.as_tensor().detach());
     }
     Ok(())
 }
@@ -73,11 +74,12 @@ pub fn restore_store(prefix: &str, store: &ParamStore, tensors: &Tensors) -> Res
     Ok(())
 }
 
-/// Adds the optimizer state of every parameter as `<prefix>/opt/<name>/<i>`.
+/// Adds the optimizer state of every parameter as `<prefix>/opt/<name>/<i>` (shared storage, as
+/// [`save_store`]).
 pub fn save_optimizer(prefix: &str, opt: &Optimizer, out: &mut Tensors) -> Result<()> {
     for (name, state) in opt.state() {
         for (i, t) in state.iter().enumerate() {
-            out.insert(format!("{prefix}/opt/{name}/{i}"), t.copy()?);
+            out.insert(format!("{prefix}/opt/{name}/{i}"), t.detach());
         }
     }
     Ok(())
@@ -228,8 +230,9 @@ pub fn save(run_dir: &Path, run_id: &str, state: &TrainState) -> Result<()> {
 /// What `checkpoint.json` says, without reading the tensors (for `sdp list`).
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// Steps done: the run resumes at the next one.
     pub step: usize,
-    pub epoch: usize,
+    /// When it was written (RFC 3339).
     pub saved: String,
 }
 
@@ -237,7 +240,7 @@ pub struct Summary {
 pub fn peek(run_dir: &Path) -> Option<Summary> {
     let text = std::fs::read_to_string(dir(run_dir).join("checkpoint.json")).ok()?;
     let s: Stored = serde_json::from_str(&text).ok()?;
-    Some(Summary { step: s.step, epoch: s.rows.last().map_or(0, |r| r.epoch), saved: s.saved })
+    Some(Summary { step: s.step, saved: s.saved })
 }
 
 /// The checkpoint of run `run_id` in `run_dir`, tensors on `device`; `None` when there is none.
