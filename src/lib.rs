@@ -5,9 +5,11 @@
 //! from which `figures` draws figures and tables.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod figures;
+pub mod lock;
 pub mod masking;
 pub mod memprobe;
 pub mod metrics;

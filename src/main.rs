@@ -1,10 +1,11 @@
 //! The `sdp` command line: `main` only calls `run()` and maps its outcome to an exit code.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use sdp::runner::{self, RunOptions};
+use sdp::runner::{self, Policy, RunOptions, Shard};
 use sdp::spec::{self, SpecError};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,6 +49,40 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Checkpoint at the end of every N-th epoch (0: not by epochs).
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        checkpoint_every: usize,
+        /// Also checkpoint when this many seconds passed since the last checkpoint (0: not by time).
+        #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+        checkpoint_secs: f64,
+        /// Also checkpoint every N optimizer steps (0: not by steps).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        checkpoint_steps: usize,
+        /// Keep a finished run's checkpoint (removed once the run is recorded done, by default).
+        #[arg(long)]
+        keep_checkpoints: bool,
+        /// A run lock with no heartbeat for this many seconds is stale and taken over.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        stale_after: u64,
+        /// When stderr is not a terminal, print a progress line this often.
+        #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+        progress_secs: f64,
+        /// Only slice I of N of the runs (those at positions I, I+N, … of the expanded list).
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
+        /// Train up to N runs at once, each in its own `sdp run` process (the run locks share them out).
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        jobs: usize,
+        /// Devices for the --jobs processes, assigned round-robin (e.g. cuda:0,cuda:1); implies --jobs N.
+        #[arg(long, value_delimiter = ',', value_name = "D,D,...")]
+        devices: Vec<String>,
+    },
+    /// Rebuild each experiment's summary.csv from its run folders.
+    Summary {
+        /// Experiments (folder names under --results-dir); default: all.
+        experiments: Vec<String>,
+        #[arg(long, default_value = "results")]
+        results_dir: PathBuf,
     },
     /// Validate specs and print their expanded runs, one line each, without running.
     Check {
@@ -63,6 +98,9 @@ enum Command {
     List {
         #[arg(long, default_value = "results")]
         results_dir: PathBuf,
+        /// A run whose lock has no heartbeat for this many seconds is shown `stale`.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        stale_after: u64,
     },
     /// Models: `model info NAME [--classes N]` prints parameters per unit group and the total.
     Model {
@@ -136,6 +174,8 @@ fn main() -> ExitCode {
     sdp::runtime::tune_for_training();
     match run() {
         Ok(code) => code,
+        // The reader went away (`sdp check … | head -1`): nothing left to say.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.is::<SpecError>() {
@@ -147,16 +187,144 @@ fn main() -> ExitCode {
     }
 }
 
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
 fn load_specs(args: &SpecArgs) -> Result<Vec<spec::Experiment>> {
+    for p in &args.specs {
+        // A binary or non-UTF-8 file is a bad spec (exit 2), not an I/O failure.
+        if let Ok(bytes) = std::fs::read(p) {
+            if let Err(e) = std::str::from_utf8(&bytes) {
+                return Err(SpecError(format!(
+                    "{}: not a UTF-8 text file (invalid byte at offset {}); a spec is TOML text",
+                    p.display(),
+                    e.valid_up_to()
+                ))
+                .into());
+            }
+        }
+    }
     args.specs.iter().map(|p| spec::load(p, &args.set)).collect()
 }
 
-fn print_runs(exps: &[spec::Experiment]) {
+/// Prints one line per run; a closed stdout ends the listing (see `broken_pipe`).
+fn print_runs(exps: &[spec::Experiment]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
     for e in exps {
         for r in &e.runs {
-            println!("{}\t{}\t{}", e.name, r.id, r.label);
+            writeln!(out, "{}\t{}\t{}", e.name, r.id, r.label)?;
         }
     }
+    Ok(out.flush()?)
+}
+
+/// "3m", "2h", "5d" since an RFC 3339 time.
+fn age(since: &str) -> String {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(since) else { return "-".into() };
+    let s = (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds().max(0);
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// `sdp list`: one line per run with its real status (a `running` manifest whose owner is gone is
+/// `stale`), progress and age.
+fn list_runs(results_dir: &Path, stale_after: std::time::Duration) -> Result<()> {
+    if !results_dir.is_dir() {
+        return Err(SpecError(format!("no results folder {}", results_dir.display())).into());
+    }
+    let runs = sdp::results::list(results_dir)?;
+    if runs.is_empty() {
+        eprintln!("no runs under {}", results_dir.display());
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "experiment\trun_id\tstatus\tprogress\tage\ttest_acc\tlabel")?;
+    for l in runs {
+        let m = match l.manifest {
+            Ok(m) => m,
+            Err(reason) => {
+                writeln!(out, "{}\t{}\tunreadable: {reason}\t-\t-\t-\t-", l.experiment, l.run_id)?;
+                continue;
+            }
+        };
+        let live = sdp::lock::read(&l.dir).filter(|h| h.is_live(stale_after));
+        let ckpt = sdp::checkpoint::peek(&l.dir);
+        let resumes = || ckpt.as_ref().map_or("-".into(), |c| format!("checkpoint at step {}", c.step));
+        let (status, progress, since) = match (&m.status, live) {
+            (sdp::results::Status::Done, _) => {
+                let p = m.final_metrics.as_ref().map_or("-".into(), |f| format!("epoch {} step {}", f.epoch, f.step));
+                ("done".to_string(), p, age(m.ended.as_deref().unwrap_or(&m.started)))
+            }
+            (_, Some(h)) => (
+                "running".into(),
+                format!("epoch {} step {}/{}", h.epoch, h.step, h.total_steps),
+                format!("{}s", h.age()),
+            ),
+            (sdp::results::Status::Running, None) => {
+                ("stale".into(), resumes(), ckpt.as_ref().map_or_else(|| age(&m.started), |c| age(&c.saved)))
+            }
+            (s, None) => (s.to_string().replace('\n', " "), resumes(), age(m.ended.as_deref().unwrap_or(&m.started))),
+        };
+        let acc = m.final_metrics.map(|f| format!("{:.4}", f.test_acc)).unwrap_or_else(|| "-".into());
+        writeln!(out, "{}\t{}\t{status}\t{progress}\t{since}\t{acc}\t{}", l.experiment, l.run_id, m.label)?;
+    }
+    Ok(out.flush()?)
+}
+
+/// `sdp run --jobs N`: N child `sdp run` processes over the same runs and folder (each takes the next run
+/// no other holds, so none trains twice), child j on `devices[j % len]`. The children get their own
+/// process group: a signal to this process is forwarded once, as SIGTERM, so each checkpoints and stops.
+fn run_jobs(
+    jobs: usize,
+    devices: &[String],
+    args: &[String],
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("locating the sdp binary")?;
+    let mut children = Vec::new();
+    for j in 0..jobs {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("run").args(args).arg("--device").arg(&devices[j % devices.len()]).process_group(0);
+        let child = cmd.spawn().with_context(|| format!("starting job {j} ({})", exe.display()))?;
+        eprintln!("job {j}: pid {} on {}", child.id(), devices[j % devices.len()]);
+        children.push(child);
+    }
+    let mut codes: Vec<Option<i32>> = vec![None; jobs];
+    let mut forwarded = false;
+    while codes.iter().any(Option::is_none) {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) && !forwarded {
+            forwarded = true;
+            for (c, code) in children.iter().zip(&codes) {
+                if code.is_none() {
+                    // SAFETY: signalling a child we started and have not reaped.
+                    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                }
+            }
+        }
+        for (c, code) in children.iter_mut().zip(codes.iter_mut()) {
+            if code.is_none() {
+                if let Some(st) = c.try_wait().context("waiting for a job")? {
+                    *code = Some(st.code().unwrap_or(1));
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let codes: Vec<i32> = codes.into_iter().flatten().collect();
+    eprintln!("jobs ended with exit codes {codes:?}");
+    Ok(if codes.contains(&130) || forwarded {
+        ExitCode::from(130)
+    } else if let Some(&c) = codes.iter().find(|&&c| c != 0) {
+        ExitCode::from(c.clamp(1, 255) as u8)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn run() -> Result<ExitCode> {
@@ -164,31 +332,118 @@ fn run() -> Result<ExitCode> {
     match cli.command {
         Command::Check { spec } => {
             let exps = load_specs(&spec)?;
-            print_runs(&exps);
+            print_runs(&exps)?;
             let n: usize = exps.iter().map(|e| e.runs.len()).sum();
             eprintln!("{} spec(s) valid, {n} run(s)", exps.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { spec, only, dry_run, force, results_dir, data_dir, device } => {
+        Command::Run {
+            spec,
+            only,
+            dry_run,
+            force,
+            results_dir,
+            data_dir,
+            device,
+            checkpoint_every,
+            checkpoint_secs,
+            checkpoint_steps,
+            keep_checkpoints,
+            stale_after,
+            progress_secs,
+            shard,
+            jobs,
+            devices,
+        } => {
             let exps = load_specs(&spec)?;
+            let shard: Option<Shard> = shard.as_deref().map(str::parse).transpose()?;
+            for (flag, v) in [("--checkpoint-secs", checkpoint_secs), ("--progress-secs", progress_secs)] {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(SpecError(format!("{flag} {v}: expected a number of seconds >= 0")).into());
+                }
+            }
+            if jobs == 0 {
+                return Err(SpecError("--jobs 0: expected at least 1".into()).into());
+            }
+            let jobs = if devices.is_empty() || jobs > 1 { jobs } else { devices.len() };
+            let device = if jobs == 1 && devices.len() == 1 { devices[0].clone() } else { device };
+            let devices = if devices.is_empty() { vec![device.clone()] } else { devices };
+            for d in &devices {
+                runner::parse_device(d).map_err(|e| SpecError(format!("{e:#}")))?;
+            }
             let dev = runner::parse_device(&device).map_err(|e| SpecError(format!("{e:#}")))?;
+            let policy = Policy {
+                checkpoint_every,
+                checkpoint_interval: (checkpoint_secs > 0.0)
+                    .then(|| std::time::Duration::from_secs_f64(checkpoint_secs)),
+                checkpoint_steps,
+                keep_checkpoints,
+                stale_after: std::time::Duration::from_secs(stale_after),
+                progress_every: std::time::Duration::from_secs_f64(progress_secs),
+                shard,
+            };
             if dry_run {
-                print_runs(&exps);
+                let todo = runner::select(&exps, &only, shard)?;
+                let mut out = std::io::stdout().lock();
+                for (e, r) in todo {
+                    writeln!(out, "{}\t{}\t{}", e.name, r.id, r.label)?;
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
+            // SIGINT, SIGTERM (Slurm, `timeout`) and SIGHUP all stop the same way.
             ctrlc::set_handler(move || {
                 if flag.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130); // a second Ctrl-C: stop now
+                    std::process::exit(130); // a second signal: stop now (the run resumes from its checkpoint)
                 }
-                eprintln!("\ninterrupt: finishing the current step, then stopping (Ctrl-C again to abort)");
+                eprintln!("\ninterrupt: finishing the current step, checkpointing, then stopping (again to abort)");
             })?;
+            if jobs > 1 {
+                runner::select(&exps, &only, shard)?; // --only matching nothing fails here, once
+                let mut args: Vec<String> = spec.specs.iter().map(|p| p.display().to_string()).collect();
+                for s in &spec.set {
+                    args.extend(["--set".into(), s.clone()]);
+                }
+                if let Some(o) = &only {
+                    args.extend(["--only".into(), o.clone()]);
+                }
+                if let Some(s) = shard {
+                    args.extend(["--shard".into(), format!("{}/{}", s.index, s.count)]);
+                }
+                if force {
+                    args.push("--force".into());
+                }
+                if keep_checkpoints {
+                    args.push("--keep-checkpoints".into());
+                }
+                args.extend([
+                    "--results-dir".into(),
+                    results_dir.display().to_string(),
+                    "--data-dir".into(),
+                    data_dir.display().to_string(),
+                    format!("--checkpoint-every={checkpoint_every}"),
+                    format!("--checkpoint-secs={checkpoint_secs}"),
+                    format!("--checkpoint-steps={checkpoint_steps}"),
+                    format!("--stale-after={stale_after}"),
+                    format!("--progress-secs={progress_secs}"),
+                ]);
+                let code = run_jobs(jobs, &devices, &args, &stop)?;
+                let mut names: Vec<&str> = exps.iter().map(|e| e.name.as_str()).collect();
+                names.dedup();
+                for name in names {
+                    eprintln!("summary: {}", sdp::results::write_summary(&results_dir, name)?.display());
+                }
+                return Ok(code);
+            }
             let memprobe = std::env::current_exe().ok();
             let opts =
                 RunOptions { results_dir, data_dir, device: dev, device_name: device, force, only, stop, memprobe };
-            let out = runner::run_all(&exps, &opts)?;
-            eprintln!("{} done, {} skipped, {} failed", out.done, out.skipped, out.failed);
+            let out = runner::run_all_with(&exps, &opts, &policy)?;
+            eprintln!(
+                "{} done, {} skipped, {} held by other processes, {} failed",
+                out.done, out.skipped, out.busy, out.failed
+            );
             Ok(if out.interrupted {
                 ExitCode::from(130)
             } else if out.failed > 0 {
@@ -196,6 +451,20 @@ fn run() -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Summary { experiments, results_dir } => {
+            if !results_dir.is_dir() {
+                return Err(SpecError(format!("no results folder {}", results_dir.display())).into());
+            }
+            let names = if experiments.is_empty() { sdp::results::experiments(&results_dir)? } else { experiments };
+            let mut out = std::io::stdout().lock();
+            for name in names {
+                if !results_dir.join(&name).is_dir() {
+                    return Err(SpecError(format!("no experiment folder {}", results_dir.join(&name).display())).into());
+                }
+                writeln!(out, "{}", sdp::results::write_summary(&results_dir, &name)?.display())?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Data { command: DataCommand::Fetch { name, data_dir } } => {
             sdp::data::fetch::fetch(&name, &data_dir)?;
@@ -269,15 +538,8 @@ fn run() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::List { results_dir } => {
-            let runs = sdp::results::list(&results_dir)?;
-            if runs.is_empty() {
-                eprintln!("no runs under {}", results_dir.display());
-            }
-            for (exp, id, m) in runs {
-                let acc = m.final_metrics.map(|f| format!("{:.4}", f.test_acc)).unwrap_or_else(|| "-".into());
-                println!("{exp}\t{id}\t{}\t{acc}\t{}", m.status, m.label);
-            }
+        Command::List { results_dir, stale_after } => {
+            list_runs(&results_dir, std::time::Duration::from_secs(stale_after))?;
             Ok(ExitCode::SUCCESS)
         }
     }

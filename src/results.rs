@@ -38,13 +38,43 @@ pub fn write_csv<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "snake_case")]
+/// A run's status in its manifest, stored as text: `running`, `done`, `interrupted` or `failed: reason`
+/// (manifests written as `{"failed": "reason"}` by earlier versions are read too).
+#[derive(Clone, Debug, PartialEq)]
 pub enum Status {
     Running,
     Done,
     Interrupted,
     Failed(String),
+}
+
+impl Serialize for Status {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Legacy { failed: String },
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Legacy { failed } => Status::Failed(failed),
+            Raw::Text(t) => match t.as_str() {
+                "running" => Status::Running,
+                "done" => Status::Done,
+                "interrupted" => Status::Interrupted,
+                _ => match t.strip_prefix("failed: ") {
+                    Some(reason) => Status::Failed(reason.to_string()),
+                    None => return Err(serde::de::Error::custom(format!("unknown run status `{t}`"))),
+                },
+            },
+        })
+    }
 }
 
 impl std::fmt::Display for Status {
@@ -68,6 +98,20 @@ pub struct Final {
     pub test_acc: f64,
     pub wall_s: f64,
     pub img_per_s: f64,
+}
+
+impl From<&MetricsRow> for Final {
+    fn from(r: &MetricsRow) -> Self {
+        Final {
+            epoch: r.epoch,
+            step: r.step,
+            train_loss: r.train_loss,
+            test_loss: r.test_loss,
+            test_acc: r.test_acc,
+            wall_s: r.wall_s,
+            img_per_s: r.img_per_s,
+        }
+    }
 }
 
 /// `manifest.json`: what ran, where, with what, and how it ended.
@@ -209,7 +253,7 @@ pub struct AlignRow {
 }
 
 /// One row of `summary.csv`: one finished run.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct SummaryRow {
     pub run_id: String,
     pub label: String,
@@ -266,68 +310,148 @@ impl RunDir {
     }
 }
 
-/// Rewrites `results/<experiment>/summary.csv` from the manifests of `runs` that are done.
-pub fn write_summary(results: &Path, experiment: &str, runs: &[Run]) -> Result<PathBuf> {
+/// The summary row of a finished run's manifest; `None` unless the run is done.
+fn summary_row(m: &Manifest) -> Result<Option<SummaryRow>> {
+    let (Status::Done, Some(f)) = (&m.status, &m.final_metrics) else { return Ok(None) };
+    let s = &m.spec;
+    Ok(Some(SummaryRow {
+        run_id: m.run_id.clone(),
+        label: m.label.clone(),
+        seed: m.seed,
+        dataset: s.workload.dataset.clone(),
+        model: serde_json::to_value(s.workload.model)?.as_str().unwrap_or_default().to_string(),
+        method: serde_json::to_value(s.method.kind)?.as_str().unwrap_or_default().to_string(),
+        workers: s.method.workers,
+        epochs: s.workload.epochs,
+        final_test_acc: f.test_acc,
+        final_test_loss: f.test_loss,
+        final_train_loss: f.train_loss,
+        img_per_s: f.img_per_s,
+        wall_s: f.wall_s,
+        mean_param_fraction: m.extra.get("mean_param_fraction").and_then(|v| v.as_f64()),
+        mean_peak_bytes: m.extra.get("mean_peak_bytes_measured").and_then(|v| v.as_f64()),
+        comm_bytes_per_step: m.extra.get("mean_comm_bytes_per_step").and_then(|v| v.as_f64()),
+        spectral_gap: m.extra.get("spectral_gap").and_then(|v| v.as_f64()),
+    }))
+}
+
+/// Rewrites `results/<experiment>/summary.csv` from the manifests in the experiment's folder: one row
+/// per finished run, whatever command made it, sorted by label then run id; the header even when no run
+/// is done. Each writer rebuilds the whole file from the folder and renames it into place, so concurrent
+/// writers leave a complete file.
+pub fn write_summary(results: &Path, experiment: &str) -> Result<PathBuf> {
+    let exp_dir = results.join(experiment);
+    clean_temp_files(&exp_dir, false);
     let mut rows = Vec::new();
-    for run in runs {
-        let rd = RunDir::new(results, experiment, &run.id);
-        let Ok(m) = Manifest::read(&rd.manifest()) else { continue };
-        let (Status::Done, Some(f)) = (&m.status, &m.final_metrics) else { continue };
-        let s = &m.spec;
-        rows.push(SummaryRow {
-            run_id: m.run_id.clone(),
-            label: m.label.clone(),
-            seed: m.seed,
-            dataset: s.workload.dataset.clone(),
-            model: serde_json::to_value(s.workload.model)?.as_str().unwrap_or_default().to_string(),
-            method: serde_json::to_value(s.method.kind)?.as_str().unwrap_or_default().to_string(),
-            workers: s.method.workers,
-            epochs: s.workload.epochs,
-            final_test_acc: f.test_acc,
-            final_test_loss: f.test_loss,
-            final_train_loss: f.train_loss,
-            img_per_s: f.img_per_s,
-            wall_s: f.wall_s,
-            mean_param_fraction: m.extra.get("mean_param_fraction").and_then(|v| v.as_f64()),
-            mean_peak_bytes: m.extra.get("mean_peak_bytes_measured").and_then(|v| v.as_f64()),
-            comm_bytes_per_step: m.extra.get("mean_comm_bytes_per_step").and_then(|v| v.as_f64()),
-            spectral_gap: m.extra.get("spectral_gap").and_then(|v| v.as_f64()),
-        });
+    for entry in list_experiment(&exp_dir)? {
+        // A manifest being replaced right now is complete either way (atomic rename); an unreadable
+        // one is not a finished run.
+        if let Ok(m) = entry.manifest {
+            rows.extend(summary_row(&m)?);
+        }
     }
-    let path = results.join(experiment).join("summary.csv");
-    write_csv(&path, &rows)?;
+    rows.sort_by(|a, b| (&a.label, &a.run_id).cmp(&(&b.label, &b.run_id)));
+    let path = exp_dir.join("summary.csv");
+    if rows.is_empty() {
+        write_atomic(&path, summary_header()?.as_bytes())?;
+    } else {
+        write_csv(&path, &rows)?;
+    }
     Ok(path)
 }
 
-/// All runs under `results/`: (experiment, run id, manifest) for every readable manifest.
-pub fn list(results: &Path) -> Result<Vec<(String, String, Manifest)>> {
-    let mut out = Vec::new();
-    let Ok(exps) = std::fs::read_dir(results) else { return Ok(out) };
-    let mut exps: Vec<_> = exps.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
-    exps.sort();
-    for exp in exps {
-        let mut runs: Vec<_> = std::fs::read_dir(&exp)
-            .with_context(|| format!("reading {}", exp.display()))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.join("manifest.json").is_file())
-            .collect();
-        runs.sort();
-        for r in runs {
-            if let Ok(m) = Manifest::read(&r.join("manifest.json")) {
-                let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                out.push((name(&exp), name(&r), m));
-            }
+/// The header line of `summary.csv`.
+fn summary_header() -> Result<String> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.serialize(SummaryRow::default())?;
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let text = String::from_utf8(bytes)?;
+    Ok(text.lines().next().map(|l| format!("{l}\n")).unwrap_or_default())
+}
+
+/// Removes `.NAME.PID.tmp` / `.NAME.tmp-PID` files left in `dir` by writers that died mid-write: those of
+/// dead processes, or with `all`, every one but this process's (the caller owns the folder).
+pub fn clean_temp_files(dir: &Path, all: bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            continue;
+        }
+        let pid = if let Some(stem) = name.strip_suffix(".tmp") {
+            stem.rsplit_once('.').and_then(|(_, p)| p.parse::<u32>().ok())
+        } else {
+            name.rsplit_once(".tmp-").and_then(|(_, p)| p.parse::<u32>().ok())
+        };
+        let Some(pid) = pid else { continue };
+        if pid != std::process::id() && (all || !crate::lock::pid_alive(pid)) {
+            let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// One run folder found under a results directory.
+pub struct Listed {
+    pub experiment: String,
+    pub run_id: String,
+    pub dir: PathBuf,
+    /// The manifest, or why it could not be read (one line).
+    pub manifest: std::result::Result<Manifest, String>,
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Every run folder (one holding a `manifest.json`) of one experiment folder, sorted by name; none when
+/// the folder does not exist.
+fn list_experiment(exp: &Path) -> Result<Vec<Listed>> {
+    let entries = match std::fs::read_dir(exp) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", exp.display())),
+    };
+    let mut runs: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("manifest.json").is_file()).collect();
+    runs.sort();
+    Ok(runs
+        .into_iter()
+        .map(|r| Listed {
+            experiment: file_name(exp),
+            run_id: file_name(&r),
+            manifest: Manifest::read(&r.join("manifest.json")).map_err(|e| format!("{e:#}").replace('\n', " ")),
+            dir: r,
+        })
+        .collect())
+}
+
+/// Every run under `results/`, by experiment then run id, readable manifest or not.
+pub fn list(results: &Path) -> Result<Vec<Listed>> {
+    let exps = std::fs::read_dir(results).with_context(|| format!("reading {}", results.display()))?;
+    let mut exps: Vec<_> = exps.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    exps.sort();
+    let mut out = Vec::new();
+    for exp in exps {
+        out.extend(list_experiment(&exp)?);
+    }
     Ok(out)
+}
+
+/// The experiment folders under `results/` (those holding at least one run).
+pub fn experiments(results: &Path) -> Result<Vec<String>> {
+    Ok(list(results)?
+        .into_iter()
+        .map(|l| l.experiment)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect())
 }
 
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn host() -> String {
+pub fn host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())
@@ -356,6 +480,33 @@ fn git_rev() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_is_stored_as_text_and_old_manifests_still_read() -> Result<()> {
+        let failed = Status::Failed("out of memory".into());
+        assert_eq!(serde_json::to_string(&failed)?, "\"failed: out of memory\"");
+        for s in [Status::Running, Status::Done, Status::Interrupted, failed.clone()] {
+            assert_eq!(serde_json::from_str::<Status>(&serde_json::to_string(&s)?)?, s);
+        }
+        assert_eq!(serde_json::from_str::<Status>(r#"{"failed": "out of memory"}"#)?, failed);
+        let e = serde_json::from_str::<Status>("\"weird\"").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("unknown run status `weird`"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn empty_summary_has_its_header_and_dead_writers_temp_files_go() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("exp"))?;
+        let dead = dir.path().join("exp/.summary.csv.999999999.tmp");
+        std::fs::write(&dead, "half")?;
+        let path = write_summary(dir.path(), "exp")?;
+        let text = std::fs::read_to_string(path)?;
+        assert!(text.starts_with("run_id,label,seed,dataset,model,method,workers,epochs,final_test_acc"), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!dead.exists(), "temp file of a dead writer left behind");
+        Ok(())
+    }
 
     #[test]
     fn atomic_write_leaves_no_temp_file() -> Result<()> {

@@ -1,12 +1,15 @@
-//! Runs the runs of one or more experiments: skip finished ones, write the manifest before training and
-//! the metrics after every evaluation, mark interrupted and failed runs, rewrite each summary at the end.
+//! Runs the runs of one or more experiments: skip finished ones and ones another live process holds,
+//! claim each run folder with a lock, resume from the run's checkpoint, write the manifest before training
+//! and the metrics after every evaluation, checkpoint as the policy says, mark interrupted and failed runs,
+//! record a finished run before anything optional (the memory probe), rebuild each summary from its folder.
 
+use crate::checkpoint::{self, TrainState};
 use crate::data::{self, Dataset};
+use crate::lock::{self, Claim, RunLock};
 use crate::memprobe::probe_subprocess;
 use crate::results::{write_csv, write_metrics, write_summary, Manifest, MetricsRow, RunDir, Status, WorkerRow};
-use crate::spec::MethodKind;
-use crate::spec::{Experiment, Run};
-use crate::trainer::{self, Accounting, Interrupted, Observer};
+use crate::spec::{Experiment, MethodKind, Run, SpecError};
+use crate::trainer::{self, Accounting, At, Interrupted, Observer};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -15,7 +18,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct RunOptions {
     pub results_dir: PathBuf,
@@ -24,10 +27,77 @@ pub struct RunOptions {
     pub device_name: String,
     pub force: bool,
     pub only: Option<String>,
-    /// Set (by the Ctrl-C handler) to stop after the current step; checked at every step.
+    /// Set (by the signal handler) to stop after the current step; checked at every step.
     pub stop: Arc<AtomicBool>,
     /// The `sdp` binary to run `sdp memprobe` with after each run (CPU runs); `None` disables probing.
     pub memprobe: Option<PathBuf>,
+}
+
+/// How runs are checkpointed, claimed, reported and shared out. Nothing here changes what a run computes,
+/// so none of it is part of the spec or the run id.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Checkpoint at the end of every N-th epoch (0: not by epoch count).
+    pub checkpoint_every: usize,
+    /// Checkpoint when this long has passed since the last checkpoint (`None`: not by time).
+    pub checkpoint_interval: Option<Duration>,
+    /// Checkpoint every N optimizer steps (0: not by step count; for drills and tests).
+    pub checkpoint_steps: usize,
+    /// Keep the checkpoint of a finished run (by default it is removed once the run is recorded done).
+    pub keep_checkpoints: bool,
+    /// A lock with no heartbeat for this long is stale and taken over.
+    pub stale_after: Duration,
+    /// When stderr is not a terminal, a progress line this often.
+    pub progress_every: Duration,
+    /// Only the runs of this slice of the grid.
+    pub shard: Option<Shard>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 1,
+            checkpoint_interval: Some(Duration::from_secs(600)),
+            checkpoint_steps: 0,
+            keep_checkpoints: false,
+            stale_after: Duration::from_secs(300),
+            progress_every: Duration::from_secs(30),
+            shard: None,
+        }
+    }
+}
+
+impl Policy {
+    fn checkpoints(&self) -> bool {
+        self.checkpoint_every > 0 || self.checkpoint_interval.is_some() || self.checkpoint_steps > 0
+    }
+
+    /// How often the lock's heartbeat is written: often enough that a live owner never looks stale.
+    fn beat(&self) -> Duration {
+        (self.stale_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(30))
+    }
+}
+
+/// Slice `index` of `count` of a grid: the runs whose position in the expanded list (after `--only`)
+/// is `index` modulo `count`. Every process given the same specs computes the same slices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = SpecError;
+    fn from_str(s: &str) -> std::result::Result<Self, SpecError> {
+        let bad = || SpecError(format!("--shard `{s}`: expected I/N with 0 <= I < N, e.g. 0/4"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) =
+            (i.trim().parse::<usize>().map_err(|_| bad())?, n.trim().parse::<usize>().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
 }
 
 /// How a batch of runs ended.
@@ -35,6 +105,8 @@ pub struct RunOptions {
 pub struct Outcome {
     pub done: usize,
     pub skipped: usize,
+    /// Runs another live process holds (left to it).
+    pub busy: usize,
     pub failed: usize,
     pub interrupted: bool,
 }
@@ -65,22 +137,63 @@ fn selected(run: &Run, only: &Option<String>) -> bool {
     only.as_ref().is_none_or(|s| run.id.contains(s.as_str()) || run.label.contains(s.as_str()))
 }
 
-pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome> {
+/// The runs of `experiments` this invocation is for: `--only`, then the shard. `--only` matching no run
+/// at all is an error (a typo would otherwise do nothing, silently).
+pub fn select<'a>(
+    experiments: &'a [Experiment],
+    only: &Option<String>,
+    shard: Option<Shard>,
+) -> Result<Vec<(&'a Experiment, &'a Run)>> {
+    let all: usize = experiments.iter().map(|e| e.runs.len()).sum();
     let todo: Vec<(&Experiment, &Run)> = experiments
         .iter()
         .flat_map(|e| e.runs.iter().map(move |r| (e, r)))
-        .filter(|(_, r)| selected(r, &opts.only))
+        .filter(|(_, r)| selected(r, only))
         .collect();
+    if let (Some(o), true) = (only, todo.is_empty()) {
+        return Err(SpecError(format!("--only `{o}` matches none of the {all} run(s) (ids and labels)")).into());
+    }
+    Ok(match shard {
+        Some(sh) => todo.into_iter().enumerate().filter(|(i, _)| i % sh.count == sh.index).map(|(_, r)| r).collect(),
+        None => todo,
+    })
+}
+
+pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome> {
+    run_all_with(experiments, opts, &Policy::default())
+}
+
+pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Policy) -> Result<Outcome> {
+    let todo = select(experiments, &opts.only, policy.shard)?;
+    if let (Some(sh), true) = (policy.shard, todo.is_empty()) {
+        eprintln!("shard {}/{}: no runs", sh.index, sh.count);
+    }
     let mut outcome = Outcome::default();
     let mut datasets: HashMap<String, Dataset> = HashMap::new();
     let n = todo.len();
     for (i, (exp, run)) in todo.iter().enumerate() {
         let rd = RunDir::new(&opts.results_dir, &exp.name, &run.id);
+        let title = format!("[{}/{n}] {} {} ({})", i + 1, exp.name, run.id, run.label);
         if !opts.force && rd.status() == Some(Status::Done) {
-            eprintln!("[{}/{n}] {} {} ({}): done, skipped (--force reruns it)", i + 1, exp.name, run.id, run.label);
+            eprintln!("{title}: done, skipped (--force reruns it)");
             outcome.skipped += 1;
             continue;
         }
+        let lock = match lock::claim(&rd.dir, policy.stale_after, policy.beat())? {
+            Claim::Acquired(l) => l,
+            Claim::Busy(owner) => {
+                eprintln!("{title}: held by another process ({}), skipped", owner.describe());
+                outcome.busy += 1;
+                continue;
+            }
+        };
+        // Another process may have finished it between the status check and the claim.
+        if !opts.force && rd.status() == Some(Status::Done) {
+            eprintln!("{title}: done, skipped (--force reruns it)");
+            outcome.skipped += 1;
+            continue;
+        }
+        crate::results::clean_temp_files(&rd.dir, true);
         let key = serde_json::to_string(&(
             &run.spec.workload.dataset,
             run.spec.workload.data_seed,
@@ -102,7 +215,7 @@ pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome>
                     datasets.insert(key.clone(), d);
                 }
                 Err(e) => {
-                    eprintln!("[{}/{n}] {} {}: failed: {e:#}", i + 1, exp.name, run.id);
+                    eprintln!("{title}: failed: {e:#}");
                     let mut m = Manifest::new(run, &exp.path, &opts.device_name);
                     m.status = Status::Failed(format!("{e:#}"));
                     m.ended = Some(crate::results::now());
@@ -113,57 +226,152 @@ pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome>
             }
         }
         let data = &datasets[&key];
-        match run_one(exp, run, data, opts, &rd, (i + 1, n))? {
+        let status = run_one(exp, run, data, opts, policy, &rd, &lock, &title)?;
+        drop(lock);
+        if status != Status::Interrupted {
+            write_summary(&opts.results_dir, &exp.name)?;
+        }
+        match status {
             Status::Done => outcome.done += 1,
             Status::Interrupted => {
                 outcome.interrupted = true;
                 break;
             }
-            _ => outcome.failed += 1,
+            Status::Running => outcome.busy += 1, // taken over by another process
+            Status::Failed(_) => outcome.failed += 1,
+        }
+        if opts.stop.load(Ordering::SeqCst) {
+            outcome.interrupted = true; // the signal came after training (during the memory probe)
+            break;
         }
     }
-    for exp in experiments {
-        if todo.iter().any(|(e, _)| e.name == exp.name) {
-            let path = write_summary(&opts.results_dir, &exp.name, &exp.runs)?;
-            eprintln!("summary: {}", path.display());
-        }
+    let mut names: Vec<&str> = todo.iter().map(|(e, _)| e.name.as_str()).collect();
+    names.dedup();
+    for name in names {
+        let path = write_summary(&opts.results_dir, name)?;
+        eprintln!("summary: {}", path.display());
     }
     Ok(outcome)
 }
 
+/// Whether an error comes from a full disk (ENOSPC, or a quota).
+fn disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT)
+    })
+}
+
+/// Trains one claimed run. Returns its status; `Status::Running` when another process took the run over
+/// (its lock went stale), in which case nothing of this process's is recorded.
+#[allow(clippy::too_many_arguments)]
 fn run_one(
     exp: &Experiment,
     run: &Run,
     data: &Dataset,
     opts: &RunOptions,
+    policy: &Policy,
     rd: &RunDir,
-    pos: (usize, usize),
+    lock: &RunLock,
+    title: &str,
 ) -> Result<Status> {
-    let mut manifest = Manifest::new(run, &exp.path, &opts.device_name);
-    manifest.write(&rd.manifest())?;
-    // A rerun starts its metrics afresh.
-    let _ = std::fs::remove_file(rd.metrics());
-    let title = format!("[{}/{}] {} {} ({})", pos.0, pos.1, exp.name, run.id, run.label);
-    let mut obs = Progress::new(title.clone(), rd.metrics(), opts.stop.clone());
-    let result = trainer::train(&run.spec, &run.id, data, &opts.device, &mut obs);
-    obs.finish();
-    let result = match (result, obs.accounting.take()) {
-        (Ok(f), Some(acc)) => record_accounting(run, rd, &mut manifest, acc, opts).map(|_| f),
-        (r, _) => r,
+    let resume = if opts.force {
+        checkpoint::remove(&rd.dir)?;
+        None
+    } else {
+        match checkpoint::load(&rd.dir, &run.id, &opts.device) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{title}: ignoring its checkpoint and starting afresh: {e:#}");
+                None
+            }
+        }
     };
+    let mut manifest = Manifest::new(run, &exp.path, &opts.device_name);
+    if let Some(r) = &resume {
+        // Keep the first start time and the list of resumptions.
+        let old = Manifest::read(&rd.manifest()).ok();
+        if let Some(o) = &old {
+            manifest.started = o.started.clone();
+        }
+        let mut steps: Vec<serde_json::Value> =
+            old.and_then(|o| o.extra.get("resumed_at_steps").and_then(|v| v.as_array().cloned())).unwrap_or_default();
+        steps.push(r.step.into());
+        manifest.extra.insert("resumed_at_steps".into(), steps.into());
+        eprintln!("{title}: resuming from its checkpoint at step {} ({} evaluation(s) done)", r.step, r.rows.len());
+    }
+    manifest.write(&rd.manifest())?;
+    // metrics.csv restarts from the checkpoint's rows: a row written after the checkpoint is redone.
+    let rows = resume.as_ref().map(|r| r.rows.clone()).unwrap_or_default();
+    if rows.is_empty() {
+        match std::fs::remove_file(rd.metrics()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", rd.metrics().display()))
+            }
+            _ => {}
+        }
+    } else {
+        write_metrics(&rd.metrics(), &rows)?;
+    }
+    let images_per_step = run.spec.method.workers * run.spec.workload.batch_size;
+    let mut obs = Progress::new(title.to_string(), rd, &run.id, opts.stop.clone(), lock, policy, rows, images_per_step);
+    let result = trainer::train_from(&run.spec, &run.id, data, &opts.device, &mut obs, resume);
+    obs.finish();
+    if lock.lost.load(Ordering::SeqCst) {
+        eprintln!("{title}: another process took this run over (its lock looked stale); left to it");
+        return Ok(Status::Running);
+    }
     manifest.ended = Some(crate::results::now());
     let status = match result {
         Ok(f) => {
+            let acc = obs.accounting.take();
+            if let Some(acc) = &acc {
+                record_accounting(rd, &mut manifest, acc)?;
+            }
+            manifest.final_metrics = Some(f.clone());
+            manifest.status = Status::Done;
+            manifest.write(&rd.manifest()).with_context(|| {
+                format!("recording the finished run (its trained state is in {}: rerun to record it)", rd.dir.display())
+            })?;
             eprintln!(
                 "{title}: done: test_acc {:.4}, test_loss {:.4}, {:.0} img/s, {:.1} s",
                 f.test_acc, f.test_loss, f.img_per_s, f.wall_s
             );
-            manifest.final_metrics = Some(f);
-            Status::Done
+            if !policy.keep_checkpoints {
+                checkpoint::remove(&rd.dir)?;
+            }
+            // Optional from here on: a probe that fails or is interrupted leaves the run done, with a note.
+            if let (Some(exe), Some(mut acc)) = (&opts.memprobe, acc) {
+                let note = if opts.stop.load(Ordering::SeqCst) {
+                    Some("memory probe skipped: interrupted".to_string())
+                } else {
+                    match probe_memory(run, rd, &mut acc, exe, opts) {
+                        Ok(()) => record_accounting(rd, &mut manifest, &acc).err().map(|e| format!("{e:#}")),
+                        Err(e) => Some(format!("memory probe not recorded: {e:#}")),
+                    }
+                };
+                if let Some(n) = note {
+                    eprintln!("{title}: note: {n}");
+                    manifest.extra.insert("note".into(), n.into());
+                }
+                if let Err(e) = manifest.write(&rd.manifest()) {
+                    eprintln!("{title}: the memory figures were not recorded: {e:#}");
+                }
+            }
+            return Ok(Status::Done);
         }
         Err(e) if e.is::<Interrupted>() => {
-            eprintln!("{title}: interrupted");
+            eprintln!(
+                "{title}: interrupted{}",
+                if policy.checkpoints() { " (resumes from its checkpoint)" } else { "" }
+            );
             Status::Interrupted
+        }
+        Err(e) if disk_full(&e) => {
+            let reason = format!("the disk is full ({e:#}); free space and rerun: it resumes from its last checkpoint");
+            eprintln!("{title}: failed: {reason}");
+            Status::Failed(reason)
         }
         Err(e) => {
             eprintln!("{title}: failed: {e:#}");
@@ -175,37 +383,27 @@ fn run_one(
     Ok(status)
 }
 
-/// Measures each worker's memory in a fresh process (where enabled), writes `workers.csv`, and records
-/// the method-level facts in the manifest.
-fn record_accounting(
-    run: &Run,
-    rd: &RunDir,
-    manifest: &mut Manifest,
-    mut acc: Accounting,
-    opts: &RunOptions,
-) -> Result<()> {
-    if let Some(exe) = &opts.memprobe {
-        let steps = 3;
-        match run.spec.method.kind {
-            MethodKind::Dp | MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-                let peak = probe_subprocess(exe, &rd.manifest(), None, steps, &opts.device_name, &opts.data_dir)?;
-                acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
-            }
-            MethodKind::Sdp => {
-                for w in acc.workers.iter_mut() {
-                    let probe = probe_subprocess(
-                        exe,
-                        &rd.manifest(),
-                        Some(w.worker),
-                        steps,
-                        &opts.device_name,
-                        &opts.data_dir,
-                    )?;
-                    w.peak_bytes_measured = Some(probe);
-                }
+/// Measures each worker's memory in a fresh process (`sdp memprobe`) into `acc`.
+fn probe_memory(run: &Run, rd: &RunDir, acc: &mut Accounting, exe: &std::path::Path, opts: &RunOptions) -> Result<()> {
+    let steps = 3;
+    match run.spec.method.kind {
+        MethodKind::Dp | MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
+            let peak = probe_subprocess(exe, &rd.manifest(), None, steps, &opts.device_name, &opts.data_dir)?;
+            acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
+        }
+        MethodKind::Sdp => {
+            for w in acc.workers.iter_mut() {
+                let probe =
+                    probe_subprocess(exe, &rd.manifest(), Some(w.worker), steps, &opts.device_name, &opts.data_dir)?;
+                w.peak_bytes_measured = Some(probe);
             }
         }
     }
+    Ok(())
+}
+
+/// Writes `workers.csv` (and `alignment.csv`) and records the method-level facts in the manifest.
+fn record_accounting(rd: &RunDir, manifest: &mut Manifest, acc: &Accounting) -> Result<()> {
     write_csv(&rd.file("workers.csv"), &acc.workers)?;
     if !acc.alignment.is_empty() {
         write_csv(&rd.file("alignment.csv"), &acc.alignment)?;
@@ -221,36 +419,71 @@ fn record_accounting(
         e.insert("mean_peak_bytes_measured".into(), mean(&|w| w.peak_bytes_measured.unwrap_or(0) as f64).into());
     }
     if let Some(g) = acc.spectral_gap {
-        eprintln!("spectral gap of the averaging graph: {g:.4}");
         e.insert("spectral_gap".into(), g.into());
     }
     Ok(())
 }
 
-/// Reports progress: an indicatif bar on a terminal, a plain line per evaluation otherwise; writes
-/// `metrics.csv` (atomically, whole) after every evaluation.
+/// `h:mm:ss`.
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Reports progress: an indicatif bar on a terminal, otherwise a plain line every `progress_every` and
+/// one per evaluation; writes `metrics.csv` (atomically, whole) after every evaluation; publishes the
+/// progress to the lock's heartbeat; writes checkpoints as the policy says.
 struct Progress {
     title: String,
     bar: Option<ProgressBar>,
     rows: Vec<MetricsRow>,
+    run_dir: PathBuf,
+    run_id: String,
     metrics_path: PathBuf,
     last_acc: Option<f64>,
-    started: Instant,
     stop: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+    heartbeat: Arc<lock::Progress>,
+    policy: Policy,
     accounting: Option<Accounting>,
+    step: usize,
+    /// (when, step) of this process's first step: rates and ETA count only what this process trained.
+    first: Option<(Instant, usize)>,
+    last_line: Instant,
+    last_checkpoint: Instant,
+    images_per_step: usize,
 }
 
 impl Progress {
-    fn new(title: String, metrics_path: PathBuf, stop: Arc<AtomicBool>) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        title: String,
+        rd: &RunDir,
+        run_id: &str,
+        stop: Arc<AtomicBool>,
+        lock: &RunLock,
+        policy: &Policy,
+        rows: Vec<MetricsRow>,
+        images_per_step: usize,
+    ) -> Self {
         Self {
             title,
             bar: None,
-            rows: Vec::new(),
-            metrics_path,
-            last_acc: None,
-            started: Instant::now(),
+            last_acc: rows.last().map(|r| r.test_acc),
+            rows,
+            run_dir: rd.dir.clone(),
+            run_id: run_id.to_string(),
+            metrics_path: rd.metrics(),
             stop,
+            lost: lock.lost.clone(),
+            heartbeat: lock.progress.clone(),
+            policy: policy.clone(),
             accounting: None,
+            step: 0,
+            first: None,
+            last_line: Instant::now(),
+            last_checkpoint: Instant::now(),
+            images_per_step,
         }
     }
 
@@ -263,7 +496,23 @@ impl Progress {
 
 impl Observer for Progress {
     fn step(&mut self, epoch: usize, step: usize, total: usize, loss: f64) {
+        self.step = step;
+        self.heartbeat.epoch.store(epoch, Ordering::Relaxed);
+        self.heartbeat.step.store(step, Ordering::Relaxed);
+        self.heartbeat.total_steps.store(total, Ordering::Relaxed);
+        let (t0, s0) = *self.first.get_or_insert((Instant::now(), step - 1));
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        let its = (step - s0) as f64 / secs;
         if !std::io::stderr().is_terminal() {
+            if self.last_line.elapsed() >= self.policy.progress_every {
+                self.last_line = Instant::now();
+                eprintln!(
+                    "{}: epoch {epoch} step {step}/{total} loss {loss:.4} {:.0} img/s ETA {}",
+                    self.title,
+                    its * self.images_per_step as f64,
+                    clock((total - step) as f64 / its.max(1e-9))
+                );
+            }
             return;
         }
         let bar = self.bar.get_or_insert_with(|| {
@@ -276,9 +525,8 @@ impl Observer for Progress {
             b
         });
         bar.set_position(step as u64);
-        let ips = (step as f64) / self.started.elapsed().as_secs_f64().max(1e-9);
         let acc = self.last_acc.map(|a| format!(" acc {a:.3}")).unwrap_or_default();
-        bar.set_message(format!("epoch {epoch} loss {loss:.3}{acc} ({ips:.1} it/s)"));
+        bar.set_message(format!("epoch {epoch} loss {loss:.3}{acc} ({its:.1} it/s)"));
     }
 
     fn eval(&mut self, row: &MetricsRow) -> Result<()> {
@@ -302,6 +550,31 @@ impl Observer for Progress {
     }
 
     fn interrupted(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.stop.load(Ordering::Relaxed) || self.lost.load(Ordering::Relaxed)
+    }
+
+    fn checkpoint_due(&mut self, at: At) -> bool {
+        let p = &self.policy;
+        let timed = p.checkpoint_interval.is_some_and(|d| self.last_checkpoint.elapsed() >= d);
+        match at {
+            At::Step => timed || (p.checkpoint_steps > 0 && self.step.is_multiple_of(p.checkpoint_steps)),
+            // The final epoch always: the trained state then survives a failure to record it.
+            At::EpochEnd { epoch, last } => {
+                p.checkpoints()
+                    && (last
+                        || timed
+                        || (p.checkpoint_every > 0 && epoch.is_multiple_of(p.checkpoint_every))
+                        || p.checkpoint_steps > 0)
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Ok(()); // no longer ours to write
+        }
+        checkpoint::save(&self.run_dir, &self.run_id, state)?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
     }
 }

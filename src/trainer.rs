@@ -15,6 +15,7 @@
 //! BN buffers:   averaged among holders at every sync
 //! ```
 
+use crate::checkpoint::{self, Tensors, TrainState};
 use crate::comm::{Averager, LocalAverager};
 use crate::data::augment::AugmentCfg;
 use crate::data::loader::{eval_batches, steps_per_epoch, Batch, TrainLoader};
@@ -33,6 +34,7 @@ use crate::subnet::{self, Arch, IndexMap};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,6 +51,15 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
+/// Where a training loop asks whether to checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// After an optimizer step inside an epoch.
+    Step,
+    /// After an epoch's last step and its evaluation (if due); `last`: the run's final epoch.
+    EpochEnd { epoch: usize, last: bool },
+}
+
 /// What a training loop reports as it goes.
 pub trait Observer {
     /// After every optimizer step (`step` counts from 1 over the whole run).
@@ -61,17 +72,65 @@ pub trait Observer {
     fn accounting(&mut self, _acc: &Accounting) -> Result<()> {
         Ok(())
     }
+    /// Whether to save a checkpoint now (never, unless the observer writes them).
+    fn checkpoint_due(&mut self, _at: At) -> bool {
+        false
+    }
+    /// Writes a checkpoint (asked for by [`Observer::checkpoint_due`], or on an interrupt).
+    fn checkpoint(&mut self, _state: &TrainState) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Trains the run `spec` on `data` and returns its final figures.
 pub fn train(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
+    train_from(spec, run_id, data, device, obs, None)
+}
+
+/// [`train`], continuing from a checkpoint's state where one is given.
+pub fn train_from(
+    spec: &RunSpec,
+    run_id: &str,
+    data: &Dataset,
+    device: &Device,
+    obs: &mut dyn Observer,
+    resume: Option<TrainState>,
+) -> Result<Final> {
+    // Before any model is built: a worker count the data cannot feed fails here, not after allocating
+    // K subnetworks.
+    steps_per_epoch(data.train.len(), spec.method.workers, spec.workload.batch_size)?;
     match spec.method.kind {
-        MethodKind::Dp => train_dp(spec, run_id, data, device, obs),
-        MethodKind::Sdp => train_sdp(spec, run_id, data, device, obs),
+        MethodKind::Dp => train_dp(spec, run_id, data, device, obs, resume),
+        MethodKind::Sdp => train_sdp(spec, run_id, data, device, obs, resume),
         MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-            train_baseline(spec, run_id, data, device, obs)
+            train_baseline(spec, run_id, data, device, obs, resume)
         }
     }
+}
+
+/// How a method's state goes into a checkpoint and comes back out of one.
+struct Snapshot<'a> {
+    /// Adds the method's tensors; returns its other state.
+    save: &'a dyn Fn(&mut Tensors) -> Result<serde_json::Value>,
+    restore: &'a dyn Fn(&TrainState) -> Result<()>,
+}
+
+/// The snapshot of a single model and its optimizer (data parallelism and its baselines).
+fn single_snapshot<'a>(
+    net: &'a dyn Net,
+    opt: &'a RefCell<Optimizer>,
+    device: &'a Device,
+) -> (impl Fn(&mut Tensors) -> Result<serde_json::Value> + 'a, impl Fn(&TrainState) -> Result<()> + 'a) {
+    let save = move |out: &mut Tensors| {
+        checkpoint::save_store("net", net.store(), out)?;
+        checkpoint::save_optimizer("net", &opt.borrow(), out)?;
+        Ok(serde_json::Value::Null)
+    };
+    let restore = move |st: &TrainState| {
+        checkpoint::restore_store("net", net.store(), &st.tensors)?;
+        checkpoint::restore_optimizer("net", &mut opt.borrow_mut(), &st.tensors, device)
+    };
+    (save, restore)
 }
 
 fn augment_cfg(spec: &RunSpec, data: &Dataset) -> AugmentCfg {
@@ -84,20 +143,30 @@ fn augment_cfg(spec: &RunSpec, data: &Dataset) -> AugmentCfg {
     }
 }
 
-fn train_dp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
+fn train_dp(
+    spec: &RunSpec,
+    run_id: &str,
+    data: &Dataset,
+    device: &Device,
+    obs: &mut dyn Observer,
+    resume: Option<TrainState>,
+) -> Result<Final> {
     let net = models::build(&spec.workload, data.num_classes(), spec.seed, device)?;
-    let mut opt = Optimizer::new(&spec.optim);
+    let opt = RefCell::new(Optimizer::new(&spec.optim));
     let aug = augment_cfg(spec, data);
+    let (save, restore) = single_snapshot(net.as_ref(), &opt, device);
     let last = epoch_loop(
         spec,
         run_id,
         data,
         spec.workload.epochs,
         obs,
-        &mut |batches, lr, _| dp_step(net.as_ref(), &mut opt, batches, lr, device),
+        &mut |batches, lr, _| dp_step(net.as_ref(), &mut opt.borrow_mut(), batches, lr, device),
         &mut || single_mode(net.as_ref(), data, &aug, spec.workload.eval_batch_size, device),
+        &Snapshot { save: &save, restore: &restore },
+        resume,
     )?;
-    obs.accounting(&dp_accounting(net.as_ref(), spec, run_id, &opt, (data.train.h, data.train.w)))?;
+    obs.accounting(&dp_accounting(net.as_ref(), spec, run_id, &opt.borrow(), (data.train.h, data.train.w)))?;
     Ok(last)
 }
 
@@ -113,7 +182,8 @@ type StepFn<'a> = dyn FnMut(&[Batch], f64, usize) -> Result<f64> + 'a;
 
 /// The epoch loop every method shares: batches from the loader, one `step` per optimizer step (given the
 /// batches, the learning rate and the 1-based step number; returns the mean training loss), an
-/// `evaluate` every `eval_every` epochs and at the end, progress and metrics through `obs`.
+/// `evaluate` every `eval_every` epochs and at the end, progress and metrics through `obs`, checkpoints
+/// where `obs` asks for them (and on an interrupt), and a start from `resume`'s position where given.
 #[allow(clippy::too_many_arguments)]
 fn epoch_loop(
     spec: &RunSpec,
@@ -123,6 +193,8 @@ fn epoch_loop(
     obs: &mut dyn Observer,
     step_fn: &mut StepFn,
     eval_fn: &mut dyn FnMut() -> Result<Evaluation>,
+    snapshot: &Snapshot,
+    resume: Option<TrainState>,
 ) -> Result<Final> {
     let w = &spec.workload;
     let k = spec.method.workers;
@@ -130,48 +202,79 @@ fn epoch_loop(
     let train_set = Arc::new(data.train.clone());
     let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
     let total = per_epoch * epochs;
-    let start = Instant::now();
-    let (mut step, mut last) = (0, Final::default());
-    for epoch in 1..=epochs {
-        let loader = TrainLoader::start(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size)?;
-        let (mut loss_sum, mut images, t_epoch, mut lr) = (0.0, 0usize, Instant::now(), 0.0);
+    let mut pos = TrainState::default();
+    if let Some(r) = resume {
+        if r.step > total {
+            anyhow::bail!("the checkpoint is at step {}, past this run's {total} steps", r.step);
+        }
+        (snapshot.restore)(&r).context("restoring the checkpoint")?;
+        pos = TrainState { tensors: Tensors::new(), method: serde_json::Value::Null, ..r };
+    }
+    let mut last = pos.rows.last().map(Final::from).unwrap_or_default();
+    let (start, wall_before) = (Instant::now(), pos.wall_s);
+    let wall = |start: &Instant| wall_before + start.elapsed().as_secs_f64();
+    // Steps done since the last checkpoint (an interrupt with none saves nothing).
+    let mut unsaved = 0usize;
+    let save = |pos: &TrainState, obs: &mut dyn Observer| -> Result<()> {
+        let mut tensors = Tensors::new();
+        let method = (snapshot.save)(&mut tensors)?;
+        obs.checkpoint(&TrainState { tensors, method, ..pos.clone() })
+    };
+    let first = pos.step / per_epoch + 1;
+    for epoch in first..=epochs {
+        let done_in_epoch = if epoch == first { pos.step % per_epoch } else { 0 };
+        if done_in_epoch == 0 {
+            (pos.epoch_loss_sum, pos.epoch_images, pos.epoch_secs) = (0.0, 0, 0.0);
+        }
+        let loader = TrainLoader::start_at(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size, done_in_epoch)?;
+        let (t_epoch, secs_before, mut lr) = (Instant::now(), pos.epoch_secs, 0.0);
         for batches in loader {
             if obs.interrupted() {
+                if unsaved > 0 {
+                    (pos.epoch_secs, pos.wall_s) = (secs_before + t_epoch.elapsed().as_secs_f64(), wall(&start));
+                    save(&pos, obs).context("saving a checkpoint on interrupt")?;
+                }
                 return Err(Interrupted.into());
             }
-            lr = lr_at(&spec.optim, step, total, per_epoch);
-            let loss = step_fn(&batches, lr, step + 1)
-                .with_context(|| format!("training step {} (epoch {epoch})", step + 1))?;
-            step += 1;
-            loss_sum += loss;
-            images += batches.iter().map(Batch::len).sum::<usize>();
-            obs.step(epoch, step, total, loss);
+            lr = lr_at(&spec.optim, pos.step, total, per_epoch);
+            let loss = step_fn(&batches, lr, pos.step + 1)
+                .with_context(|| format!("training step {} (epoch {epoch})", pos.step + 1))?;
+            pos.step += 1;
+            unsaved += 1;
+            pos.epoch_loss_sum += loss;
+            pos.epoch_images += batches.iter().map(Batch::len).sum::<usize>();
+            obs.step(epoch, pos.step, total, loss);
+            if !pos.step.is_multiple_of(per_epoch) && obs.checkpoint_due(At::Step) {
+                (pos.epoch_secs, pos.wall_s) = (secs_before + t_epoch.elapsed().as_secs_f64(), wall(&start));
+                save(&pos, obs)?;
+                unsaved = 0;
+            }
         }
-        let img_per_s = images as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9);
+        pos.epoch_secs = secs_before + t_epoch.elapsed().as_secs_f64();
+        let img_per_s = pos.epoch_images as f64 / pos.epoch_secs.max(1e-9);
         if epoch % w.eval_every == 0 || epoch == epochs {
             let e = eval_fn()?;
             let row = MetricsRow {
                 run_id: run_id.to_string(),
                 epoch,
-                step,
-                train_loss: loss_sum / per_epoch as f64,
+                step: pos.step,
+                train_loss: pos.epoch_loss_sum / per_epoch as f64,
                 test_loss: e.test_loss,
                 test_acc: e.test_acc,
                 lr,
                 img_per_s,
-                wall_s: start.elapsed().as_secs_f64(),
+                wall_s: wall(&start),
                 modes: e.modes,
             };
             obs.eval(&row)?;
-            last = Final {
-                epoch,
-                step,
-                train_loss: row.train_loss,
-                test_loss: e.test_loss,
-                test_acc: e.test_acc,
-                wall_s: row.wall_s,
-                img_per_s,
-            };
+            last = Final::from(&row);
+            pos.rows.push(row);
+        }
+        (pos.epoch_loss_sum, pos.epoch_images, pos.epoch_secs) = (0.0, 0, 0.0);
+        if obs.checkpoint_due(At::EpochEnd { epoch, last: epoch == epochs }) {
+            pos.wall_s = wall(&start);
+            save(&pos, obs)?;
+            unsaved = 0;
         }
     }
     Ok(last)
@@ -252,6 +355,7 @@ fn train_baseline(
     data: &Dataset,
     device: &Device,
     obs: &mut dyn Observer,
+    resume: Option<TrainState>,
 ) -> Result<Final> {
     let mut cfg = models::resnet_config(&spec.workload, data.num_classes())?;
     if spec.method.kind == MethodKind::SmallDense {
@@ -259,8 +363,9 @@ fn train_baseline(
     }
     let compute = spec.workload.precision.dtype();
     let net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
-    let mut opt = Optimizer::new(&spec.optim);
+    let opt = RefCell::new(Optimizer::new(&spec.optim));
     let aug = augment_cfg(spec, data);
+    let (save, restore) = single_snapshot(&net, &opt, device);
     // Stochastic depth evaluates with branches scaled by their survival probability.
     let scale = if spec.method.kind == MethodKind::StochasticDepth { spec.method.coverage } else { 1.0 };
     let last = epoch_loop(
@@ -272,7 +377,7 @@ fn train_baseline(
         &mut |batches, lr, step| {
             let forward =
                 |i: usize, x: &Tensor| net.forward_dropping(x, true, &baseline_drops(spec, &net, step, i, device)?);
-            dp_step_with(&net, &mut opt, batches, lr, device, &forward)
+            dp_step_with(&net, &mut opt.borrow_mut(), batches, lr, device, &forward)
         },
         &mut || {
             let arch = Arch::ResNet(cfg.clone());
@@ -281,8 +386,10 @@ fn train_baseline(
                 arch.build(None, scale, None, Builder::from_tensors(&values, device).with_compute_dtype(compute))?;
             single_mode(eval_net.as_ref(), data, &aug, spec.workload.eval_batch_size, device)
         },
+        &Snapshot { save: &save, restore: &restore },
+        resume,
     )?;
-    let mut acc = dp_accounting(&net, spec, run_id, &opt, (data.train.h, data.train.w));
+    let mut acc = dp_accounting(&net, spec, run_id, &opt.borrow(), (data.train.h, data.train.w));
     acc.extra.insert("widths".into(), serde_json::json!(cfg.widths));
     obs.accounting(&acc)?;
     Ok(last)
@@ -676,10 +783,19 @@ impl SdpState {
     }
 }
 
-fn train_sdp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
+fn train_sdp(
+    spec: &RunSpec,
+    run_id: &str,
+    data: &Dataset,
+    device: &Device,
+    obs: &mut dyn Observer,
+    resume: Option<TrainState>,
+) -> Result<Final> {
     let m = &spec.method;
-    let st = std::cell::RefCell::new(SdpState::new(spec, data.num_classes(), device)?);
+    let st = RefCell::new(SdpState::new(spec, data.num_classes(), device)?);
     let aug = augment_cfg(spec, data);
+    let save = |out: &mut Tensors| st.borrow().save(out);
+    let restore = |r: &TrainState| st.borrow_mut().restore(spec, r, device);
     let last = epoch_loop(
         spec,
         run_id,
@@ -705,6 +821,8 @@ fn train_sdp(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs:
                 modes: modes.iter().map(|(k, v)| (k.name().to_string(), v.1)).collect(),
             })
         },
+        &Snapshot { save: &save, restore: &restore },
+        resume,
     )?;
     let st = st.into_inner();
     obs.accounting(&st.accounting(spec, run_id, (data.train.h, data.train.w)))?;
@@ -761,6 +879,45 @@ pub fn sdp_step(
 }
 
 impl SdpState {
+    /// Adds the global model and every worker's subnetwork and optimizer state to a checkpoint; returns
+    /// the alignment records so far.
+    fn save(&self, out: &mut Tensors) -> Result<serde_json::Value> {
+        checkpoint::save_store("global", self.global.store(), out)?;
+        for (k, w) in self.workers.iter().enumerate() {
+            checkpoint::save_store(&format!("worker{k}"), w.net.store(), out)?;
+            checkpoint::save_optimizer(&format!("worker{k}"), &w.opt, out)?;
+        }
+        let align: Vec<(usize, usize, String)> =
+            self.alignment.iter().map(|a| (a.step, a.worker, checkpoint::exact(a.cosine_to_full_grad))).collect();
+        Ok(serde_json::json!({ "alignment": align }))
+    }
+
+    /// Restores the state saved by [`Self::save`] at step `r.step`: the selection in force then (a pure
+    /// function of the seed and the draw number), then every tensor.
+    fn restore(&mut self, spec: &RunSpec, r: &TrainState, device: &Device) -> Result<()> {
+        let every = spec.method.resample_every;
+        let draw = if every > 0 && r.step > 0 { (r.step - 1) / every } else { 0 };
+        if draw > 0 {
+            self.redraw(spec, draw as u64, device)?;
+        }
+        checkpoint::restore_store("global", self.global.store(), &r.tensors)?;
+        for (k, w) in self.workers.iter_mut().enumerate() {
+            checkpoint::restore_store(&format!("worker{k}"), w.net.store(), &r.tensors)?;
+            checkpoint::restore_optimizer(&format!("worker{k}"), &mut w.opt, &r.tensors, device)?;
+        }
+        let align: Vec<(usize, usize, String)> = match r.method.get("alignment") {
+            Some(v) => serde_json::from_value(v.clone()).context("checkpoint: alignment records")?,
+            None => Vec::new(),
+        };
+        self.alignment = align
+            .into_iter()
+            .map(|(step, worker, c)| {
+                Ok(AlignRow { run_id: String::new(), step, worker, cosine_to_full_grad: checkpoint::parse_exact(&c)? })
+            })
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
     /// The global model rebuilt with a per-block plan scale (stochastic-depth-style evaluation).
     fn scaled_global(&self, scale: f64, device: &Device) -> Result<Box<dyn Net>> {
         let values = self.global_values();

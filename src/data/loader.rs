@@ -101,12 +101,29 @@ impl TrainLoader {
         workers: usize,
         batch: usize,
     ) -> Result<Self> {
+        Self::start_at(set, cfg, seed, epoch, workers, batch, 0)
+    }
+
+    /// [`Self::start`] from step `first` of the epoch (a run resumed mid-epoch): the same batches as the
+    /// uninterrupted epoch's from that step on, since every draw is keyed by (seed, epoch, index).
+    pub fn start_at(
+        set: Arc<ImageSet>,
+        cfg: AugmentCfg,
+        seed: u64,
+        epoch: usize,
+        workers: usize,
+        batch: usize,
+        first: usize,
+    ) -> Result<Self> {
         let steps = steps_per_epoch(set.len(), workers, batch)?;
+        if first > steps {
+            bail!("cannot start epoch {epoch} at step {first}: it has {steps} steps");
+        }
         let (tx, rx) = sync_channel(2);
         let handle = std::thread::Builder::new().name("sdp-loader".into()).spawn(move || {
             let perm = permutation(seed, epoch, set.len());
             let key = epoch_key(seed, epoch);
-            for step in 0..steps {
+            for step in first..steps {
                 let batches = (0..workers)
                     .map(|k| make_batch(&set, &worker_indices(&perm, workers, batch, k, step), &cfg, Some(key)))
                     .collect();
