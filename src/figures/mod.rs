@@ -344,6 +344,14 @@ fn memory_vs_coverage(cx: &Ctx) -> Option<Plot> {
     let mut p = cx.plot("per-worker memory vs coverage", cx.coverage_axis(), y);
     p.subtitle = format!("{}; marker: mean over workers, whisker: largest worker", cx.what);
     let mut measured_any = false;
+    // A parameter-fraction curve (its points rounded, as the key) and the series that share it.
+    struct Fraction<'s> {
+        key: Vec<(i64, i64)>,
+        color: RGBColor,
+        points: Vec<Point>,
+        shared: Vec<&'s Series>,
+    }
+    let mut fractions: Vec<Fraction> = vec![];
     for (i, s) in cx.others() {
         let dp_ref = DpRef::of(dp_reference(s, cx.series), cx.runs);
         let (color, _, marker) = style(i, s);
@@ -366,10 +374,28 @@ fn memory_vs_coverage(cx: &Ctx) -> Option<Plot> {
             .iter()
             .filter_map(|(&c, idx)| Some(Point::new(cov_of(c), mean_of(cx.runs, idx, |r| r.param_fraction)?)))
             .collect();
-        if !frac.is_empty() {
-            let name = format!("{}: parameters", s.label);
-            p.lines.push(Line { name, color, dashed: true, marker: Marker::None, points: frac });
+        // A method that holds the whole model (stochastic depth, dropout) adds nothing to DP's line at 1.
+        if !frac.is_empty() && frac.iter().any(|q| q.y < 0.999) {
+            let key: Vec<(i64, i64)> =
+                frac.iter().map(|q| ((q.x * 1e4).round() as i64, (q.y * 1e3).round() as i64)).collect();
+            match fractions.iter_mut().find(|f| f.key == key) {
+                Some(f) => f.shared.push(s),
+                None => fractions.push(Fraction { key, color, points: frac, shared: vec![s] }),
+            }
         }
+    }
+    // One parameter-fraction line per distinct curve (the fraction depends on the masking, not on the regime
+    // or the budget): named by the maskings of the SDP series sharing it, else by their labels.
+    for Fraction { color, points, shared, .. } in fractions {
+        let maskings: BTreeSet<&str> = shared.iter().map(|s| s.spec.method.masking.as_str()).collect();
+        let name = if let [one] = shared.as_slice() {
+            format!("{}: parameters", one.label)
+        } else if shared.iter().all(|s| s.kind == MethodKind::Sdp) {
+            format!("SDP {}: parameters", maskings.into_iter().collect::<Vec<_>>().join("/"))
+        } else {
+            format!("{} and {} more: parameters", shared[0].label, shared.len() - 1)
+        };
+        p.lines.push(Line { name, color, dashed: true, marker: Marker::None, points });
     }
     if p.lines.is_empty() {
         return None;

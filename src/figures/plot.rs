@@ -231,8 +231,11 @@ pub(super) fn tick_label(v: f64, decimals: usize) -> String {
     }
 }
 
+/// Smallest and largest value on an axis, if any.
+type Extent = Option<(f64, f64)>;
+
 /// Fits an axis to the values it shows (`None`: no values) with about `target` ticks.
-pub(super) fn fit_axis(extent: Option<(f64, f64)>, axis: &Axis, target: usize) -> Fit {
+pub(super) fn fit_axis(extent: Extent, axis: &Axis, target: usize) -> Fit {
     let (d0, d1) = axis.domain;
     let (mut lo, mut hi) = extent.unwrap_or((d0.max(0.0), d1.min(1.0)));
     if let Some(a) = axis.anchor {
@@ -267,7 +270,8 @@ pub(super) fn fit_axis(extent: Option<(f64, f64)>, axis: &Axis, target: usize) -
 }
 
 impl Plot {
-    fn extents(&self) -> (Option<(f64, f64)>, Option<(f64, f64)>) {
+    /// The span of the x and the y values shown (`None`: no values).
+    fn extents(&self) -> (Extent, Extent) {
         let span = |vs: Vec<f64>| {
             let vs: Vec<f64> = vs.into_iter().filter(|v| v.is_finite()).collect();
             let lo = vs.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -415,6 +419,7 @@ where
         }
         draw_segment(root, vec![px(xf.lo, h.y), px(xf.hi, h.y)], h.dashed, stroke(h.color, 2), ki).map_err(e)?;
     }
+    let mut tags: Vec<(f64, f64)> = vec![];
     for l in &p.lines {
         if l.points.len() > 1 {
             let pts = l.points.iter().map(|q| px(q.x, q.y)).collect();
@@ -434,7 +439,13 @@ where
                 chart.plotting_area().draw(&bar).map_err(e)?;
             }
             draw_marker(root, l.marker, px(q.x, q.y), l.color, ki).map_err(e)?;
-            if let Some(tag) = &q.tag {
+            // A tag that would overprint an earlier one is left out (decided in data space, so that the SVG
+            // and the PNG agree).
+            let clear = |t: &(f64, f64)| {
+                (t.0 - q.x).abs() > 0.06 * (xf.hi - xf.lo) || (t.1 - q.y).abs() > 0.035 * (yf.hi - yf.lo)
+            };
+            if let Some(tag) = q.tag.as_ref().filter(|_| tags.iter().all(clear)) {
+                tags.push((q.x, q.y));
                 let (x, y) = px(q.x, q.y);
                 // Below right: lines through increasing points leave that corner free.
                 let style = font(12.0).into_font().color(&l.color);
@@ -449,7 +460,8 @@ where
         let i = i as u32;
         let (col, row) = match place {
             LegendPlace::Right(_) => (0, i),
-            LegendPlace::Below { cols, .. } => (i % cols, i / cols),
+            // Column by column, so that entries read down as they do in a right-hand panel.
+            LegendPlace::Below { rows, .. } => (i / rows, i % rows),
         };
         let col_w = match place {
             LegendPlace::Right(w) => w,

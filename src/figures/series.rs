@@ -4,7 +4,7 @@
 //! experiment varies, and compared with the DP series trained on the same workload and K.
 
 use super::read::RunData;
-use crate::spec::{MethodKind, RunSpec};
+use crate::spec::{Method, MethodKind, RunSpec};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
@@ -107,9 +107,12 @@ pub(super) fn series_of(runs: &[RunData]) -> Vec<Series> {
                 // Baselines: `small dense`, `stochastic depth`, `dropout`.
                 k => kind_name(k).replace('_', " "),
             };
+            // Method fields at their default are left out (`SDP block forward` next to `SDP block forward
+            // budget=flop_matched`); other fields are always named (`lr=0.1` next to `lr=0.05`).
+            let defaults = flat_spec(&RunSpec { method: Method::default(), ..spec.clone() });
             for k in &varying {
                 let sdp_only = k.starts_with("method.") && k != "method.workers";
-                if sdp_only && m.kind != MethodKind::Sdp {
+                if sdp_only && (m.kind != MethodKind::Sdp || f.get(k) == defaults.get(k)) {
                     continue;
                 }
                 let short = k.rsplit('.').next().unwrap_or(k);
@@ -123,7 +126,7 @@ pub(super) fn series_of(runs: &[RunData]) -> Vec<Series> {
         })
         .collect();
     share_full_coverage_runs(runs, &mut out);
-    out.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
+    out.sort_by_key(order_key);
     out
 }
 
@@ -320,6 +323,28 @@ coverage = 0.5
                 "dropout"
             ]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn method_fields_at_their_default_are_not_named() -> Result<()> {
+        let text = r#"
+name = "t"
+[workload]
+dataset = "shapes"
+model = "resnet18"
+epochs = 1
+batch_size = 8
+[method]
+kind = ["dp", "sdp"]
+workers = 4
+coverage = 0.5
+budget = ["same_steps", "flop_matched"]
+"#;
+        let exp = crate::spec::parse(text, Path::new("t.toml"), &[])?;
+        let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
+        let labels: Vec<String> = series_of(&runs).into_iter().map(|s| s.label).collect();
+        assert_eq!(labels, ["DP", "SDP block forward", "SDP block forward budget=flop_matched"]);
         Ok(())
     }
 
