@@ -360,14 +360,15 @@ fn one_seed_gives_no_interval_and_dp_alone_draws_no_coverage_figure() -> Result<
     assert!(out.join(EXP).join("accuracy_vs_coverage.svg").is_file());
 
     // DP alone: a curve and the table; no coverage, memory or communication figure, and the ones the
-    // previous rendering left in the same directory are removed.
+    // previous rendering left in the same directory are removed (a file sdp does not name is left alone).
     for (kind, c, seed) in [("sdp", 0.5, 0), ("sdp", 1.0, 0), ("sdp", 1.0, 1)] {
         std::fs::remove_dir_all(run_dir(&results, kind, c, seed)?)?;
     }
+    std::fs::write(out.join(EXP).join("notes.png"), b"not a figure of sdp's")?;
     let written = sdp::figures::render(&results, &out, &[])?;
-    let want = ["accuracy_vs_epoch_dp.png", "accuracy_vs_epoch_dp.svg", "table.md"];
+    let want = ["accuracy_vs_epoch_dp.png", "accuracy_vs_epoch_dp.svg", "notes.png", "table.md"];
     assert_eq!(file_names(&out.join(EXP))?, want);
-    assert_eq!(written[0].files.len(), want.len());
+    assert_eq!(written[0].files.len(), 3, "{:?}", written[0].files);
     let curve = svg_texts(&std::fs::read_to_string(out.join(EXP).join("accuracy_vs_epoch_dp.svg"))?);
     assert!(curve.iter().any(|t| t == "DP"), "{curve:?}");
     let table = std::fs::read_to_string(out.join(EXP).join("table.md"))?;

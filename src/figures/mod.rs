@@ -114,12 +114,15 @@ fn describe(runs: &[RunData]) -> String {
         uniq(&|s| s.method.workers.to_string())
     )
 }
-/// Removes figures (`*.svg`, `*.png`) in `dir` that this rendering did not write: they would show what the
-/// results no longer say.
+/// Removes figures in `dir` named as this module names them (any other file is left alone) that this
+/// rendering did not write: they would show what the results no longer say.
 fn remove_stale(dir: &Path, written: &[PathBuf]) -> Result<()> {
+    const STEMS: [&str; 4] = ["accuracy_vs_coverage", "accuracy_vs_memory", "memory_vs_coverage", "comm_vs_coverage"];
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = e.with_context(|| format!("reading {}", dir.display()))?.path();
-        let figure = path.extension().is_some_and(|x| x == "svg" || x == "png");
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let ours = STEMS.contains(&stem) || stem.starts_with("accuracy_vs_epoch_");
+        let figure = ours && path.extension().is_some_and(|x| x == "svg" || x == "png");
         if figure && path.is_file() && !written.contains(&path) {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             eprintln!("figures: removed {} (nothing to show any more)", path.display());

@@ -389,7 +389,7 @@ where
         LegendPlace::Below { .. } => body.split_vertically((BASE_HEIGHT - HEADER_H) * k),
     };
     let (xe, ye) = p.extents();
-    let (xf, yf) = (fit_axis(xe, &p.x, 6), fit_axis(ye, &p.y, 6));
+    let (xf, yf) = (fit_axis(xe, &p.x, 6), fit_axis(ye, &p.y, 8));
     let mut chart = ChartBuilder::on(&plot_area)
         .margin(12 * k)
         .margin_right(20 * k)
