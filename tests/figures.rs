@@ -1,6 +1,8 @@
 //! `sdp figures` on a results tree written by real tiny runs (DP and SDP at C ∈ {0.5, 1}, two seeds, with
-//! measured memory): which files appear, what the SVGs name, that table.md holds summary.csv's numbers,
-//! that unfinished runs are skipped, and that a malformed CSV is an error naming the file and line. Also that
+//! measured memory): which files appear, what the SVGs name, that table.md holds the numbers of summary.csv
+//! and workers.csv (with Welch's interval, and none for a single seed), that a DP-only experiment draws no
+//! coverage figure, that rendering twice gives the same bytes, that unfinished runs are skipped, and that
+//! malformed results files are errors naming the file and line. Also that
 //! every spec of the paper grid (`experiments/paper/`, what `make reproduce` runs) still loads.
 
 use anyhow::{Context, Result};
@@ -94,6 +96,28 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     }
     Ok(())
 }
+/// The run directory of the fixture's run with this kind, coverage and seed.
+fn run_dir(results: &Path, kind: &str, coverage: f64, seed: u64) -> Result<PathBuf> {
+    let exp = spec::parse(SPEC, Path::new("tiny-fig.toml"), &[])?;
+    let run = exp
+        .runs
+        .iter()
+        .find(|r| {
+            let s = &r.spec;
+            serde_json::to_value(s.method.kind).ok().and_then(|v| v.as_str().map(String::from)).as_deref() == Some(kind)
+                && (s.method.coverage - coverage).abs() < 1e-9
+                && s.seed == seed
+        })
+        .with_context(|| format!("no {kind} run at C = {coverage}, seed {seed}"))?;
+    Ok(results.join(EXP).join(&run.id))
+}
+
+fn file_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir)?.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<Result<_>>()?;
+    names.sort();
+    Ok(names)
+}
 
 #[test]
 fn figures_and_table_from_a_real_results_tree() -> Result<()> {
@@ -114,6 +138,8 @@ fn figures_and_table_from_a_real_results_tree() -> Result<()> {
         "accuracy_vs_coverage.svg",
         "accuracy_vs_epoch_sdp_block_forward.png",
         "accuracy_vs_epoch_sdp_block_forward.svg",
+        "accuracy_vs_memory.png",
+        "accuracy_vs_memory.svg",
         "comm_vs_coverage.png",
         "comm_vs_coverage.svg",
         "memory_vs_coverage.png",
@@ -121,15 +147,19 @@ fn figures_and_table_from_a_real_results_tree() -> Result<()> {
         "table.md",
     ];
     assert_eq!(names, expected);
-    let mut on_disk: Vec<String> =
-        std::fs::read_dir(&dir)?.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<Result<_>>()?;
-    on_disk.sort();
-    assert_eq!(on_disk, expected, "no temp files left behind");
+    assert_eq!(file_names(&dir)?, expected, "no temp files left behind");
 
-    // PNGs decode, at twice the SVG's size.
+    // PNGs decode, at twice the SVG's size (1100 wide; taller only where the legend goes below the plot).
     for f in names.iter().filter(|n| n.ends_with(".png")) {
         let img = image::open(dir.join(f)).with_context(|| f.clone())?;
-        assert_eq!((img.width(), img.height()), (2200, 1240), "{f}");
+        let svg = std::fs::read_to_string(dir.join(f.replace(".png", ".svg")))?;
+        let height: u32 = svg
+            .split_once("height=\"")
+            .and_then(|(_, r)| r.split_once('"'))
+            .and_then(|(h, _)| h.parse().ok())
+            .with_context(|| format!("{f}: no SVG height"))?;
+        assert_eq!((img.width(), img.height()), (2200, 2 * height), "{f}");
+        assert!(height >= 620, "{f}: {height}");
     }
 
     // SVGs name their series, axes (with units) and experiment, as whole text elements.
@@ -141,32 +171,54 @@ fn figures_and_table_from_a_real_results_tree() -> Result<()> {
         "coverage C (fraction of maskable units per worker)",
         "final test accuracy (%), mean ± std over seeds",
         "SDP block forward",
+        "DP, mean ± std (n = 2)",
+        // Ticks at the coverages that were run, with the decimals they need.
+        "0.5",
+        "1.0",
     ] {
         assert!(acc.iter().any(|t| t == s), "accuracy_vs_coverage.svg lacks `{s}`: {acc:?}");
     }
-    assert!(acc.iter().any(|t| t == "DP" || t == "DP (shaded: ± std)"), "{acc:?}");
     let mem = svg("memory_vs_coverage.svg")?;
     for s in [
-        "per-worker memory / DP (ratio)",
-        "SDP block forward: peak memory (measured)",
-        "SDP block forward: parameter fraction",
+        "per-worker memory / DP (peak measured)",
+        "shapes, resnet widths [4, 8] depths [1, 1], K = 2; marker: mean over workers, whisker: largest worker",
+        "SDP block forward: peak memory",
+        "SDP block forward: parameters",
         "DP (= 1)",
     ] {
         assert!(mem.iter().any(|t| t == s), "memory_vs_coverage.svg lacks `{s}`: {mem:?}");
     }
+    let trade = svg("accuracy_vs_memory.svg")?;
+    for s in [
+        "tiny-fig: final test accuracy vs per-worker memory",
+        "per-worker peak memory / DP (measured)",
+        "DP (= 1), mean ± std",
+        "SDP block forward",
+        "C=0.5",
+        "C=1",
+    ] {
+        assert!(trade.iter().any(|t| t == s), "accuracy_vs_memory.svg lacks `{s}`: {trade:?}");
+    }
     let comm = svg("comm_vs_coverage.svg")?;
-    assert!(comm.iter().any(|t| t == "communication bytes per step per worker / DP (ratio)"), "{comm:?}");
+    assert!(comm.iter().any(|t| t == "communication bytes per step per worker / DP"), "{comm:?}");
     assert!(comm.iter().any(|t| t == "SDP block forward"), "{comm:?}");
     let curve = svg("accuracy_vs_epoch_sdp_block_forward.svg")?;
-    for s in
-        ["epoch", "test accuracy (%), mean over seeds", "SDP block forward C = 0.5", "SDP block forward C = 1", "DP"]
-    {
+    for s in ["epoch", "test accuracy (%), mean over seeds", "C = 0.5", "C = 1", "DP"] {
         assert!(curve.iter().any(|t| t == s), "accuracy_vs_epoch svg lacks `{s}`: {curve:?}");
+    }
+    // Every tick label is a clean number: no float noise such as 0.6000000000000001.
+    for n in names.iter().filter(|n| n.ends_with(".svg")) {
+        for t in svg(n)? {
+            if t.parse::<f64>().is_ok() {
+                let decimals = t.split_once('.').map_or(0, |(_, d)| d.len());
+                assert!(decimals <= 3, "{n}: tick label `{t}`");
+            }
+        }
     }
 
     check_table_against_summary(results, &std::fs::read_to_string(dir.join("table.md"))?)?;
 
-    // Rendering again gives byte-identical files (no timestamps, stable order).
+    // Rendering again gives byte-identical files (no timestamps, no paths, stable order).
     let again = tempfile::tempdir()?;
     sdp::figures::render(results, again.path(), &[EXP.to_string()])?;
     for n in &names {
@@ -183,38 +235,54 @@ fn svg_texts(svg: &str) -> Vec<String> {
         .collect()
 }
 
-/// Recomputes each table row from summary.csv (grouped by the runs' manifests) and compares.
-fn check_table_against_summary(results: &Path, table: &str) -> Result<()> {
-    let mut rdr = csv::Reader::from_path(results.join(EXP).join("summary.csv"))?;
-    let rows: Vec<SummaryRow> = rdr.deserialize().collect::<Result<_, _>>()?;
-    assert_eq!(rows.len(), 6);
-    // (method label, coverage) → summary rows, grouped by each run's resolved spec.
-    let mut groups: BTreeMap<(String, String), Vec<&SummaryRow>> = BTreeMap::new();
-    for r in &rows {
-        let spec = Manifest::read(&results.join(EXP).join(&r.run_id).join("manifest.json"))?.spec;
-        let label = if r.method == "dp" { "DP".to_string() } else { "SDP block forward".to_string() };
-        groups.entry((label, format!("{:.3}", spec.method.coverage))).or_default().push(r);
-    }
-    assert_eq!(groups.len(), 3);
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let dp = &groups[&("DP".to_string(), "1.000".to_string())];
-    let dp_peak = mean(&dp.iter().map(|r| r.mean_peak_bytes.unwrap_or(f64::NAN)).collect::<Vec<_>>());
-    let dp_comm = mean(&dp.iter().map(|r| r.comm_bytes_per_step.unwrap_or(f64::NAN)).collect::<Vec<_>>());
-    assert!(dp_peak > 0.0 && dp_comm > 0.0, "the fixture measured memory and counted bytes");
-
-    let parsed: BTreeMap<(String, String), Vec<String>> = table
+/// The rows of table.md's comparison table: (variant, C) → the remaining cells.
+fn table_rows(table: &str) -> BTreeMap<(String, String), Vec<String>> {
+    table
         .lines()
-        .skip_while(|l| !l.starts_with("| method | coverage C | seeds |"))
+        .skip_while(|l| !l.starts_with("| variant | C | n | final test acc"))
         .skip(2) // header and separator
         .take_while(|l| l.starts_with('|'))
         .map(|l| {
             let cells: Vec<String> = l.split('|').map(|c| c.trim().to_string()).collect();
-            ((cells[1].clone(), cells[2].clone()), cells[3..8].to_vec())
+            ((cells[1].clone(), cells[2].clone()), cells[3..cells.len() - 1].to_vec())
         })
-        .collect();
+        .collect()
+}
+
+/// Each worker's measured peak bytes in a run's workers.csv.
+fn worker_peaks(run_dir: &Path) -> Result<Vec<f64>> {
+    let mut rdr = csv::Reader::from_path(run_dir.join("workers.csv"))?;
+    let col = rdr.headers()?.iter().position(|h| h == "peak_bytes_measured").context("no peak column")?;
+    rdr.records().map(|r| Ok(r?.get(col).context("short row")?.parse::<f64>()?)).collect()
+}
+
+/// Recomputes each table row from summary.csv and workers.csv (grouped by the runs' manifests) and compares.
+fn check_table_against_summary(results: &Path, table: &str) -> Result<()> {
+    let mut rdr = csv::Reader::from_path(results.join(EXP).join("summary.csv"))?;
+    let rows: Vec<SummaryRow> = rdr.deserialize().collect::<Result<_, _>>()?;
+    assert_eq!(rows.len(), 6);
+    // (variant, coverage) → summary rows, grouped by each run's resolved spec.
+    let mut groups: BTreeMap<(String, String), Vec<&SummaryRow>> = BTreeMap::new();
+    for r in &rows {
+        let spec = Manifest::read(&results.join(EXP).join(&r.run_id).join("manifest.json"))?.spec;
+        let label = if r.method == "dp" { "DP".to_string() } else { "SDP block forward".to_string() };
+        groups.entry((label, format!("{:.2}", spec.method.coverage))).or_default().push(r);
+    }
+    assert_eq!(groups.len(), 3);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let dp_key = ("DP".to_string(), "1.00".to_string());
+    let dp = &groups[&dp_key];
+    let dp_peak = mean(&dp.iter().map(|r| r.mean_peak_bytes.unwrap_or(f64::NAN)).collect::<Vec<_>>());
+    let dp_comm = mean(&dp.iter().map(|r| r.comm_bytes_per_step.unwrap_or(f64::NAN)).collect::<Vec<_>>());
+    assert!(dp_peak > 0.0 && dp_comm > 0.0, "the fixture measured memory and counted bytes");
+    let dp_accs: Vec<f64> = dp.iter().map(|r| r.final_test_acc * 100.0).collect();
+
+    let parsed = table_rows(table);
     assert_eq!(parsed.len(), 3, "{table}");
     for (key, runs) in &groups {
         let cells = parsed.get(key).with_context(|| format!("no table row for {key:?}:\n{table}"))?;
+        // n, acc, Δ, param fraction, memory mean, memory largest, comm, spectral gap
+        assert_eq!(cells.len(), 8, "{key:?}: {cells:?}");
         assert_eq!(cells[0], runs.len().to_string(), "{key:?}: seeds");
         let accs: Vec<f64> = runs.iter().map(|r| r.final_test_acc * 100.0).collect();
         let m = mean(&accs);
@@ -222,31 +290,94 @@ fn check_table_against_summary(results: &Path, table: &str) -> Result<()> {
         let (tm, tsd) = cells[1].split_once(" ± ").with_context(|| format!("acc cell `{}`", cells[1]))?;
         assert!((tm.parse::<f64>()? - m).abs() < 0.0051, "{key:?}: acc {tm} vs {m}");
         assert!((tsd.parse::<f64>()? - sd).abs() < 0.0051, "{key:?}: std {tsd} vs {sd}");
+        // The difference to DP with Welch's interval (two seeds each: df from Welch–Satterthwaite).
+        if *key == dp_key {
+            assert_eq!(cells[2], "(reference)");
+        } else {
+            let w = sdp::figures::stats::welch_interval(&accs, &dp_accs, 0.95).context("two seeds each")?;
+            assert!(w.df >= 1.0 && w.df <= 2.0, "n = 2 + 2: 1 ≤ df ≤ 2, got {}", w.df);
+            let want =
+                format!("{:+.2} [{:+.2}, {:+.2}]", m - mean(&dp_accs), w.diff - w.half_width, w.diff + w.half_width);
+            assert_eq!(cells[2], want, "{key:?}");
+        }
         let ratio = |f: &dyn Fn(&SummaryRow) -> Option<f64>, reference: f64| {
             mean(&runs.iter().map(|r| f(r).unwrap_or(f64::NAN) / reference).collect::<Vec<_>>())
         };
         let frac = ratio(&|r| r.mean_param_fraction, 1.0);
         let mem = ratio(&|r| r.mean_peak_bytes, dp_peak);
+        let mut largest = vec![];
+        for r in runs {
+            let peaks = worker_peaks(&results.join(EXP).join(&r.run_id))?;
+            largest.push(peaks.iter().cloned().fold(0.0, f64::max) / dp_peak);
+        }
         let comm = ratio(&|r| r.comm_bytes_per_step, dp_comm);
-        for (name, cell, want) in
-            [("param fraction", &cells[2], frac), ("memory", &cells[3], mem), ("comm", &cells[4], comm)]
-        {
+        for (name, cell, want) in [
+            ("param fraction", &cells[3], frac),
+            ("memory", &cells[4], mem),
+            ("largest worker", &cells[5], mean(&largest)),
+            ("comm", &cells[6], comm),
+        ] {
             let got: f64 = cell.parse().with_context(|| format!("{key:?} {name}: `{cell}`"))?;
-            assert!((got - want).abs() < 0.00051, "{key:?} {name}: table {got}, summary.csv {want}");
+            assert!((got - want).abs() < 0.00051, "{key:?} {name}: table {got}, results files {want}");
+        }
+        let gaps: Option<Vec<f64>> = runs.iter().map(|r| r.spectral_gap).collect();
+        match gaps {
+            Some(g) => assert_eq!(cells[7], format!("{:.3}", mean(&g)), "{key:?}"),
+            None => assert_eq!(cells[7], "–", "{key:?}"),
         }
     }
     // SDP at C = 0.5 holds about half the parameters and sends less than DP; at C = 1 it matches DP.
-    let half = &parsed[&("SDP block forward".to_string(), "0.500".to_string())];
-    assert!(half[2].parse::<f64>()? < 0.8 && half[4].parse::<f64>()? < 1.0, "{half:?}");
-    let full = &parsed[&("SDP block forward".to_string(), "1.000".to_string())];
-    assert_eq!((full[2].as_str(), full[4].as_str()), ("1.000", "1.000"));
+    let half = &parsed[&("SDP block forward".to_string(), "0.50".to_string())];
+    assert!(half[3].parse::<f64>()? < 0.8 && half[6].parse::<f64>()? < 1.0, "{half:?}");
+    let largest: f64 = half[5].parse()?;
+    assert!(largest >= half[4].parse::<f64>()?, "the largest worker holds at least the mean: {half:?}");
+    let full = &parsed[&("SDP block forward".to_string(), "1.00".to_string())];
+    assert_eq!((full[3].as_str(), full[6].as_str()), ("1.000", "1.000"));
     assert!(table.contains("1 not done and left out"), "{table}");
     assert!(table.contains("## Final test accuracy by evaluation mode"), "{table}");
+    assert!(!table.contains(&results.display().to_string()), "no paths in table.md (it is committed):\n{table}");
     Ok(())
 }
 
 #[test]
-fn a_malformed_metrics_csv_is_an_error_naming_the_file_and_line() -> Result<()> {
+fn one_seed_gives_no_interval_and_dp_alone_draws_no_coverage_figure() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let results = tmp.path().join("results");
+    copy_tree(fixture(), &results)?;
+    let out = tmp.path().join("figs");
+
+    // One seed left at C = 0.5: its value with `n = 1`, the difference to DP without an interval.
+    std::fs::remove_dir_all(run_dir(&results, "sdp", 0.5, 1)?)?;
+    sdp::figures::render(&results, &out, &[])?;
+    let table = std::fs::read_to_string(out.join(EXP).join("table.md"))?;
+    let rows = table_rows(&table);
+    let half = &rows[&("SDP block forward".to_string(), "0.50".to_string())];
+    assert_eq!(half[0], "1", "{table}");
+    assert!(half[1].ends_with(" (n = 1)") && !half[1].contains('±'), "{table}");
+    assert!(half[2].ends_with(" (CI n/a: n = 1)"), "{table}");
+    let full = &rows[&("SDP block forward".to_string(), "1.00".to_string())];
+    assert!(full[1].contains(" ± ") && full[2].contains(" ["), "{table}");
+    assert!(out.join(EXP).join("accuracy_vs_coverage.svg").is_file());
+
+    // DP alone: a curve and the table; no coverage, memory or communication figure, and the ones the
+    // previous rendering left in the same directory are removed (a file sdp does not name is left alone).
+    for (kind, c, seed) in [("sdp", 0.5, 0), ("sdp", 1.0, 0), ("sdp", 1.0, 1)] {
+        std::fs::remove_dir_all(run_dir(&results, kind, c, seed)?)?;
+    }
+    std::fs::write(out.join(EXP).join("notes.png"), b"not a figure of sdp's")?;
+    let written = sdp::figures::render(&results, &out, &[])?;
+    let want = ["accuracy_vs_epoch_dp.png", "accuracy_vs_epoch_dp.svg", "notes.png", "table.md"];
+    assert_eq!(file_names(&out.join(EXP))?, want);
+    assert_eq!(written[0].files.len(), 3, "{:?}", written[0].files);
+    let curve = svg_texts(&std::fs::read_to_string(out.join(EXP).join("accuracy_vs_epoch_dp.svg"))?);
+    assert!(curve.iter().any(|t| t == "DP"), "{curve:?}");
+    let table = std::fs::read_to_string(out.join(EXP).join("table.md"))?;
+    assert_eq!(table_rows(&table).len(), 1, "{table}");
+    Ok(())
+}
+
+#[test]
+fn malformed_results_files_are_errors_naming_the_file_and_line() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let results = tmp.path().join("results");
     copy_tree(fixture(), &results)?;
@@ -255,13 +386,16 @@ fn a_malformed_metrics_csv_is_an_error_naming_the_file_and_line() -> Result<()> 
     let text = std::fs::read_to_string(&metrics)?;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "header + two epochs");
+    let out = tmp.path().join("figs");
+    let render_err = |what: &str| -> String {
+        format!("{:#}", sdp::figures::render(&results, &out, &[]).err().unwrap_or_else(|| panic!("{what}: no error")))
+    };
 
     // A value that is not a number.
     let mut cells: Vec<String> = lines[2].split(',').map(String::from).collect();
     cells[5] = "oops".into();
     std::fs::write(&metrics, format!("{}\n{}\n{}\n", lines[0], lines[1], cells.join(",")))?;
-    let out = tmp.path().join("figs");
-    let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("malformed metrics.csv"));
+    let err = render_err("malformed metrics.csv");
     assert!(
         err.contains(&format!("{}: line 3: column `test_acc`: `oops` is not a number", metrics.display())),
         "{err}"
@@ -269,27 +403,55 @@ fn a_malformed_metrics_csv_is_an_error_naming_the_file_and_line() -> Result<()> 
 
     // A row with a missing field.
     std::fs::write(&metrics, format!("{}\n{}\n1,2\n", lines[0], lines[1]))?;
-    let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("short row"));
+    let err = render_err("short row");
     assert!(err.contains(&metrics.display().to_string()) && err.contains("line 3"), "{err}");
-
-    // A malformed summary.csv and manifest.json are errors naming the file too.
     std::fs::write(&metrics, &text)?;
-    let summary = results.join(EXP).join("summary.csv");
-    let summary_text = std::fs::read_to_string(&summary)?;
-    let broken: Vec<String> = summary_text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| if i == 2 { l.replacen(",2,0.", ",two,0.", 1) } else { l.to_string() })
-        .collect();
-    assert_ne!(broken.join("\n"), summary_text.trim_end(), "the edit must hit the epochs column");
-    std::fs::write(&summary, broken.join("\n"))?;
-    let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("malformed summary.csv"));
-    assert!(err.contains(&format!("{}: line 3:", summary.display())), "{err}");
-    std::fs::write(&summary, &summary_text)?;
-    let manifest = results.join(EXP).join(&exp.runs[0].id).join("manifest.json");
+
+    // workers.csv: a peak that is not a number, and a peak measured for some workers only.
+    let sdp_run = run_dir(&results, "sdp", 0.5, 0)?;
+    let workers = sdp_run.join("workers.csv");
+    let workers_text = std::fs::read_to_string(&workers)?;
+    let header: Vec<&str> = workers_text.lines().next().context("empty workers.csv")?.split(',').collect();
+    let peak_col = header.iter().position(|h| *h == "peak_bytes_measured").context("no peak column")?;
+    let edit_row = |row: usize, value: &str| -> Result<()> {
+        let edited: Vec<String> = workers_text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                let mut cells: Vec<String> = l.split(',').map(String::from).collect();
+                if i == row {
+                    cells[peak_col] = value.to_string();
+                }
+                cells.join(",")
+            })
+            .collect();
+        std::fs::write(&workers, edited.join("\n") + "\n")?;
+        Ok(())
+    };
+    edit_row(2, "lots")?;
+    let err = render_err("peak that is not a number");
+    assert!(err.contains(&format!("{}: line 3:", workers.display())), "{err}");
+    edit_row(2, "")?;
+    let err = render_err("peak of one worker only");
+    assert!(
+        err.contains(&format!(
+            "{}: column `peak_bytes_measured`: 1 of 2 workers measured (all or none expected)",
+            workers.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(&workers, &workers_text)?;
+
+    // The manifest: a spectral gap that is not a number, then a truncated file.
+    let manifest = sdp_run.join("manifest.json");
     let manifest_text = std::fs::read_to_string(&manifest)?;
+    let mut m: serde_json::Value = serde_json::from_str(&manifest_text)?;
+    m["extra"]["spectral_gap"] = serde_json::json!("large");
+    std::fs::write(&manifest, serde_json::to_string(&m)?)?;
+    let err = render_err("spectral gap that is not a number");
+    assert!(err.contains(&format!("{}: extra.spectral_gap: `\"large\"` is not a number", manifest.display())), "{err}");
     std::fs::write(&manifest, &manifest_text[..manifest_text.len() / 2])?;
-    let err = format!("{:#}", sdp::figures::render(&results, &out, &[]).expect_err("truncated manifest"));
+    let err = render_err("truncated manifest");
     assert!(err.contains(&format!("parsing {}", manifest.display())), "{err}");
     std::fs::write(&manifest, &manifest_text)?;
     std::fs::write(&metrics, format!("{}\n{}\n1,2\n", lines[0], lines[1]))?;
@@ -307,7 +469,7 @@ fn a_malformed_metrics_csv_is_an_error_naming_the_file_and_line() -> Result<()> 
     let good = sdp(&["figures", "--results", r, "--out", o, EXP])?;
     assert_eq!(good.status.code(), Some(0), "{}", String::from_utf8_lossy(&good.stderr));
     let listed = String::from_utf8_lossy(&good.stdout);
-    assert_eq!(listed.lines().count(), 9, "{listed}");
+    assert_eq!(listed.lines().count(), 11, "{listed}");
     assert!(listed.lines().all(|l| Path::new(l).is_file()), "{listed}");
     assert!(String::from_utf8_lossy(&good.stderr).contains("00running0: status `running`, not done: skipped"));
     let unknown = sdp(&["figures", "--results", r, "--out", o, "no-such-experiment"])?;
