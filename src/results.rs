@@ -1,4 +1,4 @@
-//! Results on disk (DESIGN.md §5): `manifest.json`, `metrics.csv` per run, `summary.csv` per experiment.
+//! Results on disk (docs/design.md §5): `manifest.json`, `metrics.csv` per run, `summary.csv` per experiment.
 //!
 //! Every file is written atomically (a temp file in the same directory, then rename), so an interrupted
 //! or failed run never leaves a half-written file. Figures and reports read only these files.

@@ -5,7 +5,7 @@
 //! replica. BatchNorm uses each worker's own batch statistics, and the running statistics become the mean
 //! of the workers' updated estimates — what a real multi-process run with buffer averaging computes.
 //!
-//! Subnetwork data parallelism (`method.kind = "sdp"`, DESIGN.md §1–§2), forward regime:
+//! Subnetwork data parallelism (`method.kind = "sdp"`, docs/design.md §1–§2), forward regime:
 //!
 //! ```text
 //! select masks (pure function of spec + seed) → build each worker's physical subnetwork (gather)

@@ -1,4 +1,4 @@
-//! Figures and tables from results files only (DESIGN.md §5: "figures and reports read only these").
+//! Figures and tables from results files only (docs/design.md §5: "figures and reports read only these").
 //!
 //! For each experiment under `results/`, reads every run's `manifest.json`, `metrics.csv` and
 //! `workers.csv` ([`read`]), groups the finished runs by their *resolved spec* ([`series`]; never by parsing
