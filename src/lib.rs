@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod comm;
+pub mod cost;
 pub mod data;
 pub mod figures;
 pub mod masking;

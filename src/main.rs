@@ -49,10 +49,23 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Validate specs and print their expanded runs, one line each, without running.
+    /// Validate specs and print their expanded runs, one line each, without running; with --cost, also
+    /// each run's estimated hours on --device and the totals (see `sdp::cost`).
     Check {
         #[command(flatten)]
         spec: SpecArgs,
+        /// Estimate every run's hours from step times measured briefly on --device (cached per configuration).
+        #[arg(long)]
+        cost: bool,
+        /// Device the estimate is for: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu", requires = "cost")]
+        device: String,
+        /// Step-time cache file (default: ~/.cache/sdp/step_times.json).
+        #[arg(long, value_name = "FILE", requires = "cost")]
+        cost_cache: Option<PathBuf>,
+        /// Where --cost finds a relative `folder:` dataset (to count its images), as `run --data-dir`.
+        #[arg(long, default_value = "datasets", requires = "cost")]
+        data_dir: PathBuf,
     },
     /// Datasets: download official files, or report what is on disk.
     Data {
@@ -158,9 +171,14 @@ fn print_runs(exps: &[spec::Experiment]) {
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { spec } => {
+        Command::Check { spec, cost, device, cost_cache, data_dir } => {
+            // A bad device is reported before any spec is read.
+            let opts = if cost { Some(sdp::cost::CostOptions::new(&device, cost_cache, &data_dir)?) } else { None };
             let exps = load_specs(&spec)?;
-            print_runs(&exps);
+            match opts {
+                Some(opts) => print!("{}", sdp::cost::estimate(&exps, &opts)?.render()),
+                None => print_runs(&exps),
+            }
             let n: usize = exps.iter().map(|e| e.runs.len()).sum();
             eprintln!("{} spec(s) valid, {n} run(s)", exps.len());
             Ok(ExitCode::SUCCESS)
