@@ -1,7 +1,9 @@
 //! `sdp bench step`: the time and memory of one training step (forward, backward, SGD-momentum update)
 //! of a model, or of one SDP worker's physical subnetwork, on random seeded input. Issue 6 compares it
 //! with `scripts/pytorch_step.py`, which prints the same machine-readable last line:
-//! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`.
+//! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`. [`whole_step`] times a
+//! whole simulated step of any run (all K workers, as the trainer runs them): `sdp check --cost` prices
+//! runs with it.
 //!
 //! Peak memory on the CPU is the resident-set high-water mark (`VmHWM`) minus the resident set before
 //! the model is built, so it counts parameters, optimizer state, activations and kernel buffers, but
@@ -164,6 +166,8 @@ pub struct StepReport {
     pub peak_mb: Option<f64>,
     /// Every timed step, in seconds.
     pub times: Vec<f64>,
+    /// Every warm-up step, in seconds (the first steps of a fresh model are slower).
+    pub warmup_times: Vec<f64>,
     pub params: usize,
     /// Seconds spent building the model(s) before the first step (weights drawn on the CPU, moved to
     /// the device; for SDP the global model and every worker's subnetwork).
@@ -467,13 +471,16 @@ fn timed_steps(
         }
         Ok(())
     };
-    let mut times = Vec::with_capacity(b.steps);
+    let (mut times, mut warmup_times) = (Vec::with_capacity(b.steps), Vec::with_capacity(b.warmup));
     for i in 0..b.warmup + b.steps {
         let t = Instant::now();
         one_step(i, &mut sample)?;
         dev.synchronize()?;
+        let s = t.elapsed().as_secs_f64();
         if i >= b.warmup {
-            times.push(t.elapsed().as_secs_f64());
+            times.push(s);
+        } else {
+            warmup_times.push(s);
         }
     }
     let peak_mb = match dev {
@@ -481,7 +488,7 @@ fn timed_steps(
         _ => peak,
     };
     let step_s = median(&times);
-    Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, params, build_s: 0.0 })
+    Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, warmup_times, params, build_s: 0.0 })
 }
 
 /// Worker `k`'s random input (uniform in [-2, 2)) and uniform labels from the run seed's data stream.

@@ -7,16 +7,18 @@
 //! - **training**: `⌊train / (K·B)⌋` steps an epoch (the loader drops the remainder) times the epochs
 //!   trained ([`RunSpec::train_epochs`]: flop-matched SDP trains epochs / C), each a whole simulated
 //!   step as [`bench::whole_step`] times it with the trainer's own step functions on random batches
-//!   (every worker's forward, backward and update one after another, then the averaging);
+//!   (every worker's forward, backward and update one after another, then the averaging), plus building
+//!   the model and what the first, cold steps take beyond the median step;
 //! - **evaluation**, every `eval_every` epochs and after the last: one eval-mode forward pass of the
 //!   test split through the evaluated model (DP and the baselines). SDP records five modes: the
 //!   assembled model, the recalibrated copy and (when a unit has fewer than K holders) the scaled copy
 //!   cost one full forward pass each, the ensemble and the subnet mean share one pass per worker's
-//!   subnetwork, and the BatchNorm recalibration runs train-mode passes over up to
-//!   [`RECAL_BATCHES`] training batches;
+//!   subnetwork, the BatchNorm recalibration runs train-mode passes over up to [`RECAL_BATCHES`]
+//!   training batches, and averaging the workers into the global model and building the copies is
+//!   timed once;
 //! - **the memory probe** after each run: `sdp memprobe` in a fresh process per worker (SDP) or once
 //!   (DP and the baselines), building the model and taking [`PROBE_STEPS`] single-worker steps, each
-//!   counted as 1/K of a whole step.
+//!   counted as 1/K of a whole step (the first one cold).
 //!
 //! Not included: downloading and decoding datasets (once per dataset and invocation, then cached on
 //! disk), the augmenting loader (a background thread that overlaps the steps), process start-up,
@@ -31,7 +33,7 @@
 use crate::bench::{self, StepBench};
 use crate::data::{folder, SHAPES_TEST, SHAPES_TRAIN};
 use crate::masking;
-use crate::models::{self, Net};
+use crate::models::{self, Builder, Net};
 use crate::runner;
 use crate::seed::{rng, Stream};
 use crate::spec::{DatasetName, Experiment, Method, MethodKind, ModelName, RunSpec, SpecError, Workload};
@@ -102,6 +104,12 @@ pub struct Timing {
     pub step_s: f64,
     /// Building the model(s) from the seed.
     pub build_s: f64,
+    /// How much longer the first (warm-up) steps took than the median step, together: allocator and
+    /// kernel warm-up, paid once by every run and by every memory probe.
+    pub warmup_extra_s: f64,
+    /// SDP: what every evaluation does besides forward passes (averaging the workers into the global
+    /// model, building the recalibrated and the scaled copies); 0 otherwise.
+    pub eval_fixed_s: f64,
     /// One test image through the evaluated model in eval mode (at the evaluation batch size).
     pub eval_s_per_image: f64,
     /// One test image through every worker's subnetwork in eval mode, all K together (SDP; else 0).
@@ -376,17 +384,20 @@ pub fn run_cost(
     let evals = (1..=epochs).filter(|e| e % w.eval_every == 0 || *e == epochs).count();
     let one_eval = match spec.method.kind {
         MethodKind::Sdp => {
-            // The assembled and recalibrated models, and the scaled copy unless every worker holds every unit.
-            let full_passes = if masking::holders(spec.method.coverage, k) < k { 3.0 } else { 2.0 };
+            // The assembled model and the copies (recalibrated, and scaled unless every worker holds every unit).
+            let full_passes = 1.0 + sdp_copies(spec) as f64;
             let batch = w.eval_batch_size.min(sizes.train).max(1);
             let recal_images = (RECAL_BATCHES * batch).min(sizes.train);
-            sizes.test as f64 * (full_passes * timing.eval_s_per_image + timing.subnets_s_per_image)
+            timing.eval_fixed_s
+                + sizes.test as f64 * (full_passes * timing.eval_s_per_image + timing.subnets_s_per_image)
                 + recal_images as f64 * timing.recal_s_per_image
         }
         _ => sizes.test as f64 * timing.eval_s_per_image,
     };
     let probes = if spec.method.kind == MethodKind::Sdp { k } else { 1 };
-    let probe_s = probes as f64 * (timing.build_s + PROBE_STEPS as f64 * timing.step_s / k as f64);
+    // A probe builds its model and takes single-worker steps, the first of them cold.
+    let probe_s =
+        probes as f64 * (timing.build_s + (timing.warmup_extra_s + PROBE_STEPS as f64 * timing.step_s) / k as f64);
     Ok(RunCost {
         experiment: experiment.to_string(),
         id: id.to_string(),
@@ -395,12 +406,22 @@ pub fn run_cost(
         epochs,
         steps,
         evals,
-        train_s: steps as f64 * timing.step_s,
+        train_s: timing.build_s + timing.warmup_extra_s + steps as f64 * timing.step_s,
         eval_s: evals as f64 * one_eval,
         probe_s,
         timing,
         source,
     })
+}
+
+/// The copies of the global model an SDP evaluation builds: the recalibrated one, and the scaled one
+/// unless every worker holds every unit (m = K).
+fn sdp_copies(spec: &RunSpec) -> usize {
+    if masking::holders(spec.method.coverage, spec.method.workers) < spec.method.workers {
+        2
+    } else {
+        1
+    }
 }
 
 /// `⌊train / (K·B)⌋`, the loader's steps an epoch; an error naming the run when it is 0.
@@ -434,9 +455,19 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
     let step = bench::whole_step(&b)?;
     let eval_batch = spec.workload.eval_batch_size.min(sizes.test).max(1);
     let x = random_images(spec.seed, eval_batch, sizes.hw, dev)?;
-    let (eval_s, subnets_s, recal_s) = match spec.method.kind {
+    let (eval_s, subnets_s, recal_s, eval_fixed_s) = match spec.method.kind {
         MethodKind::Sdp => {
-            let st = SdpState::new(spec, sizes.classes, dev).context("building the SDP state")?;
+            let mut st = SdpState::new(spec, sizes.classes, dev).context("building the SDP state")?;
+            // As `trainer::evaluate_sdp` does: sync, then the recalibrated and (C < 1) the scaled copy.
+            let t = Instant::now();
+            st.sync_params(true)?;
+            for _ in 0..sdp_copies(spec) {
+                let values = st.global.store().values();
+                let b = Builder::from_tensors(&values, dev).with_compute_dtype(spec.workload.precision.dtype());
+                st.arch.build(None, 1.0, None, b)?;
+            }
+            dev.synchronize()?;
+            let fixed = t.elapsed().as_secs_f64();
             let eval = per_image(st.global.as_ref(), &x, false, dev, true)?;
             // The allocator and kernels are warm now: one timed pass each.
             let recal = per_image(st.global.as_ref(), &x, true, dev, false)?;
@@ -444,7 +475,7 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
             for w in &st.workers {
                 subnets += per_image(w.net.as_ref(), &x, false, dev, false)?;
             }
-            (eval, subnets, recal)
+            (eval, subnets, recal, fixed)
         }
         MethodKind::SmallDense => {
             let mut cfg = models::resnet_config(&spec.workload, sizes.classes)?;
@@ -452,16 +483,18 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
             let mut w = spec.workload.clone();
             (w.widths, w.depths) = (Some(cfg.widths), Some(cfg.depths));
             let net = models::build(&w, sizes.classes, spec.seed, dev)?;
-            (per_image(net.as_ref(), &x, false, dev, true)?, 0.0, 0.0)
+            (per_image(net.as_ref(), &x, false, dev, true)?, 0.0, 0.0, 0.0)
         }
         _ => {
             let net = models::build(&spec.workload, sizes.classes, spec.seed, dev)?;
-            (per_image(net.as_ref(), &x, false, dev, true)?, 0.0, 0.0)
+            (per_image(net.as_ref(), &x, false, dev, true)?, 0.0, 0.0, 0.0)
         }
     };
     Ok(Timing {
         step_s: step.step_s,
         build_s: step.build_s,
+        warmup_extra_s: step.warmup_times.iter().map(|t| (t - step.step_s).max(0.0)).sum(),
+        eval_fixed_s,
         eval_s_per_image: eval_s,
         subnets_s_per_image: subnets_s,
         recal_s_per_image: recal_s,
@@ -579,7 +612,8 @@ impl CostReport {
         let all: Vec<&RunCost> = self.runs.iter().collect();
         line(format!("# total on device {} ({} threads): {}", self.device_name, self.threads, total(&all)));
         line(
-            "# includes: training steps (every simulated worker's forward, backward and update, then the averaging), \
+            "# includes: the model build and training steps (every simulated worker's forward, backward and update, \
+             then the averaging; the first steps' warm-up), \
              every evaluation (SDP: 3 full forward passes, one per worker subnetwork, BN recalibration), the \
              per-worker memory probe; excludes: dataset download and decoding, process start-up, figures; runs \
              already done are counted"
@@ -596,7 +630,9 @@ impl CostReport {
         if let Some(max) = loads.iter().copied().reduce(f64::max) {
             if max > self.threads as f64 {
                 line(format!(
-                    "# note: some step times were measured at a load average of up to {max:.1} on {} threads: other                      work slowed them, and runs sharing the machine the same way will be as slow; for an idle-machine                      figure, measure again when it is idle (a new --cost-cache file)",
+                    "# note: some step times were measured at a load average of up to {max:.1} on {} threads: other \
+                     work slowed them, and runs sharing the machine the same way will be as slow; for an idle-machine \
+                     figure, measure again when it is idle (a new --cost-cache file)",
                     self.threads
                 ));
             }
