@@ -63,6 +63,9 @@ pub struct CostOptions {
     pub warmup: usize,
     /// Timed steps (their median is the step time).
     pub steps: usize,
+    /// Measure every configuration again (replacing its cache entry), e.g. after the machine's load
+    /// changed.
+    pub remeasure: bool,
 }
 
 impl CostOptions {
@@ -80,6 +83,7 @@ impl CostOptions {
             data_dir: data_dir.to_path_buf(),
             warmup: 2,
             steps: 3,
+            remeasure: false,
         })
     }
 }
@@ -322,6 +326,8 @@ pub fn estimate(exps: &[Experiment], opts: &CostOptions) -> Result<CostReport> {
     let mut cache = Cache::load(&opts.cache)?;
     let (mut measured, mut reused, mut measure_s) = (0, 0, 0.0);
     let mut assumptions = BTreeSet::new();
+    // Configurations measured by this call (with `remeasure`, the others' cache entries are stale).
+    let mut fresh = BTreeSet::new();
     let mut runs = Vec::new();
     for exp in exps {
         for run in &exp.runs {
@@ -334,7 +340,7 @@ pub fn estimate(exps: &[Experiment], opts: &CostOptions) -> Result<CostReport> {
             // A run that cannot take one step is an error before anything is measured.
             steps_per_epoch(&exp.name, &run.id, spec, &sizes)?;
             let key = config_key(spec, &sizes, opts)?;
-            let (timing, source) = match cache.entries.get(&key) {
+            let (timing, source) = match cache.entries.get(&key).filter(|_| !opts.remeasure || fresh.contains(&key)) {
                 Some(t) => {
                     reused += 1;
                     (t.clone(), Source::Cached)
@@ -346,6 +352,7 @@ pub fn estimate(exps: &[Experiment], opts: &CostOptions) -> Result<CostReport> {
                         .with_context(|| format!("measuring the step time of {} run {}", exp.name, run.id))?;
                     measure_s += t0.elapsed().as_secs_f64();
                     measured += 1;
+                    fresh.insert(key.clone());
                     cache.entries.insert(key, t.clone());
                     cache.save(&opts.cache)?;
                     (t, Source::Measured)
@@ -533,7 +540,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

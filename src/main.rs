@@ -63,6 +63,9 @@ enum Command {
         /// Step-time cache file (default: ~/.cache/sdp/step_times.json).
         #[arg(long, value_name = "FILE", requires = "cost")]
         cost_cache: Option<PathBuf>,
+        /// Measure every configuration again instead of reusing the cache (e.g. after the machine's load changed).
+        #[arg(long, requires = "cost")]
+        remeasure: bool,
         /// Where --cost finds a relative `folder:` dataset (to count its images), as `run --data-dir`.
         #[arg(long, default_value = "datasets", requires = "cost")]
         data_dir: PathBuf,
@@ -171,9 +174,15 @@ fn print_runs(exps: &[spec::Experiment]) {
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { spec, cost, device, cost_cache, data_dir } => {
+        Command::Check { spec, cost, device, cost_cache, remeasure, data_dir } => {
             // A bad device is reported before any spec is read.
-            let opts = if cost { Some(sdp::cost::CostOptions::new(&device, cost_cache, &data_dir)?) } else { None };
+            let opts = match cost {
+                true => Some(sdp::cost::CostOptions {
+                    remeasure,
+                    ..sdp::cost::CostOptions::new(&device, cost_cache, &data_dir)?
+                }),
+                false => None,
+            };
             let exps = load_specs(&spec)?;
             match opts {
                 Some(opts) => print!("{}", sdp::cost::estimate(&exps, &opts)?.render()),

@@ -86,6 +86,10 @@ fn cached_timings_are_reused_and_new_configurations_measured() -> Result<()> {
     assert_eq!((epochs.measured, epochs.reused), (0, 2));
     let batch = estimate(&[parse(&["workload.batch_size=2", "method.kind=dp"])?], &o)?;
     assert_eq!((batch.measured, batch.reused), (1, 0));
+    // Remeasuring measures each configuration once, then reuses what it just measured.
+    let again = CostOptions { remeasure: true, ..o };
+    let twice = estimate(&[parse(&[])?, parse(&["seeds=[7]"])?], &again)?;
+    assert_eq!((twice.measured, twice.reused), (2, 2));
     Ok(())
 }
 
