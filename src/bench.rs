@@ -1,7 +1,9 @@
 //! `sdp bench step`: the time and memory of one training step (forward, backward, SGD-momentum update)
 //! of a model, or of one SDP worker's physical subnetwork, on random seeded input. Issue 6 compares it
 //! with `scripts/pytorch_step.py`, which prints the same machine-readable last line:
-//! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`.
+//! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`. [`whole_step`] times a
+//! whole simulated step of any run (all K workers, as the trainer runs them): `sdp check --cost` prices
+//! runs with it.
 //!
 //! Peak memory on the CPU is the resident-set high-water mark (`VmHWM`) minus the resident set before
 //! the model is built, so it counts parameters, optimizer state, activations and kernel buffers, but
@@ -12,14 +14,16 @@
 
 use crate::data::loader::Batch;
 use crate::masking;
+use crate::models::layers::Builder;
+use crate::models::resnet::{BlockDrop, ResNet};
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
 use crate::runner;
 use crate::seed::{rng, Stream};
 use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, Precision, RunSpec, SpecError, Workload};
-use crate::trainer::{loss_and_grads, sdp_step, SdpState};
+use crate::trainer::{dp_step, dp_step_with, loss_and_grads, sdp_step, small_dense_widths, SdpState};
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use rand::Rng;
 use std::time::Instant;
 
@@ -138,10 +142,12 @@ pub struct StepArgs {
 /// A validated step benchmark.
 #[derive(Debug, Clone)]
 pub struct StepBench {
+    /// The run whose step is timed (only its model, batch size, method and optimizer matter).
     pub spec: RunSpec,
     /// The SDP worker benchmarked (with masking).
     pub worker: usize,
-    /// Time whole SDP steps (every worker plus the averaging) instead of one worker's.
+    /// Time whole training steps as the trainer runs them (every one of the K workers plus the
+    /// averaging, for any method kind; see [`whole_step`]) instead of one worker's.
     pub all_workers: bool,
     pub device: Device,
     pub steps: usize,
@@ -160,7 +166,12 @@ pub struct StepReport {
     pub peak_mb: Option<f64>,
     /// Every timed step, in seconds.
     pub times: Vec<f64>,
+    /// Every warm-up step, in seconds (the first steps of a fresh model are slower).
+    pub warmup_times: Vec<f64>,
     pub params: usize,
+    /// Seconds spent building the model(s) before the first step (weights drawn on the CPU, moved to
+    /// the device; for SDP the global model and every worker's subnetwork).
+    pub build_s: f64,
 }
 
 impl StepReport {
@@ -329,10 +340,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 /// Builds the model (or worker 0's subnetwork), runs the warm-up and timed steps, and measures them.
 pub fn step(b: &StepBench) -> Result<StepReport> {
     if b.all_workers {
-        return sdp_step_bench(b);
+        return whole_step(b);
     }
     let dev = &b.device;
     let mem0 = MemProbe::new(dev)?;
+    let t = Instant::now();
     // One SDP worker's physical subnetwork, or the full model.
     let (net, mut opt): (Box<dyn Net>, Optimizer) = if b.spec.method.kind == MethodKind::Sdp {
         // Only this worker is built: the global model it is gathered from is dropped here.
@@ -344,28 +356,99 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     // Building the SDP state held the global model and every worker at once: restart the high-water
     // mark so that the peak is the benchmarked worker's.
     mem0.reset_cpu_peak();
+    let build_s = t.elapsed().as_secs_f64();
     let (x, y) = random_batch(b, 0).to_tensors(dev)?;
     let lr = b.spec.optim.lr;
-    timed_steps(b, &mem0, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
+    let r = timed_steps(b, &mem0, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
         let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
         sample()?; // activations and gradients alive: the step's high point
         opt.step(&net.store().params, &grads, lr)?;
         Ok(())
-    })
+    })?;
+    Ok(StepReport { build_s, ..r })
 }
 
-/// Whole simulated SDP steps: K worker steps one after another plus the averaging (`trainer::sdp_step`).
-fn sdp_step_bench(b: &StepBench) -> Result<StepReport> {
+/// Whole simulated training steps of `b.spec`, computed by the trainer's own step functions on K
+/// random batches: SDP (`trainer::sdp_step`: every worker's step one after another, then the averaging
+/// among holders), DP (`trainer::dp_step`: K forward/backward passes, gradients and BatchNorm statistics
+/// averaged, one update) and the DP baselines (the same, on the narrowed model or with per-step drops).
+/// `sdp check --cost` builds its estimates from this.
+pub fn whole_step(b: &StepBench) -> Result<StepReport> {
     let dev = &b.device;
+    let spec = &b.spec;
     let mem0 = MemProbe::new(dev)?;
-    let mut st = SdpState::new(&b.spec, b.classes, dev).context("building the SDP state")?;
-    let params = st.global.store().num_params();
-    let batches: Vec<Batch> = (0..b.spec.method.workers).map(|k| random_batch(b, k)).collect();
-    let images = b.spec.workload.batch_size * b.spec.method.workers;
-    timed_steps(b, &mem0, params, images, |i, sample| {
-        sdp_step(&mut st, &b.spec, &batches, b.spec.optim.lr, i + 1, dev)?;
-        sample()
-    })
+    let t = Instant::now();
+    let batches: Vec<Batch> = (0..spec.method.workers).map(|k| random_batch(b, k)).collect();
+    let images = spec.workload.batch_size * spec.method.workers;
+    let lr = spec.optim.lr;
+    let r = match spec.method.kind {
+        MethodKind::Sdp => {
+            let mut st = SdpState::new(spec, b.classes, dev).context("building the SDP state")?;
+            let build_s = t.elapsed().as_secs_f64();
+            let params = st.global.store().num_params();
+            let r = timed_steps(b, &mem0, params, images, |i, sample| {
+                sdp_step(&mut st, spec, &batches, lr, i + 1, dev)?;
+                sample()
+            })?;
+            StepReport { build_s, ..r }
+        }
+        MethodKind::Dp => {
+            let net = models::build(&spec.workload, b.classes, spec.seed, dev)?;
+            let build_s = t.elapsed().as_secs_f64();
+            let mut opt = Optimizer::new(&spec.optim);
+            let r = timed_steps(b, &mem0, net.store().num_params(), images, |_, sample| {
+                dp_step(net.as_ref(), &mut opt, &batches, lr, dev)?;
+                sample()
+            })?;
+            StepReport { build_s, ..r }
+        }
+        MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
+            let mut cfg = models::resnet_config(&spec.workload, b.classes)?;
+            if spec.method.kind == MethodKind::SmallDense {
+                cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
+            }
+            let builder = Builder::from_seed(spec.seed, dev).with_compute_dtype(spec.workload.precision.dtype());
+            let net = ResNet::new(&cfg, &cfg.full_plan(), builder)?;
+            let build_s = t.elapsed().as_secs_f64();
+            let mut opt = Optimizer::new(&spec.optim);
+            let r = timed_steps(b, &mem0, net.store().num_params(), images, |i, sample| {
+                let forward =
+                    |k: usize, x: &Tensor| net.forward_dropping(x, true, &baseline_drops(spec, &net, i + 1, k, dev)?);
+                dp_step_with(&net, &mut opt, &batches, lr, dev, &forward)?;
+                sample()
+            })?;
+            StepReport { build_s, ..r }
+        }
+    };
+    Ok(r)
+}
+
+/// Worker `k`'s random drops at `step` for the stochastic-depth and dropout baselines: the same draws,
+/// from the same stream, as the trainer makes (skip each residual branch, or drop each internal channel
+/// with survivors scaled by 1/C, with probability 1 − C), so a timed step does the trainer's work.
+fn baseline_drops(
+    spec: &RunSpec,
+    net: &ResNet,
+    step: usize,
+    k: usize,
+    device: &Device,
+) -> candle_core::Result<Vec<BlockDrop>> {
+    let keep = spec.method.coverage;
+    let mut r = rng(spec.seed, Stream::Drop, step as u64, k as u64);
+    net.plan
+        .iter()
+        .map(|plan| {
+            Ok(match spec.method.kind {
+                MethodKind::StochasticDepth => BlockDrop { skip: !r.random_bool(keep), channels: None },
+                MethodKind::Dropout => {
+                    let m: Vec<f32> =
+                        (0..plan.mid).map(|_| if r.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
+                    BlockDrop { skip: false, channels: Some(Tensor::new(m.as_slice(), device)?) }
+                }
+                _ => BlockDrop::default(),
+            })
+        })
+        .collect()
 }
 
 /// Runs `b.warmup + b.steps` calls of `one_step(i, sample)` (`sample` reads CUDA memory; a step calls
@@ -389,13 +472,16 @@ fn timed_steps(
         }
         Ok(())
     };
-    let mut times = Vec::with_capacity(b.steps);
+    let (mut times, mut warmup_times) = (Vec::with_capacity(b.steps), Vec::with_capacity(b.warmup));
     for i in 0..b.warmup + b.steps {
         let t = Instant::now();
         one_step(i, &mut sample)?;
         dev.synchronize()?;
+        let s = t.elapsed().as_secs_f64();
         if i >= b.warmup {
-            times.push(t.elapsed().as_secs_f64());
+            times.push(s);
+        } else {
+            warmup_times.push(s);
         }
     }
     let peak_mb = match dev {
@@ -403,7 +489,7 @@ fn timed_steps(
         _ => peak,
     };
     let step_s = median(&times);
-    Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, params })
+    Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, warmup_times, params, build_s: 0.0 })
 }
 
 /// Worker `k`'s random input (uniform in [-2, 2)) and uniform labels from the run seed's data stream.

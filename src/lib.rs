@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod comm;
+pub mod cost;
 pub mod data;
 pub mod figures;
 pub mod lock;

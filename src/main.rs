@@ -84,10 +84,26 @@ enum Command {
         #[arg(long, default_value = "results")]
         results_dir: PathBuf,
     },
-    /// Validate specs and print their expanded runs, one line each, without running.
+    /// Validate specs and print their expanded runs, one line each, without running; with --cost, also
+    /// each run's estimated hours on --device and the totals (see `sdp::cost`).
     Check {
         #[command(flatten)]
         spec: SpecArgs,
+        /// Estimate every run's hours from step times measured briefly on --device (cached per configuration).
+        #[arg(long)]
+        cost: bool,
+        /// Device the estimate is for: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu", requires = "cost")]
+        device: String,
+        /// Step-time cache file (default: ~/.cache/sdp/step_times.json).
+        #[arg(long, value_name = "FILE", requires = "cost")]
+        cost_cache: Option<PathBuf>,
+        /// Measure every configuration again instead of reusing the cache (e.g. after the machine's load changed).
+        #[arg(long, requires = "cost")]
+        remeasure: bool,
+        /// Where --cost finds a relative `folder:` dataset (to count its images), as `run --data-dir`.
+        #[arg(long, default_value = "datasets", requires = "cost")]
+        data_dir: PathBuf,
     },
     /// Datasets: download official files, or report what is on disk.
     Data {
@@ -330,9 +346,24 @@ fn run_jobs(
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { spec } => {
+        Command::Check { spec, cost, device, cost_cache, remeasure, data_dir } => {
+            // A bad device is reported before any spec is read.
+            let opts = match cost {
+                true => Some(sdp::cost::CostOptions {
+                    remeasure,
+                    ..sdp::cost::CostOptions::new(&device, cost_cache, &data_dir)?
+                }),
+                false => None,
+            };
             let exps = load_specs(&spec)?;
-            print_runs(&exps)?;
+            match opts {
+                Some(opts) => {
+                    let mut out = std::io::stdout().lock();
+                    write!(out, "{}", sdp::cost::estimate(&exps, &opts)?.render())?;
+                    out.flush()?;
+                }
+                None => print_runs(&exps)?,
+            }
             let n: usize = exps.iter().map(|e| e.runs.len()).sum();
             eprintln!("{} spec(s) valid, {n} run(s)", exps.len());
             Ok(ExitCode::SUCCESS)
