@@ -70,6 +70,7 @@ MINI_SET     := $(if $(filter cifar10,$(MINI_DATA)),--set workload.dataset=cifar
 MINI_DEVICE  ?= cpu
 
 reproduce-mini: build $(if $(filter cifar10,$(MINI_DATA)),,cifar10-jpeg)
+	$(SDP) check --cost $(MINI_SPECS) $(MINI_SET) --device $(MINI_DEVICE) --data-dir $(DATA_DIR) | tail -n 8
 	$(SDP) run $(MINI_SPECS) $(MINI_SET) --device $(MINI_DEVICE) --data-dir $(DATA_DIR) --results-dir $(RESULTS_DIR)/mini; \
 	rc=$$?; [ $$rc -eq 130 ] && exit 130; \
 	$(SDP) figures --results $(RESULTS_DIR)/mini --out $(FIGURES_DIR)/mini || exit $$?; \
@@ -89,7 +90,7 @@ PAPER_SPECS  := $(PAPER_FIRST) $(filter-out $(PAPER_FIRST),$(sort $(wildcard exp
 
 reproduce:
 	$(CARGO) build --release $(FEATURES)
-	$(SDP) check $(PAPER_SPECS) > /dev/null
+	$(SDP) check --cost $(PAPER_SPECS) --device $(DEVICE) --data-dir $(DATA_DIR) | tail -n 8
 	for d in $(PAPER_DATA); do $(SDP) data fetch $$d --data-dir $(DATA_DIR) || exit $$?; done
 	$(SDP) run $(PAPER_SPECS) --device $(DEVICE) --data-dir $(DATA_DIR) --results-dir $(RESULTS_DIR); \
 	rc=$$?; [ $$rc -eq 130 ] && exit 130; \
