@@ -99,4 +99,5 @@ reproduce:
 
 # Figures and tables (paper_figures/<experiment>/) from whatever results exist; reads only results/.
 figures: build
+	@if [ -d $(RESULTS_DIR)/mini ]; then $(SDP) figures --results $(RESULTS_DIR)/mini --out $(FIGURES_DIR)/mini; fi
 	$(SDP) figures --results $(RESULTS_DIR) --out $(FIGURES_DIR)
