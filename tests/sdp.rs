@@ -1,8 +1,11 @@
 //! Subnetwork data parallelism: equivalence with DP at full coverage, exact averaging among holders,
 //! physical subnetworks that compute what the masked full model computes.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use common::{run_options, tiny_with};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sdp::comm::{Averager, LocalAverager};
@@ -17,46 +20,23 @@ use sdp::subnet::{self, IndexMap, Keep};
 use sdp::trainer::{dp_step, sdp_step, SdpState};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-const TINY: &str = r#"
-name = "tiny-sdp"
-[workload]
-dataset = "shapes"
-train_samples = 96
-test_samples = 40
-model = "resnet"
-widths = [4, 8]
-depths = [2, 1]
-epochs = 1
-batch_size = 8
-[optim]
-lr = 0.05
-nesterov = true
-[method]
-kind = "sdp"
-workers = 3
-masking = "block"
-coverage = 1.0
-"#;
+/// The tiny experiment with two blocks in the first stage (something to drop), 96 images for one epoch,
+/// Nesterov momentum, and SDP over three workers at full coverage.
+static TINY: LazyLock<String> = LazyLock::new(|| {
+    tiny_with(&[
+        ("# tiny\nname = \"tiny\"\n", "# tiny\nname = \"tiny-sdp\"\n"),
+        ("train_samples = 64", "train_samples = 96"),
+        ("depths = [1, 1]\nepochs = 2", "depths = [2, 1]\nepochs = 1"),
+        ("lr = 0.05\n", "lr = 0.05\nnesterov = true\n"),
+        ("workers = 2\n", "kind = \"sdp\"\nworkers = 3\nmasking = \"block\"\ncoverage = 1.0\n"),
+    ])
+});
 
 fn spec(sets: &[&str]) -> Result<RunSpec> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    Ok(spec::parse(TINY, Path::new("tiny.toml"), &sets)?.runs.remove(0).spec)
-}
-
-/// Options for `run_all` into `results` on the CPU; `memprobe`: the sdp binary to probe memory with.
-fn run_options(results: &Path, memprobe: Option<std::path::PathBuf>) -> sdp::runner::RunOptions {
-    sdp::runner::RunOptions {
-        results_dir: results.to_path_buf(),
-        data_dir: "datasets".into(),
-        device: Device::Cpu,
-        device_name: "cpu".into(),
-        force: false,
-        only: None,
-        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        memprobe,
-    }
+    Ok(spec::parse(&TINY, Path::new("tiny.toml"), &sets)?.runs.remove(0).spec)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -304,8 +284,8 @@ fn sdp_run_records_measured_memory_and_communication() -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let exp = spec::parse(TINY, Path::new("tiny.toml"), &sets)?;
-    let opts = run_options(dir.path(), Some(env!("CARGO_BIN_EXE_sdp").into()));
+    let exp = spec::parse(&TINY, Path::new("tiny.toml"), &sets)?;
+    let opts = sdp::runner::RunOptions { memprobe: Some(env!("CARGO_BIN_EXE_sdp").into()), ..run_options(dir.path()) };
     assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1);
     let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
     let mut r = csv::Reader::from_path(run_dir.join("workers.csv"))?;
@@ -416,10 +396,10 @@ fn baselines_reduce_to_dp_at_full_coverage_and_run() -> Result<()> {
     assert!(p <= target && p as f64 > 0.97 * target as f64, "{p} vs target {target}");
 
     let dir = tempfile::tempdir()?;
-    let opts = run_options(dir.path(), None);
+    let opts = run_options(dir.path());
     let losses = |kind: &str, coverage: &str| -> Result<String> {
         let sets = [format!("method.kind={kind}"), format!("method.coverage={coverage}")];
-        let exp = spec::parse(TINY, Path::new("tiny.toml"), &sets)?;
+        let exp = spec::parse(&TINY, Path::new("tiny.toml"), &sets)?;
         assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1, "{kind}");
         let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
         assert!(run_dir.join("workers.csv").is_file());
