@@ -78,6 +78,20 @@ pub(crate) fn dims3(op: &str, dims: &[usize]) -> Result<(usize, usize, usize)> {
     Ok((b, c, s))
 }
 
+/// `match` on the element type of a custom op's input storage: binds its typed slice to `$v` (only the type
+/// matters, to instantiate the generic `run`) and evaluates `$run`. Other dtypes were already rejected by
+/// [`kernel_suffix`].
+macro_rules! by_dtype {
+    ($storage:expr, $v:ident => $run:expr) => {
+        match &$storage.slice {
+            CudaStorageSlice::F32($v) => $run,
+            CudaStorageSlice::BF16($v) => $run,
+            CudaStorageSlice::F16($v) => $run,
+            _ => unreachable!("kernel_suffix accepted the dtype"),
+        }
+    };
+}
+
 fn grid_1d(blocks: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
@@ -168,12 +182,7 @@ impl CustomOp1 for Stats {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         let sfx = kernel_suffix(op, s.dtype())?;
-        let out = match &s.slice {
-            CudaStorageSlice::F32(v) => self.run(v, s, l, sfx)?,
-            CudaStorageSlice::BF16(v) => self.run(v, s, l, sfx)?,
-            CudaStorageSlice::F16(v) => self.run(v, s, l, sfx)?,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        };
+        let out = by_dtype!(s, v => self.run(v, s, l, sfx)?);
         let (_, c, _) = dims3(op, l.dims())?;
         Ok((CudaStorage::wrap_cuda_slice(out, s.device.clone()), Shape::from((3, c))))
     }
@@ -254,12 +263,7 @@ impl CustomOp3 for Fwd {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = match &s1.slice {
-            CudaStorageSlice::F32(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::BF16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::F16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        };
+        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -417,12 +421,7 @@ impl CustomOp3 for BwdReduce {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = match &s1.slice {
-            CudaStorageSlice::F32(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::BF16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::F16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        };
+        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
         let c = l1.dims()[1];
         Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from((6, c))))
     }
@@ -510,12 +509,7 @@ impl CustomOp3 for BwdDx {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = match &s1.slice {
-            CudaStorageSlice::F32(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::BF16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::F16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        };
+        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
         let shape =
             if self.write_dx && self.write_dz { Shape::from([&[2], l1.dims()].concat()) } else { l1.shape().clone() };
         Ok((out, shape))
