@@ -5,7 +5,9 @@
 //! replica. BatchNorm uses each worker's own batch statistics, and the running statistics become the mean
 //! of the workers' updated estimates — what a real multi-process run with buffer averaging computes.
 //!
-//! Subnetwork data parallelism (`method.kind = "sdp"`, docs/design.md §1–§2), forward regime:
+//! Subnetwork data parallelism (`method.kind = "sdp"`, docs/design.md §1–§2), as it runs in the forward
+//! regime; in the backward regime each worker keeps the full model and trains and averages only the
+//! coordinates it holds:
 //!
 //! ```text
 //! select masks (pure function of spec + seed) → build each worker's physical subnetwork (gather)
@@ -811,7 +813,9 @@ fn train_sdp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> R
     Ok(last)
 }
 
-/// One SDP step (forward regime). `step` counts from 1. Returns the mean loss over the workers.
+/// One SDP step, in either regime (each worker's model is its physical subnetwork in the forward regime,
+/// the full model with its held coordinates trained in the backward regime). `step` counts from 1. Returns
+/// the mean loss over the workers.
 pub fn sdp_step(
     st: &mut SdpState,
     spec: &RunSpec,
