@@ -262,7 +262,7 @@ workers = 4
 masking = ["block", "neuron"]
 coverage = [0.5, 1.0]
 "#;
-        let exp = crate::spec::parse(&text, Path::new("t.toml"), &[])?;
+        let exp = crate::spec::parse(text, Path::new("t.toml"), &[])?;
         let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
         let series = series_of(&runs);
         let labels: Vec<&str> = series.iter().map(|s| s.label.as_str()).collect();
