@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use sdp::comm::{Averager, LocalAverager};
 use sdp::data::augment::{AugmentCfg, PadMode};
 use sdp::data::loader::TrainLoader;
+use sdp::data::ImageSet;
 use sdp::models::layers::Builder;
 use sdp::models::resnet::{ResNet, ResNetConfig};
 use sdp::models::{self, Net, UnitKind};
@@ -330,6 +331,25 @@ fn memprobe_rejects_a_bad_worker() -> Result<()> {
     Ok(())
 }
 
+/// Trains DP and SDP (spec `s`, three workers of batch 8) side by side over the first `steps` steps of
+/// epoch 1 (`None`: the whole epoch) and checks that they end with the same parameters.
+fn same_as_dp(s: &RunSpec, train: &Arc<ImageSet>, aug: AugmentCfg, steps: Option<usize>) -> Result<()> {
+    let dev = Device::Cpu;
+    let dp = models::build(&s.workload, 10, s.seed, &dev)?;
+    let mut opt = Optimizer::new(&s.optim);
+    let mut st = SdpState::new(s, 10, &dev)?;
+    let loader = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?;
+    for (i, batches) in loader.take(steps.unwrap_or(usize::MAX)).enumerate() {
+        dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
+        sdp_step(&mut st, s, &batches, 0.05, i + 1, &dev)?;
+    }
+    for (name, v) in &dp.store().params {
+        let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
+        assert!(d < 1e-5, "{name} differs by {d}");
+    }
+    Ok(())
+}
+
 /// Backward regime: at C = 1 it is DP too; below, a worker's step changes exactly its held coordinates.
 #[test]
 fn backward_regime_trains_only_held_coordinates() -> Result<()> {
@@ -338,17 +358,7 @@ fn backward_regime_trains_only_held_coordinates() -> Result<()> {
     let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
     let train = Arc::new(data.train.clone());
     let dev = Device::Cpu;
-    let dp = models::build(&s.workload, 10, s.seed, &dev)?;
-    let mut opt = Optimizer::new(&s.optim);
-    let mut st = SdpState::new(&s, 10, &dev)?;
-    for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.enumerate() {
-        dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
-        sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
-    }
-    for (name, v) in &dp.store().params {
-        let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
-        assert!(d < 1e-5, "{name} differs by {d}");
-    }
+    same_as_dp(&s, &train, aug, None)?;
 
     for masking in ["block", "neuron"] {
         let s = spec(&["method.regime=backward", "method.coverage=0.34", &format!("method.masking={masking}")])?;
@@ -459,17 +469,7 @@ fn sdp_on_a_tiny_swin() -> Result<()> {
     let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
     let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
     let train = Arc::new(data.train.clone());
-    let dp = models::build(&s.workload, 10, s.seed, &dev)?;
-    let mut opt = Optimizer::new(&s.optim);
-    let mut st = SdpState::new(&s, 10, &dev)?;
-    for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.take(2).enumerate() {
-        dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
-        sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
-    }
-    for (name, v) in &dp.store().params {
-        let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
-        assert!(d < 1e-5, "{name} differs by {d}");
-    }
+    same_as_dp(&s, &train, aug, Some(2))?;
     for masking in ["block", "neuron"] {
         let s = with(&["method.coverage=0.5", &format!("method.masking={masking}")])?;
         let mut st = SdpState::new(&s, 10, &dev)?;
