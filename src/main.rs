@@ -146,7 +146,8 @@ enum Command {
         #[arg(long, default_value = "datasets")]
         data_dir: PathBuf,
     },
-    /// Benchmarks: `bench step` times a training step (see `sdp::bench`).
+    /// Benchmarks: `step` times a training step of a model or of one SDP worker's subnetwork (median
+    /// time, img/s, peak memory); `loader` measures the images/s the training loader delivers.
     Bench(sdp::bench::BenchArgs),
     /// Figures (SVG + PNG) and a markdown table per experiment, from the results files only.
     Figures {

@@ -852,11 +852,9 @@ fn short_value(v: &toml::Value) -> String {
     }
 }
 
+/// The smallest valid spec (a ResNet-18 on `shapes` for one epoch), which unit tests extend.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MIN: &str = r#"
+pub(crate) const MIN_SPEC: &str = r#"
 name = "t"
 [workload]
 dataset = "shapes"
@@ -864,6 +862,12 @@ model = "resnet18"
 epochs = 1
 batch_size = 8
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = MIN_SPEC;
 
     #[test]
     fn minimal_spec_gets_defaults() -> Result<()> {

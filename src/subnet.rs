@@ -177,33 +177,33 @@ impl Arch {
         b: Builder,
     ) -> Result<Box<dyn Net>> {
         let factor = |i: usize| rescale.and_then(|r| r.get(i)).copied().unwrap_or((1.0, 1.0));
+        // Per kept block, whatever the family: (present, hidden units kept, branch scale, hidden scale).
+        let kept: Option<Vec<(bool, usize, f64, f64)>> = keeps.map(|k| {
+            k.iter()
+                .enumerate()
+                .map(|(i, k)| (k.residual, k.channels.len(), scale * factor(i).0, factor(i).1))
+                .collect()
+        });
         Ok(match self {
             Self::ResNet(c) => {
-                let plan: Vec<BlockPlan> = match keeps {
+                let plan: Vec<BlockPlan> = match &kept {
                     Some(k) => k
                         .iter()
-                        .enumerate()
-                        .map(|(i, k)| BlockPlan {
-                            residual: k.residual,
-                            mid: k.channels.len(),
-                            scale: scale * factor(i).0,
-                            mid_scale: factor(i).1,
-                        })
+                        .map(|&(residual, mid, scale, mid_scale)| BlockPlan { residual, mid, scale, mid_scale })
                         .collect(),
                     None => c.full_plan().into_iter().map(|p| BlockPlan { scale, ..p }).collect(),
                 };
                 Box::new(ResNet::new(c, &plan, b)?)
             }
             Self::Swin(c) => {
-                let plan: Vec<SwinBlockPlan> = match keeps {
+                let plan: Vec<SwinBlockPlan> = match &kept {
                     Some(k) => k
                         .iter()
-                        .enumerate()
-                        .map(|(i, k)| SwinBlockPlan {
-                            present: k.residual,
-                            mlp_hidden: k.channels.len(),
-                            scale: scale * factor(i).0,
-                            mlp_scale: factor(i).1,
+                        .map(|&(present, mlp_hidden, scale, mlp_scale)| SwinBlockPlan {
+                            present,
+                            mlp_hidden,
+                            scale,
+                            mlp_scale,
                         })
                         .collect(),
                     None => c.full_plan().into_iter().map(|p| SwinBlockPlan { scale, ..p }).collect(),

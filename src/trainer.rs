@@ -5,7 +5,9 @@
 //! replica. BatchNorm uses each worker's own batch statistics, and the running statistics become the mean
 //! of the workers' updated estimates — what a real multi-process run with buffer averaging computes.
 //!
-//! Subnetwork data parallelism (`method.kind = "sdp"`, docs/design.md §1–§2), forward regime:
+//! Subnetwork data parallelism (`method.kind = "sdp"`, docs/design.md §1–§2), as it runs in the forward
+//! regime; in the backward regime each worker keeps the full model and trains and averages only the
+//! coordinates it holds:
 //!
 //! ```text
 //! select masks (pure function of spec + seed) → build each worker's physical subnetwork (gather)
@@ -99,13 +101,21 @@ pub fn train_from(
     // Before any model is built: a worker count the data cannot feed fails here, not after allocating
     // K subnetworks.
     steps_per_epoch(data.train.len(), spec.method.workers, spec.workload.batch_size)?;
+    let run = Run { spec, run_id, data, device };
     match spec.method.kind {
-        MethodKind::Dp => train_dp(spec, run_id, data, device, obs, resume),
-        MethodKind::Sdp => train_sdp(spec, run_id, data, device, obs, resume),
-        MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-            train_baseline(spec, run_id, data, device, obs, resume)
-        }
+        MethodKind::Dp => train_dp(&run, obs, resume),
+        MethodKind::Sdp => train_sdp(&run, obs, resume),
+        MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => train_baseline(&run, obs, resume),
     }
+}
+
+/// What every method's training takes: the run, its data and its device.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    spec: &'a RunSpec,
+    run_id: &'a str,
+    data: &'a Dataset,
+    device: &'a Device,
 }
 
 /// How a method's state goes into a checkpoint and comes back out of one.
@@ -143,22 +153,14 @@ fn augment_cfg(spec: &RunSpec, data: &Dataset) -> AugmentCfg {
     }
 }
 
-fn train_dp(
-    spec: &RunSpec,
-    run_id: &str,
-    data: &Dataset,
-    device: &Device,
-    obs: &mut dyn Observer,
-    resume: Option<TrainState>,
-) -> Result<Final> {
+fn train_dp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
+    let Run { spec, run_id, data, device } = *run;
     let net = models::build(&spec.workload, data.num_classes(), spec.seed, device)?;
     let opt = RefCell::new(Optimizer::new(&spec.optim));
     let aug = augment_cfg(spec, data);
     let (save, restore) = single_snapshot(net.as_ref(), &opt, device);
     let last = epoch_loop(
-        spec,
-        run_id,
-        data,
+        run,
         spec.workload.epochs,
         obs,
         &mut |batches, lr, _| dp_step(net.as_ref(), &mut opt.borrow_mut(), batches, lr, device),
@@ -184,11 +186,8 @@ type StepFn<'a> = dyn FnMut(&[Batch], f64, usize) -> Result<f64> + 'a;
 /// batches, the learning rate and the 1-based step number; returns the mean training loss), an
 /// `evaluate` every `eval_every` epochs and at the end, progress and metrics through `obs`, checkpoints
 /// where `obs` asks for them (and on an interrupt), and a start from `resume`'s position where given.
-#[allow(clippy::too_many_arguments)]
 fn epoch_loop(
-    spec: &RunSpec,
-    run_id: &str,
-    data: &Dataset,
+    run: &Run,
     epochs: usize,
     obs: &mut dyn Observer,
     step_fn: &mut StepFn,
@@ -196,6 +195,7 @@ fn epoch_loop(
     snapshot: &Snapshot,
     resume: Option<TrainState>,
 ) -> Result<Final> {
+    let Run { spec, run_id, data, .. } = *run;
     let w = &spec.workload;
     let k = spec.method.workers;
     let aug = augment_cfg(spec, data);
@@ -349,14 +349,8 @@ fn baseline_drops(
         .collect()
 }
 
-fn train_baseline(
-    spec: &RunSpec,
-    run_id: &str,
-    data: &Dataset,
-    device: &Device,
-    obs: &mut dyn Observer,
-    resume: Option<TrainState>,
-) -> Result<Final> {
+fn train_baseline(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
+    let Run { spec, run_id, data, device } = *run;
     let mut cfg = models::resnet_config(&spec.workload, data.num_classes())?;
     if spec.method.kind == MethodKind::SmallDense {
         cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
@@ -369,9 +363,7 @@ fn train_baseline(
     // Stochastic depth evaluates with branches scaled by their survival probability.
     let scale = if spec.method.kind == MethodKind::StochasticDepth { spec.method.coverage } else { 1.0 };
     let last = epoch_loop(
-        spec,
-        run_id,
-        data,
+        run,
         spec.workload.epochs,
         obs,
         &mut |batches, lr, step| {
@@ -783,23 +775,15 @@ impl SdpState {
     }
 }
 
-fn train_sdp(
-    spec: &RunSpec,
-    run_id: &str,
-    data: &Dataset,
-    device: &Device,
-    obs: &mut dyn Observer,
-    resume: Option<TrainState>,
-) -> Result<Final> {
+fn train_sdp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
+    let Run { spec, run_id, data, device } = *run;
     let m = &spec.method;
     let st = RefCell::new(SdpState::new(spec, data.num_classes(), device)?);
     let aug = augment_cfg(spec, data);
     let save = |out: &mut Tensors| st.borrow().save(out);
     let restore = |r: &TrainState| st.borrow_mut().restore(spec, r, device);
     let last = epoch_loop(
-        spec,
-        run_id,
-        data,
+        run,
         spec.train_epochs(),
         obs,
         &mut |batches, lr, step| {
@@ -829,7 +813,9 @@ fn train_sdp(
     Ok(last)
 }
 
-/// One SDP step (forward regime). `step` counts from 1. Returns the mean loss over the workers.
+/// One SDP step, in either regime (each worker's model is its physical subnetwork in the forward regime,
+/// the full model with its held coordinates trained in the backward regime). `step` counts from 1. Returns
+/// the mean loss over the workers.
 pub fn sdp_step(
     st: &mut SdpState,
     spec: &RunSpec,

@@ -2,10 +2,13 @@
 //! exactly those formats: pixels and labels must round-trip exactly (HWC), every bad input must fail with a
 //! message naming the file, and the decode cache must be reused, invalidated and rebuilt as documented.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
+use common::{check_contains, err_text};
 use sdp::data::cache::{self, Fingerprint};
 use sdp::data::{cifar, folder, svhn, ImageSet};
 
@@ -39,20 +42,6 @@ fn to_chw(hwc: &[u8], h: usize, w: usize) -> Vec<u8> {
         }
     }
     out
-}
-
-fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => format!("{e:#}"),
-    }
-}
-
-fn check_contains(msg: &str, parts: &[&str]) -> Result<()> {
-    for p in parts {
-        ensure!(msg.contains(p), "error message {msg:?} does not contain {p:?}");
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------- CIFAR

@@ -3,6 +3,8 @@
 //! tar.gz, the no-op second fetch, and the error messages for a bad md5, an HTTP error and an unreachable server.
 //! Also `info` on synthetic data.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -10,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Result};
+use common::{check_contains, err_text};
 use md5::{Digest, Md5};
 use sdp::data::cifar;
 use sdp::data::fetch::{self, RemoteFile, Source};
@@ -45,6 +48,11 @@ impl Server {
     fn requests(&self) -> Vec<Request> {
         self.requests.lock().map(|r| r.clone()).unwrap_or_default()
     }
+}
+
+/// Serves the one file `name` with `body`, answering `Range` requests if `honor_range`.
+fn serve_one(name: &str, body: &[u8], honor_range: bool) -> Result<Server> {
+    serve(Behaviour { files: HashMap::from([(name.into(), body.to_vec())]), honor_range, ..Default::default() })
 }
 
 /// Serves `b` on an ephemeral port from a background thread, one connection at a time.
@@ -136,20 +144,6 @@ fn plain_source(server: &Server, name: &str, md5: &str) -> Source {
     }
 }
 
-fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => format!("{e:#}"),
-    }
-}
-
-fn check_contains(msg: &str, parts: &[&str]) -> Result<()> {
-    for p in parts {
-        ensure!(msg.contains(p), "error message {msg:?} does not contain {p:?}");
-    }
-    Ok(())
-}
-
 /// A CIFAR-10 tree (2 train records per batch, 3 test records) packed as `cifar-10-binary.tar.gz` bytes.
 fn cifar10_archive() -> Result<Vec<u8>> {
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -179,11 +173,7 @@ fn cifar10_archive() -> Result<Vec<u8>> {
 #[test]
 fn fetch_downloads_checks_md5_and_places_file() -> Result<()> {
     let body = payload(100_000, 1);
-    let server = serve(Behaviour {
-        files: HashMap::from([("f.mat".into(), body.clone())]),
-        honor_range: true,
-        ..Default::default()
-    })?;
+    let server = serve_one("f.mat", &body, true)?;
     let dir = tempfile::tempdir()?;
     let src = plain_source(&server, "f.mat", &md5_hex(&body));
     fetch::fetch_from(&src, dir.path())?;
@@ -217,11 +207,7 @@ fn fetch_resumes_after_a_cut_connection() -> Result<()> {
 #[test]
 fn fetch_resumes_a_part_file_left_by_an_earlier_run() -> Result<()> {
     let body = payload(50_000, 3);
-    let server = serve(Behaviour {
-        files: HashMap::from([("f.mat".into(), body.clone())]),
-        honor_range: true,
-        ..Default::default()
-    })?;
+    let server = serve_one("f.mat", &body, true)?;
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("sub"))?;
     std::fs::write(dir.path().join("sub/f.mat.part"), &body[..20_000])?;
@@ -241,11 +227,7 @@ fn fetch_resumes_a_part_file_left_by_an_earlier_run() -> Result<()> {
 #[test]
 fn fetch_restarts_when_the_server_ignores_range() -> Result<()> {
     let body = payload(40_000, 4);
-    let server = serve(Behaviour {
-        files: HashMap::from([("f.mat".into(), body.clone())]),
-        honor_range: false,
-        ..Default::default()
-    })?;
+    let server = serve_one("f.mat", &body, false)?;
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("sub"))?;
     std::fs::write(dir.path().join("sub/f.mat.part"), payload(10_000, 99))?; // wrong bytes: must be overwritten
@@ -257,11 +239,7 @@ fn fetch_restarts_when_the_server_ignores_range() -> Result<()> {
 #[test]
 fn fetch_md5_mismatch_names_file_and_both_sums_and_deletes_download() -> Result<()> {
     let body = payload(30_000, 5);
-    let server = serve(Behaviour {
-        files: HashMap::from([("f.mat".into(), body.clone())]),
-        honor_range: true,
-        ..Default::default()
-    })?;
+    let server = serve_one("f.mat", &body, true)?;
     let dir = tempfile::tempdir()?;
     let wrong = "0123456789abcdef0123456789abcdef";
     let msg = err_text(fetch::fetch_from(&plain_source(&server, "f.mat", wrong), dir.path()));
@@ -274,11 +252,7 @@ fn fetch_md5_mismatch_names_file_and_both_sums_and_deletes_download() -> Result<
 #[test]
 fn fetch_replaces_a_present_file_with_wrong_md5() -> Result<()> {
     let body = payload(30_000, 6);
-    let server = serve(Behaviour {
-        files: HashMap::from([("f.mat".into(), body.clone())]),
-        honor_range: true,
-        ..Default::default()
-    })?;
+    let server = serve_one("f.mat", &body, true)?;
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("sub"))?;
     std::fs::write(dir.path().join("sub/f.mat"), b"stale")?;
@@ -316,11 +290,7 @@ fn fetch_http_error_and_unreachable_server_name_the_url_and_manual_path() -> Res
 #[test]
 fn fetch_extracts_cifar_archive_that_then_loads() -> Result<()> {
     let archive = cifar10_archive()?;
-    let server = serve(Behaviour {
-        files: HashMap::from([("cifar-10-binary.tar.gz".into(), archive.clone())]),
-        honor_range: true,
-        ..Default::default()
-    })?;
+    let server = serve_one("cifar-10-binary.tar.gz", &archive, true)?;
     let dir = tempfile::tempdir()?;
     let src = Source {
         name: "cifar10".into(),

@@ -5,39 +5,24 @@
 //! malformed results files are errors naming the file and line. Also that
 //! every spec of the paper grid (`experiments/paper/`, what `make reproduce` runs) still loads.
 
+mod common;
+
 use anyhow::{Context, Result};
-use candle_core::Device;
+use common::{run_options, tiny_with};
 use sdp::results::{Manifest, Status, SummaryRow};
 use sdp::runner::{run_all, RunOptions};
 use sdp::spec;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::{LazyLock, OnceLock};
 
-const SPEC: &str = r#"# figures fixture
-name = "tiny-fig"
-seeds = [0, 1]
-
-[workload]
-dataset = "shapes"
-train_samples = 64
-test_samples = 40
-model = "resnet"
-widths = [4, 8]
-depths = [1, 1]
-epochs = 2
-batch_size = 8
-
-[optim]
-lr = 0.05
-
-[method]
-kind = ["dp", "sdp"]
-workers = 2
-masking = "block"
-coverage = [0.5, 1.0]
-"#;
+/// The tiny experiment as a grid: DP and SDP at two coverages, two seeds each.
+static SPEC: LazyLock<String> = LazyLock::new(|| {
+    tiny_with(&[
+        ("# tiny\nname = \"tiny\"\nseeds = [0]\n", "# figures fixture\nname = \"tiny-fig\"\nseeds = [0, 1]\n"),
+        ("workers = 2\n", "kind = [\"dp\", \"sdp\"]\nworkers = 2\nmasking = \"block\"\ncoverage = [0.5, 1.0]\n"),
+    ])
+});
 
 const EXP: &str = "tiny-fig";
 
@@ -58,18 +43,12 @@ fn build_fixture() -> Result<PathBuf> {
     }
     let dir = tmp.join(format!("figures-fixture-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let exp = spec::parse(SPEC, Path::new("tiny-fig.toml"), &[])?;
+    let exp = spec::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
     assert_eq!(exp.runs.len(), 6, "DP + SDP at two coverages, two seeds each");
     let opts = RunOptions {
-        results_dir: dir.clone(),
-        data_dir: PathBuf::from("datasets"),
-        device: Device::Cpu,
-        device_name: "cpu".into(),
-        force: false,
-        only: None,
-        stop: Arc::new(AtomicBool::new(false)),
         // Measure each worker's peak memory as `sdp run` does, so the memory figure has measured data.
         memprobe: Some(PathBuf::from(env!("CARGO_BIN_EXE_sdp"))),
+        ..run_options(&dir)
     };
     let out = run_all(std::slice::from_ref(&exp), &opts)?;
     assert_eq!(out.done, 6);
@@ -98,7 +77,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 /// The run directory of the fixture's run with this kind, coverage and seed.
 fn run_dir(results: &Path, kind: &str, coverage: f64, seed: u64) -> Result<PathBuf> {
-    let exp = spec::parse(SPEC, Path::new("tiny-fig.toml"), &[])?;
+    let exp = spec::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
     let run = exp
         .runs
         .iter()
@@ -381,7 +360,7 @@ fn malformed_results_files_are_errors_naming_the_file_and_line() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let results = tmp.path().join("results");
     copy_tree(fixture(), &results)?;
-    let exp = spec::parse(SPEC, Path::new("tiny-fig.toml"), &[])?;
+    let exp = spec::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
     let metrics = results.join(EXP).join(&exp.runs[1].id).join("metrics.csv");
     let text = std::fs::read_to_string(&metrics)?;
     let lines: Vec<&str> = text.lines().collect();

@@ -1,8 +1,11 @@
 //! The harness end to end on a tiny model: spec errors, grid expansion and run ids, determinism,
 //! skip/resume/interrupt, the CLI's exit codes, and DP with K workers equal to one worker with batch K·b.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::Device;
+use common::{metrics_without_clock, run_options, TINY};
 use sdp::data::augment::{AugmentCfg, PadMode};
 use sdp::data::loader::TrainLoader;
 use sdp::models;
@@ -11,30 +14,8 @@ use sdp::results::{Manifest, Status};
 use sdp::runner::{run_all, RunOptions};
 use sdp::spec::{self, Experiment};
 use sdp::trainer::dp_step;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::path::Path;
 use std::sync::Arc;
-
-const TINY: &str = r#"# tiny
-name = "tiny"
-seeds = [0]
-
-[workload]
-dataset = "shapes"
-train_samples = 64
-test_samples = 40
-model = "resnet"
-widths = [4, 8]
-depths = [1, 1]
-epochs = 2
-batch_size = 8
-
-[optim]
-lr = 0.05
-
-[method]
-workers = 2
-"#;
 
 fn parse(text: &str, sets: &[&str]) -> Result<Experiment> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -168,38 +149,12 @@ fn set_replaces_a_list_by_a_scalar_and_list_keys_need_nesting() -> Result<()> {
 
 // ----- running -----
 
-fn opts(results: &Path) -> RunOptions {
-    RunOptions {
-        results_dir: results.to_path_buf(),
-        data_dir: PathBuf::from("datasets"),
-        device: Device::Cpu,
-        device_name: "cpu".into(),
-        force: false,
-        only: None,
-        stop: Arc::new(AtomicBool::new(false)),
-        memprobe: None,
-    }
-}
-
-/// metrics.csv without the wall-clock columns (img_per_s, wall_s).
-fn metrics_without_clock(path: &Path) -> Result<Vec<Vec<String>>> {
-    let mut r = csv::Reader::from_path(path)?;
-    let headers = r.headers()?.clone();
-    let keep: Vec<usize> = (0..headers.len()).filter(|&i| !matches!(&headers[i], "img_per_s" | "wall_s")).collect();
-    let mut rows = vec![keep.iter().map(|&i| headers[i].to_string()).collect()];
-    for rec in r.records() {
-        let rec = rec?;
-        rows.push(keep.iter().map(|&i| rec[i].to_string()).collect());
-    }
-    Ok(rows)
-}
-
 #[test]
 fn same_spec_and_seed_give_identical_metrics() -> Result<()> {
     let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let exp = parse(TINY, &[])?;
     for d in [&a, &b] {
-        let out = run_all(std::slice::from_ref(&exp), &opts(d.path()))?;
+        let out = run_all(std::slice::from_ref(&exp), &run_options(d.path()))?;
         assert_eq!(out.done, 1);
     }
     let id = &exp.runs[0].id;
@@ -215,7 +170,7 @@ fn same_spec_and_seed_give_identical_metrics() -> Result<()> {
     assert_eq!(ma, mb);
     // A different seed trains differently.
     let other = parse(TINY, &["seeds=1"])?;
-    run_all(std::slice::from_ref(&other), &opts(a.path()))?;
+    run_all(std::slice::from_ref(&other), &run_options(a.path()))?;
     let mc = metrics_without_clock(&a.path().join("tiny").join(&other.runs[0].id).join("metrics.csv"))?;
     assert_ne!(ma[1][3], mc[1][3]);
     Ok(())
@@ -233,7 +188,7 @@ fn bf16_precision_has_its_own_run_id_and_trains_end_to_end() -> Result<()> {
     // SDP workers compute in bf16 too; the run finishes with finite losses.
     let exp = parse(TINY, &["workload.precision=\"bf16\"", "method.kind=\"sdp\"", "method.coverage=0.5"])?;
     let dir = tempfile::tempdir()?;
-    assert_eq!(run_all(std::slice::from_ref(&exp), &opts(dir.path()))?.done, 1);
+    assert_eq!(run_all(std::slice::from_ref(&exp), &run_options(dir.path()))?.done, 1);
     let rows = metrics_without_clock(&dir.path().join("tiny").join(&exp.runs[0].id).join("metrics.csv"))?;
     assert_eq!(rows.len(), 3, "{rows:?}");
     for row in &rows[1..] {
@@ -248,7 +203,7 @@ fn finished_runs_are_skipped_and_force_reruns_them() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exp = parse(TINY, &[])?;
     let run_dir = dir.path().join("tiny").join(&exp.runs[0].id);
-    assert_eq!(run_all(std::slice::from_ref(&exp), &opts(dir.path()))?.done, 1);
+    assert_eq!(run_all(std::slice::from_ref(&exp), &run_options(dir.path()))?.done, 1);
     let m = Manifest::read(&run_dir.join("manifest.json"))?;
     assert_eq!(m.status, Status::Done);
     assert!(m.final_metrics.is_some() && m.ended.is_some());
@@ -256,11 +211,11 @@ fn finished_runs_are_skipped_and_force_reruns_them() -> Result<()> {
     assert_eq!(summary.lines().count(), 2, "{summary}");
     assert!(summary.starts_with("run_id,label,seed,dataset,model,method,workers,epochs,final_test_acc"));
 
-    let again = run_all(std::slice::from_ref(&exp), &opts(dir.path()))?;
+    let again = run_all(std::slice::from_ref(&exp), &run_options(dir.path()))?;
     assert_eq!((again.done, again.skipped), (0, 1));
     assert_eq!(Manifest::read(&run_dir.join("manifest.json"))?.started, m.started);
 
-    let forced = run_all(std::slice::from_ref(&exp), &RunOptions { force: true, ..opts(dir.path()) })?;
+    let forced = run_all(std::slice::from_ref(&exp), &RunOptions { force: true, ..run_options(dir.path()) })?;
     assert_eq!((forced.done, forced.skipped), (1, 0));
     Ok(())
 }
@@ -269,7 +224,7 @@ fn finished_runs_are_skipped_and_force_reruns_them() -> Result<()> {
 fn interrupted_run_is_marked_and_rerun() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exp = parse(TINY, &[])?;
-    let o = opts(dir.path());
+    let o = run_options(dir.path());
     o.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let out = run_all(std::slice::from_ref(&exp), &o)?;
     assert!(out.interrupted);
@@ -281,7 +236,7 @@ fn interrupted_run_is_marked_and_rerun() -> Result<()> {
         .collect::<std::io::Result<_>>()?;
     assert_eq!(leftovers, ["manifest.json"], "no temp files left");
     // The next invocation trains it again.
-    assert_eq!(run_all(std::slice::from_ref(&exp), &opts(dir.path()))?.done, 1);
+    assert_eq!(run_all(std::slice::from_ref(&exp), &run_options(dir.path()))?.done, 1);
     Ok(())
 }
 
@@ -290,7 +245,7 @@ fn a_failing_run_is_recorded_as_failed() -> Result<()> {
     let dir = tempfile::tempdir()?;
     // 64 samples cannot fill one step of 2 workers × batch 64.
     let exp = parse(TINY, &["workload.batch_size=64"])?;
-    let out = run_all(std::slice::from_ref(&exp), &opts(dir.path()))?;
+    let out = run_all(std::slice::from_ref(&exp), &run_options(dir.path()))?;
     assert_eq!(out.failed, 1);
     let m = Manifest::read(&dir.path().join("tiny").join(&exp.runs[0].id).join("manifest.json"))?;
     match m.status {

@@ -2,8 +2,11 @@
 //! ends in the same metrics.csv as an uninterrupted run, bit for bit apart from the wall-clock columns; one
 //! owner per run folder; summary.csv rebuilt from the folder; the smaller CLI behaviours around runs.
 
+mod common;
+
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use common::{metrics_without_clock, run_options, tiny_with};
 use sdp::checkpoint::{self, TrainState};
 use sdp::results::{Final, Manifest, MetricsRow, Status};
 use sdp::runner::{run_all, run_all_with, Policy, RunOptions};
@@ -11,54 +14,24 @@ use sdp::spec::{self, Experiment};
 use sdp::trainer::{self, At, Observer};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-const TINY: &str = r#"# tiny
-name = "tiny"
-seeds = [0]
-
-[workload]
-dataset = "shapes"
-train_samples = 64
-test_samples = 40
-model = "resnet"
-widths = [4, 8]
-depths = [1, 1]
-epochs = 3
-batch_size = 8
-augment = { crop_pad = 2, flip = true }
-
-[optim]
-lr = 0.05
-momentum = 0.9
-weight_decay = 5e-4
-schedule = "cosine"
-
-[method]
-workers = 2
-"#;
+/// The tiny experiment over three epochs with augmentation, momentum, weight decay and a cosine schedule,
+/// so that a resumed run must restore every piece of state.
+static TINY: LazyLock<String> = LazyLock::new(|| {
+    tiny_with(&[
+        ("epochs = 2\nbatch_size = 8\n", "epochs = 3\nbatch_size = 8\naugment = { crop_pad = 2, flip = true }\n"),
+        ("lr = 0.05\n", "lr = 0.05\nmomentum = 0.9\nweight_decay = 5e-4\nschedule = \"cosine\"\n"),
+    ])
+});
 
 const SDP: &[&str] =
     &["method.kind=\"sdp\"", "method.masking=\"block\"", "method.regime=\"forward\"", "method.coverage=0.5"];
 
 fn parse(sets: &[&str]) -> Result<Experiment> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    spec::parse(TINY, Path::new("tiny.toml"), &sets)
-}
-
-fn opts(results: &Path) -> RunOptions {
-    RunOptions {
-        results_dir: results.to_path_buf(),
-        data_dir: PathBuf::from("datasets"),
-        device: Device::Cpu,
-        device_name: "cpu".into(),
-        force: false,
-        only: None,
-        stop: Arc::new(AtomicBool::new(false)),
-        memprobe: None,
-    }
+    spec::parse(&TINY, Path::new("tiny.toml"), &sets)
 }
 
 /// A row without its wall-clock columns (img_per_s, wall_s), as exact text.
@@ -74,19 +47,6 @@ fn clockless(r: &MetricsRow) -> String {
         r.lr,
         modes.join(",")
     )
-}
-
-/// metrics.csv without the wall-clock columns.
-fn metrics_without_clock(path: &Path) -> Result<Vec<Vec<String>>> {
-    let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    let headers = r.headers()?.clone();
-    let keep: Vec<usize> = (0..headers.len()).filter(|&i| !matches!(&headers[i], "img_per_s" | "wall_s")).collect();
-    let mut rows = vec![keep.iter().map(|&i| headers[i].to_string()).collect()];
-    for rec in r.records() {
-        let rec = rec?;
-        rows.push(keep.iter().map(|&i| rec[i].to_string()).collect());
-    }
-    Ok(rows)
 }
 
 /// Checkpoints after every step and epoch; "crashes" (fails) right after saving the one at `crash_at`.
@@ -248,7 +208,7 @@ fn killed_and_terminated_runs_resume_to_the_same_metrics() -> Result<()> {
         let exp = spec::load(&spec_path, &[])?;
         let id = exp.runs[0].id.clone();
         let reference = dir.path().join("reference");
-        assert_eq!(run_all(std::slice::from_ref(&exp), &opts(&reference))?.done, 1);
+        assert_eq!(run_all(std::slice::from_ref(&exp), &run_options(&reference))?.done, 1);
         let expected = metrics_without_clock(&reference.join("tiny").join(&id).join("metrics.csv"))?;
 
         let results = dir.path().join("results");
@@ -297,16 +257,16 @@ fn a_run_held_by_a_live_process_is_skipped_and_the_summary_lists_every_finished_
         sdp::lock::Claim::Acquired(l) => l,
         sdp::lock::Claim::Busy(_) => bail!("fresh folder busy"),
     };
-    let out = run_all(std::slice::from_ref(&exp), &opts(dir.path()))?;
+    let out = run_all(std::slice::from_ref(&exp), &run_options(dir.path()))?;
     assert_eq!((out.done, out.busy), (0, 1));
     assert!(!run_dir.join("manifest.json").exists());
     let summary = std::fs::read_to_string(dir.path().join("tiny/summary.csv"))?;
     assert_eq!(summary.lines().count(), 1, "header only: {summary}");
     drop(held);
-    assert_eq!(run_all(std::slice::from_ref(&exp), &opts(dir.path()))?.done, 1);
+    assert_eq!(run_all(std::slice::from_ref(&exp), &run_options(dir.path()))?.done, 1);
     // Another command (another learning rate) into the same folder: both runs are in the summary.
     let other = parse(&["workload.epochs=1", "optim.lr=0.02"])?;
-    assert_eq!(run_all(std::slice::from_ref(&other), &opts(dir.path()))?.done, 1);
+    assert_eq!(run_all(std::slice::from_ref(&other), &run_options(dir.path()))?.done, 1);
     let summary = std::fs::read_to_string(dir.path().join("tiny/summary.csv"))?;
     assert_eq!(summary.lines().count(), 3, "{summary}");
     assert!(summary.contains(&id) && summary.contains(&other.runs[0].id), "{summary}");
@@ -348,7 +308,7 @@ fn shards_split_the_grid_and_only_matching_nothing_is_an_error() -> Result<()> {
 fn a_failing_memory_probe_leaves_the_run_done_with_a_note() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exp = parse(&["workload.epochs=1"])?;
-    let o = RunOptions { memprobe: Some(PathBuf::from("/bin/false")), ..opts(dir.path()) };
+    let o = RunOptions { memprobe: Some(PathBuf::from("/bin/false")), ..run_options(dir.path()) };
     let out = run_all_with(std::slice::from_ref(&exp), &o, &Policy::default())?;
     assert_eq!(out.done, 1);
     let m = Manifest::read(&dir.path().join("tiny").join(&exp.runs[0].id).join("manifest.json"))?;
@@ -364,7 +324,7 @@ fn more_workers_than_the_data_feeds_fail_before_building_the_model() -> Result<(
     let dir = tempfile::tempdir()?;
     let exp = parse(&["method.kind=\"sdp\"", "method.coverage=0.5", "method.workers=100000"])?;
     let t = Instant::now();
-    let out = run_all(std::slice::from_ref(&exp), &opts(dir.path()))?;
+    let out = run_all(std::slice::from_ref(&exp), &run_options(dir.path()))?;
     assert_eq!(out.failed, 1);
     assert!(t.elapsed() < Duration::from_secs(20));
     let m = Manifest::read(&dir.path().join("tiny").join(&exp.runs[0].id).join("manifest.json"))?;

@@ -1,13 +1,17 @@
 //! Subnetwork data parallelism: equivalence with DP at full coverage, exact averaging among holders,
 //! physical subnetworks that compute what the masked full model computes.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use common::{run_options, tiny_with};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sdp::comm::{Averager, LocalAverager};
 use sdp::data::augment::{AugmentCfg, PadMode};
 use sdp::data::loader::TrainLoader;
+use sdp::data::ImageSet;
 use sdp::models::layers::Builder;
 use sdp::models::resnet::{ResNet, ResNetConfig};
 use sdp::models::{self, Net, UnitKind};
@@ -17,46 +21,23 @@ use sdp::subnet::{self, IndexMap, Keep};
 use sdp::trainer::{dp_step, sdp_step, SdpState};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-const TINY: &str = r#"
-name = "tiny-sdp"
-[workload]
-dataset = "shapes"
-train_samples = 96
-test_samples = 40
-model = "resnet"
-widths = [4, 8]
-depths = [2, 1]
-epochs = 1
-batch_size = 8
-[optim]
-lr = 0.05
-nesterov = true
-[method]
-kind = "sdp"
-workers = 3
-masking = "block"
-coverage = 1.0
-"#;
+/// The tiny experiment with two blocks in the first stage (something to drop), 96 images for one epoch,
+/// Nesterov momentum, and SDP over three workers at full coverage.
+static TINY: LazyLock<String> = LazyLock::new(|| {
+    tiny_with(&[
+        ("# tiny\nname = \"tiny\"\n", "# tiny\nname = \"tiny-sdp\"\n"),
+        ("train_samples = 64", "train_samples = 96"),
+        ("depths = [1, 1]\nepochs = 2", "depths = [2, 1]\nepochs = 1"),
+        ("lr = 0.05\n", "lr = 0.05\nnesterov = true\n"),
+        ("workers = 2\n", "kind = \"sdp\"\nworkers = 3\nmasking = \"block\"\ncoverage = 1.0\n"),
+    ])
+});
 
 fn spec(sets: &[&str]) -> Result<RunSpec> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    Ok(spec::parse(TINY, Path::new("tiny.toml"), &sets)?.runs.remove(0).spec)
-}
-
-/// Options for `run_all` into `results` on the CPU; `memprobe`: the sdp binary to probe memory with.
-fn run_options(results: &Path, memprobe: Option<std::path::PathBuf>) -> sdp::runner::RunOptions {
-    sdp::runner::RunOptions {
-        results_dir: results.to_path_buf(),
-        data_dir: "datasets".into(),
-        device: Device::Cpu,
-        device_name: "cpu".into(),
-        force: false,
-        only: None,
-        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        memprobe,
-    }
+    Ok(spec::parse(&TINY, Path::new("tiny.toml"), &sets)?.runs.remove(0).spec)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -304,8 +285,8 @@ fn sdp_run_records_measured_memory_and_communication() -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let exp = spec::parse(TINY, Path::new("tiny.toml"), &sets)?;
-    let opts = run_options(dir.path(), Some(env!("CARGO_BIN_EXE_sdp").into()));
+    let exp = spec::parse(&TINY, Path::new("tiny.toml"), &sets)?;
+    let opts = sdp::runner::RunOptions { memprobe: Some(env!("CARGO_BIN_EXE_sdp").into()), ..run_options(dir.path()) };
     assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1);
     let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
     let mut r = csv::Reader::from_path(run_dir.join("workers.csv"))?;
@@ -350,6 +331,25 @@ fn memprobe_rejects_a_bad_worker() -> Result<()> {
     Ok(())
 }
 
+/// Trains DP and SDP (spec `s`, three workers of batch 8) side by side over the first `steps` steps of
+/// epoch 1 (`None`: the whole epoch) and checks that they end with the same parameters.
+fn same_as_dp(s: &RunSpec, train: &Arc<ImageSet>, aug: AugmentCfg, steps: Option<usize>) -> Result<()> {
+    let dev = Device::Cpu;
+    let dp = models::build(&s.workload, 10, s.seed, &dev)?;
+    let mut opt = Optimizer::new(&s.optim);
+    let mut st = SdpState::new(s, 10, &dev)?;
+    let loader = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?;
+    for (i, batches) in loader.take(steps.unwrap_or(usize::MAX)).enumerate() {
+        dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
+        sdp_step(&mut st, s, &batches, 0.05, i + 1, &dev)?;
+    }
+    for (name, v) in &dp.store().params {
+        let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
+        assert!(d < 1e-5, "{name} differs by {d}");
+    }
+    Ok(())
+}
+
 /// Backward regime: at C = 1 it is DP too; below, a worker's step changes exactly its held coordinates.
 #[test]
 fn backward_regime_trains_only_held_coordinates() -> Result<()> {
@@ -358,17 +358,7 @@ fn backward_regime_trains_only_held_coordinates() -> Result<()> {
     let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
     let train = Arc::new(data.train.clone());
     let dev = Device::Cpu;
-    let dp = models::build(&s.workload, 10, s.seed, &dev)?;
-    let mut opt = Optimizer::new(&s.optim);
-    let mut st = SdpState::new(&s, 10, &dev)?;
-    for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.enumerate() {
-        dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
-        sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
-    }
-    for (name, v) in &dp.store().params {
-        let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
-        assert!(d < 1e-5, "{name} differs by {d}");
-    }
+    same_as_dp(&s, &train, aug, None)?;
 
     for masking in ["block", "neuron"] {
         let s = spec(&["method.regime=backward", "method.coverage=0.34", &format!("method.masking={masking}")])?;
@@ -416,10 +406,10 @@ fn baselines_reduce_to_dp_at_full_coverage_and_run() -> Result<()> {
     assert!(p <= target && p as f64 > 0.97 * target as f64, "{p} vs target {target}");
 
     let dir = tempfile::tempdir()?;
-    let opts = run_options(dir.path(), None);
+    let opts = run_options(dir.path());
     let losses = |kind: &str, coverage: &str| -> Result<String> {
         let sets = [format!("method.kind={kind}"), format!("method.coverage={coverage}")];
-        let exp = spec::parse(TINY, Path::new("tiny.toml"), &sets)?;
+        let exp = spec::parse(&TINY, Path::new("tiny.toml"), &sets)?;
         assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1, "{kind}");
         let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
         assert!(run_dir.join("workers.csv").is_file());
@@ -479,17 +469,7 @@ fn sdp_on_a_tiny_swin() -> Result<()> {
     let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
     let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
     let train = Arc::new(data.train.clone());
-    let dp = models::build(&s.workload, 10, s.seed, &dev)?;
-    let mut opt = Optimizer::new(&s.optim);
-    let mut st = SdpState::new(&s, 10, &dev)?;
-    for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.take(2).enumerate() {
-        dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
-        sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
-    }
-    for (name, v) in &dp.store().params {
-        let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
-        assert!(d < 1e-5, "{name} differs by {d}");
-    }
+    same_as_dp(&s, &train, aug, Some(2))?;
     for masking in ["block", "neuron"] {
         let s = with(&["method.coverage=0.5", &format!("method.masking={masking}")])?;
         let mut st = SdpState::new(&s, 10, &dev)?;

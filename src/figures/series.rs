@@ -202,26 +202,22 @@ pub(super) fn dp_reference<'a>(s: &Series, series: &'a [Series]) -> Option<&'a S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::MIN_SPEC;
     use anyhow::{Context, Result};
     use std::path::Path;
 
     #[test]
     fn full_coverage_runs_are_shared_by_every_sdp_series() -> Result<()> {
-        let text = r#"
-name = "t"
-[workload]
-dataset = "shapes"
-model = "resnet18"
-epochs = 1
-batch_size = 8
-[method]
+        let text = format!(
+            r#"{MIN_SPEC}[method]
 kind = "sdp"
 workers = 4
 masking = ["neuron", "block"]
 regime = ["forward", "backward"]
 coverage = [0.5, 1.0]
-"#;
-        let exp = crate::spec::parse(text, Path::new("t.toml"), &[])?;
+"#
+        );
+        let exp = crate::spec::parse(&text, Path::new("t.toml"), &[])?;
         // Four runs at C = 0.5 and one run for all four variants at C = 1 (RunSpec::canonical).
         assert_eq!(exp.runs.len(), 5);
         let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
@@ -294,21 +290,16 @@ coverage = [0.5, 1.0]
 
     #[test]
     fn series_come_in_reading_order() -> Result<()> {
-        let text = r#"
-name = "t"
-[workload]
-dataset = "shapes"
-model = "resnet18"
-epochs = 1
-batch_size = 8
-[method]
+        let text = format!(
+            r#"{MIN_SPEC}[method]
 kind = ["dropout", "sdp", "small_dense", "dp"]
 workers = 4
 masking = ["neuron", "block"]
 regime = ["backward", "forward"]
 coverage = 0.5
-"#;
-        let exp = crate::spec::parse(text, Path::new("t.toml"), &[])?;
+"#
+        );
+        let exp = crate::spec::parse(&text, Path::new("t.toml"), &[])?;
         let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
         let labels: Vec<String> = series_of(&runs).into_iter().map(|s| s.label).collect();
         assert_eq!(
@@ -328,20 +319,15 @@ coverage = 0.5
 
     #[test]
     fn method_fields_at_their_default_are_not_named() -> Result<()> {
-        let text = r#"
-name = "t"
-[workload]
-dataset = "shapes"
-model = "resnet18"
-epochs = 1
-batch_size = 8
-[method]
+        let text = format!(
+            r#"{MIN_SPEC}[method]
 kind = ["dp", "sdp"]
 workers = 4
 coverage = 0.5
 budget = ["same_steps", "flop_matched"]
-"#;
-        let exp = crate::spec::parse(text, Path::new("t.toml"), &[])?;
+"#
+        );
+        let exp = crate::spec::parse(&text, Path::new("t.toml"), &[])?;
         let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
         let labels: Vec<String> = series_of(&runs).into_iter().map(|s| s.label).collect();
         assert_eq!(labels, ["DP", "SDP block forward", "SDP block forward budget=flop_matched"]);

@@ -10,8 +10,8 @@ use crate::spec::{ModelName, Norm, Workload};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 pub use layers::{Builder, ParamStore};
-use resnet::{ResNet, ResNetConfig};
-use swin::{Swin, SwinConfig};
+use resnet::ResNetConfig;
+use swin::SwinConfig;
 
 /// A trainable network: a forward pass (train mode updates BatchNorm running statistics) and its
 /// parameters and buffers by name.
@@ -59,28 +59,11 @@ pub fn swin_config(w: &Workload, num_classes: usize) -> Result<SwinConfig> {
     Ok(cfg)
 }
 
-/// Builds the full model a workload names, initialised from `seed`'s init stream, on `device`.
+/// Builds the full model a workload names, initialised from `seed`'s init stream, on `device` (the
+/// subnetwork builder of `subnet::Arch` with every unit kept).
 pub fn build(w: &Workload, num_classes: usize, seed: u64, device: &Device) -> Result<Box<dyn Net>> {
-    match w.model {
-        ModelName::SwinT => {
-            let cfg = swin_config(w, num_classes)?;
-            let plan = cfg.full_plan();
-            Ok(Box::new(Swin::new(
-                &cfg,
-                &plan,
-                Builder::from_seed(seed, device).with_compute_dtype(w.precision.dtype()),
-            )?))
-        }
-        _ => {
-            let cfg = resnet_config(w, num_classes)?;
-            let plan = cfg.full_plan();
-            Ok(Box::new(ResNet::new(
-                &cfg,
-                &plan,
-                Builder::from_seed(seed, device).with_compute_dtype(w.precision.dtype()),
-            )?))
-        }
-    }
+    let b = Builder::from_seed(seed, device).with_compute_dtype(w.precision.dtype());
+    Ok(crate::subnet::Arch::of(w, num_classes)?.build(None, 1.0, None, b)?)
 }
 
 /// The two kinds of maskable unit (docs/design.md §1).

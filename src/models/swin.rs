@@ -21,7 +21,7 @@
 
 use super::layers::{Builder, Conv2d, Init, Linear, ParamStore};
 use super::{Net, Unit, UnitKind};
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 
 /// timm's LayerNorm epsilon (`nn.LayerNorm` default).
 pub const LN_EPS: f64 = 1e-5;
@@ -614,9 +614,4 @@ impl Net for Swin {
     fn store(&self) -> &ParamStore {
         &self.store
     }
-}
-
-/// Builds the full Swin of `cfg` with seeded initialisation.
-pub fn build_full(cfg: &SwinConfig, seed: u64, device: &Device) -> Result<Swin> {
-    Swin::new(cfg, &cfg.full_plan(), Builder::from_seed(seed, device))
 }

@@ -16,17 +16,7 @@ pub(crate) fn check_shapes(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) 
         &[_, c] | &[_, c, _, _] => c,
         d => bail!("batch norm: input must be (B, C, H, W) or (B, C), got shape {d:?}"),
     };
-    if x.elem_count() == 0 {
-        bail!("batch norm: empty input of shape {:?}", x.dims());
-    }
-    for (name, t) in [("gamma", gamma), ("beta", beta)] {
-        if t.dims() != [c] {
-            bail!("batch norm: {name} must have shape [{c}] (the channels of x {:?}), got {:?}", x.dims(), t.dims());
-        }
-    }
-    if !(eps.is_finite() && eps >= 0.0) {
-        bail!("batch norm: eps must be finite and non-negative, got {eps}");
-    }
+    super::check_affine("batch norm", x, [("gamma", gamma), ("beta", beta)], c, "the channels", eps)?;
     Ok(c)
 }
 

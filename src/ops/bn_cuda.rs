@@ -78,6 +78,20 @@ pub(crate) fn dims3(op: &str, dims: &[usize]) -> Result<(usize, usize, usize)> {
     Ok((b, c, s))
 }
 
+/// `match` on the element type of a custom op's input storage: binds its typed slice to `$v` (only the type
+/// matters, to instantiate the generic `run`) and evaluates `$run`. Other dtypes were already rejected by
+/// [`kernel_suffix`].
+macro_rules! by_dtype {
+    ($storage:expr, $v:ident => $run:expr) => {
+        match &$storage.slice {
+            CudaStorageSlice::F32($v) => $run,
+            CudaStorageSlice::BF16($v) => $run,
+            CudaStorageSlice::F16($v) => $run,
+            _ => unreachable!("kernel_suffix accepted the dtype"),
+        }
+    };
+}
+
 fn grid_1d(blocks: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
@@ -168,12 +182,7 @@ impl CustomOp1 for Stats {
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         let sfx = kernel_suffix(op, s.dtype())?;
-        let out = match &s.slice {
-            CudaStorageSlice::F32(v) => self.run(v, s, l, sfx)?,
-            CudaStorageSlice::BF16(v) => self.run(v, s, l, sfx)?,
-            CudaStorageSlice::F16(v) => self.run(v, s, l, sfx)?,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        };
+        let out = by_dtype!(s, v => self.run(v, s, l, sfx)?);
         let (_, c, _) = dims3(op, l.dims())?;
         Ok((CudaStorage::wrap_cuda_slice(out, s.device.clone()), Shape::from((3, c))))
     }
@@ -195,8 +204,10 @@ impl Stats {
         let dev: &CudaDevice = &s.device;
         let (parts, chunk) = reduce_partition(c, n);
         let detail = format!("input {:?} ({:?})", l.dims(), s.dtype());
-        // Uninitialised: every block writes its partial, the finalize kernel every statistic.
+        // SAFETY: uninitialised device memory, never read before written: block (c, p) of the partial
+        // kernel writes its three partials, and the finalize kernel writes all 3C statistics.
         let mut partial = unsafe { dev.alloc::<f64>(c * parts as usize * 3)? };
+        // SAFETY: as above, written whole by the finalize kernel.
         let mut stats = unsafe { dev.alloc::<f32>(3 * c)? };
         let (c32, s32, n64, eps) = (c as u32, sp as u32, n as u64, self.eps);
         let name = format!("bn_stats_partial_{sfx}");
@@ -204,10 +215,13 @@ impl Stats {
         let mut a = f.builder();
         a.arg(&x).arg(&c32).arg(&s32).arg(&n64).arg(&chunk).arg(&mut partial);
         let cfg = LaunchConfig { grid_dim: (c32, parts, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `bn_stats_partial_*` in kernels/batchnorm.cu in order and type; x holds
+        // the B*C*S elements it reads (checked by `view`) and `partial` the C*P*3 it writes.
         unsafe { a.launch(cfg) }.map_err(|e| launch_err(op, &name, detail.clone(), e))?;
         let f = dev.get_or_load_custom_func("bn_stats_finalize", MODULE, PTX)?;
         let mut a = f.builder();
         a.arg(&partial).arg(&c32).arg(&parts).arg(&n64).arg(&eps).arg(&mut stats);
+        // SAFETY: the arguments match `bn_stats_finalize`; it reads the C*P*3 partials and writes 3C values.
         unsafe { a.launch(grid_1d(c.div_ceil(THREADS as usize) as u32)) }
             .map_err(|e| launch_err(op, "bn_stats_finalize", detail, e))?;
         Ok(stats)
@@ -254,12 +268,7 @@ impl CustomOp3 for Fwd {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = match &s1.slice {
-            CudaStorageSlice::F32(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::BF16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::F16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        };
+        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -310,6 +319,7 @@ impl Fwd {
             (gamma, beta, x.slice(..)) // r unused: x stands in for it
         };
         let dev: &CudaDevice = &s1.device;
+        // SAFETY: uninitialised, never read before written: the elementwise kernel writes all e outputs.
         let mut y = unsafe { dev.alloc::<T>(e)? };
         let detail = format!("input {:?} ({:?})", l1.dims(), s1.dtype());
         let name = format!("bn_fwd_{sfx}");
@@ -321,6 +331,8 @@ impl Fwd {
             let mut a = f.builder();
             a.arg(&x).arg(&gamma).arg(&beta).arg(&stats).arg(&r);
             a.arg(&c32).arg(&s32).arg(&e64).arg(&self.scale).arg(&has_r).arg(&relu).arg(&mut y);
+            // SAFETY: the arguments match `bn_fwd_*` in order and type; x, r and y hold e elements, gamma,
+            // beta C and the statistics 3C (each checked by `view`); r is read only when has_r is set.
             unsafe { a.launch(grid_1d(elementwise_blocks(e))) }.map_err(|err| launch_err(op, &name, detail, err))?;
             Ok(())
         })?;
@@ -417,12 +429,7 @@ impl CustomOp3 for BwdReduce {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = match &s1.slice {
-            CudaStorageSlice::F32(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::BF16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::F16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        };
+        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
         let c = l1.dims()[1];
         Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from((6, c))))
     }
@@ -444,8 +451,10 @@ impl BwdReduce {
         let y = view::<T>(s3, l3, e, op, "output")?;
         let dev: &CudaDevice = &s1.device;
         let (parts, chunk) = reduce_partition(c, n);
-        // Uninitialised, as in Stats: every entry is written.
+        // SAFETY: uninitialised, never read before written, as in Stats: the partial kernel writes all
+        // C*P*2 partials and the finalize kernel all 6C coefficients.
         let mut partial = unsafe { dev.alloc::<f64>(c * parts as usize * 2)? };
+        // SAFETY: as above, written whole by the finalize kernel.
         let mut coef = unsafe { dev.alloc::<f32>(6 * c)? };
         let detail = format!("input {:?} ({:?})", l1.dims(), s1.dtype());
         let (c32, s32, n64) = (c as u32, sp as u32, n as u64);
@@ -458,12 +467,16 @@ impl BwdReduce {
             a.arg(&x).arg(&dy).arg(&y).arg(&stats).arg(&c32).arg(&s32).arg(&n64).arg(&chunk);
             a.arg(&self.scale).arg(&relu).arg(&mut partial);
             let cfg = LaunchConfig { grid_dim: (c32, parts, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments match `bn_bwd_partial_*` in order and type; x, dy and y hold e elements
+            // and the statistics 3C (checked by `view`), `partial` the C*P*2 written.
             unsafe { a.launch(cfg) }.map_err(|err| launch_err(op, &name, detail.clone(), err))?;
             with_storage(&self.gamma, op, "gamma", |gs, gl| {
                 let gamma = view::<f32>(gs, gl, c, op, "gamma")?;
                 let f = dev.get_or_load_custom_func("bn_bwd_finalize", MODULE, PTX)?;
                 let mut a = f.builder();
                 a.arg(&partial).arg(&stats).arg(&gamma).arg(&c32).arg(&parts).arg(&n64).arg(&mut coef);
+                // SAFETY: the arguments match `bn_bwd_finalize`; gamma holds C values (checked by `view`),
+                // the partials C*P*2 and `coef` the 6C written.
                 unsafe { a.launch(grid_1d(c.div_ceil(THREADS as usize) as u32)) }
                     .map_err(|err| launch_err(op, "bn_bwd_finalize", detail, err))?;
                 Ok(())
@@ -510,12 +523,7 @@ impl CustomOp3 for BwdDx {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = match &s1.slice {
-            CudaStorageSlice::F32(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::BF16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            CudaStorageSlice::F16(v) => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        };
+        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
         let shape =
             if self.write_dx && self.write_dz { Shape::from([&[2], l1.dims()].concat()) } else { l1.shape().clone() };
         Ok((out, shape))
@@ -541,6 +549,7 @@ impl BwdDx {
         let y = view::<T>(s3, l3, e, op, "output")?;
         let dev: &CudaDevice = &s1.device;
         let outputs = self.write_dx as usize + self.write_dz as usize;
+        // SAFETY: uninitialised, never read before written: the kernel writes e values per requested output.
         let mut out = unsafe { dev.alloc::<T>(outputs * e)? };
         let detail = format!("input {:?} ({:?})", l1.dims(), s1.dtype());
         let name = format!("bn_bwd_dx_{sfx}");
@@ -552,6 +561,8 @@ impl BwdDx {
             let mut a = f.builder();
             a.arg(&x).arg(&dy).arg(&y).arg(&coef).arg(&c32).arg(&s32).arg(&e64);
             a.arg(&self.scale).arg(&relu).arg(&wdx).arg(&wdz).arg(&mut out);
+            // SAFETY: the arguments match `bn_bwd_dx_*` in order and type; x, dy and y hold e elements and
+            // the coefficients 6C (checked by `view`); `out` holds e for each of the wdx + wdz outputs.
             unsafe { a.launch(grid_1d(elementwise_blocks(e))) }.map_err(|err| launch_err(op, &name, detail, err))?;
             Ok(())
         })?;

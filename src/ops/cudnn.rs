@@ -325,6 +325,7 @@ impl CudnnConv {
             if let Some(bytes) = grown_workspace(current, plan.workspace) {
                 // The old buffer is freed in stream order, after the calls that used it.
                 *workspace = None;
+                // SAFETY: scratch memory for cuDNN, which writes it before reading it.
                 *workspace = Some(unsafe { dev.alloc::<u8>(bytes) }?);
             }
             // SAFETY: cuDNN writes every element of the output (beta = 0, so it is not read).

@@ -20,17 +20,7 @@ fn min_rows(d: usize) -> usize {
 /// Validates shapes: x is (…, D) with D ≥ 1, w and b are (D).
 pub(crate) fn check_shapes(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<usize> {
     let Some(&d) = x.dims().last() else { bail!("layer norm: input must have at least one dim, got a scalar") };
-    if x.elem_count() == 0 {
-        bail!("layer norm: empty input of shape {:?}", x.dims());
-    }
-    for (name, t) in [("weight", w), ("bias", b)] {
-        if t.dims() != [d] {
-            bail!("layer norm: {name} must have shape [{d}] (the last dim of x {:?}), got {:?}", x.dims(), t.dims());
-        }
-    }
-    if !(eps.is_finite() && eps >= 0.0) {
-        bail!("layer norm: eps must be finite and non-negative, got {eps}");
-    }
+    super::check_affine("layer norm", x, [("weight", w), ("bias", b)], d, "the last dim", eps)?;
     Ok(d)
 }
 

@@ -30,6 +30,23 @@ mod layernorm;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor};
 
+/// The checks batch norm and layer norm share: a non-empty input `x`, two affine parameters of shape [n]
+/// (`axis` names what n counts in x), and a finite non-negative eps.
+fn check_affine(op: &str, x: &Tensor, params: [(&str, &Tensor); 2], n: usize, axis: &str, eps: f64) -> Result<()> {
+    if x.elem_count() == 0 {
+        bail!("{op}: empty input of shape {:?}", x.dims());
+    }
+    for (name, t) in params {
+        if t.dims() != [n] {
+            bail!("{op}: {name} must have shape [{n}] ({axis} of x {:?}), got {:?}", x.dims(), t.dims());
+        }
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        bail!("{op}: eps must be finite and non-negative, got {eps}");
+    }
+    Ok(())
+}
+
 /// 2-D convolution without bias, dilation 1 and groups 1.
 ///
 /// `x` is (B, Cin, H, W), `w` is (Cout, Cin, kh, kw); the result is
