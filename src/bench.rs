@@ -15,7 +15,7 @@
 use crate::data::loader::Batch;
 use crate::masking;
 use crate::models::layers::Builder;
-use crate::models::resnet::{BlockDrop, ResNet};
+use crate::models::resnet::ResNet;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
 use crate::runner;
@@ -412,8 +412,9 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let build_s = t.elapsed().as_secs_f64();
             let mut opt = Optimizer::new(&spec.optim);
             let r = timed_steps(b, &mem0, net.store().num_params(), images, |i, sample| {
-                let forward =
-                    |k: usize, x: &Tensor| net.forward_dropping(x, true, &baseline_drops(spec, &net, i + 1, k, dev)?);
+                let forward = |k: usize, x: &Tensor| {
+                    net.forward_dropping(x, true, &crate::trainer::baseline_drops(spec, &net, i + 1, k, dev)?)
+                };
                 dp_step_with(&net, &mut opt, &batches, lr, dev, &forward)?;
                 sample()
             })?;
@@ -421,34 +422,6 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
         }
     };
     Ok(r)
-}
-
-/// Worker `k`'s random drops at `step` for the stochastic-depth and dropout baselines: the same draws,
-/// from the same stream, as the trainer makes (skip each residual branch, or drop each internal channel
-/// with survivors scaled by 1/C, with probability 1 − C), so a timed step does the trainer's work.
-fn baseline_drops(
-    spec: &RunSpec,
-    net: &ResNet,
-    step: usize,
-    k: usize,
-    device: &Device,
-) -> candle_core::Result<Vec<BlockDrop>> {
-    let keep = spec.method.coverage;
-    let mut r = rng(spec.seed, Stream::Drop, step as u64, k as u64);
-    net.plan
-        .iter()
-        .map(|plan| {
-            Ok(match spec.method.kind {
-                MethodKind::StochasticDepth => BlockDrop { skip: !r.random_bool(keep), channels: None },
-                MethodKind::Dropout => {
-                    let m: Vec<f32> =
-                        (0..plan.mid).map(|_| if r.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
-                    BlockDrop { skip: false, channels: Some(Tensor::new(m.as_slice(), device)?) }
-                }
-                _ => BlockDrop::default(),
-            })
-        })
-        .collect()
 }
 
 /// Runs `b.warmup + b.steps` calls of `one_step(i, sample)` (`sample` reads CUDA memory; a step calls

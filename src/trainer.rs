@@ -321,8 +321,9 @@ pub fn small_dense_widths(cfg: &ResNetConfig, coverage: f64) -> Vec<usize> {
 }
 
 /// The per-step random drops of worker `k` at `step` (stochastic depth: skip each branch with probability
-/// 1 − C; dropout: drop each internal channel with probability 1 − C, survivors scaled by 1/C).
-fn baseline_drops(
+/// 1 − C; dropout: drop each internal channel with probability 1 − C, survivors scaled by 1/C). The bench
+/// makes the same draws, so a timed baseline step does the trainer's work.
+pub fn baseline_drops(
     spec: &RunSpec,
     net: &ResNet,
     step: usize,
