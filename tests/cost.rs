@@ -79,7 +79,21 @@ fn cached_timings_are_reused_and_new_configurations_measured() -> Result<()> {
     assert!(cache.exists(), "the cache file is written");
     let second = estimate(&[parse(&[])?], &o)?;
     assert_eq!((second.measured, second.reused), (0, 2));
-    assert_eq!(second.runs[0].timing, first.runs[0].timing);
+    // The cached figures are the measured ones (to the last bits of a JSON float round trip).
+    let (a, b) = (&second.runs[0].timing, &first.runs[0].timing);
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(y.abs());
+    for (x, y) in [
+        (a.step_s, b.step_s),
+        (a.build_s, b.build_s),
+        (a.warmup_extra_s, b.warmup_extra_s),
+        (a.eval_fixed_s, b.eval_fixed_s),
+        (a.eval_s_per_image, b.eval_s_per_image),
+        (a.subnets_s_per_image, b.subnets_s_per_image),
+        (a.recal_s_per_image, b.recal_s_per_image),
+    ] {
+        assert!(close(x, y), "cached {a:?}\nmeasured {b:?}");
+    }
+    assert_eq!((a.timed_steps, &a.measured_at), (b.timed_steps, &b.measured_at));
     assert!(second.render().lines().any(|l| l == "measured=0 cached=2"), "{}", second.render());
     // More epochs or another seed: the same configuration. Another batch size: a new one.
     let epochs = estimate(&[parse(&["workload.epochs=3", "seeds=[5]"])?], &o)?;
