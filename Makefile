@@ -77,9 +77,10 @@ reproduce-mini: build $(if $(filter cifar10,$(MINI_DATA)),,cifar10-jpeg)
 	exit $$rc
 
 # The paper grid (experiments/paper/*.toml: CIFAR-10/100, SVHN x ResNet-18, WRN-18, Swin-T x DP and SDP
-# block/neuron x forward/backward x C in {0.5, 0.75, 1}, K = 8, 3 seeds; 270 runs, ~1,100 GPU-hours on one
-# H200, see each file's Cost line). Downloads the datasets (md5-checked, resumable), trains every run (finished
-# runs are skipped, so an interrupted `make reproduce` continues where it stopped), then draws the figures.
+# block/neuron x forward/backward x C in {0.5, 0.75, 1}, K = 8, 3 seeds; 270 runs). Prints the estimated
+# hours (`sdp check --cost`, step times measured on DEVICE), downloads the datasets (md5-checked, resumable),
+# trains every run (finished runs are skipped and interrupted ones resume from their checkpoints, so an
+# interrupted `make reproduce` continues where it stopped), then draws the figures.
 # On a machine without CUDA: `make reproduce DEVICE=cpu` (months: only sensible with --only or --set).
 DEVICE       ?= cuda
 FEATURES     ?= $(if $(filter cpu,$(DEVICE)),,--features cudnn)  # cuDNN conv + CUDA batch norm (implies cuda)
