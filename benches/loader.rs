@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench loader` prints augmented images/s (criterion's `thrpt`) for
 //! - `loader/train_epoch`: one epoch through the real [`TrainLoader`] (background thread, K = 1 and K = 2
-//!   workers of batch 128), the figure issue 3 asks for (target ≥ 50,000 images/s on 2 cores);
+//!   workers of batch 128), the loader's target (≥ 50,000 images/s on 2 cores);
 //! - `loader/make_batch`: one batch of 128 built on the calling thread (spread over rayon's pool), without the
 //!   channel;
 //! - `loader/write_image`: one image on one thread.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on a GPU machine without a Rust toolchain: the CUDA build of `sdp` (shipped as target-gpu/sdp.xz,
+# The training-step comparison on a GPU machine without a Rust toolchain: the CUDA build of `sdp` (shipped as target-gpu/sdp.xz,
 # built with scripts/cuda-toolchain.sh) and scripts/pytorch_step.py, ResNet-18 train step at batch 128, on
 # the same card in the same run (after the cuDNN conv2d parity test, where target-gpu/cuda_ops.xz is shipped).
 # Prints each side's last line at the end.

@@ -1,5 +1,5 @@
 //! `sdp bench step`: the time and memory of one training step (forward, backward, SGD-momentum update)
-//! of a model, or of one SDP worker's physical subnetwork, on random seeded input. Issue 6 compares it
+//! of a model, or of one SDP worker's physical subnetwork, on random seeded input. `scripts/compare_step.sh` compares it
 //! with `scripts/pytorch_step.py`, which prints the same machine-readable last line:
 //! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`. [`whole_step`] times a
 //! whole simulated step of any run (all K workers, as the trainer runs them): `sdp check --cost` prices
