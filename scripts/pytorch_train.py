@@ -3,10 +3,10 @@
 augmentation, optimizer, schedule and K x batch, trained by PyTorch, so that sdp's DP baseline can be checked
 against the field's reference implementation.
 
-    python3 scripts/pytorch_train.py --data /tmp/cifar10-jpeg --train-samples 10000 --test-samples 2000 \\
-        --widths 16,32,64,128 --depths 2,2,2,2 --workers 4 --batch 64 --epochs 6 --lr 0.2 --warmup 1 \\
+    python3 scripts/pytorch_train.py --data datasets/cifar10-jpeg-q75 --train-samples 8000 --test-samples 2000 \\
+        --widths 16,32,64,128 --depths 2,2,2,2 --workers 4 --batch 64 --epochs 5 --lr 0.2 --warmup 0.5 \\
         --eval-every 2 --pad-mode reflect --seed 0 --csv /tmp/twin-seed0.csv
-    python3 scripts/pytorch_train.py --spec SPEC.toml --data /tmp/cifar10-jpeg --seed 1 --csv /tmp/twin-seed1.csv
+    python3 scripts/pytorch_train.py --spec experiments/mini/sdp_forward.toml --data-dir datasets --seed 1 --csv /tmp/twin-seed1.csv
 
 With --spec, the spec's scalar fields set the defaults of the flags below (a `seeds` list gives its first
 seed; a `method.kind` list must contain "dp", which is the run trained here; any other grid axis must be
@@ -50,7 +50,7 @@ What is the same as sdp, by construction:
   `ImageSet::subset` (each class's indices shuffled by rand 0.9's Fisher-Yates with a ChaCha8 stream
   `seed::rng(data_seed, Data, u64::MAX, 0)`, classes taken round-robin, kept indices sorted) is reproduced
   here bit for bit (ChaCha8, SHA-256 stream seeding and rand's `IncreasingUniform` below). Checked against
-  indices dumped from sdp's `ImageSet::subset` on /tmp/cifar10-jpeg: identical for train 10,000 (data seed 0),
+  indices dumped from sdp's `ImageSet::subset` on the cifar10-jpeg-q75 tree: identical for train 10,000 (data seed 0),
   train 1,000 (data seed 1) and test 2,000 (data seed 0), and the first 70 ChaCha8 words agree.
   `--print-subset OUT` writes the selection as JSON for such a comparison.
 - Normalisation: per-channel mean and std of the WHOLE training split (before the subset is taken), as
@@ -75,11 +75,11 @@ What differs:
   permutations, crops and flips; sdp draws them from its ChaCha8 streams. Runs agree in distribution, not
   bit for bit, so compare means over seeds.
 - JPEG decoding: Pillow (libjpeg-turbo) here, the `image` crate (zune-jpeg) in sdp. On 200 images of
-  /tmp/cifar10-jpeg (every 250th training file) 22 % of the decoded bytes differ, by at most 4 levels (mean
+  the cifar10-jpeg-q75 tree (every 250th training file) 22 % of the decoded bytes differ, by at most 4 levels (mean
   absolute difference 0.31 levels): the two runs see very slightly different pixels, and the normalisation
-  constants computed from them differ accordingly: on the 50,000 training images of /tmp/cifar10-jpeg, mean
+  constants computed from them differ accordingly: on the 50,000 training images of the cifar10-jpeg-q75 tree, mean
   0.4913 0.4821 0.4465 and std 0.2452 0.2428 0.2606 here against sdp's 0.4923 0.4813 0.4479 and 0.2452 0.2428
-  0.2606 (`sdp data info folder:/tmp/cifar10-jpeg`), a shift of at most 0.006 standard deviations.
+  0.2606 (`sdp data info folder:cifar10-jpeg-q75`), a shift of at most 0.006 standard deviations.
 - Worker batches: sdp's worker k takes entries k, K+k, 2K+k, ... of the epoch's permutation; here worker
   k takes the k-th contiguous slice of B. Both are uniformly random disjoint batches.
 - Floating point: PyTorch's kernels and summation orders.
