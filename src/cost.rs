@@ -66,6 +66,9 @@ pub struct CostOptions {
     /// Measure every configuration again (replacing its cache entry), e.g. after the machine's load
     /// changed.
     pub remeasure: bool,
+    /// Runs at a time (`sdp run --jobs N`): the report adds the wall-clock time of N jobs taking the runs
+    /// in order.
+    pub jobs: usize,
 }
 
 impl CostOptions {
@@ -84,6 +87,7 @@ impl CostOptions {
             warmup: 2,
             steps: 3,
             remeasure: false,
+            jobs: 1,
         })
     }
 }
@@ -282,6 +286,8 @@ pub struct CostReport {
     pub measure_s: f64,
     pub device_name: String,
     pub threads: usize,
+    /// Runs at a time, as `sdp run --jobs`.
+    pub jobs: usize,
     pub cache: PathBuf,
 }
 
@@ -369,6 +375,7 @@ pub fn estimate(exps: &[Experiment], opts: &CostOptions) -> Result<CostReport> {
         measure_s,
         device_name: opts.device_name.clone(),
         threads: rayon::current_num_threads(),
+        jobs: opts.jobs.max(1),
         cache: opts.cache.clone(),
     })
 }
@@ -559,6 +566,17 @@ pub fn human(seconds: f64) -> String {
     }
 }
 
+/// Wall-clock seconds of `jobs` workers that each take the next run in order when they finish one (how
+/// `sdp run --jobs` shares out runs through the run locks).
+pub fn jobs_wall_s(run_s: &[f64], jobs: usize) -> f64 {
+    let mut free_at = vec![0.0f64; jobs.max(1)];
+    for &t in run_s {
+        let next = free_at.iter_mut().min_by(|a, b| a.total_cmp(b)).expect("at least one job");
+        *next += t;
+    }
+    free_at.into_iter().fold(0.0, f64::max)
+}
+
 impl CostReport {
     /// The printed report: one tab-separated line per run (experiment, run id, label — as plain
     /// `sdp check` prints them — then steps, evaluations, the estimate in hours and its parts, the step
@@ -618,6 +636,15 @@ impl CostReport {
         }
         let all: Vec<&RunCost> = self.runs.iter().collect();
         line(format!("# total on device {} ({} threads): {}", self.device_name, self.threads, total(&all)));
+        if self.jobs > 1 {
+            let times: Vec<f64> = self.runs.iter().map(RunCost::total_s).collect();
+            line(format!(
+                "# wall clock with --jobs {} (each job takes the next run, {} thread(s) each): {}",
+                self.jobs,
+                self.threads,
+                human(jobs_wall_s(&times, self.jobs))
+            ));
+        }
         line(
             "# includes: the model build and training steps (every simulated worker's forward, backward and update, \
              then the averaging; the first steps' warm-up), \

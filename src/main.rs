@@ -104,6 +104,10 @@ enum Command {
         /// Where --cost finds a relative `folder:` dataset (to count its images), as `run --data-dir`.
         #[arg(long, default_value = "datasets", requires = "cost")]
         data_dir: PathBuf,
+        /// Estimate for `sdp run --jobs N`: N runs at a time, step times measured with the CPU threads each job
+        /// gets (the cores shared out), the total divided among the jobs.
+        #[arg(long, default_value_t = 1, requires = "cost")]
+        jobs: usize,
     },
     /// Datasets: download official files, or report what is on disk.
     Data {
@@ -307,9 +311,20 @@ fn run_jobs(
     let mut children = Vec::new();
     for j in 0..jobs {
         let mut cmd = std::process::Command::new(&exe);
-        cmd.arg("run").args(args).arg("--device").arg(&devices[j % devices.len()]).process_group(0);
+        let device = &devices[j % devices.len()];
+        cmd.arg("run").args(args).arg("--device").arg(device).process_group(0);
+        // CPU jobs share the cores instead of each starting a thread per core.
+        let cpu_jobs = devices.iter().filter(|d| d.as_str() == "cpu").count() * jobs / devices.len().max(1);
+        let mut threads = String::new();
+        if device == "cpu" {
+            let env = sdp::runtime::cpu_share_env(sdp::runtime::threads_per_job(cpu_jobs));
+            if let Some((_, t)) = env.first() {
+                threads = format!(", {t} thread(s)");
+            }
+            cmd.envs(env);
+        }
         let child = cmd.spawn().with_context(|| format!("starting job {j} ({})", exe.display()))?;
-        eprintln!("job {j}: pid {} on {}", child.id(), devices[j % devices.len()]);
+        eprintln!("job {j}: pid {} on {device}{threads}", child.id());
         children.push(child);
     }
     let mut codes: Vec<Option<i32>> = vec![None; jobs];
@@ -347,11 +362,21 @@ fn run_jobs(
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { spec, cost, device, cost_cache, remeasure, data_dir } => {
+        Command::Check { spec, cost, device, cost_cache, remeasure, data_dir, jobs } => {
+            if jobs == 0 {
+                return Err(SpecError("--jobs 0: expected at least 1".into()).into());
+            }
+            if cost && jobs > 1 && device == "cpu" {
+                // Measure as a `run --jobs` child would run: before any thread pool starts.
+                for (k, v) in sdp::runtime::cpu_share_env(sdp::runtime::threads_per_job(jobs)) {
+                    std::env::set_var(k, v);
+                }
+            }
             // A bad device is reported before any spec is read.
             let opts = match cost {
                 true => Some(sdp::cost::CostOptions {
                     remeasure,
+                    jobs,
                     ..sdp::cost::CostOptions::new(&device, cost_cache, &data_dir)?
                 }),
                 false => None,

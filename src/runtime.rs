@@ -32,3 +32,21 @@ pub fn tune_for_training() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// Threads each of `jobs` concurrent CPU runs gets: the cores shared out evenly (at least one).
+pub fn threads_per_job(jobs: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / jobs.max(1)).max(1)
+}
+
+/// The environment that gives a CPU run `threads` threads (rayon's pool, which runs this crate's
+/// kernels and the GEMMs, and candle's element-wise pool), unless the user set them: several runs that
+/// each start a thread per core would oversubscribe the cores, and spinning pools then wait on
+/// descheduled threads (see above).
+pub fn cpu_share_env(threads: usize) -> Vec<(&'static str, String)> {
+    ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"]
+        .into_iter()
+        .filter(|k| std::env::var_os(k).is_none())
+        .map(|k| (k, threads.to_string()))
+        .collect()
+}

@@ -215,3 +215,26 @@ fn the_command_prints_runs_totals_and_the_cache_counter() -> Result<()> {
     assert!(b.lines().any(|l| l.ends_with("\tcached")), "{b}");
     Ok(())
 }
+
+#[test]
+fn jobs_take_the_next_run_in_order() {
+    use sdp::cost::jobs_wall_s;
+    assert_eq!(jobs_wall_s(&[3.0, 1.0, 1.0, 1.0], 1), 6.0);
+    // Job 0 takes the 3 s run; job 1 the three 1 s runs.
+    assert_eq!(jobs_wall_s(&[3.0, 1.0, 1.0, 1.0], 2), 3.0);
+    assert_eq!(jobs_wall_s(&[1.0, 1.0, 1.0, 3.0], 2), 4.0);
+    assert_eq!(jobs_wall_s(&[], 4), 0.0);
+}
+
+#[test]
+fn the_report_gives_the_wall_clock_of_several_jobs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut o = opts(&dir.path().join("cache.json"))?;
+    o.jobs = 2;
+    let r = estimate(&[parse(&[])?], &o)?;
+    let text = r.render();
+    assert!(text.contains("# wall clock with --jobs 2"), "{text}");
+    let one = estimate(&[parse(&[])?], &opts(&dir.path().join("cache.json"))?)?.render();
+    assert!(!one.contains("wall clock with --jobs"), "{one}");
+    Ok(())
+}
