@@ -40,6 +40,9 @@ pub enum BenchCommand {
     Step(StepArgs),
     /// Augmented images/s the training loader delivers (random 32×32×3 images, crop pad 4 + flip + normalise).
     Loader(LoaderArgs),
+    /// Time and bytes of one parameter synchronisation across processes (under `mpirun -np N`): DP, SDP
+    /// grouped by holder set, SDP as a masked full all-reduce.
+    Comm(crate::comm::bench::CommArgs),
 }
 
 /// Arguments of `sdp bench loader`: synthetic CIFAR-sized images through the real `TrainLoader`
@@ -310,6 +313,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("{}", r.line());
             Ok(())
         }
+        BenchCommand::Comm(a) => crate::comm::bench::run(a, &crate::comm::World::from_env()?),
         BenchCommand::Loader(a) => {
             a.validate()?;
             let set = std::sync::Arc::new(crate::data::loader::random_images(0, a.images, 32, 32, 3)?);
@@ -415,7 +419,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
                 let forward = |k: usize, x: &Tensor| {
                     net.forward_dropping(x, true, &crate::trainer::baseline_drops(spec, &net, i + 1, k, dev)?)
                 };
-                dp_step_with(&net, &mut opt, &batches, lr, dev, &forward)?;
+                dp_step_with(&net, &mut opt, &batches, lr, dev, &forward, &crate::comm::World::solo())?;
                 sample()
             })?;
             StepReport { build_s, ..r }
@@ -567,7 +571,7 @@ mod tests {
         let argv = std::iter::once("bench").chain(line.split_whitespace());
         match Cli::parse_from(argv).bench {
             BenchCommand::Step(a) => a,
-            BenchCommand::Loader(_) => panic!("`{line}` is not a step bench"),
+            _ => panic!("`{line}` is not a step bench"),
         }
     }
 

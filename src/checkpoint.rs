@@ -182,6 +182,25 @@ impl StoredRow {
     }
 }
 
+/// Writes `tensors` to `path` as safetensors (on the host), atomically: a temporary file renamed into place.
+pub fn write_tensors(path: &Path, tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
+    let host: std::collections::HashMap<String, Tensor> =
+        tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> Result<()> {
+        candle_core::safetensors::save(&host, &tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    write()
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Writes `state` as the checkpoint of run `run_id` in `run_dir` (see the module docs for the protocol).
 pub fn save(run_dir: &Path, run_id: &str, state: &TrainState) -> Result<()> {
     let dir = dir(run_dir);

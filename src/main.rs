@@ -76,6 +76,12 @@ enum Command {
         /// Devices for the --jobs processes, assigned round-robin (e.g. cuda:0,cuda:1); implies --jobs N.
         #[arg(long, value_delimiter = ',', value_name = "D,D,...")]
         devices: Vec<String>,
+        /// Also write each finished run's final global model to <run>/model.safetensors.
+        #[arg(long)]
+        save_model: bool,
+        /// Skip the per-worker memory probe after each run.
+        #[arg(long)]
+        no_memprobe: bool,
     },
     /// Rebuild each experiment's summary.csv from its run folders.
     Summary {
@@ -411,8 +417,23 @@ fn run() -> Result<ExitCode> {
             shard,
             jobs,
             devices,
+            save_model,
+            no_memprobe,
         } => {
             let exps = load_specs(&spec)?;
+            // Under mpirun/srun: this process is one rank of the run (workers k ≡ rank mod N).
+            let world = sdp::comm::World::from_env()?;
+            if world.size() > 1 && (jobs > 1 || !devices.is_empty() || shard.is_some()) {
+                return Err(SpecError(
+                    "--jobs, --devices and --shard share runs among independent processes; under mpirun/srun \
+                     the processes share each run instead: drop them"
+                        .into(),
+                )
+                .into());
+            }
+            // One GPU per rank on a node: `--device cuda` becomes cuda:<local rank>.
+            let device =
+                if world.size() > 1 && device == "cuda" { format!("cuda:{}", world.local_rank) } else { device };
             let shard: Option<Shard> = shard.as_deref().map(str::parse).transpose()?;
             for (flag, v) in [("--checkpoint-secs", checkpoint_secs), ("--progress-secs", progress_secs)] {
                 if !v.is_finite() || v < 0.0 {
@@ -493,9 +514,19 @@ fn run() -> Result<ExitCode> {
                 }
                 return Ok(code);
             }
-            let memprobe = std::env::current_exe().ok();
-            let opts =
-                RunOptions { results_dir, data_dir, device: dev, device_name: device, force, only, stop, memprobe };
+            let memprobe = if no_memprobe { None } else { std::env::current_exe().ok() };
+            let opts = RunOptions {
+                results_dir,
+                data_dir,
+                device: dev,
+                device_name: device,
+                force,
+                only,
+                stop,
+                memprobe,
+                save_model,
+                world,
+            };
             let out = runner::run_all_with(&exps, &opts, &policy)?;
             eprintln!(
                 "{} done, {} skipped, {} held by other processes, {} failed",

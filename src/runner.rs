@@ -31,6 +31,10 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// The `sdp` binary to run `sdp memprobe` with after each run (CPU runs); `None` disables probing.
     pub memprobe: Option<PathBuf>,
+    /// Write each finished run's final global model to `<run>/model.safetensors`.
+    pub save_model: bool,
+    /// The processes this run is spread over (`mpirun`/`srun`; one process otherwise).
+    pub world: crate::comm::World,
 }
 
 /// How runs are checkpointed, claimed, reported and shared out. Nothing here changes what a run computes,
@@ -163,7 +167,20 @@ pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome>
     run_all_with(experiments, opts, &Policy::default())
 }
 
+/// Trains every selected run that is not done. Under `mpirun`/`srun` (`opts.world` of N > 1 processes) every
+/// process calls this with the same arguments and the processes train each run together: rank 0 decides
+/// which runs to train (the same skip and lock rules) and tells the others, every rank loads the data and
+/// the run fails on all of them, naming the rank, if one cannot, and only rank 0 writes result files. A
+/// run spread over processes is not checkpointed: an interrupted or failed one is trained again from the
+/// start.
 pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Policy) -> Result<Outcome> {
+    let world = &opts.world;
+    let spread = world.size() > 1;
+    let policy = &if spread {
+        Policy { checkpoint_every: 0, checkpoint_interval: None, checkpoint_steps: 0, ..policy.clone() }
+    } else {
+        policy.clone()
+    };
     let todo = select(experiments, &opts.only, policy.shard)?;
     if let (Some(sh), true) = (policy.shard, todo.is_empty()) {
         eprintln!("shard {}/{}: no runs", sh.index, sh.count);
@@ -174,32 +191,24 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
     for (i, (exp, run)) in todo.iter().enumerate() {
         let rd = RunDir::new(&opts.results_dir, &exp.name, &run.id);
         let title = format!("[{}/{n}] {} {} ({})", i + 1, exp.name, run.id, run.label);
-        if !opts.force && rd.status() == Some(Status::Done) {
-            eprintln!("{title}: done, skipped (--force reruns it)");
-            outcome.skipped += 1;
+        let title = if spread { format!("rank {}: {title}", world.rank()) } else { title };
+        // Rank 0 claims the run (or skips it) and tells the other ranks.
+        let lock = if world.is_root() { claim(&rd, opts, policy, &title, &mut outcome)? } else { None };
+        let mut go = vec![u8::from(lock.is_some())];
+        world.comm.broadcast(0, &mut go)?;
+        if go[0] == 0 {
             continue;
         }
-        let lock = match lock::claim(&rd.dir, policy.stale_after, policy.beat())? {
-            Claim::Acquired(l) => l,
-            Claim::Busy(owner) => {
-                eprintln!("{title}: held by another process ({}), skipped", owner.describe());
-                outcome.busy += 1;
-                continue;
-            }
-        };
-        // Another process may have finished it between the status check and the claim.
-        if !opts.force && rd.status() == Some(Status::Done) {
-            eprintln!("{title}: done, skipped (--force reruns it)");
-            outcome.skipped += 1;
-            continue;
+        if world.is_root() {
+            crate::results::clean_temp_files(&rd.dir, true);
         }
-        crate::results::clean_temp_files(&rd.dir, true);
         let key = serde_json::to_string(&(
             &run.spec.workload.dataset,
             run.spec.workload.data_seed,
             run.spec.workload.train_samples,
             run.spec.workload.test_samples,
         ))?;
+        let mut failure = None;
         if !datasets.contains_key(&key) {
             let t = Instant::now();
             match data::load(&run.spec.workload, &opts.data_dir) {
@@ -214,20 +223,44 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
                     );
                     datasets.insert(key.clone(), d);
                 }
-                Err(e) => {
-                    eprintln!("{title}: failed: {e:#}");
-                    let mut m = Manifest::new(run, &exp.path, &opts.device_name);
-                    m.status = Status::Failed(format!("{e:#}"));
-                    m.ended = Some(crate::results::now());
-                    m.write(&rd.manifest())?;
-                    outcome.failed += 1;
-                    continue;
-                }
+                Err(e) => failure = Some(format!("{e:#}")),
             }
         }
+        // Every rank must have the data; the first that has not is named.
+        if let Some(reason) = ranks_failed(world, failure)? {
+            eprintln!("{title}: failed: {reason}");
+            if world.is_root() {
+                let mut m = Manifest::new(run, &exp.path, &opts.device_name);
+                m.status = Status::Failed(reason);
+                m.ended = Some(crate::results::now());
+                m.write(&rd.manifest())?;
+            }
+            outcome.failed += 1;
+            continue;
+        }
         let data = &datasets[&key];
+        let Some(lock) = lock else {
+            // Another rank: train this process's workers; rank 0 records the run.
+            match train_rank(run, data, opts) {
+                Ok(Status::Interrupted) => {
+                    outcome.interrupted = true;
+                    break;
+                }
+                Ok(_) => outcome.done += 1,
+                Err(e) => {
+                    // The other ranks wait in a collective for this one: end the job, naming this rank.
+                    eprintln!("{title}: failed: {e:#}");
+                    world.comm.abort(1);
+                }
+            }
+            continue;
+        };
         let status = run_one(exp, run, data, opts, policy, &rd, &lock, &title)?;
         drop(lock);
+        if let (true, Status::Failed(_)) = (spread, &status) {
+            // Recorded as failed; the other ranks wait in a collective for this one: end the job.
+            world.comm.abort(1);
+        }
         if status != Status::Interrupted {
             write_summary(&opts.results_dir, &exp.name)?;
         }
@@ -247,11 +280,84 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
     }
     let mut names: Vec<&str> = todo.iter().map(|(e, _)| e.name.as_str()).collect();
     names.dedup();
+    if !world.is_root() {
+        return Ok(outcome);
+    }
     for name in names {
         let path = write_summary(&opts.results_dir, name)?;
         eprintln!("summary: {}", path.display());
     }
     Ok(outcome)
+}
+
+/// Rank 0's claim of a run: `None` (and the outcome counted) when it is done or another process holds it.
+fn claim(
+    rd: &RunDir,
+    opts: &RunOptions,
+    policy: &Policy,
+    title: &str,
+    outcome: &mut Outcome,
+) -> Result<Option<RunLock>> {
+    if !opts.force && rd.status() == Some(Status::Done) {
+        eprintln!("{title}: done, skipped (--force reruns it)");
+        outcome.skipped += 1;
+        return Ok(None);
+    }
+    let lock = match lock::claim(&rd.dir, policy.stale_after, policy.beat())? {
+        Claim::Acquired(l) => l,
+        Claim::Busy(owner) => {
+            eprintln!("{title}: held by another process ({}), skipped", owner.describe());
+            outcome.busy += 1;
+            return Ok(None);
+        }
+    };
+    // Another process may have finished it between the status check and the claim.
+    if !opts.force && rd.status() == Some(Status::Done) {
+        eprintln!("{title}: done, skipped (--force reruns it)");
+        outcome.skipped += 1;
+        return Ok(None);
+    }
+    Ok(Some(lock))
+}
+
+/// The first rank whose `failure` is set, with its reason (rank 0 knows only its own reason's text).
+fn ranks_failed(world: &crate::comm::World, failure: Option<String>) -> Result<Option<String>> {
+    let mut flags = vec![0.0; world.size()];
+    if failure.is_some() {
+        flags[world.rank()] = 1.0;
+    }
+    world.comm.all_reduce_sum_f64(&mut flags)?;
+    let Some(bad) = flags.iter().position(|&f| f > 0.0) else { return Ok(None) };
+    Ok(Some(match (world.size(), failure) {
+        (1, Some(reason)) => reason,
+        (_, Some(reason)) if bad == world.rank() => format!("rank {bad}: {reason}"),
+        _ => format!("rank {bad} could not load the dataset (its log says why)"),
+    }))
+}
+
+/// A rank other than 0 trains its workers of `run`; it writes nothing.
+fn train_rank(run: &Run, data: &Dataset, opts: &RunOptions) -> Result<Status> {
+    let mut obs = Quiet { stop: opts.stop.clone() };
+    match trainer::train_from(&run.spec, &run.id, data, &opts.device, &mut obs, None, &opts.world) {
+        Ok(_) => Ok(Status::Done),
+        Err(e) if e.is::<Interrupted>() => Ok(Status::Interrupted),
+        Err(e) => Err(e),
+    }
+}
+
+/// The observer of a rank that writes nothing: it only passes on an interrupt.
+struct Quiet {
+    stop: Arc<AtomicBool>,
+}
+
+impl Observer for Quiet {
+    fn step(&mut self, _epoch: usize, _step: usize, _total: usize, _loss: f64) {}
+    fn eval(&mut self, _row: &MetricsRow) -> Result<()> {
+        Ok(())
+    }
+    fn interrupted(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
 }
 
 /// Whether an error comes from a full disk (ENOSPC, or a quota).
@@ -276,7 +382,9 @@ fn run_one(
     lock: &RunLock,
     title: &str,
 ) -> Result<Status> {
-    let resume = if opts.force {
+    let resume = if opts.world.size() > 1 {
+        None // not checkpointed when spread over processes (a one-process checkpoint stays for a one-process run)
+    } else if opts.force {
         checkpoint::remove(&rd.dir)?;
         None
     } else {
@@ -289,6 +397,14 @@ fn run_one(
         }
     };
     let mut manifest = Manifest::new(run, &exp.path, &opts.device_name);
+    if opts.device.is_cpu() {
+        // The thread count sets the order of floating-point sums: a bit-for-bit rerun needs the same.
+        manifest.extra.insert("cpu_threads".into(), rayon::current_num_threads().into());
+    }
+    if opts.world.size() > 1 {
+        manifest.extra.insert("processes".into(), opts.world.size().into());
+        manifest.extra.insert("collectives".into(), opts.world.comm.describe().into());
+    }
     if let Some(r) = &resume {
         // Keep the first start time and the list of resumptions.
         let old = Manifest::read(&rd.manifest()).ok();
@@ -316,7 +432,9 @@ fn run_one(
     }
     let images_per_step = run.spec.method.workers * run.spec.workload.batch_size;
     let mut obs = Progress::new(title.to_string(), rd, &run.id, opts.stop.clone(), lock, policy, rows, images_per_step);
-    let result = trainer::train_from(&run.spec, &run.id, data, &opts.device, &mut obs, resume);
+    obs.save_model = opts.save_model;
+    obs.spread = opts.world.size() > 1;
+    let result = trainer::train_from(&run.spec, &run.id, data, &opts.device, &mut obs, resume, &opts.world);
     obs.finish();
     if lock.lost.load(Ordering::SeqCst) {
         eprintln!("{title}: another process took this run over (its lock looked stale); left to it");
@@ -452,6 +570,10 @@ struct Progress {
     last_line: Instant,
     last_checkpoint: Instant,
     images_per_step: usize,
+    /// Write the final model to `<run>/model.safetensors`.
+    save_model: bool,
+    /// The run is spread over processes: this one holds only its workers, so it writes no checkpoint.
+    spread: bool,
 }
 
 impl Progress {
@@ -484,6 +606,8 @@ impl Progress {
             last_line: Instant::now(),
             last_checkpoint: Instant::now(),
             images_per_step,
+            save_model: false,
+            spread: false,
         }
     }
 
@@ -570,11 +694,18 @@ impl Observer for Progress {
     }
 
     fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
-        if self.lost.load(Ordering::SeqCst) {
-            return Ok(()); // no longer ours to write
+        if self.lost.load(Ordering::SeqCst) || self.spread {
+            return Ok(()); // no longer ours to write, or this process holds only some of the workers
         }
         checkpoint::save(&self.run_dir, &self.run_id, state)?;
         self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    fn model(&mut self, values: &std::collections::BTreeMap<String, candle_core::Tensor>) -> Result<()> {
+        if self.save_model {
+            checkpoint::write_tensors(&self.run_dir.join("model.safetensors"), values)?;
+        }
         Ok(())
     }
 }

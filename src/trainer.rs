@@ -18,7 +18,7 @@
 //! ```
 
 use crate::checkpoint::{self, Tensors, TrainState};
-use crate::comm::{Averager, LocalAverager};
+use crate::comm::{Averager, GroupedAverager, Layout, LocalAverager, SyncTensor, World};
 use crate::data::augment::AugmentCfg;
 use crate::data::loader::{eval_batches, steps_per_epoch, Batch, TrainLoader};
 use crate::data::Dataset;
@@ -82,11 +82,15 @@ pub trait Observer {
     fn checkpoint(&mut self, _state: &TrainState) -> Result<()> {
         Ok(())
     }
+    /// Training finished: the final global model's parameters and buffers (identical on every rank).
+    fn model(&mut self, _values: &BTreeMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Trains the run `spec` on `data` and returns its final figures.
 pub fn train(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
-    train_from(spec, run_id, data, device, obs, None)
+    train_from(spec, run_id, data, device, obs, None, &World::solo())
 }
 
 /// [`train`], continuing from a checkpoint's state where one is given.
@@ -97,11 +101,19 @@ pub fn train_from(
     device: &Device,
     obs: &mut dyn Observer,
     resume: Option<TrainState>,
+    world: &World,
 ) -> Result<Final> {
     // Before any model is built: a worker count the data cannot feed fails here, not after allocating
     // K subnetworks.
     steps_per_epoch(data.train.len(), spec.method.workers, spec.workload.batch_size)?;
-    let run = Run { spec, run_id, data, device };
+    let (n, k) = (world.size(), spec.method.workers);
+    if !k.is_multiple_of(n) {
+        return Err(crate::spec::SpecError(format!(
+            "method.workers = {k} over {n} processes: the process count must divide the worker count"
+        ))
+        .into());
+    }
+    let run = Run { spec, run_id, data, device, world };
     match spec.method.kind {
         MethodKind::Dp => train_dp(&run, obs, resume),
         MethodKind::Sdp => train_sdp(&run, obs, resume),
@@ -116,6 +128,8 @@ struct Run<'a> {
     run_id: &'a str,
     data: &'a Dataset,
     device: &'a Device,
+    /// The processes the run is spread over (worker k on rank k mod N).
+    world: &'a World,
 }
 
 /// How a method's state goes into a checkpoint and comes back out of one.
@@ -154,7 +168,7 @@ fn augment_cfg(spec: &RunSpec, data: &Dataset) -> AugmentCfg {
 }
 
 fn train_dp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
-    let Run { spec, run_id, data, device } = *run;
+    let Run { spec, run_id, data, device, world } = *run;
     let net = models::build(&spec.workload, data.num_classes(), spec.seed, device)?;
     let opt = RefCell::new(Optimizer::new(&spec.optim));
     let aug = augment_cfg(spec, data);
@@ -163,12 +177,16 @@ fn train_dp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Re
         run,
         spec.workload.epochs,
         obs,
-        &mut |batches, lr, _| dp_step(net.as_ref(), &mut opt.borrow_mut(), batches, lr, device),
+        &mut |batches, lr, _| {
+            let forward = |_: usize, x: &Tensor| net.forward_t(x, true);
+            dp_step_with(net.as_ref(), &mut opt.borrow_mut(), batches, lr, device, &forward, world)
+        },
         &mut || single_mode(net.as_ref(), data, &aug, spec.workload.eval_batch_size, device),
         &Snapshot { save: &save, restore: &restore },
         resume,
     )?;
     obs.accounting(&dp_accounting(net.as_ref(), spec, run_id, &opt.borrow(), (data.train.h, data.train.w)))?;
+    obs.model(&net.store().values())?;
     Ok(last)
 }
 
@@ -351,7 +369,7 @@ pub fn baseline_drops(
 }
 
 fn train_baseline(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
-    let Run { spec, run_id, data, device } = *run;
+    let Run { spec, run_id, data, device, world } = *run;
     let mut cfg = models::resnet_config(&spec.workload, data.num_classes())?;
     if spec.method.kind == MethodKind::SmallDense {
         cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
@@ -370,7 +388,7 @@ fn train_baseline(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>)
         &mut |batches, lr, step| {
             let forward =
                 |i: usize, x: &Tensor| net.forward_dropping(x, true, &baseline_drops(spec, &net, step, i, device)?);
-            dp_step_with(&net, &mut opt.borrow_mut(), batches, lr, device, &forward)
+            dp_step_with(&net, &mut opt.borrow_mut(), batches, lr, device, &forward, world)
         },
         &mut || {
             let arch = Arch::ResNet(cfg.clone());
@@ -385,6 +403,7 @@ fn train_baseline(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>)
     let mut acc = dp_accounting(&net, spec, run_id, &opt.borrow(), (data.train.h, data.train.w));
     acc.extra.insert("widths".into(), serde_json::json!(cfg.widths));
     obs.accounting(&acc)?;
+    obs.model(&net.store().values())?;
     Ok(last)
 }
 
@@ -427,13 +446,14 @@ fn dp_accounting(net: &dyn Net, spec: &RunSpec, run_id: &str, opt: &Optimizer, h
 /// One data-parallel step: per-worker gradients, averaged; BN running statistics averaged; one update.
 /// Returns the mean training loss over the workers.
 pub fn dp_step(net: &dyn Net, opt: &mut Optimizer, batches: &[Batch], lr: f64, device: &Device) -> Result<f64> {
-    dp_step_with(net, opt, batches, lr, device, &|_, x| net.forward_t(x, true))
+    dp_step_with(net, opt, batches, lr, device, &|_, x| net.forward_t(x, true), &World::solo())
 }
 
 /// Training-mode logits of worker k for a batch (the DP baselines drop blocks or channels per worker).
 pub type Forward<'a> = dyn Fn(usize, &Tensor) -> candle_core::Result<Tensor> + 'a;
 
-/// [`dp_step`] with a per-worker forward pass.
+/// [`dp_step`] with a per-worker forward pass, over the workers this process hosts in `world` (worker i on
+/// rank i mod N): the gradient and BatchNorm-statistic sums are summed over the ranks before the update.
 pub fn dp_step_with(
     net: &dyn Net,
     opt: &mut Optimizer,
@@ -441,6 +461,7 @@ pub fn dp_step_with(
     lr: f64,
     device: &Device,
     forward: &Forward,
+    world: &World,
 ) -> Result<f64> {
     let store = net.store();
     let k = batches.len();
@@ -449,8 +470,9 @@ pub fn dp_step_with(
     let mut grad_sum: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut buf_sum: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut loss_sum = 0.0;
-    for (i, batch) in batches.iter().enumerate() {
-        if let (Some(s), true) = (&snapshot, i > 0) {
+    let hosted = batches.iter().enumerate().filter(|(i, _)| i % world.size() == world.rank());
+    for (j, (i, batch)) in hosted.enumerate() {
+        if let (Some(s), true) = (&snapshot, j > 0) {
             store.set_buffers(s)?;
         }
         let (x, y) = batch.to_tensors(device)?;
@@ -460,6 +482,15 @@ pub fn dp_step_with(
         if snapshot.is_some() {
             accumulate(&mut buf_sum, store.buffer_tensors()?)?;
         }
+    }
+    if world.size() > 1 {
+        grad_sum = crate::comm::sum_over_ranks(world.comm.as_ref(), grad_sum)?;
+        if snapshot.is_some() {
+            buf_sum = crate::comm::sum_over_ranks(world.comm.as_ref(), buf_sum)?;
+        }
+        let mut l = [loss_sum];
+        world.comm.all_reduce_sum_f64(&mut l)?;
+        loss_sum = l[0];
     }
     let inv = 1.0 / k as f64;
     let grads = scale(grad_sum, inv)?;
@@ -529,6 +560,8 @@ pub fn evaluate(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, d
 /// One simulated SDP worker: its physical subnetwork, where its tensors sit in the global model, its
 /// optimizer state (local to its subnetwork).
 pub struct Worker {
+    /// Its index k among the K workers (it lives on rank k mod N).
+    pub index: usize,
     /// Forward regime: the physical subnetwork. Backward regime: the full model.
     pub net: Box<dyn Net>,
     /// For every tensor the worker trains, the global coordinates it holds (its local coordinates).
@@ -621,7 +654,12 @@ pub struct SdpState {
     /// Gradient alignment records (`method.align_every`).
     pub alignment: Vec<AlignRow>,
     shapes: BTreeMap<String, Vec<usize>>,
-    averager: LocalAverager,
+    averager: Box<dyn Averager>,
+    /// The processes the workers are spread over; `workers` holds this process's (k ≡ rank mod N).
+    world: World,
+    /// Bytes this process put on the wire in the training steps' synchronisations, over `steps` steps.
+    pub step_bytes: f64,
+    pub steps: usize,
     /// Activation dtype of every model built (`workload.precision`).
     compute: DType,
 }
@@ -629,7 +667,13 @@ pub struct SdpState {
 impl SdpState {
     /// Builds the global model from the run seed and every worker's subnetwork from the first selection.
     pub fn new(spec: &RunSpec, num_classes: usize, device: &Device) -> Result<Self> {
-        Self::build(spec, num_classes, device, None)
+        Self::build(spec, num_classes, device, None, &World::solo())
+    }
+
+    /// This process's share of the workers of a run spread over `world` (worker k on rank k mod N), with
+    /// the averager among the processes.
+    pub fn hosted(spec: &RunSpec, num_classes: usize, device: &Device, world: &World) -> Result<Self> {
+        Self::build(spec, num_classes, device, None, world)
     }
 
     /// Builds worker `k`'s physical subnetwork alone, as a process hosting only that worker would (used by
@@ -638,11 +682,11 @@ impl SdpState {
         if k >= spec.method.workers {
             anyhow::bail!("worker {k} does not exist: the spec has {} workers", spec.method.workers);
         }
-        let mut st = Self::build(spec, num_classes, device, Some(k))?;
+        let mut st = Self::build(spec, num_classes, device, Some(k), &World::solo())?;
         st.workers.pop().ok_or_else(|| anyhow::anyhow!("worker {k} was not built"))
     }
 
-    fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>) -> Result<Self> {
+    fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>, world: &World) -> Result<Self> {
         let arch = Arch::of(&spec.workload, num_classes)?;
         let compute = spec.workload.precision.dtype();
         let global = arch.build(None, 1.0, None, Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
@@ -657,7 +701,16 @@ impl SdpState {
             selection: Selection { holds: vec![], m: 0 },
             alignment: Vec::new(),
             shapes,
-            averager: LocalAverager::new(),
+            averager: if world.size() == 1 {
+                Box::new(LocalAverager::new())
+            } else {
+                // The backward regime refreshes every coordinate of every full model at each sync.
+                let layout = if spec.method.regime == Regime::Backward { Layout::Masked } else { Layout::Grouped };
+                Box::new(GroupedAverager::new(world.comm.clone(), spec.method.workers, layout)?)
+            },
+            world: world.clone(),
+            step_bytes: 0.0,
+            steps: 0,
             compute,
         };
         st.draw(spec, 0, device, only)?;
@@ -678,9 +731,13 @@ impl SdpState {
         let widths = self.arch.block_widths();
         let keeps = subnet::keeps(&widths, &self.units, &self.selection.holds);
         let values = self.global.store().values();
+        let all_maps: Vec<BTreeMap<String, IndexMap>> =
+            keeps.iter().map(|keep| self.arch.maps(&self.shapes, keep)).collect();
         self.workers.clear();
-        for (k, keep) in keeps.iter().enumerate().filter(|(k, _)| only.is_none_or(|o| o == *k)) {
-            let maps = self.arch.maps(&self.shapes, keep);
+        let (n, rank) = (self.world.size(), self.world.rank());
+        let hosted = |k: usize| only.map_or(k % n == rank, |o| o == k);
+        for (k, keep) in keeps.iter().enumerate().filter(|(k, _)| hosted(*k)) {
+            let maps = all_maps[k].clone();
             let full_model = m.regime == Regime::Backward;
             // HeteroFL-style scaler: kept activations × 1/keep in training (block units: the branch, kept
             // by m of K workers; neuron units: the internal activations, kept_b of n_b per block).
@@ -715,9 +772,24 @@ impl SdpState {
                 }
             }
             let opt = Optimizer::new(&spec.optim);
-            self.workers.push(Worker { net, maps, opt, units_held, full_model, held_masks });
+            self.workers.push(Worker { index: k, net, maps, opt, units_held, full_model, held_masks });
         }
-        self.averager = LocalAverager::new();
+        self.averager.set_selection(&all_maps)?;
+        Ok(())
+    }
+
+    /// Makes every coordinate of the global model current and identical in every process (a no-op in one
+    /// process): before an evaluation, a new selection, or the end of the run.
+    pub fn assemble_global(&mut self) -> Result<()> {
+        if self.averager.complete() {
+            return Ok(());
+        }
+        let store = self.global.store().clone();
+        let vars: Vec<(&String, &Var)> = store.params.iter().chain(&store.buffers).collect();
+        let items: Vec<(&str, Tensor)> = vars.iter().map(|(n, v)| (n.as_str(), v.as_tensor().clone())).collect();
+        for ((_, var), value) in vars.iter().zip(self.averager.assemble(&items)?) {
+            var.set(&value)?;
+        }
         Ok(())
     }
 
@@ -737,14 +809,18 @@ impl SdpState {
         if buffers {
             tensors.extend(&gstore.buffers);
         }
-        for (name, gvar) in tensors {
-            let mut contribs: Vec<(&IndexMap, Tensor)> = Vec::new();
+        let mut items = Vec::with_capacity(tensors.len());
+        for (name, gvar) in &tensors {
+            let mut contributions = Vec::new();
             for w in &self.workers {
                 if let Some(t) = w.local(name)? {
-                    contribs.push((&w.maps[name], t));
+                    contributions.push((w.index, t));
                 }
             }
-            let mean = self.averager.average(name, gvar.as_tensor(), &contribs)?;
+            items.push(SyncTensor { name, global: gvar.as_tensor().clone(), contributions });
+        }
+        let means = self.averager.average(&items)?;
+        for ((name, gvar), mean) in tensors.into_iter().zip(means) {
             gvar.set(&mean)?;
             for w in &self.workers {
                 w.receive(name, &mean)?;
@@ -756,20 +832,22 @@ impl SdpState {
     /// Averages each worker's gradients among holders; returns every worker's averaged local gradients.
     fn average_grads(&mut self, grads: &[BTreeMap<String, Tensor>]) -> Result<Vec<BTreeMap<String, Tensor>>> {
         let mut out: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); self.workers.len()];
-        for (name, gvar) in &self.global.store().params {
-            let contribs: Vec<(usize, (&IndexMap, Tensor))> = grads
+        let gstore = self.global.store();
+        let mut items = Vec::new();
+        for (name, gvar) in &gstore.params {
+            let contributions: Vec<(usize, Tensor)> = grads
                 .iter()
-                .enumerate()
-                .filter_map(|(k, g)| g.get(name).map(|t| (k, (&self.workers[k].maps[name], t.clone()))))
+                .zip(&self.workers)
+                .filter_map(|(g, w)| g.get(name).map(|t| (w.index, t.clone())))
                 .collect();
-            if contribs.is_empty() {
-                continue;
-            }
-            let zeros = gvar.as_tensor().zeros_like()?;
-            let pairs: Vec<(&IndexMap, Tensor)> = contribs.iter().map(|(_, p)| (p.0, p.1.clone())).collect();
-            let mean = self.averager.average(&format!("grad:{name}"), &zeros, &pairs)?;
-            for (k, (map, _)) in &contribs {
-                out[*k].insert(name.clone(), map.gather(&mean)?);
+            items.push(SyncTensor { name, global: gvar.as_tensor().zeros_like()?, contributions });
+        }
+        let means = self.averager.average(&items)?;
+        for (item, mean) in items.iter().zip(means) {
+            for (pos, w) in self.workers.iter().enumerate() {
+                if grads[pos].contains_key(item.name) {
+                    out[pos].insert(item.name.to_string(), w.maps[item.name].gather(&mean)?);
+                }
             }
         }
         Ok(out)
@@ -777,9 +855,9 @@ impl SdpState {
 }
 
 fn train_sdp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
-    let Run { spec, run_id, data, device } = *run;
+    let Run { spec, run_id, data, device, world } = *run;
     let m = &spec.method;
-    let st = RefCell::new(SdpState::new(spec, data.num_classes(), device)?);
+    let st = RefCell::new(SdpState::hosted(spec, data.num_classes(), device, world)?);
     let aug = augment_cfg(spec, data);
     let save = |out: &mut Tensors| st.borrow().save(out);
     let restore = |r: &TrainState| st.borrow_mut().restore(spec, r, device);
@@ -791,6 +869,7 @@ fn train_sdp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> R
             let mut st = st.borrow_mut();
             if m.resample_every > 0 && step > 1 && (step - 1) % m.resample_every == 0 {
                 st.sync_params(true)?;
+                st.assemble_global()?;
                 st.redraw(spec, ((step - 1) / m.resample_every) as u64, device)?;
             }
             sdp_step(&mut st, spec, batches, lr, step, device)
@@ -798,6 +877,7 @@ fn train_sdp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> R
         &mut || {
             let mut st = st.borrow_mut();
             st.sync_params(true)?;
+            st.assemble_global()?;
             let modes = evaluate_sdp(&st, spec, data, &aug, device)?;
             let (test_loss, test_acc) = modes[&m.eval_mode];
             Ok(Evaluation {
@@ -809,8 +889,10 @@ fn train_sdp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> R
         &Snapshot { save: &save, restore: &restore },
         resume,
     )?;
-    let st = st.into_inner();
-    obs.accounting(&st.accounting(spec, run_id, (data.train.h, data.train.w)))?;
+    let mut st = st.into_inner();
+    obs.accounting(&st.accounting(spec, run_id, (data.train.h, data.train.w))?)?;
+    st.assemble_global()?;
+    obs.model(&st.global.store().values())?;
     Ok(last)
 }
 
@@ -827,18 +909,21 @@ pub fn sdp_step(
 ) -> Result<f64> {
     let m = &spec.method;
     let mut loss_sum = 0.0;
-    let mut all_grads = Vec::with_capacity(batches.len());
+    let mut all_grads = Vec::with_capacity(st.workers.len());
     let align = m.align_every > 0 && step.is_multiple_of(m.align_every);
-    for (k, batch) in batches.iter().enumerate() {
-        let (x, y) = batch.to_tensors(device)?;
-        let worker = &st.workers[k];
+    let sent_before = st.averager.bytes_sent();
+    // The workers this process hosts (all K in the one-process simulation), each on its own batch.
+    for pos in 0..st.workers.len() {
+        let k = st.workers[pos].index;
+        let (x, y) = batches[k].to_tensors(device)?;
+        let worker = &st.workers[pos];
         let (loss, grads) = loss_and_grads(worker.net.as_ref(), &x, &y)?;
         let grads = worker.local_grads(grads)?;
         if align {
-            let cosine = st.alignment_of(k, &grads, &x, &y)?;
+            let cosine = st.alignment_of(pos, &grads, &x, &y)?;
             st.alignment.push(AlignRow { run_id: String::new(), step, worker: k, cosine_to_full_grad: cosine });
         }
-        let worker = &mut st.workers[k];
+        let worker = &mut st.workers[pos];
         loss_sum += loss;
         match m.sync {
             SyncMode::Params => worker.step(&grads, lr)?,
@@ -861,6 +946,13 @@ pub fn sdp_step(
                 st.sync_params(true)?;
             }
         }
+    }
+    st.step_bytes += st.averager.bytes_sent() - sent_before;
+    st.steps += 1;
+    if st.world.size() > 1 {
+        let mut l = [loss_sum];
+        st.world.comm.all_reduce_sum_f64(&mut l)?;
+        loss_sum = l[0];
     }
     Ok(loss_sum / batches.len() as f64)
 }
@@ -938,8 +1030,8 @@ impl SdpState {
     }
 
     /// Memory and communication of every worker, and the spectral gap of the averaging graph.
-    pub fn accounting(&self, spec: &RunSpec, run_id: &str, hw: (usize, usize)) -> Accounting {
-        let k = self.workers.len();
+    pub fn accounting(&self, spec: &RunSpec, run_id: &str, hw: (usize, usize)) -> Result<Accounting> {
+        let k = spec.method.workers;
         let total = self.global.store().num_params();
         let unit_bytes: Vec<usize> = self.units.iter().map(|u| u.params * 4).collect();
         let shared_bytes = (total * 4).saturating_sub(unit_bytes.iter().sum());
@@ -949,11 +1041,10 @@ impl SdpState {
             SyncMode::Params => 1.0 / spec.method.sync_every as f64,
             SyncMode::Grads => 1.0,
         };
-        let workers = self
+        let mut workers: Vec<WorkerRow> = self
             .workers
             .iter()
-            .zip(&comm)
-            .enumerate()
+            .map(|w| (w.index, (w, &comm[w.index])))
             .map(|(worker, (w, c))| {
                 // Held (trained) scalars; the backward regime stores the whole model but trains these.
                 let held: usize =
@@ -973,19 +1064,67 @@ impl SdpState {
                 }
             })
             .collect();
-        Accounting {
+        let mut extra = BTreeMap::new();
+        if self.world.size() > 1 {
+            workers = gather_worker_rows(&self.world, workers, k, run_id)?;
+            // What each rank put on the wire per training step (measured buffers, ring all-reduce model).
+            let mut sent = vec![0.0; self.world.size()];
+            sent[self.world.rank()] = self.step_bytes / self.steps.max(1) as f64;
+            self.world.comm.all_reduce_sum_f64(&mut sent)?;
+            extra.insert("processes".into(), self.world.size().into());
+            extra.insert("comm_bytes_sent_per_step_by_rank".into(), serde_json::json!(sent));
+        }
+        Ok(Accounting {
             workers,
             spectral_gap: Some(metrics::spectral_gap(&self.selection, &unit_bytes)),
             holders: self.selection.m,
-            extra: BTreeMap::new(),
+            extra,
             alignment: self.alignment.iter().map(|a| AlignRow { run_id: run_id.to_string(), ..a.clone() }).collect(),
-        }
+        })
     }
 
     /// Fraction of the workers holding each unit (m/K for uniform-representation strategies).
     pub fn holder_fraction(&self) -> f64 {
         self.selection.m as f64 / self.workers.len().max(1) as f64
     }
+}
+
+/// Every worker's row in every process: each process fills in the rows of the workers it hosts.
+fn gather_worker_rows(world: &World, rows: Vec<WorkerRow>, k: usize, run_id: &str) -> Result<Vec<WorkerRow>> {
+    const F: usize = 8;
+    let mut m = vec![0.0; k * F];
+    for r in &rows {
+        let v = [
+            r.units_held as f64,
+            r.param_fraction,
+            r.param_bytes as f64,
+            r.grad_bytes as f64,
+            r.optim_bytes as f64,
+            r.activation_bytes_est as f64,
+            r.comm_bytes_per_step,
+            r.comm_bytes_per_step_masked,
+        ];
+        m[r.worker * F..(r.worker + 1) * F].copy_from_slice(&v);
+    }
+    world.comm.all_reduce_sum_f64(&mut m)?;
+    Ok((0..k)
+        .map(|w| {
+            let v = &m[w * F..(w + 1) * F];
+            WorkerRow {
+                run_id: run_id.to_string(),
+                worker: w,
+                units_held: v[0] as usize,
+                param_fraction: v[1],
+                param_bytes: v[2] as usize,
+                grad_bytes: v[3] as usize,
+                optim_bytes: v[4] as usize,
+                activation_bytes_est: v[5] as usize,
+                peak_bytes_measured: None,
+                comm_bytes_per_step: v[6],
+                comm_bytes_per_step_masked: v[7],
+            }
+        })
+        .collect())
 }
 
 /// Test loss and accuracy of every evaluation mode.
@@ -1011,38 +1150,51 @@ pub fn evaluate_sdp(
         out[&EvalMode::Full]
     };
     out.insert(EvalMode::Scaled, scaled);
-    // Ensemble (mean softmax) and individual subnetworks.
-    let (mut ens_loss, mut ens_correct, mut sub_correct, mut n) = (0.0, 0usize, vec![0usize; st.workers.len()], 0usize);
-    let mut sub_loss = vec![0.0; st.workers.len()];
+    // Ensemble (mean softmax) and individual subnetworks; each process runs the workers it hosts, and the
+    // probabilities and per-worker sums are summed over the processes.
+    let k_all = spec.method.workers;
+    let (mut ens_loss, mut ens_correct, mut n) = (0.0, 0usize, 0usize);
+    let (mut sub_loss, mut sub_correct) = (vec![0.0; k_all], vec![0.0; k_all]);
     for b in eval_batches(&data.test, aug, batch) {
         let (x, y) = b.to_tensors(device)?;
         let mut prob_sum: Option<Tensor> = None;
-        for (k, w) in st.workers.iter().enumerate() {
+        for w in &st.workers {
             let logits = w.net.forward_t(&x, false)?.detach();
-            sub_loss[k] += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
-            sub_correct[k] += count_correct(&logits, &b.y)?;
+            sub_loss[w.index] +=
+                candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+            sub_correct[w.index] += count_correct(&logits, &b.y)? as f64;
             let p = candle_nn::ops::softmax_last_dim(&logits)?;
             prob_sum = Some(match prob_sum {
                 Some(s) => (s + p)?,
                 None => p,
             });
         }
-        let probs = match prob_sum {
-            Some(p) => (p / st.workers.len() as f64)?,
-            None => anyhow::bail!("no workers"),
+        let prob_sum = match prob_sum {
+            Some(p) if st.world.size() == 1 => p,
+            local => {
+                let shape = (b.len(), data.num_classes());
+                let mut v: Vec<f32> = match local {
+                    Some(p) => p.flatten_all()?.to_vec1()?,
+                    None => vec![0.0; shape.0 * shape.1],
+                };
+                let all = crate::comm::all_ranks(st.world.size());
+                st.world.comm.prepare(&[all])?;
+                st.world.comm.all_reduce_sum(all, &mut v)?;
+                Tensor::from_vec(v, shape, device)?
+            }
         };
+        let probs = (prob_sum / k_all as f64)?;
         ens_loss +=
             candle_nn::loss::nll(&probs.clamp(1e-12f32, 1f32)?.log()?, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
         ens_correct += count_correct(&probs, &b.y)?;
         n += b.len();
     }
+    st.world.comm.all_reduce_sum_f64(&mut sub_loss)?;
+    st.world.comm.all_reduce_sum_f64(&mut sub_correct)?;
     let n = n.max(1) as f64;
-    let kf = st.workers.len() as f64;
+    let kf = k_all as f64;
     out.insert(EvalMode::Ensemble, (ens_loss / n, ens_correct as f64 / n));
-    out.insert(
-        EvalMode::SubnetMean,
-        (sub_loss.iter().sum::<f64>() / n / kf, sub_correct.iter().sum::<usize>() as f64 / n / kf),
-    );
+    out.insert(EvalMode::SubnetMean, (sub_loss.iter().sum::<f64>() / n / kf, sub_correct.iter().sum::<f64>() / n / kf));
     Ok(out)
 }
 

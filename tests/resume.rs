@@ -140,9 +140,11 @@ fn a_checkpoint_of_another_shape_is_refused_naming_the_tensor() -> Result<()> {
 
 // ----- the binary: SIGKILL, SIGTERM -----
 
+/// `sdp` with one CPU thread (what each `--jobs` child gets on 2 cores): the thread count sets the order of
+/// floating-point sums, so runs compared bit for bit must share it.
 fn sdp_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sdp"));
-    c.args(args);
+    c.args(args).env("RAYON_NUM_THREADS", "1").env("CANDLE_NUM_THREADS", "1");
     c
 }
 

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use common::{run_options, tiny_with};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sdp::comm::{Averager, LocalAverager};
+use sdp::comm::{Averager, GroupedAverager, Layout, LocalAverager, Solo, SyncTensor};
 use sdp::data::augment::{AugmentCfg, PadMode};
 use sdp::data::loader::TrainLoader;
 use sdp::data::ImageSet;
@@ -76,9 +76,22 @@ fn full_coverage_sdp_equals_dp() -> Result<()> {
     Ok(())
 }
 
-/// The in-process averager equals a naive per-coordinate mean over the holders, on random masks.
+/// Every averager of a one-process world (the in-process one, and the grouped one in both layouts)
+/// equals a naive per-coordinate mean over the holders, on random masks.
 #[test]
 fn averaging_equals_naive_mean_over_holders() -> Result<()> {
+    let make: [(&str, fn(usize) -> Result<Box<dyn Averager>>); 3] = [
+        ("local", |_| Ok(Box::new(LocalAverager::new()))),
+        ("grouped", |k| Ok(Box::new(GroupedAverager::new(std::rc::Rc::new(Solo), k, Layout::Grouped)?))),
+        ("masked", |k| Ok(Box::new(GroupedAverager::new(std::rc::Rc::new(Solo), k, Layout::Masked)?))),
+    ];
+    for (what, make) in make {
+        naive_mean_check(what, make)?;
+    }
+    Ok(())
+}
+
+fn naive_mean_check(what: &str, make: fn(usize) -> Result<Box<dyn Averager>>) -> Result<()> {
     let mut r = ChaCha8Rng::seed_from_u64(5);
     let dev = Device::Cpu;
     let shape = [6usize, 5, 3];
@@ -100,8 +113,13 @@ fn averaging_equals_naive_mean_over_holders() -> Result<()> {
             locals.push(Tensor::from_slice(&vals, map.local_shape().as_slice(), &dev)?);
             maps.push(map);
         }
-        let contribs: Vec<(&IndexMap, Tensor)> = maps.iter().zip(&locals).map(|(m, t)| (m, t.clone())).collect();
-        let got = LocalAverager::new().average("p", &global_t, &contribs)?.flatten_all()?.to_vec1::<f32>()?;
+        let per_worker: Vec<BTreeMap<String, IndexMap>> =
+            maps.iter().map(|m| BTreeMap::from([("p".to_string(), m.clone())])).collect();
+        let mut av = make(per_worker.len())?;
+        av.set_selection(&per_worker)?;
+        let contributions = locals.iter().cloned().enumerate().collect();
+        let sync = [SyncTensor { name: "p", global: global_t.clone(), contributions }];
+        let got = av.average(&sync)?.remove(0).flatten_all()?.to_vec1::<f32>()?;
         // Naive: for each global coordinate, average the values of the locals that contain it.
         for i in 0..6 {
             for j in 0..5 {
@@ -123,7 +141,7 @@ fn averaging_equals_naive_mean_over_holders() -> Result<()> {
                     }
                     let want = if cnt == 0 { global[(i * 5 + j) * 3 + k] } else { sum / cnt as f32 };
                     let g = got[(i * 5 + j) * 3 + k];
-                    assert!((g - want).abs() < 1e-6, "trial {trial} ({i},{j},{k}): {g} vs {want}");
+                    assert!((g - want).abs() < 1e-6, "{what}, trial {trial} ({i},{j},{k}): {g} vs {want}");
                 }
             }
         }

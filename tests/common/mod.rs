@@ -55,6 +55,8 @@ pub fn run_options(results: &Path) -> RunOptions {
         only: None,
         stop: Arc::new(AtomicBool::new(false)),
         memprobe: None,
+        save_model: false,
+        world: sdp::comm::World::solo(),
     }
 }
 

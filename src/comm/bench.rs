@@ -1,0 +1,170 @@
+//! `sdp bench comm`: what one parameter synchronisation costs across processes, measured.
+//!
+//! Run under `mpirun -np N` (or alone: N = 1, nothing is sent). Every rank builds the same model and
+//! selection from the spec parser (so a bad flag is the same error a run's spec gives), hosts workers
+//! k ≡ rank (mod N), and times `--syncs` synchronisations of every parameter with three exchanges:
+//! - `dp`: every worker holds everything: one all-reduce of the whole model among all ranks;
+//! - `sdp-grouped`: the selection's coordinates grouped by the ranks holding them, one all-reduce per group;
+//! - `sdp-masked`: every held coordinate in one all-reduce among all ranks (zeros where a rank holds none).
+//!
+//! Per rank it prints the median time of a sync and the bytes put on the wire per sync (from the buffers
+//! actually all-reduced, under the ring all-reduce model 2(g-1)/g × payload among g ranks), next to the
+//! model that workers.csv reports (`comm_bytes_per_step`, one worker per rank when N = K).
+
+use super::{Averager, GroupedAverager, IndexMap, Layout, SyncTensor, World};
+use crate::metrics;
+use crate::spec;
+use crate::trainer::SdpState;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// Arguments of `sdp bench comm`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommArgs {
+    /// Model (as `workload.model`: resnet18, wrn18, swin_t, …).
+    #[arg(long, default_value = "resnet18")]
+    pub model: String,
+    /// Masking strategy (as `method.masking`).
+    #[arg(long, default_value = "block")]
+    pub masking: String,
+    /// Coverage C (as `method.coverage`).
+    #[arg(long, default_value_t = 0.5)]
+    pub coverage: f64,
+    /// Workers K (as `method.workers`; default: the number of processes).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Spec overrides, as `sdp run --set` (e.g. `workload.widths=[16,32,64,128]`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Timed synchronisations per exchange (after 2 untimed ones).
+    #[arg(long, default_value_t = 20)]
+    pub syncs: usize,
+}
+
+/// The spec every rank parses (model, masking, coverage and workers come from the flags).
+const TEMPLATE: &str = r#"name = "bench-comm"
+seeds = [0]
+[workload]
+dataset = "cifar10"
+model = "resnet18"
+epochs = 1
+batch_size = 64
+[optim]
+lr = 0.1
+[method]
+kind = "sdp"
+"#;
+
+/// One exchange's figures on one rank.
+struct Measured {
+    median_s: f64,
+    wire_bytes: f64,
+}
+
+/// Runs the benchmark in this process (one rank of `world`); rank 0 prints the table.
+pub fn run(args: &CommArgs, world: &World) -> Result<()> {
+    anyhow::ensure!(args.syncs > 0, "--syncs must be at least 1");
+    let (n, rank) = (world.size(), world.rank());
+    let k = args.workers.unwrap_or(n);
+    let mut sets = vec![
+        format!("workload.model={}", args.model),
+        format!("method.masking={}", args.masking),
+        format!("method.coverage={}", args.coverage),
+        format!("method.workers={k}"),
+    ];
+    sets.extend(args.sets.iter().cloned());
+    let exp = spec::parse(TEMPLATE, Path::new("sdp bench comm"), &sets)?;
+    let run = exp.runs.first().context("the bench spec expands to no run")?;
+    let st = SdpState::new(&run.spec, 10, &Device::Cpu)?;
+    let params: Vec<(String, candle_core::Tensor)> =
+        st.global.store().params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let selection: Vec<BTreeMap<String, IndexMap>> = st.workers.iter().map(|w| w.maps.clone()).collect();
+    let everything: BTreeMap<String, IndexMap> =
+        params.iter().map(|(n, t)| (n.clone(), IndexMap::full(t.dims()))).collect();
+    let hosted: Vec<usize> = (0..k).filter(|w| w % n == rank).collect();
+    let model_bytes: usize = params.iter().map(|(_, t)| t.elem_count() * 4).sum();
+    if world.is_root() {
+        eprintln!(
+            "bench comm: {} ({:.1} MB of parameters), K = {k} workers over {n} process(es) ({}), masking {}, \
+             coverage {}, {} timed syncs",
+            args.model,
+            model_bytes as f64 / 1e6,
+            world.comm.describe(),
+            args.masking,
+            args.coverage,
+            args.syncs
+        );
+    }
+    let exchanges: [(&str, Vec<BTreeMap<String, IndexMap>>, Layout); 3] = [
+        ("dp", vec![everything; k], Layout::Grouped),
+        ("sdp-grouped", selection.clone(), Layout::Grouped),
+        ("sdp-masked", selection, Layout::Masked),
+    ];
+    // Model per worker (workers.csv), for N = K.
+    let unit_bytes: Vec<usize> = st.units.iter().map(|u| u.params * 4).collect();
+    let shared = model_bytes.saturating_sub(unit_bytes.iter().sum());
+    let modelled = metrics::comm_bytes_per_worker(&st.selection, &unit_bytes, shared, k);
+    let mut table = Vec::new();
+    for (name, maps, layout) in exchanges {
+        let mut av = GroupedAverager::new(world.comm.clone(), k, layout)?;
+        av.set_selection(&maps)?;
+        let items = || -> Result<Vec<SyncTensor>> {
+            params
+                .iter()
+                .map(|(pname, global)| {
+                    let mut contributions = Vec::new();
+                    for &w in &hosted {
+                        if let Some(map) = maps[w].get(pname) {
+                            contributions.push((w, map.gather(global)?));
+                        }
+                    }
+                    Ok(SyncTensor { name: pname, global: global.clone(), contributions })
+                })
+                .collect()
+        };
+        let sync = items()?;
+        for _ in 0..2 {
+            av.average(&sync)?;
+        }
+        let before = av.bytes_sent();
+        let mut times = Vec::with_capacity(args.syncs);
+        for _ in 0..args.syncs {
+            world.comm.all_reduce_sum_f64(&mut [0.0])?; // start together
+            let t = Instant::now();
+            av.average(&sync)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let wire = (av.bytes_sent() - before) / args.syncs as f64;
+        let m = Measured { median_s: times[times.len() / 2], wire_bytes: wire };
+        // Every rank's figures to every rank (slot r).
+        let mut all = vec![0.0; 2 * n];
+        all[2 * rank] = m.median_s;
+        all[2 * rank + 1] = m.wire_bytes;
+        world.comm.all_reduce_sum_f64(&mut all)?;
+        for r in 0..n {
+            let model = match (n == k, name) {
+                (true, "dp") => Some(metrics::ring_allreduce_bytes(model_bytes, k)),
+                (true, "sdp-grouped") => Some(modelled[r].grouped),
+                (true, _) => Some(modelled[r].masked_allreduce),
+                (false, _) => None,
+            };
+            table.push((name, r, all[2 * r], all[2 * r + 1], model));
+        }
+    }
+    if world.is_root() {
+        println!("exchange\trank\tms_per_sync\twire_MB_per_sync\tmodel_MB_per_sync\tmeasured/model");
+        for (name, r, s, wire, model) in table {
+            let (m, ratio) = match model {
+                Some(m) if m > 0.0 => (format!("{:.3}", m / 1e6), format!("{:.4}", wire / m)),
+                Some(m) => (format!("{:.3}", m / 1e6), "-".into()),
+                None => ("-".into(), "-".into()),
+            };
+            println!("{name}\t{r}\t{:.3}\t{:.3}\t{m}\t{ratio}", s * 1e3, wire / 1e6);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! One process per group of workers over MPI: `mpirun -np N sdp run` (N = 2 and 4 CPU ranks, K = 4 workers)
+//! computes what the one-process simulation computes, for DP and for SDP block and neuron masking at C = 0.5
+//! in both regimes; `sdp bench comm` measures what the model predicts; a rank that cannot load its data
+//! fails the run on every rank, naming it. Needs Open MPI's `mpirun` (`.ci/run` installs it).
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{safetensors, Device};
+use common::tiny_with;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The tiny experiment with K = 4 workers: 64 images, 4 × 8 per step, 2 steps per epoch.
+fn spec(method: &str, epochs: usize) -> String {
+    tiny_with(&[("epochs = 2", &format!("epochs = {epochs}")), ("[method]\nworkers = 2\n", method)])
+}
+
+fn sdp(np: usize, args: &[&str]) -> Result<Output> {
+    let exe = env!("CARGO_BIN_EXE_sdp");
+    let mut cmd = if np == 1 {
+        Command::new(exe)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["--oversubscribe", "-np", &np.to_string(), exe]);
+        c
+    };
+    cmd.args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .env("CANDLE_NUM_THREADS", "1");
+    cmd.output().context("starting sdp (is Open MPI's mpirun on the PATH?)")
+}
+
+/// Trains `spec_text` with `np` processes into `dir`; returns the run folder.
+fn train(np: usize, spec_text: &str, dir: &Path) -> Result<std::path::PathBuf> {
+    let spec = dir.join("exp.toml");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&spec, spec_text)?;
+    let results = dir.join("results");
+    let out = sdp(
+        np,
+        &[
+            "run",
+            spec.to_str().context("path")?,
+            "--results-dir",
+            results.to_str().context("path")?,
+            "--save-model",
+            "--no-memprobe",
+        ],
+    )?;
+    ensure!(out.status.success(), "np {np}: {}", String::from_utf8_lossy(&out.stderr));
+    let exp = results.join("tiny");
+    let run = std::fs::read_dir(&exp)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .with_context(|| format!("no run folder in {}", exp.display()))?;
+    Ok(run)
+}
+
+fn max_model_diff(a: &Path, b: &Path) -> Result<f32> {
+    let (ta, tb) = (safetensors::load(a, &Device::Cpu)?, safetensors::load(b, &Device::Cpu)?);
+    ensure!(ta.len() == tb.len() && !ta.is_empty(), "{} vs {} tensors", ta.len(), tb.len());
+    let mut worst = 0f32;
+    for (name, x) in &ta {
+        let y = tb.get(name).with_context(|| format!("{name} missing"))?;
+        let d = (x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        worst = worst.max(d);
+    }
+    Ok(worst)
+}
+
+fn metrics(run: &Path) -> Result<Vec<Vec<String>>> {
+    let text = std::fs::read_to_string(run.join("metrics.csv"))?;
+    Ok(text.lines().map(|l| l.split(',').map(str::to_string).collect()).collect())
+}
+
+const METHODS: [(&str, &str); 5] = [
+    ("dp", "[method]\nkind = \"dp\"\nworkers = 4\n"),
+    ("block forward", "[method]\nkind = \"sdp\"\nworkers = 4\nmasking = \"block\"\ncoverage = 0.5\n"),
+    ("neuron forward", "[method]\nkind = \"sdp\"\nworkers = 4\nmasking = \"neuron\"\ncoverage = 0.5\n"),
+    (
+        "block backward",
+        "[method]\nkind = \"sdp\"\nworkers = 4\nmasking = \"block\"\ncoverage = 0.5\nregime = \"backward\"\n",
+    ),
+    (
+        "neuron backward",
+        "[method]\nkind = \"sdp\"\nworkers = 4\nmasking = \"neuron\"\ncoverage = 0.5\nregime = \"backward\"\n",
+    ),
+];
+
+/// After the first steps (one epoch: 2 steps) the model of 2 and of 4 processes equals the simulation's.
+#[test]
+fn ranks_compute_what_the_simulation_computes() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for (what, method) in METHODS {
+        let text = spec(method, 1);
+        let one = train(1, &text, &tmp.path().join(format!("{what}-1")))?;
+        for np in [2, 4] {
+            let many = train(np, &text, &tmp.path().join(format!("{what}-{np}")))?;
+            let d = max_model_diff(&one.join("model.safetensors"), &many.join("model.safetensors"))?;
+            assert!(d < 1e-5, "{what}, {np} processes: parameters differ by {d}");
+        }
+    }
+    Ok(())
+}
+
+/// Over a whole run (2 epochs) the final metrics of 4 processes agree with the simulation's.
+#[test]
+fn final_metrics_agree_over_a_run() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for (what, method) in [METHODS[0], METHODS[1], METHODS[2]] {
+        let text = spec(method, 2);
+        let one = metrics(&train(1, &text, &tmp.path().join(format!("{what}-1")))?)?;
+        let four = metrics(&train(4, &text, &tmp.path().join(format!("{what}-4")))?)?;
+        assert_eq!(one[0], four[0], "{what}: headers");
+        assert_eq!(one.len(), four.len(), "{what}: rows");
+        let col = |name: &str| one[0].iter().position(|c| c == name).context("column");
+        for (a, b) in one[1..].iter().zip(&four[1..]) {
+            for name in ["train_loss", "test_loss"] {
+                let (x, y): (f64, f64) = (a[col(name)?].parse()?, b[col(name)?].parse()?);
+                assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{what}: {name} {x} vs {y}");
+            }
+            let (x, y): (f64, f64) = (a[col("test_acc")?].parse()?, b[col("test_acc")?].parse()?);
+            assert!((x - y).abs() <= 0.05, "{what}: test_acc {x} vs {y}");
+        }
+    }
+    Ok(())
+}
+
+/// The grouped exchange of 4 ranks sends what workers.csv's model says, and less than DP.
+#[test]
+fn bench_comm_matches_the_model() -> Result<()> {
+    let out = sdp(4, &["bench", "comm", "--set", "workload.widths=[8,16,32,64]", "--syncs", "2"])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split('\t').collect()).collect();
+    assert_eq!(rows.len(), 12, "{text}");
+    for r in &rows {
+        let ratio: f64 = r[5].parse().with_context(|| format!("{r:?}"))?;
+        assert!((ratio - 1.0).abs() < 0.01, "{r:?}");
+    }
+    let wire =
+        |ex: &str| -> f64 { rows.iter().filter(|r| r[0] == ex).map(|r| r[3].parse::<f64>().unwrap_or(0.0)).sum() };
+    assert!(wire("sdp-grouped") < 0.6 * wire("dp"), "{text}");
+    Ok(())
+}
+
+/// A rank that cannot load the dataset (here rank 1 is pointed at an empty folder) fails the run on every
+/// rank within a minute; rank 0 records the run as failed, naming rank 1; a re-run with the data trains it.
+#[test]
+fn a_rank_without_its_data_fails_the_run_naming_it() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    // A 4-class ImageFolder tree of 8x8 PNGs: 32 train and 8 test images.
+    for (split, n) in [("train", 8), ("test", 2)] {
+        for class in 0..4u8 {
+            for i in 0..n {
+                let px: Vec<u8> = (0..8 * 8 * 3).map(|j| (j as u8).wrapping_mul(class + 1).wrapping_add(i)).collect();
+                let path = dir.join(format!("data/tree/{split}/c{class}/{i}.png"));
+                std::fs::create_dir_all(path.parent().context("parent")?)?;
+                image::RgbImage::from_raw(8, 8, px).context("image")?.save(&path)?;
+            }
+        }
+    }
+    std::fs::create_dir_all(dir.join("empty"))?;
+    let text = tiny_with(&[
+        ("dataset = \"shapes\"", "dataset = \"folder:tree\""),
+        ("train_samples = 64", "train_samples = 32"),
+        ("test_samples = 40", "test_samples = 8"),
+        ("[method]\nworkers = 2\n", "[method]\nworkers = 2\n"),
+    ]);
+    std::fs::write(dir.join("exp.toml"), &text)?;
+    let (spec, results) = (dir.join("exp.toml"), dir.join("r"));
+    let rank = |data: &str| -> Vec<String> {
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        [
+            "-np",
+            "1",
+            env!("CARGO_BIN_EXE_sdp"),
+            "run",
+            &s(&spec),
+            "--results-dir",
+            &s(&results),
+            "--data-dir",
+            &s(&dir.join(data)),
+            "--no-memprobe",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let mpmd = |second: &str| -> Result<Output> {
+        let mut c = Command::new("mpirun");
+        c.arg("--oversubscribe").args(rank("data")).arg(":").args(rank(second));
+        c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        Ok(c.output()?)
+    };
+    let started = std::time::Instant::now();
+    let out = mpmd("empty")?;
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(started.elapsed().as_secs() < 60, "took {:?}", started.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rank 1"), "{stderr}");
+    let run = std::fs::read_dir(results.join("tiny"))?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.is_dir());
+    let manifest = std::fs::read_to_string(run.context("no run folder")?.join("manifest.json"))?;
+    assert!(manifest.contains("failed") && manifest.contains("rank 1"), "{manifest}");
+    // With the data on both ranks the same command trains it.
+    let again = mpmd("data")?;
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let done = std::fs::read_dir(results.join("tiny"))?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.is_dir());
+    let manifest = std::fs::read_to_string(done.context("no run folder")?.join("manifest.json"))?;
+    assert!(manifest.contains("\"done\""), "{manifest}");
+    Ok(())
+}
