@@ -316,7 +316,7 @@ fn run_one(
     }
     let images_per_step = run.spec.method.workers * run.spec.workload.batch_size;
     let mut obs = Progress::new(title.to_string(), rd, &run.id, opts.stop.clone(), lock, policy, rows, images_per_step);
-    let result = trainer::train_from(&run.spec, &run.id, data, &opts.device, &mut obs, resume);
+    let result = trainer::train_from(&run.spec, data, &opts.device, &mut obs, resume);
     obs.finish();
     if lock.lost.load(Ordering::SeqCst) {
         eprintln!("{title}: another process took this run over (its lock looked stale); left to it");
@@ -432,7 +432,8 @@ fn clock(secs: f64) -> String {
 
 /// Reports progress: an indicatif bar on a terminal, otherwise a plain line every `progress_every` and
 /// one per evaluation; writes `metrics.csv` (atomically, whole) after every evaluation; publishes the
-/// progress to the lock's heartbeat; writes checkpoints as the policy says.
+/// progress to the lock's heartbeat; writes checkpoints as the policy says. Stamps the run id on the rows
+/// training reports (metrics, workers, alignment), which carry none.
 struct Progress {
     title: String,
     bar: Option<ProgressBar>,
@@ -530,7 +531,7 @@ impl Observer for Progress {
     }
 
     fn eval(&mut self, row: &MetricsRow) -> Result<()> {
-        self.rows.push(row.clone());
+        self.rows.push(MetricsRow { run_id: self.run_id.clone(), ..row.clone() });
         self.last_acc = Some(row.test_acc);
         write_metrics(&self.metrics_path, &self.rows)?;
         let line = format!(
@@ -545,7 +546,10 @@ impl Observer for Progress {
     }
 
     fn accounting(&mut self, acc: &Accounting) -> Result<()> {
-        self.accounting = Some(acc.clone());
+        let mut acc = acc.clone();
+        acc.workers.iter_mut().for_each(|w| w.run_id.clone_from(&self.run_id));
+        acc.alignment.iter_mut().for_each(|a| a.run_id.clone_from(&self.run_id));
+        self.accounting = Some(acc);
         Ok(())
     }
 

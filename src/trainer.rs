@@ -62,7 +62,8 @@ pub enum At {
     EpochEnd { epoch: usize, last: bool },
 }
 
-/// What a training loop reports as it goes.
+/// What a training loop reports as it goes. Training knows no run id: the rows it reports (metrics,
+/// workers, alignment) carry an empty `run_id`, which the observer that writes them stamps.
 pub trait Observer {
     /// After every optimizer step (`step` counts from 1 over the whole run).
     fn step(&mut self, epoch: usize, step: usize, total_steps: usize, loss: f64);
@@ -85,14 +86,13 @@ pub trait Observer {
 }
 
 /// Trains the run `spec` on `data` and returns its final figures.
-pub fn train(spec: &RunSpec, run_id: &str, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
-    train_from(spec, run_id, data, device, obs, None)
+pub fn train(spec: &RunSpec, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
+    train_from(spec, data, device, obs, None)
 }
 
 /// [`train`], continuing from a checkpoint's state where one is given.
 pub fn train_from(
     spec: &RunSpec,
-    run_id: &str,
     data: &Dataset,
     device: &Device,
     obs: &mut dyn Observer,
@@ -101,7 +101,7 @@ pub fn train_from(
     // Before any model is built: a worker count the data cannot feed fails here, not after allocating
     // K subnetworks.
     steps_per_epoch(data.train.len(), spec.method.workers, spec.workload.batch_size)?;
-    let run = Run { spec, run_id, data, device };
+    let run = Run { spec, data, device };
     match spec.method.kind {
         MethodKind::Dp => train_dp(&run, obs, resume),
         MethodKind::Sdp => train_sdp(&run, obs, resume),
@@ -113,7 +113,6 @@ pub fn train_from(
 #[derive(Clone, Copy)]
 struct Run<'a> {
     spec: &'a RunSpec,
-    run_id: &'a str,
     data: &'a Dataset,
     device: &'a Device,
 }
@@ -154,7 +153,7 @@ fn augment_cfg(spec: &RunSpec, data: &Dataset) -> AugmentCfg {
 }
 
 fn train_dp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
-    let Run { spec, run_id, data, device } = *run;
+    let Run { spec, data, device } = *run;
     let net = models::build(&spec.workload, data.num_classes(), spec.seed, device)?;
     let opt = RefCell::new(Optimizer::new(&spec.optim));
     let aug = augment_cfg(spec, data);
@@ -168,7 +167,7 @@ fn train_dp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Re
         &Snapshot { save: &save, restore: &restore },
         resume,
     )?;
-    obs.accounting(&dp_accounting(net.as_ref(), spec, run_id, &opt.borrow(), (data.train.h, data.train.w)))?;
+    obs.accounting(&dp_accounting(net.as_ref(), spec, &opt.borrow(), (data.train.h, data.train.w)))?;
     Ok(last)
 }
 
@@ -185,7 +184,8 @@ type StepFn<'a> = dyn FnMut(&[Batch], f64, usize) -> Result<f64> + 'a;
 /// The epoch loop every method shares: batches from the loader, one `step` per optimizer step (given the
 /// batches, the learning rate and the 1-based step number; returns the mean training loss), an
 /// `evaluate` every `eval_every` epochs and at the end, progress and metrics through `obs`, checkpoints
-/// where `obs` asks for them (and on an interrupt), and a start from `resume`'s position where given.
+/// where `obs` asks for them (and on an interrupt), and a start from `resume`'s position where given. The
+/// metrics rows carry an empty `run_id`.
 fn epoch_loop(
     run: &Run,
     epochs: usize,
@@ -195,7 +195,7 @@ fn epoch_loop(
     snapshot: &Snapshot,
     resume: Option<TrainState>,
 ) -> Result<Final> {
-    let Run { spec, run_id, data, .. } = *run;
+    let Run { spec, data, .. } = *run;
     let w = &spec.workload;
     let k = spec.method.workers;
     let aug = augment_cfg(spec, data);
@@ -255,7 +255,7 @@ fn epoch_loop(
         if epoch % w.eval_every == 0 || epoch == epochs {
             let e = eval_fn()?;
             let row = MetricsRow {
-                run_id: run_id.to_string(),
+                run_id: String::new(),
                 epoch,
                 step: pos.step,
                 train_loss: pos.epoch_loss_sum / per_epoch as f64,
@@ -351,7 +351,7 @@ pub fn baseline_drops(
 }
 
 fn train_baseline(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
-    let Run { spec, run_id, data, device } = *run;
+    let Run { spec, data, device } = *run;
     let mut cfg = models::resnet_config(&spec.workload, data.num_classes())?;
     if spec.method.kind == MethodKind::SmallDense {
         cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
@@ -382,7 +382,7 @@ fn train_baseline(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>)
         &Snapshot { save: &save, restore: &restore },
         resume,
     )?;
-    let mut acc = dp_accounting(&net, spec, run_id, &opt.borrow(), (data.train.h, data.train.w));
+    let mut acc = dp_accounting(&net, spec, &opt.borrow(), (data.train.h, data.train.w));
     acc.extra.insert("widths".into(), serde_json::json!(cfg.widths));
     obs.accounting(&acc)?;
     Ok(last)
@@ -402,13 +402,13 @@ pub struct Accounting {
     pub alignment: Vec<AlignRow>,
 }
 
-fn dp_accounting(net: &dyn Net, spec: &RunSpec, run_id: &str, opt: &Optimizer, hw: (usize, usize)) -> Accounting {
+fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, hw: (usize, usize)) -> Accounting {
     let k = spec.method.workers;
     let params = net.store().num_params();
     let comm = metrics::ring_allreduce_bytes(params * 4, k);
     let workers = (0..k)
         .map(|worker| WorkerRow {
-            run_id: run_id.to_string(),
+            run_id: String::new(),
             worker,
             units_held: 0,
             param_fraction: 1.0,
@@ -777,7 +777,7 @@ impl SdpState {
 }
 
 fn train_sdp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> Result<Final> {
-    let Run { spec, run_id, data, device } = *run;
+    let Run { spec, data, device } = *run;
     let m = &spec.method;
     let st = RefCell::new(SdpState::new(spec, data.num_classes(), device)?);
     let aug = augment_cfg(spec, data);
@@ -810,7 +810,7 @@ fn train_sdp(run: &Run, obs: &mut dyn Observer, resume: Option<TrainState>) -> R
         resume,
     )?;
     let st = st.into_inner();
-    obs.accounting(&st.accounting(spec, run_id, (data.train.h, data.train.w)))?;
+    obs.accounting(&st.accounting(spec, (data.train.h, data.train.w)))?;
     Ok(last)
 }
 
@@ -938,7 +938,7 @@ impl SdpState {
     }
 
     /// Memory and communication of every worker, and the spectral gap of the averaging graph.
-    pub fn accounting(&self, spec: &RunSpec, run_id: &str, hw: (usize, usize)) -> Accounting {
+    pub fn accounting(&self, spec: &RunSpec, hw: (usize, usize)) -> Accounting {
         let k = self.workers.len();
         let total = self.global.store().num_params();
         let unit_bytes: Vec<usize> = self.units.iter().map(|u| u.params * 4).collect();
@@ -959,7 +959,7 @@ impl SdpState {
                 let held: usize =
                     w.net.store().params.keys().filter_map(|n| w.maps.get(n)).map(|m| m.local_len()).sum();
                 WorkerRow {
-                    run_id: run_id.to_string(),
+                    run_id: String::new(),
                     worker,
                     units_held: w.units_held,
                     param_fraction: held as f64 / total.max(1) as f64,
@@ -978,7 +978,7 @@ impl SdpState {
             spectral_gap: Some(metrics::spectral_gap(&self.selection, &unit_bytes)),
             holders: self.selection.m,
             extra: BTreeMap::new(),
-            alignment: self.alignment.iter().map(|a| AlignRow { run_id: run_id.to_string(), ..a.clone() }).collect(),
+            alignment: self.alignment.clone(),
         }
     }
 
