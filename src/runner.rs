@@ -9,7 +9,7 @@ use crate::lock::{self, Claim, RunLock};
 use crate::memprobe::probe_subprocess;
 use crate::results::{write_csv, write_metrics, write_summary, Manifest, MetricsRow, RunDir, Status, WorkerRow};
 use crate::spec::{Experiment, MethodKind, Run, SpecError};
-use crate::trainer::{self, Accounting, At, Interrupted, Observer};
+use crate::train::{self, Accounting, At, Interrupted, Observer};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -316,7 +316,7 @@ fn run_one(
     }
     let images_per_step = run.spec.method.workers * run.spec.workload.batch_size;
     let mut obs = Progress::new(title.to_string(), rd, &run.id, opts.stop.clone(), lock, policy, rows, images_per_step);
-    let result = trainer::train_from(&run.spec, data, &opts.device, &mut obs, resume);
+    let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume);
     obs.finish();
     if lock.lost.load(Ordering::SeqCst) {
         eprintln!("{title}: another process took this run over (its lock looked stale); left to it");
