@@ -6,7 +6,7 @@
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use sdp::trainer::SdpState;
+use sdp::train::SdpState;
 use std::path::Path;
 use std::time::Duration;
 

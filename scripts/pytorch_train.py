@@ -62,7 +62,7 @@ What is the same as sdp, by construction:
 - DP step: each of the K workers runs forward and backward on its own batch of B images in train mode, so
   BatchNorm normalises with the statistics of that worker's B images; the K gradients are averaged; every
   worker starts from the same BN running statistics and the new running statistics are the mean of the
-  K workers' updated ones (what sdp's `trainer::dp_step` computes); one SGD step (momentum 0.9, dampening 0,
+  K workers' updated ones (what sdp's `train::dp_step` computes); one SGD step (momentum 0.9, dampening 0,
   nesterov false, weight decay 5e-4 on every parameter, PyTorch's rule, which sdp's optimizer implements).
   An epoch is floor(train / (K B)) steps (the remainder is dropped, as sdp's loader does).
 - Learning rate: set before every step by `lr_at` of src/optim.rs: linear warm-up (step+1)/warmup_steps * lr
@@ -336,7 +336,7 @@ class Augmenter:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training: src/optim.rs::lr_at and trainer::dp_step.
+# Training: src/optim.rs::lr_at and src/train/dp.rs::dp_step.
 
 
 def lr_at(lr, warmup_epochs, step, total, per_epoch):

@@ -2,7 +2,7 @@
 //! of a model, or of one SDP worker's physical subnetwork, on random seeded input. `scripts/compare_step.sh` compares it
 //! with `scripts/pytorch_step.py`, which prints the same machine-readable last line:
 //! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`. [`whole_step`] times a
-//! whole simulated step of any run (all K workers, as the trainer runs them): `sdp check --cost` prices
+//! whole simulated step of any run (all K workers, as training runs them): `sdp check --cost` prices
 //! runs with it.
 //!
 //! Peak memory on the CPU is the resident-set high-water mark (`VmHWM`) minus the resident set before
@@ -21,7 +21,7 @@ use crate::optim::Optimizer;
 use crate::runner;
 use crate::seed::{rng, Stream};
 use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, Precision, RunSpec, SpecError, Workload};
-use crate::trainer::{dp_step, dp_step_with, loss_and_grads, sdp_step, small_dense_widths, SdpState};
+use crate::train::{dp_step, dp_step_with, loss_and_grads, sdp_step, small_dense_widths, SdpState};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -149,7 +149,7 @@ pub struct StepBench {
     pub spec: RunSpec,
     /// The SDP worker benchmarked (with masking).
     pub worker: usize,
-    /// Time whole training steps as the trainer runs them (every one of the K workers plus the
+    /// Time whole training steps as training runs them (every one of the K workers plus the
     /// averaging, for any method kind; see [`whole_step`]) instead of one worker's.
     pub all_workers: bool,
     pub device: Device,
@@ -372,9 +372,9 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     Ok(StepReport { build_s, ..r })
 }
 
-/// Whole simulated training steps of `b.spec`, computed by the trainer's own step functions on K
-/// random batches: SDP (`trainer::sdp_step`: every worker's step one after another, then the averaging
-/// among holders), DP (`trainer::dp_step`: K forward/backward passes, gradients and BatchNorm statistics
+/// Whole simulated training steps of `b.spec`, computed by the step functions training itself uses,
+/// on K random batches: SDP (`train::sdp_step`: every worker's step one after another, then the averaging
+/// among holders), DP (`train::dp_step`: K forward/backward passes, gradients and BatchNorm statistics
 /// averaged, one update) and the DP baselines (the same, on the narrowed model or with per-step drops).
 /// `sdp check --cost` builds its estimates from this.
 pub fn whole_step(b: &StepBench) -> Result<StepReport> {
@@ -417,7 +417,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let mut opt = Optimizer::new(&spec.optim);
             let r = timed_steps(b, &mem0, net.store().num_params(), images, |i, sample| {
                 let forward = |k: usize, x: &Tensor| {
-                    net.forward_dropping(x, true, &crate::trainer::baseline_drops(spec, &net, i + 1, k, dev)?)
+                    net.forward_dropping(x, true, &crate::train::baseline_drops(spec, &net, i + 1, k, dev)?)
                 };
                 dp_step_with(&net, &mut opt, &batches, lr, dev, &forward, &crate::comm::World::solo())?;
                 sample()

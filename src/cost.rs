@@ -6,7 +6,7 @@
 //!
 //! - **training**: `⌊train / (K·B)⌋` steps an epoch (the loader drops the remainder) times the epochs
 //!   trained ([`RunSpec::train_epochs`]: flop-matched SDP trains epochs / C), each a whole simulated
-//!   step as [`bench::whole_step`] times it with the trainer's own step functions on random batches
+//!   step as [`bench::whole_step`] times it with the step functions training itself uses, on random batches
 //!   (every worker's forward, backward and update one after another, then the averaging), plus building
 //!   the model and what the first, cold steps take beyond the median step;
 //! - **evaluation**, every `eval_every` epochs and after the last: one eval-mode forward pass of the
@@ -37,7 +37,7 @@ use crate::models::{self, Builder, Net};
 use crate::runner;
 use crate::seed::{rng, Stream};
 use crate::spec::{DatasetName, Experiment, Method, MethodKind, ModelName, RunSpec, SpecError, Workload};
-use crate::trainer::{small_dense_widths, SdpState, RECAL_BATCHES};
+use crate::train::{small_dense_widths, SdpState, RECAL_BATCHES};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -472,7 +472,7 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
     let (eval_s, subnets_s, recal_s, eval_fixed_s) = match spec.method.kind {
         MethodKind::Sdp => {
             let mut st = SdpState::new(spec, sizes.classes, dev).context("building the SDP state")?;
-            // As `trainer::evaluate_sdp` does: sync, then the recalibrated and (C < 1) the scaled copy.
+            // As `train::evaluate_sdp` does: sync, then the recalibrated and (C < 1) the scaled copy.
             let t = Instant::now();
             st.sync_params(true)?;
             for _ in 0..sdp_copies(spec) {

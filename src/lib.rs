@@ -1,7 +1,7 @@
 //! `sdp`: a reproducible benchmark suite for Subnetwork Data Parallelism (arXiv 2507.09029).
 //!
 //! The crate is organised as in docs/design.md §3: specs expand into runs (`spec`), runs train models (`models`,
-//! `ops`) on datasets (`data`) with a method (`trainer`, `optim`, `comm`), and write results (`results`),
+//! `ops`) on datasets (`data`) with a method (`train`, `optim`, `comm`), and write results (`results`),
 //! from which `figures` draws figures and tables.
 
 pub mod bench;
@@ -23,4 +23,4 @@ pub mod runtime;
 pub mod seed;
 pub mod spec;
 pub mod subnet;
-pub mod trainer;
+pub mod train;

@@ -16,7 +16,7 @@
 use crate::models;
 use crate::optim::{lr_at, Optimizer};
 use crate::spec::{DatasetName, MethodKind, RunSpec};
-use crate::trainer::{loss_and_grads, SdpState};
+use crate::train::{loss_and_grads, SdpState};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};

@@ -175,6 +175,7 @@ impl Manifest {
 /// One row of `metrics.csv`: one evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MetricsRow {
+    /// The run's id (empty in the rows training reports: the runner stamps it).
     pub run_id: String,
     pub epoch: usize,
     pub step: usize,
@@ -221,6 +222,7 @@ pub fn write_metrics(path: &Path, rows: &[MetricsRow]) -> Result<()> {
 /// One row of `workers.csv`: what one worker holds, measures and sends.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct WorkerRow {
+    /// The run's id (empty in the rows training reports: the runner stamps it).
     pub run_id: String,
     pub worker: usize,
     pub units_held: usize,
@@ -244,6 +246,7 @@ pub struct WorkerRow {
 /// One row of `alignment.csv`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AlignRow {
+    /// The run's id (empty in the rows training reports: the runner stamps it).
     pub run_id: String,
     pub step: usize,
     pub worker: usize,

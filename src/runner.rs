@@ -9,7 +9,7 @@ use crate::lock::{self, Claim, RunLock};
 use crate::memprobe::probe_subprocess;
 use crate::results::{write_csv, write_metrics, write_summary, Manifest, MetricsRow, RunDir, Status, WorkerRow};
 use crate::spec::{Experiment, MethodKind, Run, SpecError};
-use crate::trainer::{self, Accounting, At, Interrupted, Observer};
+use crate::train::{self, Accounting, At, Interrupted, Observer};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -338,7 +338,7 @@ fn ranks_failed(world: &crate::comm::World, failure: Option<String>) -> Result<O
 /// A rank other than 0 trains its workers of `run`; it writes nothing.
 fn train_rank(run: &Run, data: &Dataset, opts: &RunOptions) -> Result<Status> {
     let mut obs = Quiet { stop: opts.stop.clone() };
-    match trainer::train_from(&run.spec, &run.id, data, &opts.device, &mut obs, None, &opts.world) {
+    match train::train_from(&run.spec, data, &opts.device, &mut obs, None, &opts.world) {
         Ok(_) => Ok(Status::Done),
         Err(e) if e.is::<Interrupted>() => Ok(Status::Interrupted),
         Err(e) => Err(e),
@@ -434,7 +434,7 @@ fn run_one(
     let mut obs = Progress::new(title.to_string(), rd, &run.id, opts.stop.clone(), lock, policy, rows, images_per_step);
     obs.save_model = opts.save_model;
     obs.spread = opts.world.size() > 1;
-    let result = trainer::train_from(&run.spec, &run.id, data, &opts.device, &mut obs, resume, &opts.world);
+    let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
     obs.finish();
     if lock.lost.load(Ordering::SeqCst) {
         eprintln!("{title}: another process took this run over (its lock looked stale); left to it");
@@ -550,7 +550,8 @@ fn clock(secs: f64) -> String {
 
 /// Reports progress: an indicatif bar on a terminal, otherwise a plain line every `progress_every` and
 /// one per evaluation; writes `metrics.csv` (atomically, whole) after every evaluation; publishes the
-/// progress to the lock's heartbeat; writes checkpoints as the policy says.
+/// progress to the lock's heartbeat; writes checkpoints as the policy says. Stamps the run id on the rows
+/// training reports (metrics, workers, alignment), which carry none.
 struct Progress {
     title: String,
     bar: Option<ProgressBar>,
@@ -654,7 +655,7 @@ impl Observer for Progress {
     }
 
     fn eval(&mut self, row: &MetricsRow) -> Result<()> {
-        self.rows.push(row.clone());
+        self.rows.push(MetricsRow { run_id: self.run_id.clone(), ..row.clone() });
         self.last_acc = Some(row.test_acc);
         write_metrics(&self.metrics_path, &self.rows)?;
         let line = format!(
@@ -669,7 +670,10 @@ impl Observer for Progress {
     }
 
     fn accounting(&mut self, acc: &Accounting) -> Result<()> {
-        self.accounting = Some(acc.clone());
+        let mut acc = acc.clone();
+        acc.workers.iter_mut().for_each(|w| w.run_id.clone_from(&self.run_id));
+        acc.alignment.iter_mut().for_each(|a| a.run_id.clone_from(&self.run_id));
+        self.accounting = Some(acc);
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use sdp::optim::Optimizer;
 use sdp::results::{Manifest, Status};
 use sdp::runner::{run_all, RunOptions};
 use sdp::spec::{self, Experiment};
-use sdp::trainer::dp_step;
+use sdp::train::dp_step;
 use std::path::Path;
 use std::sync::Arc;
 

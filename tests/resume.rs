@@ -11,7 +11,7 @@ use sdp::checkpoint::{self, TrainState};
 use sdp::results::{Final, Manifest, MetricsRow, Status};
 use sdp::runner::{run_all, run_all_with, Policy, RunOptions};
 use sdp::spec::{self, Experiment};
-use sdp::trainer::{self, At, Observer};
+use sdp::train::{self, At, Observer};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::LazyLock;
@@ -90,7 +90,7 @@ fn resuming_after_any_step_gives_the_uninterrupted_metrics() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let mut whole =
             Crashing { dir: dir.path().join("whole"), run_id: run.id.clone(), crash_at: None, rows: vec![] };
-        let fin = trainer::train(&run.spec, &run.id, &data, &Device::Cpu, &mut whole)?;
+        let fin = train::train(&run.spec, &data, &Device::Cpu, &mut whole)?;
         let expected: Vec<String> = whole.rows.iter().map(clockless).collect();
         assert_eq!(expected.len(), 3, "{sets:?}");
         // 64 samples / (2 workers × 8) = 4 steps an epoch, 12 in all.
@@ -98,13 +98,13 @@ fn resuming_after_any_step_gives_the_uninterrupted_metrics() -> Result<()> {
             let rd = dir.path().join(format!("at{crash_at}"));
             let mut first =
                 Crashing { dir: rd.clone(), run_id: run.id.clone(), crash_at: Some(crash_at), rows: vec![] };
-            let e = trainer::train(&run.spec, &run.id, &data, &Device::Cpu, &mut first).err().context("no crash")?;
+            let e = train::train(&run.spec, &data, &Device::Cpu, &mut first).err().context("no crash")?;
             assert!(format!("{e:#}").contains("simulated crash"), "{e:#}");
             let state = checkpoint::load(&rd, &run.id, &Device::Cpu)?.context("no checkpoint")?;
             assert_eq!(state.step, crash_at);
             let mut rows = state.rows.clone();
             let mut second = Crashing { dir: rd, run_id: run.id.clone(), crash_at: None, rows: vec![] };
-            let f = trainer::train_from(&run.spec, &run.id, &data, &Device::Cpu, &mut second, Some(state))?;
+            let f = train::train_from(&run.spec, &data, &Device::Cpu, &mut second, Some(state))?;
             rows.extend(second.rows);
             assert_eq!(rows.iter().map(clockless).collect::<Vec<_>>(), expected, "{sets:?}, crash at {crash_at}");
             let strip = |f: &Final| (f.epoch, f.step, f.train_loss.to_bits(), f.test_acc.to_bits());
@@ -121,15 +121,13 @@ fn a_checkpoint_of_another_shape_is_refused_naming_the_tensor() -> Result<()> {
     let data = sdp::data::load(&run.spec.workload, Path::new("datasets"))?;
     let dir = tempfile::tempdir()?;
     let mut obs = Crashing { dir: dir.path().to_path_buf(), run_id: run.id.clone(), crash_at: Some(2), rows: vec![] };
-    assert!(trainer::train(&run.spec, &run.id, &data, &Device::Cpu, &mut obs).is_err());
+    assert!(train::train(&run.spec, &data, &Device::Cpu, &mut obs).is_err());
     let mut state = checkpoint::load(dir.path(), &run.id, &Device::Cpu)?.context("checkpoint")?;
     let key = "net/model/linear.weight".to_string();
     let w = state.tensors.get(&key).context("fc.weight in the checkpoint")?;
     state.tensors.insert(key, w.narrow(0, 0, 3)?);
     let mut obs = Crashing { dir: dir.path().to_path_buf(), run_id: run.id.clone(), crash_at: None, rows: vec![] };
-    let e = trainer::train_from(&run.spec, &run.id, &data, &Device::Cpu, &mut obs, Some(state))
-        .err()
-        .context("accepted")?;
+    let e = train::train_from(&run.spec, &data, &Device::Cpu, &mut obs, Some(state)).err().context("accepted")?;
     let e = format!("{e:#}");
     assert!(
         e.contains("checkpoint tensor `net/model/linear.weight` has shape [3, 8], the model expects [10, 8]"),

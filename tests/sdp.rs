@@ -18,7 +18,7 @@ use sdp::models::{self, Net, UnitKind};
 use sdp::optim::Optimizer;
 use sdp::spec::{self, RunSpec};
 use sdp::subnet::{self, IndexMap, Keep};
-use sdp::trainer::{dp_step, sdp_step, SdpState};
+use sdp::train::{dp_step, sdp_step, SdpState};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
@@ -412,7 +412,7 @@ fn backward_regime_trains_only_held_coordinates() -> Result<()> {
 /// model is narrowed to about an SDP worker's parameter count; every baseline trains end to end.
 #[test]
 fn baselines_reduce_to_dp_at_full_coverage_and_run() -> Result<()> {
-    use sdp::trainer::small_dense_widths;
+    use sdp::train::small_dense_widths;
     let cfg = ResNetConfig::resnet18(10);
     let full = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(0, &Device::Cpu))?.store().num_params();
     let narrow = small_dense_widths(&cfg, 0.5);

@@ -14,7 +14,7 @@
 use super::{Averager, GroupedAverager, IndexMap, Layout, SyncTensor, World};
 use crate::metrics;
 use crate::spec;
-use crate::trainer::SdpState;
+use crate::train::SdpState;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use std::collections::BTreeMap;

@@ -120,7 +120,8 @@ impl Averager for GroupedAverager {
                     Layout::Masked if count[i] > 0 => all_ranks(n),
                     Layout::Masked => 0,
                 };
-                if ranks[i] & me != 0 {
+                // Every rank gets the sum of the coordinates its groups reduce (masked: every held one).
+                if group & me != 0 {
                     plan.here.push((i as u32, 1.0 / count[i] as f32));
                 }
                 let owner = if count[i] == 0 { 0 } else { ranks[i].trailing_zeros() as usize };

@@ -1,0 +1,170 @@
+//! Data parallelism: K per-worker gradients of one shared model, averaged, then one optimizer step; BatchNorm
+//! running statistics averaged over the workers. Also the loss and gradients every method computes.
+
+use super::accounting::dp_accounting;
+use super::eval::single_mode;
+use super::method::{Evaluation, Method, Run};
+use super::Accounting;
+use crate::checkpoint::{self, Tensors, TrainState};
+use crate::comm::World;
+use crate::data::loader::Batch;
+use crate::models::layers::ParamStore;
+use crate::models::{self, Net};
+use crate::optim::Optimizer;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+
+/// Data parallelism (`method.kind = "dp"`): one model, replicated on every worker.
+pub(super) struct Dp<'a> {
+    run: Run<'a>,
+    net: Box<dyn Net>,
+    opt: Optimizer,
+}
+
+impl<'a> Dp<'a> {
+    /// The model from the run seed, and a fresh optimizer.
+    pub fn new(run: Run<'a>) -> Result<Self> {
+        let spec = run.spec;
+        let net = models::build(&spec.workload, run.data.num_classes(), spec.seed, run.device)?;
+        Ok(Self { run, net, opt: Optimizer::new(&spec.optim) })
+    }
+}
+
+impl Method for Dp<'_> {
+    fn step(&mut self, batches: &[Batch], lr: f64, _step: usize) -> Result<f64> {
+        let net = self.net.as_ref();
+        let forward = |_: usize, x: &Tensor| net.forward_t(x, true);
+        dp_step_with(net, &mut self.opt, batches, lr, self.run.device, &forward, self.run.world)
+    }
+
+    fn evaluate(&mut self) -> Result<Evaluation> {
+        single_mode(&self.run, self.net.as_ref())
+    }
+
+    fn save(&self, out: &mut Tensors) -> Result<serde_json::Value> {
+        save_single(self.net.as_ref(), &self.opt, out)
+    }
+
+    fn restore(&mut self, r: &TrainState) -> Result<()> {
+        restore_single(self.net.as_ref(), &mut self.opt, r, self.run.device)
+    }
+
+    fn accounting(&self) -> Result<Accounting> {
+        Ok(dp_accounting(self.net.as_ref(), self.run.spec, &self.opt, self.run.image_hw()))
+    }
+
+    fn final_model(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        Ok(self.net.store().values())
+    }
+}
+
+/// Adds a single model and its optimizer state to a checkpoint (DP and its baselines).
+pub(super) fn save_single(net: &dyn Net, opt: &Optimizer, out: &mut Tensors) -> Result<serde_json::Value> {
+    checkpoint::save_store("net", net.store(), out)?;
+    checkpoint::save_optimizer("net", opt, out)?;
+    Ok(serde_json::Value::Null)
+}
+
+/// Restores what [`save_single`] saved.
+pub(super) fn restore_single(net: &dyn Net, opt: &mut Optimizer, r: &TrainState, device: &Device) -> Result<()> {
+    checkpoint::restore_store("net", net.store(), &r.tensors)?;
+    checkpoint::restore_optimizer("net", opt, &r.tensors, device)
+}
+
+/// One data-parallel step: per-worker gradients, averaged; BN running statistics averaged; one update.
+/// Returns the mean training loss over the workers.
+pub fn dp_step(net: &dyn Net, opt: &mut Optimizer, batches: &[Batch], lr: f64, device: &Device) -> Result<f64> {
+    dp_step_with(net, opt, batches, lr, device, &|_, x| net.forward_t(x, true), &World::solo())
+}
+
+/// Training-mode logits of worker k for a batch (the DP baselines drop blocks or channels per worker).
+pub type Forward<'a> = dyn Fn(usize, &Tensor) -> candle_core::Result<Tensor> + 'a;
+
+/// [`dp_step`] with a per-worker forward pass, over the workers this process hosts in `world` (worker i on
+/// rank i mod N): the gradient and BatchNorm-statistic sums are summed over the ranks before the update.
+pub fn dp_step_with(
+    net: &dyn Net,
+    opt: &mut Optimizer,
+    batches: &[Batch],
+    lr: f64,
+    device: &Device,
+    forward: &Forward,
+    world: &World,
+) -> Result<f64> {
+    let store = net.store();
+    let k = batches.len();
+    // Each simulated worker starts from the same running statistics.
+    let snapshot = if k > 1 && !store.buffers.is_empty() { Some(store.buffer_tensors()?) } else { None };
+    let mut grad_sum: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut buf_sum: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut loss_sum = 0.0;
+    let hosted = batches.iter().enumerate().filter(|(i, _)| i % world.size() == world.rank());
+    for (j, (i, batch)) in hosted.enumerate() {
+        if let (Some(s), true) = (&snapshot, j > 0) {
+            store.set_buffers(s)?;
+        }
+        let (x, y) = batch.to_tensors(device)?;
+        let (loss, grads) = grads_of(store, &forward(i, &x)?, &y)?;
+        loss_sum += loss;
+        accumulate(&mut grad_sum, grads)?;
+        if snapshot.is_some() {
+            accumulate(&mut buf_sum, store.buffer_tensors()?)?;
+        }
+    }
+    if world.size() > 1 {
+        grad_sum = crate::comm::sum_over_ranks(world.comm.as_ref(), grad_sum)?;
+        if snapshot.is_some() {
+            buf_sum = crate::comm::sum_over_ranks(world.comm.as_ref(), buf_sum)?;
+        }
+        let mut l = [loss_sum];
+        world.comm.all_reduce_sum_f64(&mut l)?;
+        loss_sum = l[0];
+    }
+    let inv = 1.0 / k as f64;
+    let grads = scale(grad_sum, inv)?;
+    if snapshot.is_some() {
+        store.set_buffers(&scale(buf_sum, inv)?)?;
+    }
+    opt.step(&store.params, &grads, lr)?;
+    Ok(loss_sum * inv)
+}
+
+/// Mean cross-entropy of a training-mode forward pass on (x, y), and the gradient of every parameter.
+pub fn loss_and_grads(net: &dyn Net, x: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    grads_of(net.store(), &net.forward_t(x, true)?, y)
+}
+
+/// Mean cross-entropy of `logits` against `y`, and the gradient of every parameter of `store`.
+fn grads_of(store: &ParamStore, logits: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let loss = candle_nn::loss::cross_entropy(logits, y)?;
+    let value = loss.to_scalar::<f32>()? as f64;
+    if !value.is_finite() {
+        anyhow::bail!("training loss is {value}: the run diverged (try a smaller optim.lr)");
+    }
+    let mut gs = loss.backward()?;
+    let mut grads = BTreeMap::new();
+    for (name, var) in &store.params {
+        if let Some(g) = gs.remove(var.as_tensor()) {
+            grads.insert(name.clone(), g.detach());
+        }
+    }
+    Ok((value, grads))
+}
+
+/// Adds every tensor of `add` to the one of the same name in `sum` (or inserts it).
+pub(super) fn accumulate(sum: &mut BTreeMap<String, Tensor>, add: BTreeMap<String, Tensor>) -> Result<()> {
+    for (k, v) in add {
+        let next = match sum.remove(&k) {
+            Some(s) => (s + v)?,
+            None => v,
+        };
+        sum.insert(k, next);
+    }
+    Ok(())
+}
+
+/// Every tensor of `map` times `s`.
+pub(super) fn scale(map: BTreeMap<String, Tensor>, s: f64) -> Result<BTreeMap<String, Tensor>> {
+    map.into_iter().map(|(k, v)| Ok((k, (v * s)?))).collect()
+}

@@ -1,0 +1,110 @@
+//! The epoch loop every method shares: batches from the loader, the learning rate of every step, the
+//! evaluation cadence, checkpoints and interrupts, and a start from a checkpoint's position.
+
+use super::method::{Method, Run};
+use super::{At, Interrupted, Observer};
+use crate::checkpoint::{Tensors, TrainState};
+use crate::data::loader::{steps_per_epoch, Batch, TrainLoader};
+use crate::optim::lr_at;
+use crate::results::{Final, MetricsRow};
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Trains `method` for the run's epochs: one [`Method::step`] per optimizer step (given the workers'
+/// batches, the learning rate and the 1-based step number), a [`Method::evaluate`] every `eval_every`
+/// epochs and at the end, progress and metrics through `obs` (rows with an empty `run_id`), checkpoints
+/// where `obs` asks for them (and on an interrupt), and a start from `resume`'s position where given.
+/// Returns the last evaluation's figures.
+pub(super) fn run(
+    run: &Run,
+    method: &mut dyn Method,
+    obs: &mut dyn Observer,
+    resume: Option<TrainState>,
+) -> Result<Final> {
+    let Run { spec, data, .. } = *run;
+    let w = &spec.workload;
+    let k = spec.method.workers;
+    let epochs = spec.train_epochs();
+    let aug = run.augment();
+    let train_set = Arc::new(data.train.clone());
+    let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
+    let total = per_epoch * epochs;
+    let mut pos = TrainState::default();
+    if let Some(r) = resume {
+        if r.step > total {
+            anyhow::bail!("the checkpoint is at step {}, past this run's {total} steps", r.step);
+        }
+        method.restore(&r).context("restoring the checkpoint")?;
+        pos = TrainState { tensors: Tensors::new(), method: serde_json::Value::Null, ..r };
+    }
+    let mut last = pos.rows.last().map(Final::from).unwrap_or_default();
+    let (start, wall_before) = (Instant::now(), pos.wall_s);
+    let wall = |start: &Instant| wall_before + start.elapsed().as_secs_f64();
+    // Steps done since the last checkpoint (an interrupt with none saves nothing).
+    let mut unsaved = 0usize;
+    let save = |method: &dyn Method, pos: &TrainState, obs: &mut dyn Observer| -> Result<()> {
+        let mut tensors = Tensors::new();
+        let state = method.save(&mut tensors)?;
+        obs.checkpoint(&TrainState { tensors, method: state, ..pos.clone() })
+    };
+    let first = pos.step / per_epoch + 1;
+    for epoch in first..=epochs {
+        let done_in_epoch = if epoch == first { pos.step % per_epoch } else { 0 };
+        if done_in_epoch == 0 {
+            (pos.epoch_loss_sum, pos.epoch_images, pos.epoch_secs) = (0.0, 0, 0.0);
+        }
+        let loader = TrainLoader::start_at(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size, done_in_epoch)?;
+        let (t_epoch, secs_before, mut lr) = (Instant::now(), pos.epoch_secs, 0.0);
+        for batches in loader {
+            if obs.interrupted() {
+                if unsaved > 0 {
+                    (pos.epoch_secs, pos.wall_s) = (secs_before + t_epoch.elapsed().as_secs_f64(), wall(&start));
+                    save(method, &pos, obs).context("saving a checkpoint on interrupt")?;
+                }
+                return Err(Interrupted.into());
+            }
+            lr = lr_at(&spec.optim, pos.step, total, per_epoch);
+            let loss = method
+                .step(&batches, lr, pos.step + 1)
+                .with_context(|| format!("training step {} (epoch {epoch})", pos.step + 1))?;
+            pos.step += 1;
+            unsaved += 1;
+            pos.epoch_loss_sum += loss;
+            pos.epoch_images += batches.iter().map(Batch::len).sum::<usize>();
+            obs.step(epoch, pos.step, total, loss);
+            if !pos.step.is_multiple_of(per_epoch) && obs.checkpoint_due(At::Step) {
+                (pos.epoch_secs, pos.wall_s) = (secs_before + t_epoch.elapsed().as_secs_f64(), wall(&start));
+                save(method, &pos, obs)?;
+                unsaved = 0;
+            }
+        }
+        pos.epoch_secs = secs_before + t_epoch.elapsed().as_secs_f64();
+        let img_per_s = pos.epoch_images as f64 / pos.epoch_secs.max(1e-9);
+        if epoch % w.eval_every == 0 || epoch == epochs {
+            let e = method.evaluate()?;
+            let row = MetricsRow {
+                run_id: String::new(),
+                epoch,
+                step: pos.step,
+                train_loss: pos.epoch_loss_sum / per_epoch as f64,
+                test_loss: e.test_loss,
+                test_acc: e.test_acc,
+                lr,
+                img_per_s,
+                wall_s: wall(&start),
+                modes: e.modes,
+            };
+            obs.eval(&row)?;
+            last = Final::from(&row);
+            pos.rows.push(row);
+        }
+        (pos.epoch_loss_sum, pos.epoch_images, pos.epoch_secs) = (0.0, 0, 0.0);
+        if obs.checkpoint_due(At::EpochEnd { epoch, last: epoch == epochs }) {
+            pos.wall_s = wall(&start);
+            save(method, &pos, obs)?;
+            unsaved = 0;
+        }
+    }
+    Ok(last)
+}

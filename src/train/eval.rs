@@ -1,0 +1,154 @@
+//! Evaluation (docs/design.md §1 "Evaluation"): test loss and accuracy of a single model, SDP's evaluation
+//! modes (full, recalibrated, scaled, ensemble, subnetwork mean), and BatchNorm recalibration.
+
+use super::dp::{accumulate, scale};
+use super::method::{Evaluation, Run};
+use super::sdp_state::SdpState;
+use crate::data::augment::AugmentCfg;
+use crate::data::loader::eval_batches;
+use crate::data::Dataset;
+use crate::models::Net;
+use crate::spec::{BnStats, EvalMode, RunSpec};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+
+/// A single-model evaluation (DP and the baselines): the `full` mode only.
+pub(super) fn single_mode(run: &Run, net: &dyn Net) -> Result<Evaluation> {
+    let (test_loss, test_acc) = evaluate(net, run.data, &run.augment(), run.spec.workload.eval_batch_size, run.device)?;
+    Ok(Evaluation { test_loss, test_acc, modes: BTreeMap::from([("full".to_string(), test_acc)]) })
+}
+
+/// Mean test loss and accuracy (a fraction) of `net` in eval mode over the whole test split.
+pub fn evaluate(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, device: &Device) -> Result<(f64, f64)> {
+    let (mut loss_sum, mut correct, mut n) = (0.0, 0usize, 0usize);
+    for b in eval_batches(&data.test, aug, batch) {
+        let (x, y) = b.to_tensors(device)?;
+        let logits = net.forward_t(&x, false)?.detach();
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
+        loss_sum += loss * b.len() as f64;
+        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+        correct += pred.iter().zip(&b.y).filter(|(p, t)| p == t).count();
+        n += b.len();
+    }
+    let n = n.max(1) as f64;
+    Ok((loss_sum / n, correct as f64 / n))
+}
+
+/// Test loss and accuracy of every evaluation mode.
+pub fn evaluate_sdp(
+    st: &SdpState,
+    spec: &RunSpec,
+    data: &Dataset,
+    aug: &AugmentCfg,
+    device: &Device,
+) -> Result<BTreeMap<EvalMode, (f64, f64)>> {
+    let batch = spec.workload.eval_batch_size;
+    let mut out = BTreeMap::new();
+    // Recalibrated copy: BN statistics recomputed on training batches in train mode, no gradient.
+    let recal = st.scaled_global(1.0, device)?;
+    recalibrate_bn(recal.as_ref(), data, aug, batch, spec.seed, device)?;
+    let full = if spec.method.bn_stats == BnStats::Recompute { &recal } else { &st.global };
+    out.insert(EvalMode::Full, evaluate(full.as_ref(), data, aug, batch, device)?);
+    out.insert(EvalMode::Recal, evaluate(recal.as_ref(), data, aug, batch, device)?);
+    let frac = st.holder_fraction();
+    let scaled = if frac < 1.0 {
+        evaluate(st.scaled_global(frac, device)?.as_ref(), data, aug, batch, device)?
+    } else {
+        out[&EvalMode::Full]
+    };
+    out.insert(EvalMode::Scaled, scaled);
+    // Ensemble (mean softmax) and individual subnetworks: each process runs the workers it hosts; the
+    // probabilities and the per-worker sums are summed over the processes.
+    let (world, k_all) = (st.world(), spec.method.workers);
+    let (mut ens_loss, mut ens_correct, mut n) = (0.0, 0usize, 0usize);
+    let (mut sub_loss, mut sub_correct) = (vec![0.0; k_all], vec![0.0; k_all]);
+    for b in eval_batches(&data.test, aug, batch) {
+        let (x, y) = b.to_tensors(device)?;
+        let mut prob_sum: Option<Tensor> = None;
+        for w in &st.workers {
+            let logits = w.net.forward_t(&x, false)?.detach();
+            sub_loss[w.index] +=
+                candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+            sub_correct[w.index] += count_correct(&logits, &b.y)? as f64;
+            let p = candle_nn::ops::softmax_last_dim(&logits)?;
+            prob_sum = Some(match prob_sum {
+                Some(s) => (s + p)?,
+                None => p,
+            });
+        }
+        let prob_sum = match prob_sum {
+            Some(p) if world.size() == 1 => p,
+            local => {
+                let shape = (b.len(), data.num_classes());
+                let mut v: Vec<f32> = match local {
+                    Some(p) => p.flatten_all()?.to_vec1()?,
+                    None => vec![0.0; shape.0 * shape.1],
+                };
+                let all = crate::comm::all_ranks(world.size());
+                world.comm.prepare(&[all])?;
+                world.comm.all_reduce_sum(all, &mut v)?;
+                Tensor::from_vec(v, shape, device)?
+            }
+        };
+        let probs = (prob_sum / k_all as f64)?;
+        ens_loss +=
+            candle_nn::loss::nll(&probs.clamp(1e-12f32, 1f32)?.log()?, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+        ens_correct += count_correct(&probs, &b.y)?;
+        n += b.len();
+    }
+    world.comm.all_reduce_sum_f64(&mut sub_loss)?;
+    world.comm.all_reduce_sum_f64(&mut sub_correct)?;
+    let n = n.max(1) as f64;
+    let kf = k_all as f64;
+    out.insert(EvalMode::Ensemble, (ens_loss / n, ens_correct as f64 / n));
+    out.insert(EvalMode::SubnetMean, (sub_loss.iter().sum::<f64>() / n / kf, sub_correct.iter().sum::<f64>() / n / kf));
+    Ok(out)
+}
+
+fn count_correct(scores: &Tensor, labels: &[u32]) -> Result<usize> {
+    let pred = scores.argmax(1)?.to_vec1::<u32>()?;
+    Ok(pred.iter().zip(labels).filter(|(p, t)| p == t).count())
+}
+
+/// Batches of training data used to recalibrate BatchNorm statistics.
+pub const RECAL_BATCHES: usize = 10;
+
+/// Recomputes BN running statistics of `net` as the mean batch statistics of [`RECAL_BATCHES`] training
+/// batches in train mode (no gradient), like PyTorch's `momentum=None` cumulative average.
+pub fn recalibrate_bn(
+    net: &dyn Net,
+    data: &Dataset,
+    aug: &AugmentCfg,
+    batch: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<()> {
+    let store = net.store();
+    if store.buffers.is_empty() {
+        return Ok(());
+    }
+    let perm = crate::data::loader::permutation(seed, usize::MAX, data.train.len());
+    let batch = batch.min(data.train.len()).max(1);
+    let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut count = 0;
+    let zeros: BTreeMap<String, Tensor> =
+        store.buffers.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().zeros_like()?))).collect::<Result<_>>()?;
+    for chunk in perm.chunks(batch).take(RECAL_BATCHES) {
+        if chunk.len() < 2 {
+            break;
+        }
+        store.set_buffers(&zeros)?;
+        let b = crate::data::loader::make_batch(&data.train, chunk, aug, None);
+        let (x, _) = b.to_tensors(device)?;
+        net.forward_t(&x, true)?;
+        // From zero, one update leaves momentum × (batch statistic): divide it back out.
+        let stats = scale(store.buffer_tensors()?, 1.0 / crate::models::layers::BN_MOMENTUM)?;
+        accumulate(&mut sums, stats)?;
+        count += 1;
+    }
+    if count > 0 {
+        store.set_buffers(&scale(sums, 1.0 / count as f64)?)?;
+    }
+    Ok(())
+}

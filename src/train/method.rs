@@ -1,0 +1,66 @@
+//! What a training method is to the epoch loop: one optimizer step of the K workers, an evaluation, its
+//! state in a checkpoint, and its accounting once trained.
+
+use super::Accounting;
+use crate::checkpoint::{Tensors, TrainState};
+use crate::comm::World;
+use crate::data::augment::AugmentCfg;
+use crate::data::loader::Batch;
+use crate::data::Dataset;
+use crate::spec::RunSpec;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+
+/// What every method's training takes: the run, its data and its device.
+#[derive(Clone, Copy)]
+pub(super) struct Run<'a> {
+    pub spec: &'a RunSpec,
+    pub data: &'a Dataset,
+    pub device: &'a Device,
+    /// The processes the run is spread over (worker k on rank k mod N).
+    pub world: &'a World,
+}
+
+impl Run<'_> {
+    /// The augmentation (and normalisation) of the run's training and test batches.
+    pub fn augment(&self) -> AugmentCfg {
+        let a = &self.spec.workload.augment;
+        AugmentCfg {
+            crop_pad: a.crop_pad,
+            pad_mode: a.pad_mode,
+            flip: a.flip,
+            mean: self.data.mean,
+            std: self.data.std,
+        }
+    }
+
+    /// Height and width of the training images (for the activation estimates of the accounting).
+    pub fn image_hw(&self) -> (usize, usize) {
+        (self.data.train.h, self.data.train.w)
+    }
+}
+
+/// How a method evaluates: (test loss, test accuracy) of the headline mode, and every mode's accuracy.
+pub(super) struct Evaluation {
+    pub test_loss: f64,
+    pub test_acc: f64,
+    pub modes: BTreeMap<String, f64>,
+}
+
+/// A training method (DP, SDP, a baseline) as the epoch loop drives it.
+pub(super) trait Method {
+    /// One optimizer step: worker k trains on `batches[k]` at learning rate `lr`; `step` counts from 1 over
+    /// the whole run. Returns the mean training loss over the workers.
+    fn step(&mut self, batches: &[Batch], lr: f64, step: usize) -> Result<f64>;
+    /// Test loss and accuracy of the headline mode, and every mode's accuracy.
+    fn evaluate(&mut self) -> Result<Evaluation>;
+    /// Adds the method's tensors to a checkpoint; returns its other state.
+    fn save(&self, out: &mut Tensors) -> Result<serde_json::Value>;
+    /// Restores what [`Method::save`] saved (at step `r.step`).
+    fn restore(&mut self, r: &TrainState) -> Result<()>;
+    /// Memory and communication of every worker, and method-level facts, once trained.
+    fn accounting(&self) -> Result<Accounting>;
+    /// The final global model (parameters and buffers), identical on every rank.
+    fn final_model(&mut self) -> Result<BTreeMap<String, Tensor>>;
+}
