@@ -5,15 +5,16 @@
 //! whole simulated step of any run (all K workers, as the trainer runs them): `sdp check --cost` prices
 //! runs with it.
 //!
-//! Peak memory on the CPU is the resident-set high-water mark (`VmHWM`) minus the resident set before
-//! the model is built, so it counts parameters, optimizer state, activations and kernel buffers, but
-//! not the binary and the allocator's start-up state. On CUDA it is the device memory in use as the
-//! driver reports it (total - free, sampled after every step's backward pass, while the gradients are
-//! alive) minus that before the model: a lower bound of the true peak, which PyTorch's allocator
-//! counts exactly (`max_memory_allocated`).
+//! Peak memory is measured as `sdp memprobe` measures it ([`MemoryMeter`]). On the CPU it is the
+//! resident-set high-water mark (`VmHWM`) minus the resident set before the model is built, so it counts
+//! parameters, optimizer state, activations and kernel buffers, but not the binary and the allocator's
+//! start-up state. On CUDA it is the device memory in use as the driver reports it (total - free, sampled
+//! after every step's backward pass, while the gradients are alive) minus that before the model: a lower
+//! bound of the true peak, which PyTorch's allocator counts exactly (`max_memory_allocated`).
 
 use crate::data::loader::Batch;
 use crate::masking;
+use crate::memprobe::MemoryMeter;
 use crate::models::layers::Builder;
 use crate::models::resnet::ResNet;
 use crate::models::{self, Net};
@@ -343,7 +344,7 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
         return whole_step(b);
     }
     let dev = &b.device;
-    let mem0 = MemProbe::new(dev)?;
+    let mut meter = MemoryMeter::start(dev).ok();
     let t = Instant::now();
     // One SDP worker's physical subnetwork, or the full model.
     let (net, mut opt): (Box<dyn Net>, Optimizer) = if b.spec.method.kind == MethodKind::Sdp {
@@ -353,13 +354,15 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     } else {
         (models::build(&b.spec.workload, b.classes, b.spec.seed, dev)?, Optimizer::new(&b.spec.optim))
     };
-    // Building the SDP state held the global model and every worker at once: restart the high-water
-    // mark so that the peak is the benchmarked worker's.
-    mem0.reset_cpu_peak();
+    // Building the SDP state held the global model and every worker at once: restart the peak so that
+    // it is the benchmarked worker's. Where the kernel refuses, the peak includes the construction.
+    if let Some(m) = meter.as_mut() {
+        let _ = m.restart_peak();
+    }
     let build_s = t.elapsed().as_secs_f64();
     let (x, y) = random_batch(b, 0).to_tensors(dev)?;
     let lr = b.spec.optim.lr;
-    let r = timed_steps(b, &mem0, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
+    let r = timed_steps(b, meter, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
         let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
         sample()?; // activations and gradients alive: the step's high point
         opt.step(&net.store().params, &grads, lr)?;
@@ -376,7 +379,7 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
 pub fn whole_step(b: &StepBench) -> Result<StepReport> {
     let dev = &b.device;
     let spec = &b.spec;
-    let mem0 = MemProbe::new(dev)?;
+    let meter = MemoryMeter::start(dev).ok();
     let t = Instant::now();
     let batches: Vec<Batch> = (0..spec.method.workers).map(|k| random_batch(b, k)).collect();
     let images = spec.workload.batch_size * spec.method.workers;
@@ -386,7 +389,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let mut st = SdpState::new(spec, b.classes, dev).context("building the SDP state")?;
             let build_s = t.elapsed().as_secs_f64();
             let params = st.global.store().num_params();
-            let r = timed_steps(b, &mem0, params, images, |i, sample| {
+            let r = timed_steps(b, meter, params, images, |i, sample| {
                 sdp_step(&mut st, spec, &batches, lr, i + 1, dev)?;
                 sample()
             })?;
@@ -396,7 +399,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let net = models::build(&spec.workload, b.classes, spec.seed, dev)?;
             let build_s = t.elapsed().as_secs_f64();
             let mut opt = Optimizer::new(&spec.optim);
-            let r = timed_steps(b, &mem0, net.store().num_params(), images, |_, sample| {
+            let r = timed_steps(b, meter, net.store().num_params(), images, |_, sample| {
                 dp_step(net.as_ref(), &mut opt, &batches, lr, dev)?;
                 sample()
             })?;
@@ -411,7 +414,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let net = ResNet::new(&cfg, &cfg.full_plan(), builder)?;
             let build_s = t.elapsed().as_secs_f64();
             let mut opt = Optimizer::new(&spec.optim);
-            let r = timed_steps(b, &mem0, net.store().num_params(), images, |i, sample| {
+            let r = timed_steps(b, meter, net.store().num_params(), images, |i, sample| {
                 let forward = |k: usize, x: &Tensor| {
                     net.forward_dropping(x, true, &crate::trainer::baseline_drops(spec, &net, i + 1, k, dev)?)
                 };
@@ -424,27 +427,19 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
     Ok(r)
 }
 
-/// Runs `b.warmup + b.steps` calls of `one_step(i, sample)` (`sample` reads CUDA memory; a step calls
-/// it at its high point) and reports the median time of the timed ones, img/s for `images` per step
-/// and the peak memory.
+/// Runs `b.warmup + b.steps` calls of `one_step(i, sample)` (`sample` counts the device memory in use
+/// towards the peak; a step calls it at its high point) and reports the median time of the timed ones,
+/// img/s for `images` per step and the peak memory that `meter` (None: not measurable) saw.
 fn timed_steps(
     b: &StepBench,
-    mem0: &MemProbe,
+    mut meter: Option<MemoryMeter>,
     params: usize,
     images: usize,
     mut one_step: impl FnMut(usize, &mut dyn FnMut() -> Result<()>) -> Result<()>,
 ) -> Result<StepReport> {
     let dev = &b.device;
-    let mut peak = mem0.current()?;
-    let mut sample = || -> Result<()> {
-        if dev.is_cuda() {
-            peak = match (peak, mem0.current()?) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        Ok(())
-    };
+    let mut sample = || meter.as_mut().map_or(Ok(()), |m| m.sample());
+    sample()?;
     let (mut times, mut warmup_times) = (Vec::with_capacity(b.steps), Vec::with_capacity(b.warmup));
     for i in 0..b.warmup + b.steps {
         let t = Instant::now();
@@ -457,10 +452,7 @@ fn timed_steps(
             warmup_times.push(s);
         }
     }
-    let peak_mb = match dev {
-        Device::Cpu => mem0.cpu_peak()?,
-        _ => peak,
-    };
+    let peak_mb = meter.map(|m| m.peak_bytes()).transpose()?.map(|p| p as f64 / (1024.0 * 1024.0));
     let step_s = median(&times);
     Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, warmup_times, params, build_s: 0.0 })
 }
@@ -492,64 +484,6 @@ pub fn median(v: &[f64]) -> f64 {
     } else {
         0.5 * (s[m - 1] + s[m])
     }
-}
-
-/// Memory in use before the model was built, to subtract from the peak.
-struct MemProbe {
-    device: Device,
-    /// CPU: VmRSS in KiB. CUDA: device bytes in use (None: not measurable).
-    base: Option<u64>,
-}
-
-impl MemProbe {
-    fn new(device: &Device) -> Result<Self> {
-        let base = match device {
-            Device::Cpu => Some(proc_status_kib("VmRSS")?),
-            _ => device_used_bytes(device),
-        };
-        Ok(Self { device: device.clone(), base })
-    }
-
-    /// CUDA: device MiB in use above the baseline now. CPU: `Some(0.0)` (the CPU peak is read once,
-    /// from the kernel's high-water mark).
-    fn current(&self) -> Result<Option<f64>> {
-        match (&self.device, self.base) {
-            (Device::Cpu, _) => Ok(Some(0.0)),
-            (d, Some(base)) => Ok(device_used_bytes(d).map(|now| now.saturating_sub(base) as f64 / (1024.0 * 1024.0))),
-            _ => Ok(None),
-        }
-    }
-
-    /// Restarts the kernel's RSS high-water mark at the current RSS (Linux: `5` to
-    /// /proc/self/clear_refs). Where that is refused the peak includes the model construction.
-    fn reset_cpu_peak(&self) {
-        if self.device.is_cpu() {
-            let _ = std::fs::write("/proc/self/clear_refs", "5");
-        }
-    }
-
-    /// CPU: VmHWM minus the baseline VmRSS, in MiB.
-    fn cpu_peak(&self) -> Result<Option<f64>> {
-        let hwm = proc_status_kib("VmHWM")?;
-        Ok(self.base.map(|base| hwm.saturating_sub(base) as f64 / 1024.0))
-    }
-}
-
-/// A `kB` field of /proc/self/status.
-fn proc_status_kib(field: &str) -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    parse_status_kib(&text, field).with_context(|| format!("no {field} line in /proc/self/status"))
-}
-
-fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-}
-
-/// Device memory in use on a CUDA device (`None` where it cannot be asked).
-fn device_used_bytes(device: &Device) -> Option<u64> {
-    crate::memprobe::device_used_bytes(device).ok()
 }
 
 #[cfg(test)]
@@ -612,14 +546,6 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&[]), 0.0);
-    }
-
-    #[test]
-    fn status_fields_parse_in_kib() {
-        let text = "Name:\tsdp\nVmHWM:\t  123456 kB\nVmRSS:\t   1000 kB\n";
-        assert_eq!(parse_status_kib(text, "VmHWM"), Some(123456));
-        assert_eq!(parse_status_kib(text, "VmRSS"), Some(1000));
-        assert_eq!(parse_status_kib(text, "VmPeak"), None);
     }
 
     #[test]
