@@ -3,7 +3,8 @@
 //! with `scripts/pytorch_step.py`, which prints the same machine-readable last line:
 //! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`. [`whole_step`] times a
 //! whole simulated step of any run (all K workers, as the trainer runs them): `sdp check --cost` prices
-//! runs with it.
+//! runs with it. The benchmarked run is a spec that `spec::parse` reads and validates as it does a run's
+//! (the flags that describe it are `--set` overrides), so its errors name the spec key.
 //!
 //! Peak memory is measured as `sdp memprobe` measures it ([`MemoryMeter`]). On the CPU it is the
 //! resident-set high-water mark (`VmHWM`) minus the resident set before the model is built, so it counts
@@ -13,7 +14,6 @@
 //! bound of the true peak, which PyTorch's allocator counts exactly (`max_memory_allocated`).
 
 use crate::data::loader::Batch;
-use crate::masking;
 use crate::memprobe::MemoryMeter;
 use crate::models::layers::Builder;
 use crate::models::resnet::ResNet;
@@ -21,11 +21,12 @@ use crate::models::{self, Net};
 use crate::optim::Optimizer;
 use crate::runner;
 use crate::seed::{rng, Stream};
-use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, Precision, RunSpec, SpecError, Workload};
+use crate::spec::{self, MethodKind, Precision, RunSpec, SpecError};
 use crate::trainer::{dp_step, dp_step_with, loss_and_grads, sdp_step, small_dense_widths, SdpState};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
+use std::path::Path;
 use std::time::Instant;
 
 /// `sdp bench …`
@@ -37,7 +38,8 @@ pub struct BenchArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Median time, img/s and peak memory of a training step (forward, backward, SGD momentum update).
+    /// Median time, img/s and peak memory of a training step (forward, backward, optimizer update:
+    /// SGD with momentum unless --set optim.* says otherwise).
     Step(StepArgs),
     /// Augmented images/s the training loader delivers (random 32×32×3 images, crop pad 4 + flip + normalise).
     Loader(LoaderArgs),
@@ -83,19 +85,20 @@ impl LoaderArgs {
 }
 
 /// Arguments of `sdp bench step`, as typed on the command line; [`StepArgs::validate`] turns them into
-/// a [`StepBench`].
+/// a [`StepBench`]. The flags that describe the run are shorthands for `--set` overrides of a spec, which
+/// is parsed and validated as `sdp run` parses and validates one.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StepArgs {
-    /// resnet18 | wrn18 | resnet (with --widths/--depths) | swin_t.
+    /// resnet18 | wrn18 | resnet (with --widths/--depths) | swin_t: --set workload.model=M.
     #[arg(long)]
     pub model: String,
-    /// Per-stage widths, comma-separated (ResNet family: channels; swin_t: dims).
+    /// Per-stage widths, comma-separated (ResNet family: channels; swin_t: dims): --set workload.widths=[…].
     #[arg(long, value_delimiter = ',')]
     pub widths: Option<Vec<usize>>,
-    /// Per-stage block counts, comma-separated.
+    /// Per-stage block counts, comma-separated: --set workload.depths=[…].
     #[arg(long, value_delimiter = ',')]
     pub depths: Option<Vec<usize>>,
-    /// Images per step.
+    /// Images per step: --set workload.batch_size=B.
     #[arg(long)]
     pub batch: usize,
     /// cpu, cuda or cuda:N.
@@ -114,30 +117,35 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
     /// Benchmark one SDP worker's physical subnetwork instead of the full model: a masking strategy
-    /// (block, neuron, random_block).
+    /// (block, neuron, random_block): --set method.kind=sdp --set method.masking=S.
     #[arg(long)]
     pub masking: Option<String>,
-    /// SDP coverage C in (0, 1] (with --masking).
+    /// SDP coverage C in (0, 1] (with --masking): --set method.coverage=C.
     #[arg(long, default_value_t = 0.5)]
     pub coverage: f64,
-    /// SDP workers K (with --masking).
+    /// SDP workers K (with --masking): --set method.workers=K.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
-    /// Which SDP worker's subnetwork to benchmark (with --masking): 0..K.
+    /// Which SDP worker's subnetwork to benchmark: 0..K.
     #[arg(long, default_value_t = 0)]
     pub worker: usize,
-    /// Time a whole simulated SDP step instead (with --masking): every worker's forward, backward and
-    /// update, one after another, then the averaging among holders. Peak memory is then the
-    /// process's: the global model and all K workers.
+    /// Time a whole simulated SDP step instead: every worker's forward, backward and update, one after
+    /// another, then the averaging among holders. Peak memory is then the process's: the global model
+    /// and all K workers.
     #[arg(long, conflicts_with = "worker")]
     pub all_workers: bool,
     /// Compute precision: f32, or bf16 (bf16 activations and convolutions, f32 master weights,
-    /// gradients and BatchNorm statistics; ResNet family; meant for CUDA, slow on the CPU).
+    /// gradients and BatchNorm statistics; ResNet family; meant for CUDA, slow on the CPU):
+    /// --set workload.precision=P.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
-    /// Seed of the weights, the masks and the random input.
+    /// Seed of the weights, the masks and the random input: --set seed=S.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Any other field of the run's spec (`optim.*`, `method.*`; the input is random, so data fields
+    /// change nothing), as `sdp run --set` takes it; applied after the flags above.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
 }
 
 /// A validated step benchmark.
@@ -187,81 +195,61 @@ fn usage(msg: String) -> anyhow::Error {
     SpecError(msg).into()
 }
 
+/// The spec a step benchmark starts from; [`StepArgs::spec_overrides`] fills in the rest.
+const BASE_SPEC: &str = "name = \"bench\"\n[workload]\ndataset = \"shapes\"\nepochs = 1\n";
+
 impl StepArgs {
-    /// Checks every flag once; errors are usage errors (exit code 2) naming the flag.
+    /// The flags that describe the run as `--set` overrides, then the `--set` ones.
+    fn spec_overrides(&self) -> Result<Vec<String>> {
+        let list = |v: &[usize]| toml::Value::Array(v.iter().map(|&x| toml::Value::Integer(x as i64)).collect());
+        let text = |s: &str| toml::Value::String(s.to_string());
+        let mut sets = vec![
+            format!("workload.model={}", text(&self.model)),
+            format!("workload.batch_size={}", self.batch),
+            format!("workload.precision={}", toml::Value::try_from(self.precision)?),
+            format!("seed={}", self.seed),
+        ];
+        sets.extend(self.widths.as_deref().map(|w| format!("workload.widths={}", list(w))));
+        sets.extend(self.depths.as_deref().map(|d| format!("workload.depths={}", list(d))));
+        if let Some(masking) = &self.masking {
+            sets.push("method.kind=\"sdp\"".into());
+            sets.push(format!("method.masking={}", text(masking)));
+            sets.push(format!("method.coverage={}", self.coverage));
+            sets.push(format!("method.workers={}", self.workers));
+        }
+        sets.extend(self.sets.iter().cloned());
+        Ok(sets)
+    }
+
+    /// Parses the run's spec as `sdp run` does (errors name the key) and checks the other flags; every
+    /// error is a usage error (exit code 2).
     pub fn validate(&self) -> Result<StepBench> {
-        let model = match self.model.as_str() {
-            "resnet18" => ModelName::Resnet18,
-            "wrn18" => ModelName::Wrn18,
-            "resnet" => ModelName::Resnet,
-            "swin_t" => ModelName::SwinT,
-            m => {
-                return Err(usage(format!("--model: unknown model `{m}`, expected resnet18, wrn18, resnet or swin_t")))
-            }
-        };
-        if model == ModelName::Resnet && (self.widths.is_none() || self.depths.is_none()) {
-            return Err(usage("--model resnet needs --widths and --depths (e.g. --widths 16,32 --depths 1,1)".into()));
+        let mut exp = spec::parse(BASE_SPEC, Path::new("sdp bench step"), &self.spec_overrides()?)?;
+        if exp.runs.len() != 1 {
+            return Err(usage(format!(
+                "sdp bench step: a grid of {} runs (a list in --set): it times one",
+                exp.runs.len()
+            )));
         }
-        for (flag, v) in [("--widths", &self.widths), ("--depths", &self.depths)] {
-            if v.as_ref().is_some_and(|v| v.is_empty() || v.contains(&0)) {
-                return Err(usage(format!("{flag}: expected positive comma-separated integers, got {v:?}")));
-            }
-        }
-        for (flag, v) in [("--batch", self.batch), ("--steps", self.steps), ("--classes", self.classes)] {
+        let spec = exp.runs.remove(0).spec;
+        for (flag, v) in [("--steps", self.steps), ("--classes", self.classes), ("--image-size", self.image_size)] {
             if v == 0 {
                 return Err(usage(format!("{flag} must be at least 1")));
             }
         }
-        if self.image_size == 0 {
-            return Err(usage("--image-size must be at least 1".into()));
-        }
         let device = runner::parse_device(&self.device).map_err(|e| usage(format!("{e:#}")))?;
-        let workload = Workload {
-            dataset: "shapes".into(),
-            data_seed: 0,
-            train_samples: None,
-            test_samples: None,
-            model,
-            widths: self.widths.clone(),
-            depths: self.depths.clone(),
-            norm: Norm::Batch,
-            epochs: 1,
-            batch_size: self.batch,
-            augment: Augment::default(),
-            eval_every: 1,
-            eval_batch_size: self.batch,
-            precision: self.precision,
-        };
-        let mut spec = RunSpec {
-            name: "bench".into(),
-            seed: self.seed,
-            workload,
-            optim: Optim::default(),
-            method: Default::default(),
-        };
-        // Resolve the configuration now, so that bad widths/depths are usage errors.
-        match model {
-            ModelName::SwinT => models::swin_config(&spec.workload, self.classes).map(|_| ()),
-            _ => models::resnet_config(&spec.workload, self.classes).map(|_| ()),
+        match spec.method.kind {
+            MethodKind::Sdp if self.worker >= spec.method.workers => {
+                return Err(usage(format!(
+                    "--worker {} does not exist with method.workers = {}",
+                    self.worker, spec.method.workers
+                )))
+            }
+            MethodKind::Sdp | MethodKind::Dp => {}
+            _ => return Err(usage("sdp bench step: key `method.kind`: times `dp` or `sdp` only".into())),
         }
-        .map_err(|e| usage(format!("{e:#}")))?;
-        if let Some(name) = &self.masking {
-            masking::strategy(name).map_err(|e| usage(format!("--masking: {e:#}")))?;
-            if self.workers == 0 {
-                return Err(usage("--workers must be at least 1".into()));
-            }
-            if self.worker >= self.workers {
-                return Err(usage(format!("--worker {} does not exist with --workers {}", self.worker, self.workers)));
-            }
-            if !(self.coverage > 0.0 && self.coverage <= 1.0) {
-                return Err(usage(format!("--coverage must be in (0, 1], got {}", self.coverage)));
-            }
-            spec.method.kind = MethodKind::Sdp;
-            spec.method.masking = name.clone();
-            spec.method.coverage = self.coverage;
-            spec.method.workers = self.workers;
-        } else if self.all_workers {
-            return Err(usage("--all-workers needs --masking (an SDP configuration)".into()));
+        if self.all_workers && spec.method.kind != MethodKind::Sdp {
+            return Err(usage("--all-workers needs an SDP configuration (--masking)".into()));
         }
         Ok(StepBench {
             spec,
@@ -281,24 +269,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match &args.command {
         BenchCommand::Step(a) => {
             let b = a.validate()?;
-            let what = match &a.masking {
-                Some(m) if a.all_workers => format!(
-                    "{} (a whole SDP step: all K={} workers + averaging, masking {m}, coverage {})",
-                    a.model, a.workers, a.coverage
+            let (model, m) = (serde_json::to_value(b.spec.workload.model)?, &b.spec.method);
+            let model = model.as_str().unwrap_or_default();
+            let what = match m.kind {
+                MethodKind::Sdp if b.all_workers => format!(
+                    "{model} (a whole SDP step: all K={} workers + averaging, masking {}, coverage {})",
+                    m.workers, m.masking, m.coverage
                 ),
-                Some(m) => {
-                    format!(
-                        "{} (SDP worker {} of K={}, masking {m}, coverage {})",
-                        a.model, a.worker, a.workers, a.coverage
-                    )
-                }
-                None => a.model.clone(),
+                MethodKind::Sdp => format!(
+                    "{model} (SDP worker {} of K={}, masking {}, coverage {})",
+                    b.worker, m.workers, m.masking, m.coverage
+                ),
+                _ => model.to_string(),
             };
             eprintln!(
                 "bench step: {what}, batch {}, {}x{} input, device {}, {} warm-up + {} timed steps, {} threads",
-                a.batch,
-                a.image_size,
-                a.image_size,
+                b.spec.workload.batch_size,
+                b.image_size,
+                b.image_size,
                 a.device,
                 b.warmup,
                 b.steps,
@@ -529,16 +517,34 @@ mod tests {
     }
 
     #[test]
-    fn bad_flags_are_usage_errors_naming_the_flag() {
-        assert!(err("step --model vgg --batch 2").contains("unknown model `vgg`"));
-        assert!(err("step --model resnet --batch 2").contains("--widths and --depths"));
-        assert!(err("step --model resnet18 --batch 0").contains("--batch must be at least 1"));
-        assert!(err("step --model resnet18 --batch 2 --device tpu").contains("invalid --device `tpu`"));
-        assert!(err("step --model resnet18 --batch 2 --masking stripes").contains("unknown masking strategy"));
-        assert!(err("step --model resnet18 --batch 2 --masking block --coverage 1.5").contains("(0, 1]"));
-        assert!(err("step --model resnet18 --batch 2 --masking block --workers 4 --worker 4")
-            .contains("--worker 4 does not exist with --workers 4"));
-        assert!(err("step --model resnet --widths 8,16 --depths 1 --batch 2").contains("widths has 2 stages"));
+    fn the_run_is_checked_as_a_spec_and_errors_name_its_key() -> Result<()> {
+        let r = "step --model resnet18 --batch 2";
+        let key = |line: &str, key: &str, msg: &str| {
+            let e = err(line);
+            assert!(e.contains(&format!("sdp bench step: key `{key}`")) && e.contains(msg), "{line}: {e}");
+        };
+        key("step --model vgg --batch 2", "workload.model", "unknown variant `vgg`");
+        key("step --model resnet --batch 2", "workload.model", "needs explicit `widths` and `depths`");
+        key("step --model resnet18 --batch 0", "workload.batch_size", "must be at least 1");
+        key(&format!("{r} --masking stripes"), "method.masking", "unknown masking strategy");
+        key(&format!("{r} --masking block --coverage 1.5"), "method.coverage", "(0, 1]");
+        key("step --model resnet --widths 8,16 --depths 1 --batch 2", "workload.depths", "workload.widths has 2");
+        key("step --model swin_t --widths 32,32,32,32,32,32 --depths 1,1,1,1,1,1 --batch 2", "workload.widths", "odd");
+        key(&format!("{r} --set optim.lr=-1"), "optim.lr", "must be a positive number");
+        key(&format!("{r} --set optim.typo=1"), "optim.typo", "unknown field");
+        // The flags that are not spec fields.
+        assert!(err(&format!("{r} --device tpu")).contains("invalid --device `tpu`"));
+        assert!(err(&format!("{r} --steps 0")).contains("--steps must be at least 1"));
+        assert!(err(&format!("{r} --masking block --workers 4 --worker 4"))
+            .contains("--worker 4 does not exist with method.workers = 4"));
+        assert!(err(&format!("{r} --set method.kind=dropout")).contains("key `method.kind`: times `dp` or `sdp` only"));
+        assert!(err(&format!("{r} --set optim.lr=[0.1,0.2]")).contains("a grid of 2 runs"));
+        // `--set` comes after the flags, and the spec is a run's (defaults filled in).
+        let b = args(&format!("{r} --masking neuron --workers 4 --set method.workers=2 --set optim.momentum=0"))
+            .validate()?;
+        assert_eq!((b.spec.method.kind, b.spec.method.workers, b.spec.optim.momentum), (MethodKind::Sdp, 2, 0.0));
+        assert_eq!(b.spec.method.masking, "neuron");
+        Ok(())
     }
 
     #[test]
@@ -572,7 +578,7 @@ mod tests {
         assert!((whole.img_s - 8.0 / whole.step_s).abs() < 1e-6 * whole.img_s);
         assert_eq!(whole.params, step(&args(base).validate()?)?.params);
         let err = args(&format!("{base} --all-workers")).validate().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("--all-workers needs --masking"), "{err}");
+        assert!(err.contains("--all-workers needs an SDP configuration"), "{err}");
         Ok(())
     }
 
