@@ -3,28 +3,30 @@
 //! with `scripts/pytorch_step.py`, which prints the same machine-readable last line:
 //! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`. [`whole_step`] times a
 //! whole simulated step of any run (all K workers, as training runs them): `sdp check --cost` prices
-//! runs with it.
+//! runs with it. The benchmarked run is a spec that `spec::parse` reads and validates as it does a run's
+//! (the flags that describe it are `--set` overrides), so its errors name the spec key.
 //!
-//! Peak memory on the CPU is the resident-set high-water mark (`VmHWM`) minus the resident set before
-//! the model is built, so it counts parameters, optimizer state, activations and kernel buffers, but
-//! not the binary and the allocator's start-up state. On CUDA it is the device memory in use as the
-//! driver reports it (total - free, sampled after every step's backward pass, while the gradients are
-//! alive) minus that before the model: a lower bound of the true peak, which PyTorch's allocator
-//! counts exactly (`max_memory_allocated`).
+//! Peak memory is measured as `sdp memprobe` measures it ([`MemoryMeter`]). On the CPU it is the
+//! resident-set high-water mark (`VmHWM`) minus the resident set before the model is built, so it counts
+//! parameters, optimizer state, activations and kernel buffers, but not the binary and the allocator's
+//! start-up state. On CUDA it is the device memory in use as the driver reports it (total - free, sampled
+//! after every step's backward pass, while the gradients are alive) minus that before the model: a lower
+//! bound of the true peak, which PyTorch's allocator counts exactly (`max_memory_allocated`).
 
 use crate::data::loader::Batch;
-use crate::masking;
+use crate::memprobe::MemoryMeter;
 use crate::models::layers::Builder;
 use crate::models::resnet::ResNet;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
 use crate::runner;
 use crate::seed::{rng, Stream};
-use crate::spec::{Augment, MethodKind, ModelName, Norm, Optim, Precision, RunSpec, SpecError, Workload};
+use crate::spec::{self, MethodKind, Precision, RunSpec, SpecError};
 use crate::train::{dp_step, dp_step_with, loss_and_grads, sdp_step, small_dense_widths, SdpState};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
+use std::path::Path;
 use std::time::Instant;
 
 /// `sdp bench …`
@@ -36,7 +38,8 @@ pub struct BenchArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Median time, img/s and peak memory of a training step (forward, backward, SGD momentum update).
+    /// Median time, img/s and peak memory of a training step (forward, backward, optimizer update:
+    /// SGD with momentum unless --set optim.* says otherwise).
     Step(StepArgs),
     /// Augmented images/s the training loader delivers (random 32×32×3 images, crop pad 4 + flip + normalise).
     Loader(LoaderArgs),
@@ -85,19 +88,20 @@ impl LoaderArgs {
 }
 
 /// Arguments of `sdp bench step`, as typed on the command line; [`StepArgs::validate`] turns them into
-/// a [`StepBench`].
+/// a [`StepBench`]. The flags that describe the run are shorthands for `--set` overrides of a spec, which
+/// is parsed and validated as `sdp run` parses and validates one.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StepArgs {
-    /// resnet18 | wrn18 | resnet (with --widths/--depths) | swin_t.
+    /// resnet18 | wrn18 | resnet (with --widths/--depths) | swin_t: --set workload.model=M.
     #[arg(long)]
     pub model: String,
-    /// Per-stage widths, comma-separated (ResNet family: channels; swin_t: dims).
+    /// Per-stage widths, comma-separated (ResNet family: channels; swin_t: dims): --set workload.widths=[…].
     #[arg(long, value_delimiter = ',')]
     pub widths: Option<Vec<usize>>,
-    /// Per-stage block counts, comma-separated.
+    /// Per-stage block counts, comma-separated: --set workload.depths=[…].
     #[arg(long, value_delimiter = ',')]
     pub depths: Option<Vec<usize>>,
-    /// Images per step.
+    /// Images per step: --set workload.batch_size=B.
     #[arg(long)]
     pub batch: usize,
     /// cpu, cuda or cuda:N.
@@ -116,30 +120,35 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
     /// Benchmark one SDP worker's physical subnetwork instead of the full model: a masking strategy
-    /// (block, neuron, random_block).
+    /// (block, neuron, random_block): --set method.kind=sdp --set method.masking=S.
     #[arg(long)]
     pub masking: Option<String>,
-    /// SDP coverage C in (0, 1] (with --masking).
+    /// SDP coverage C in (0, 1] (with --masking): --set method.coverage=C.
     #[arg(long, default_value_t = 0.5)]
     pub coverage: f64,
-    /// SDP workers K (with --masking).
+    /// SDP workers K (with --masking): --set method.workers=K.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
-    /// Which SDP worker's subnetwork to benchmark (with --masking): 0..K.
+    /// Which SDP worker's subnetwork to benchmark: 0..K.
     #[arg(long, default_value_t = 0)]
     pub worker: usize,
-    /// Time a whole simulated SDP step instead (with --masking): every worker's forward, backward and
-    /// update, one after another, then the averaging among holders. Peak memory is then the
-    /// process's: the global model and all K workers.
+    /// Time a whole simulated SDP step instead: every worker's forward, backward and update, one after
+    /// another, then the averaging among holders. Peak memory is then the process's: the global model
+    /// and all K workers.
     #[arg(long, conflicts_with = "worker")]
     pub all_workers: bool,
     /// Compute precision: f32, or bf16 (bf16 activations and convolutions, f32 master weights,
-    /// gradients and BatchNorm statistics; ResNet family; meant for CUDA, slow on the CPU).
+    /// gradients and BatchNorm statistics; ResNet family; meant for CUDA, slow on the CPU):
+    /// --set workload.precision=P.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
-    /// Seed of the weights, the masks and the random input.
+    /// Seed of the weights, the masks and the random input: --set seed=S.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Any other field of the run's spec (`optim.*`, `method.*`; the input is random, so data fields
+    /// change nothing), as `sdp run --set` takes it; applied after the flags above.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
 }
 
 /// A validated step benchmark.
@@ -189,81 +198,61 @@ fn usage(msg: String) -> anyhow::Error {
     SpecError(msg).into()
 }
 
+/// The spec a step benchmark starts from; [`StepArgs::spec_overrides`] fills in the rest.
+const BASE_SPEC: &str = "name = \"bench\"\n[workload]\ndataset = \"shapes\"\nepochs = 1\n";
+
 impl StepArgs {
-    /// Checks every flag once; errors are usage errors (exit code 2) naming the flag.
+    /// The flags that describe the run as `--set` overrides, then the `--set` ones.
+    fn spec_overrides(&self) -> Result<Vec<String>> {
+        let list = |v: &[usize]| toml::Value::Array(v.iter().map(|&x| toml::Value::Integer(x as i64)).collect());
+        let text = |s: &str| toml::Value::String(s.to_string());
+        let mut sets = vec![
+            format!("workload.model={}", text(&self.model)),
+            format!("workload.batch_size={}", self.batch),
+            format!("workload.precision={}", toml::Value::try_from(self.precision)?),
+            format!("seed={}", self.seed),
+        ];
+        sets.extend(self.widths.as_deref().map(|w| format!("workload.widths={}", list(w))));
+        sets.extend(self.depths.as_deref().map(|d| format!("workload.depths={}", list(d))));
+        if let Some(masking) = &self.masking {
+            sets.push("method.kind=\"sdp\"".into());
+            sets.push(format!("method.masking={}", text(masking)));
+            sets.push(format!("method.coverage={}", self.coverage));
+            sets.push(format!("method.workers={}", self.workers));
+        }
+        sets.extend(self.sets.iter().cloned());
+        Ok(sets)
+    }
+
+    /// Parses the run's spec as `sdp run` does (errors name the key) and checks the other flags; every
+    /// error is a usage error (exit code 2).
     pub fn validate(&self) -> Result<StepBench> {
-        let model = match self.model.as_str() {
-            "resnet18" => ModelName::Resnet18,
-            "wrn18" => ModelName::Wrn18,
-            "resnet" => ModelName::Resnet,
-            "swin_t" => ModelName::SwinT,
-            m => {
-                return Err(usage(format!("--model: unknown model `{m}`, expected resnet18, wrn18, resnet or swin_t")))
-            }
-        };
-        if model == ModelName::Resnet && (self.widths.is_none() || self.depths.is_none()) {
-            return Err(usage("--model resnet needs --widths and --depths (e.g. --widths 16,32 --depths 1,1)".into()));
+        let mut exp = spec::parse(BASE_SPEC, Path::new("sdp bench step"), &self.spec_overrides()?)?;
+        if exp.runs.len() != 1 {
+            return Err(usage(format!(
+                "sdp bench step: a grid of {} runs (a list in --set): it times one",
+                exp.runs.len()
+            )));
         }
-        for (flag, v) in [("--widths", &self.widths), ("--depths", &self.depths)] {
-            if v.as_ref().is_some_and(|v| v.is_empty() || v.contains(&0)) {
-                return Err(usage(format!("{flag}: expected positive comma-separated integers, got {v:?}")));
-            }
-        }
-        for (flag, v) in [("--batch", self.batch), ("--steps", self.steps), ("--classes", self.classes)] {
+        let spec = exp.runs.remove(0).spec;
+        for (flag, v) in [("--steps", self.steps), ("--classes", self.classes), ("--image-size", self.image_size)] {
             if v == 0 {
                 return Err(usage(format!("{flag} must be at least 1")));
             }
         }
-        if self.image_size == 0 {
-            return Err(usage("--image-size must be at least 1".into()));
-        }
         let device = runner::parse_device(&self.device).map_err(|e| usage(format!("{e:#}")))?;
-        let workload = Workload {
-            dataset: "shapes".into(),
-            data_seed: 0,
-            train_samples: None,
-            test_samples: None,
-            model,
-            widths: self.widths.clone(),
-            depths: self.depths.clone(),
-            norm: Norm::Batch,
-            epochs: 1,
-            batch_size: self.batch,
-            augment: Augment::default(),
-            eval_every: 1,
-            eval_batch_size: self.batch,
-            precision: self.precision,
-        };
-        let mut spec = RunSpec {
-            name: "bench".into(),
-            seed: self.seed,
-            workload,
-            optim: Optim::default(),
-            method: Default::default(),
-        };
-        // Resolve the configuration now, so that bad widths/depths are usage errors.
-        match model {
-            ModelName::SwinT => models::swin_config(&spec.workload, self.classes).map(|_| ()),
-            _ => models::resnet_config(&spec.workload, self.classes).map(|_| ()),
+        match spec.method.kind {
+            MethodKind::Sdp if self.worker >= spec.method.workers => {
+                return Err(usage(format!(
+                    "--worker {} does not exist with method.workers = {}",
+                    self.worker, spec.method.workers
+                )))
+            }
+            MethodKind::Sdp | MethodKind::Dp => {}
+            _ => return Err(usage("sdp bench step: key `method.kind`: times `dp` or `sdp` only".into())),
         }
-        .map_err(|e| usage(format!("{e:#}")))?;
-        if let Some(name) = &self.masking {
-            masking::strategy(name).map_err(|e| usage(format!("--masking: {e:#}")))?;
-            if self.workers == 0 {
-                return Err(usage("--workers must be at least 1".into()));
-            }
-            if self.worker >= self.workers {
-                return Err(usage(format!("--worker {} does not exist with --workers {}", self.worker, self.workers)));
-            }
-            if !(self.coverage > 0.0 && self.coverage <= 1.0) {
-                return Err(usage(format!("--coverage must be in (0, 1], got {}", self.coverage)));
-            }
-            spec.method.kind = MethodKind::Sdp;
-            spec.method.masking = name.clone();
-            spec.method.coverage = self.coverage;
-            spec.method.workers = self.workers;
-        } else if self.all_workers {
-            return Err(usage("--all-workers needs --masking (an SDP configuration)".into()));
+        if self.all_workers && spec.method.kind != MethodKind::Sdp {
+            return Err(usage("--all-workers needs an SDP configuration (--masking)".into()));
         }
         Ok(StepBench {
             spec,
@@ -283,24 +272,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match &args.command {
         BenchCommand::Step(a) => {
             let b = a.validate()?;
-            let what = match &a.masking {
-                Some(m) if a.all_workers => format!(
-                    "{} (a whole SDP step: all K={} workers + averaging, masking {m}, coverage {})",
-                    a.model, a.workers, a.coverage
+            let (model, m) = (serde_json::to_value(b.spec.workload.model)?, &b.spec.method);
+            let model = model.as_str().unwrap_or_default();
+            let what = match m.kind {
+                MethodKind::Sdp if b.all_workers => format!(
+                    "{model} (a whole SDP step: all K={} workers + averaging, masking {}, coverage {})",
+                    m.workers, m.masking, m.coverage
                 ),
-                Some(m) => {
-                    format!(
-                        "{} (SDP worker {} of K={}, masking {m}, coverage {})",
-                        a.model, a.worker, a.workers, a.coverage
-                    )
-                }
-                None => a.model.clone(),
+                MethodKind::Sdp => format!(
+                    "{model} (SDP worker {} of K={}, masking {}, coverage {})",
+                    b.worker, m.workers, m.masking, m.coverage
+                ),
+                _ => model.to_string(),
             };
             eprintln!(
                 "bench step: {what}, batch {}, {}x{} input, device {}, {} warm-up + {} timed steps, {} threads",
-                a.batch,
-                a.image_size,
-                a.image_size,
+                b.spec.workload.batch_size,
+                b.image_size,
+                b.image_size,
                 a.device,
                 b.warmup,
                 b.steps,
@@ -347,7 +336,7 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
         return whole_step(b);
     }
     let dev = &b.device;
-    let mem0 = MemProbe::new(dev)?;
+    let mut meter = MemoryMeter::start(dev).ok();
     let t = Instant::now();
     // One SDP worker's physical subnetwork, or the full model.
     let (net, mut opt): (Box<dyn Net>, Optimizer) = if b.spec.method.kind == MethodKind::Sdp {
@@ -357,13 +346,15 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     } else {
         (models::build(&b.spec.workload, b.classes, b.spec.seed, dev)?, Optimizer::new(&b.spec.optim))
     };
-    // Building the SDP state held the global model and every worker at once: restart the high-water
-    // mark so that the peak is the benchmarked worker's.
-    mem0.reset_cpu_peak();
+    // Building the SDP state held the global model and every worker at once: restart the peak so that
+    // it is the benchmarked worker's. Where the kernel refuses, the peak includes the construction.
+    if let Some(m) = meter.as_mut() {
+        let _ = m.restart_peak();
+    }
     let build_s = t.elapsed().as_secs_f64();
     let (x, y) = random_batch(b, 0).to_tensors(dev)?;
     let lr = b.spec.optim.lr;
-    let r = timed_steps(b, &mem0, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
+    let r = timed_steps(b, meter, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
         let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
         sample()?; // activations and gradients alive: the step's high point
         opt.step(&net.store().params, &grads, lr)?;
@@ -380,7 +371,7 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
 pub fn whole_step(b: &StepBench) -> Result<StepReport> {
     let dev = &b.device;
     let spec = &b.spec;
-    let mem0 = MemProbe::new(dev)?;
+    let meter = MemoryMeter::start(dev).ok();
     let t = Instant::now();
     let batches: Vec<Batch> = (0..spec.method.workers).map(|k| random_batch(b, k)).collect();
     let images = spec.workload.batch_size * spec.method.workers;
@@ -390,7 +381,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let mut st = SdpState::new(spec, b.classes, dev).context("building the SDP state")?;
             let build_s = t.elapsed().as_secs_f64();
             let params = st.global.store().num_params();
-            let r = timed_steps(b, &mem0, params, images, |i, sample| {
+            let r = timed_steps(b, meter, params, images, |i, sample| {
                 sdp_step(&mut st, spec, &batches, lr, i + 1, dev)?;
                 sample()
             })?;
@@ -400,7 +391,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let net = models::build(&spec.workload, b.classes, spec.seed, dev)?;
             let build_s = t.elapsed().as_secs_f64();
             let mut opt = Optimizer::new(&spec.optim);
-            let r = timed_steps(b, &mem0, net.store().num_params(), images, |_, sample| {
+            let r = timed_steps(b, meter, net.store().num_params(), images, |_, sample| {
                 dp_step(net.as_ref(), &mut opt, &batches, lr, dev)?;
                 sample()
             })?;
@@ -415,7 +406,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let net = ResNet::new(&cfg, &cfg.full_plan(), builder)?;
             let build_s = t.elapsed().as_secs_f64();
             let mut opt = Optimizer::new(&spec.optim);
-            let r = timed_steps(b, &mem0, net.store().num_params(), images, |i, sample| {
+            let r = timed_steps(b, meter, net.store().num_params(), images, |i, sample| {
                 let forward = |k: usize, x: &Tensor| {
                     net.forward_dropping(x, true, &crate::train::baseline_drops(spec, &net, i + 1, k, dev)?)
                 };
@@ -428,27 +419,19 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
     Ok(r)
 }
 
-/// Runs `b.warmup + b.steps` calls of `one_step(i, sample)` (`sample` reads CUDA memory; a step calls
-/// it at its high point) and reports the median time of the timed ones, img/s for `images` per step
-/// and the peak memory.
+/// Runs `b.warmup + b.steps` calls of `one_step(i, sample)` (`sample` counts the device memory in use
+/// towards the peak; a step calls it at its high point) and reports the median time of the timed ones,
+/// img/s for `images` per step and the peak memory that `meter` (None: not measurable) saw.
 fn timed_steps(
     b: &StepBench,
-    mem0: &MemProbe,
+    mut meter: Option<MemoryMeter>,
     params: usize,
     images: usize,
     mut one_step: impl FnMut(usize, &mut dyn FnMut() -> Result<()>) -> Result<()>,
 ) -> Result<StepReport> {
     let dev = &b.device;
-    let mut peak = mem0.current()?;
-    let mut sample = || -> Result<()> {
-        if dev.is_cuda() {
-            peak = match (peak, mem0.current()?) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        Ok(())
-    };
+    let mut sample = || meter.as_mut().map_or(Ok(()), |m| m.sample());
+    sample()?;
     let (mut times, mut warmup_times) = (Vec::with_capacity(b.steps), Vec::with_capacity(b.warmup));
     for i in 0..b.warmup + b.steps {
         let t = Instant::now();
@@ -461,10 +444,7 @@ fn timed_steps(
             warmup_times.push(s);
         }
     }
-    let peak_mb = match dev {
-        Device::Cpu => mem0.cpu_peak()?,
-        _ => peak,
-    };
+    let peak_mb = meter.map(|m| m.peak_bytes()).transpose()?.map(|p| p as f64 / (1024.0 * 1024.0));
     let step_s = median(&times);
     Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, warmup_times, params, build_s: 0.0 })
 }
@@ -496,64 +476,6 @@ pub fn median(v: &[f64]) -> f64 {
     } else {
         0.5 * (s[m - 1] + s[m])
     }
-}
-
-/// Memory in use before the model was built, to subtract from the peak.
-struct MemProbe {
-    device: Device,
-    /// CPU: VmRSS in KiB. CUDA: device bytes in use (None: not measurable).
-    base: Option<u64>,
-}
-
-impl MemProbe {
-    fn new(device: &Device) -> Result<Self> {
-        let base = match device {
-            Device::Cpu => Some(proc_status_kib("VmRSS")?),
-            _ => device_used_bytes(device),
-        };
-        Ok(Self { device: device.clone(), base })
-    }
-
-    /// CUDA: device MiB in use above the baseline now. CPU: `Some(0.0)` (the CPU peak is read once,
-    /// from the kernel's high-water mark).
-    fn current(&self) -> Result<Option<f64>> {
-        match (&self.device, self.base) {
-            (Device::Cpu, _) => Ok(Some(0.0)),
-            (d, Some(base)) => Ok(device_used_bytes(d).map(|now| now.saturating_sub(base) as f64 / (1024.0 * 1024.0))),
-            _ => Ok(None),
-        }
-    }
-
-    /// Restarts the kernel's RSS high-water mark at the current RSS (Linux: `5` to
-    /// /proc/self/clear_refs). Where that is refused the peak includes the model construction.
-    fn reset_cpu_peak(&self) {
-        if self.device.is_cpu() {
-            let _ = std::fs::write("/proc/self/clear_refs", "5");
-        }
-    }
-
-    /// CPU: VmHWM minus the baseline VmRSS, in MiB.
-    fn cpu_peak(&self) -> Result<Option<f64>> {
-        let hwm = proc_status_kib("VmHWM")?;
-        Ok(self.base.map(|base| hwm.saturating_sub(base) as f64 / 1024.0))
-    }
-}
-
-/// A `kB` field of /proc/self/status.
-fn proc_status_kib(field: &str) -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    parse_status_kib(&text, field).with_context(|| format!("no {field} line in /proc/self/status"))
-}
-
-fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-}
-
-/// Device memory in use on a CUDA device (`None` where it cannot be asked).
-fn device_used_bytes(device: &Device) -> Option<u64> {
-    crate::memprobe::device_used_bytes(device).ok()
 }
 
 #[cfg(test)]
@@ -599,16 +521,34 @@ mod tests {
     }
 
     #[test]
-    fn bad_flags_are_usage_errors_naming_the_flag() {
-        assert!(err("step --model vgg --batch 2").contains("unknown model `vgg`"));
-        assert!(err("step --model resnet --batch 2").contains("--widths and --depths"));
-        assert!(err("step --model resnet18 --batch 0").contains("--batch must be at least 1"));
-        assert!(err("step --model resnet18 --batch 2 --device tpu").contains("invalid --device `tpu`"));
-        assert!(err("step --model resnet18 --batch 2 --masking stripes").contains("unknown masking strategy"));
-        assert!(err("step --model resnet18 --batch 2 --masking block --coverage 1.5").contains("(0, 1]"));
-        assert!(err("step --model resnet18 --batch 2 --masking block --workers 4 --worker 4")
-            .contains("--worker 4 does not exist with --workers 4"));
-        assert!(err("step --model resnet --widths 8,16 --depths 1 --batch 2").contains("widths has 2 stages"));
+    fn the_run_is_checked_as_a_spec_and_errors_name_its_key() -> Result<()> {
+        let r = "step --model resnet18 --batch 2";
+        let key = |line: &str, key: &str, msg: &str| {
+            let e = err(line);
+            assert!(e.contains(&format!("sdp bench step: key `{key}`")) && e.contains(msg), "{line}: {e}");
+        };
+        key("step --model vgg --batch 2", "workload.model", "unknown variant `vgg`");
+        key("step --model resnet --batch 2", "workload.model", "needs explicit `widths` and `depths`");
+        key("step --model resnet18 --batch 0", "workload.batch_size", "must be at least 1");
+        key(&format!("{r} --masking stripes"), "method.masking", "unknown masking strategy");
+        key(&format!("{r} --masking block --coverage 1.5"), "method.coverage", "(0, 1]");
+        key("step --model resnet --widths 8,16 --depths 1 --batch 2", "workload.depths", "workload.widths has 2");
+        key("step --model swin_t --widths 32,32,32,32,32,32 --depths 1,1,1,1,1,1 --batch 2", "workload.widths", "odd");
+        key(&format!("{r} --set optim.lr=-1"), "optim.lr", "must be a positive number");
+        key(&format!("{r} --set optim.typo=1"), "optim.typo", "unknown field");
+        // The flags that are not spec fields.
+        assert!(err(&format!("{r} --device tpu")).contains("invalid --device `tpu`"));
+        assert!(err(&format!("{r} --steps 0")).contains("--steps must be at least 1"));
+        assert!(err(&format!("{r} --masking block --workers 4 --worker 4"))
+            .contains("--worker 4 does not exist with method.workers = 4"));
+        assert!(err(&format!("{r} --set method.kind=dropout")).contains("key `method.kind`: times `dp` or `sdp` only"));
+        assert!(err(&format!("{r} --set optim.lr=[0.1,0.2]")).contains("a grid of 2 runs"));
+        // `--set` comes after the flags, and the spec is a run's (defaults filled in).
+        let b = args(&format!("{r} --masking neuron --workers 4 --set method.workers=2 --set optim.momentum=0"))
+            .validate()?;
+        assert_eq!((b.spec.method.kind, b.spec.method.workers, b.spec.optim.momentum), (MethodKind::Sdp, 2, 0.0));
+        assert_eq!(b.spec.method.masking, "neuron");
+        Ok(())
     }
 
     #[test]
@@ -616,14 +556,6 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&[]), 0.0);
-    }
-
-    #[test]
-    fn status_fields_parse_in_kib() {
-        let text = "Name:\tsdp\nVmHWM:\t  123456 kB\nVmRSS:\t   1000 kB\n";
-        assert_eq!(parse_status_kib(text, "VmHWM"), Some(123456));
-        assert_eq!(parse_status_kib(text, "VmRSS"), Some(1000));
-        assert_eq!(parse_status_kib(text, "VmPeak"), None);
     }
 
     #[test]
@@ -650,7 +582,7 @@ mod tests {
         assert!((whole.img_s - 8.0 / whole.step_s).abs() < 1e-6 * whole.img_s);
         assert_eq!(whole.params, step(&args(base).validate()?)?.params);
         let err = args(&format!("{base} --all-workers")).validate().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("--all-workers needs --masking"), "{err}");
+        assert!(err.contains("--all-workers needs an SDP configuration"), "{err}");
         Ok(())
     }
 

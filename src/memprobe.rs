@@ -12,6 +12,8 @@
 //! after every update, minus the same figure before the model was built. It counts what candle's
 //! allocator holds, so it is an upper bound on live tensors and a lower bound on the true peak
 //! between samples; other processes on the card must stay idle while it runs.
+//!
+//! [`MemoryMeter`] is that measurement, on either device; `sdp bench step` measures with it too.
 
 use crate::models;
 use crate::optim::{lr_at, Optimizer};
@@ -22,28 +24,77 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
-/// (VmRSS, VmHWM) of this process in bytes, from /proc/self/status.
-pub fn rss() -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let field = |name: &str| -> Result<u64> {
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .with_context(|| format!("/proc/self/status has no {name} line"))?;
-        let kb: u64 = line[name.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .with_context(|| format!("parsing {line:?}"))?;
-        Ok(kb * 1024)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+/// This process's memory on one device above a baseline taken when the meter starts: the one way `sdp
+/// memprobe` and `sdp bench step` measure memory.
+///
+/// CPU: the resident set (`VmRSS` of /proc/self/status); its peak is the kernel's high-water mark
+/// (`VmHWM`). CUDA: the device memory in use as the driver reports it (total − free); its peak is the
+/// largest of the values [`MemoryMeter::sample`] read, so it is only as good as the moments sampled.
+#[derive(Debug)]
+pub struct MemoryMeter {
+    device: Device,
+    /// Bytes in use when the meter started.
+    base: u64,
+    /// CUDA: the most bytes in use at a sample since the start or the last [`MemoryMeter::restart_peak`].
+    sampled: u64,
 }
 
-/// Resets the resident-set high-water mark to the current resident set (Linux ≥ 4.0).
-fn reset_peak() -> Result<()> {
-    std::fs::write("/proc/self/clear_refs", "5").context("resetting the RSS high-water mark (/proc/self/clear_refs)")
+impl MemoryMeter {
+    /// Takes the baseline: the memory in use now.
+    pub fn start(device: &Device) -> Result<Self> {
+        let base = in_use(device)?;
+        Ok(Self { device: device.clone(), base, sampled: base })
+    }
+
+    /// Restarts the peak at the memory in use now, so that what came before (building a model that is
+    /// then dropped) does not count. CPU: resets the kernel's high-water mark (`5` to
+    /// /proc/self/clear_refs, Linux ≥ 4.0); an error where that is refused.
+    pub fn restart_peak(&mut self) -> Result<()> {
+        if self.device.is_cpu() {
+            std::fs::write("/proc/self/clear_refs", "5")
+                .context("resetting the RSS high-water mark (/proc/self/clear_refs)")
+        } else {
+            self.sampled = in_use(&self.device)?;
+            Ok(())
+        }
+    }
+
+    /// CUDA: counts the memory in use now towards the peak (call it where a step peaks, after
+    /// `device.synchronize()` for the device's settled state). CPU: nothing (the kernel keeps the peak).
+    pub fn sample(&mut self) -> Result<()> {
+        if !self.device.is_cpu() {
+            self.sampled = self.sampled.max(in_use(&self.device)?);
+        }
+        Ok(())
+    }
+
+    /// Peak bytes in use above the baseline.
+    pub fn peak_bytes(&self) -> Result<u64> {
+        let peak = if self.device.is_cpu() { proc_status_bytes("VmHWM")? } else { self.sampled };
+        Ok(peak.saturating_sub(self.base))
+    }
+}
+
+/// Bytes in use now: the resident set on the CPU, the driver's figure on CUDA.
+fn in_use(device: &Device) -> Result<u64> {
+    if device.is_cpu() {
+        proc_status_bytes("VmRSS")
+    } else {
+        device_used_bytes(device)
+    }
+}
+
+/// A `kB` field of /proc/self/status, in bytes.
+fn proc_status_bytes(field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kib = parse_status_kib(&text, field).with_context(|| format!("no {field} line in /proc/self/status"))?;
+    Ok(kib * 1024)
+}
+
+fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 /// Number of classes of a run's dataset, without loading the images (a relative `folder:` path is looked up
@@ -79,8 +130,7 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
     let device = device.clone();
     let classes = num_classes(spec, data_dir)?;
     let b = spec.workload.batch_size;
-    let (rss0, _) = rss()?;
-    let dev0 = if device.is_cpu() { 0 } else { device_used_bytes(&device)? };
+    let mut meter = MemoryMeter::start(&device)?;
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
     let x: Vec<f32> = (0..b * 3 * 32 * 32).map(|_| r.random_range(-1.0..1.0)).collect();
     let y: Vec<u32> = (0..b).map(|_| r.random_range(0..classes as u32)).collect();
@@ -91,29 +141,25 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
         _ => models::build(&spec.workload, classes, spec.seed, &device)?,
     };
     let params = net.store().num_params();
-    reset_peak()?;
+    meter.restart_peak()?;
     let mut opt = Optimizer::new(&spec.optim);
-    let mut dev_peak = 0u64;
-    let mut sample = |device: &Device| -> Result<()> {
-        if !device.is_cpu() {
-            device.synchronize()?;
-            dev_peak = dev_peak.max(device_used_bytes(device)?);
-        }
-        Ok(())
+    let mut sample = || -> Result<()> {
+        device.synchronize()?;
+        meter.sample()
     };
     for step in 0..steps.max(1) {
         let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
-        sample(&device)?;
+        sample()?;
         opt.step(&net.store().params, &grads, lr_at(&spec.optim, step, steps, steps))?;
-        sample(&device)?;
+        sample()?;
     }
-    let peak_bytes = if device.is_cpu() { rss()?.1.saturating_sub(rss0) } else { dev_peak.saturating_sub(dev0) };
+    let peak_bytes = meter.peak_bytes()?;
     Ok(Probe { peak_bytes, params })
 }
 
 /// Device memory in use (total − free) on a CUDA device, from the driver.
 #[cfg(feature = "cuda")]
-pub fn device_used_bytes(device: &Device) -> Result<u64> {
+fn device_used_bytes(device: &Device) -> Result<u64> {
     let Device::Cuda(d) = device else { bail!("device memory: {device:?} is not a CUDA device") };
     // Binds the device's context to this thread first, then asks the driver.
     let (free, total) = d.cuda_stream().context().mem_get_info().context("cuMemGetInfo")?;
@@ -122,7 +168,7 @@ pub fn device_used_bytes(device: &Device) -> Result<u64> {
 
 /// Device memory in use: only CUDA devices can be asked (and only in a `cuda` build).
 #[cfg(not(feature = "cuda"))]
-pub fn device_used_bytes(device: &Device) -> Result<u64> {
+fn device_used_bytes(device: &Device) -> Result<u64> {
     bail!("device memory of {device:?}: this build has no CUDA support (build with --features cuda)")
 }
 
@@ -157,6 +203,14 @@ pub fn probe_subprocess(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_fields_parse_in_kib() {
+        let text = "Name:\tsdp\nVmHWM:\t  123456 kB\nVmRSS:\t   1000 kB\n";
+        assert_eq!(parse_status_kib(text, "VmHWM"), Some(123456));
+        assert_eq!(parse_status_kib(text, "VmRSS"), Some(1000));
+        assert_eq!(parse_status_kib(text, "VmPeak"), None);
+    }
 
     #[test]
     fn a_relative_folder_dataset_is_counted_under_the_data_dir() -> Result<()> {

@@ -2,9 +2,14 @@
 //!
 //! Every file is written atomically (a temp file in the same directory, then rename), so an interrupted
 //! or failed run never leaves a half-written file. Figures and reports read only these files.
+//!
+//! Each CSV file's schema is one row type here ([`MetricsRow`], [`WorkerRow`], [`AlignRow`],
+//! [`SummaryRow`]): its serialised fields are the columns, and the same type is written ([`write_csv`],
+//! [`write_metrics`]) and read back ([`read_csv`], [`read_metrics`]), so a column is added in one place.
 
 use crate::spec::{Run, RunSpec};
 use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -28,14 +33,87 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
-/// Serialises rows as CSV (header from the first row's field names) and writes them atomically.
-pub fn write_csv<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut w = csv::Writer::from_writer(Vec::new());
+/// Writes `rows` as CSV, atomically: a header naming `T`'s fields (also when there is no row), then one
+/// record per row.
+pub fn write_csv<T: Serialize + Default>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut w = csv_writer(path, &columns::<T>()?)?;
     for r in rows {
         w.serialize(r).with_context(|| format!("serialising a row of {}", path.display()))?;
     }
+    finish_csv(path, w)
+}
+
+/// The columns of a row type: the names of its serialised fields, in order.
+fn columns<T: Serialize + Default>() -> Result<Vec<String>> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.serialize(T::default())?;
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(csv::Reader::from_reader(bytes.as_slice()).headers()?.iter().map(String::from).collect())
+}
+
+/// A CSV writer into memory that has written `header` and serialises each record without one.
+fn csv_writer(path: &Path, header: &[String]) -> Result<csv::Writer<Vec<u8>>> {
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+    w.write_record(header).with_context(|| format!("writing the header of {}", path.display()))?;
+    Ok(w)
+}
+
+fn finish_csv(path: &Path, w: csv::Writer<Vec<u8>>) -> Result<()> {
     let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
     write_atomic(path, &bytes)
+}
+
+/// Reads a CSV file with a header into rows of `T`, columns matched by name (others are ignored); errors
+/// name the file, the line and the column.
+pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    read_records(path, |headers, rec, line| {
+        rec.deserialize(Some(headers)).map_err(|e| deserialize_error(path, line, headers, rec, e))
+    })
+}
+
+/// Reads every record of a CSV file with a header through `row(headers, record, line)`.
+fn read_records<T>(
+    path: &Path,
+    mut row: impl FnMut(&csv::StringRecord, &csv::StringRecord, u64) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+    let headers = r.headers().map_err(|e| csv_error(path, e))?.clone();
+    let mut rows = Vec::new();
+    for rec in r.records() {
+        let rec = rec.map_err(|e| csv_error(path, e))?;
+        rows.push(row(&headers, &rec, rec.position().map_or(0, |p| p.line()))?);
+    }
+    Ok(rows)
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> anyhow::Error {
+    match e.position() {
+        Some(p) => anyhow::anyhow!("{}: line {}: {e}", path.display(), p.line()),
+        None => anyhow::anyhow!("{}: {e}", path.display()),
+    }
+}
+
+/// A record that does not fit its row type, naming the column and its text where csv says which.
+fn deserialize_error(
+    path: &Path,
+    line: u64,
+    headers: &csv::StringRecord,
+    rec: &csv::StringRecord,
+    e: csv::Error,
+) -> anyhow::Error {
+    let csv::ErrorKind::Deserialize { err, .. } = e.kind() else { return csv_error(path, e) };
+    let column = err.field().and_then(|i| Some((headers.get(i as usize)?, rec.get(i as usize)?)));
+    match (column, err.kind()) {
+        (Some((name, text)), csv::DeserializeErrorKind::ParseInt(_) | csv::DeserializeErrorKind::ParseFloat(_)) => {
+            not_a_number(path, line, name, text)
+        }
+        (Some((name, _)), kind) => anyhow::anyhow!("{}: line {line}: column `{name}`: {kind}", path.display()),
+        (None, kind) => anyhow::anyhow!("{}: line {line}: {kind}", path.display()),
+    }
+}
+
+fn not_a_number(path: &Path, line: u64, column: &str, text: &str) -> anyhow::Error {
+    anyhow::anyhow!("{}: line {line}: column `{column}`: `{text}` is not a number", path.display())
 }
 
 /// A run's status in its manifest, stored as text: `running`, `done`, `interrupted` or `failed: reason`
@@ -172,55 +250,81 @@ impl Manifest {
     }
 }
 
-/// One row of `metrics.csv`: one evaluation.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// One row of `metrics.csv`: one evaluation. Its serialised fields are the file's fixed columns, in
+/// order; [`MetricsRow::modes`] adds one `test_acc_<mode>` column per evaluation mode after them
+/// ([`write_metrics`], [`read_metrics`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MetricsRow {
     /// The run's id (empty in the rows training reports: the runner stamps it).
     pub run_id: String,
     pub epoch: usize,
     pub step: usize,
+    #[serde(serialize_with = "decimal")]
     pub train_loss: f64,
+    #[serde(serialize_with = "decimal")]
     pub test_loss: f64,
+    #[serde(serialize_with = "decimal")]
     pub test_acc: f64,
+    #[serde(serialize_with = "decimal")]
     pub lr: f64,
+    #[serde(serialize_with = "one_decimal")]
     pub img_per_s: f64,
+    #[serde(serialize_with = "three_decimals")]
     pub wall_s: f64,
     /// Test accuracy of every evaluation mode (`full`, `recal`, …): the `test_acc_<mode>` columns.
     #[serde(skip)]
     pub modes: BTreeMap<String, f64>,
 }
 
-/// Writes `metrics.csv`: the fixed columns, then one `test_acc_<mode>` column per evaluation mode.
+/// What the name of an evaluation mode's accuracy column in `metrics.csv` starts with.
+const MODE_COLUMN: &str = "test_acc_";
+
+/// `x` in plain decimal notation, the shortest that reads back the same (Rust's `Display`).
+fn decimal<S: serde::Serializer>(x: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(x)
+}
+
+fn one_decimal<S: serde::Serializer>(x: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{x:.1}"))
+}
+
+fn three_decimals<S: serde::Serializer>(x: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{x:.3}"))
+}
+
+/// Writes `metrics.csv`: the fixed columns, then one `test_acc_<mode>` column per evaluation mode of the
+/// first row (empty in a row that lacks the mode).
 pub fn write_metrics(path: &Path, rows: &[MetricsRow]) -> Result<()> {
     let modes: Vec<&String> = rows.first().map(|r| r.modes.keys().collect()).unwrap_or_default();
-    let mut w = csv::Writer::from_writer(Vec::new());
-    let mut header: Vec<String> =
-        ["run_id", "epoch", "step", "train_loss", "test_loss", "test_acc", "lr", "img_per_s", "wall_s"]
-            .map(String::from)
-            .to_vec();
-    header.extend(modes.iter().map(|m| format!("test_acc_{m}")));
-    w.write_record(&header)?;
+    let mut header = columns::<MetricsRow>()?;
+    header.extend(modes.iter().map(|m| format!("{MODE_COLUMN}{m}")));
+    let mut w = csv_writer(path, &header)?;
     for r in rows {
-        let mut rec = vec![
-            r.run_id.clone(),
-            r.epoch.to_string(),
-            r.step.to_string(),
-            r.train_loss.to_string(),
-            r.test_loss.to_string(),
-            r.test_acc.to_string(),
-            r.lr.to_string(),
-            format!("{:.1}", r.img_per_s),
-            format!("{:.3}", r.wall_s),
-        ];
-        rec.extend(modes.iter().map(|m| r.modes.get(*m).map(|v| v.to_string()).unwrap_or_default()));
-        w.write_record(&rec)?;
+        let accs: Vec<String> = modes.iter().map(|m| r.modes.get(*m).map(f64::to_string).unwrap_or_default()).collect();
+        w.serialize((r, accs)).with_context(|| format!("serialising a row of {}", path.display()))?;
     }
-    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
-    write_atomic(path, &bytes)
+    finish_csv(path, w)
+}
+
+/// Reads `metrics.csv`: the fixed columns, and every `test_acc_<mode>` column into
+/// [`MetricsRow::modes`] (an empty cell: the mode was not evaluated at that row).
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRow>> {
+    read_records(path, |headers, rec, line| {
+        let mut row: MetricsRow =
+            rec.deserialize(Some(headers)).map_err(|e| deserialize_error(path, line, headers, rec, e))?;
+        for (name, text) in headers.iter().zip(rec.iter()) {
+            let Some(mode) = name.strip_prefix(MODE_COLUMN) else { continue };
+            if !text.trim().is_empty() {
+                let acc = text.trim().parse().map_err(|_| not_a_number(path, line, name, text))?;
+                row.modes.insert(mode.to_string(), acc);
+            }
+        }
+        Ok(row)
+    })
 }
 
 /// One row of `workers.csv`: what one worker holds, measures and sends.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct WorkerRow {
     /// The run's id (empty in the rows training reports: the runner stamps it).
     pub run_id: String,
@@ -244,7 +348,7 @@ pub struct WorkerRow {
 }
 
 /// One row of `alignment.csv`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct AlignRow {
     /// The run's id (empty in the rows training reports: the runner stamps it).
     pub run_id: String,
@@ -355,21 +459,8 @@ pub fn write_summary(results: &Path, experiment: &str) -> Result<PathBuf> {
     }
     rows.sort_by(|a, b| (&a.label, &a.run_id).cmp(&(&b.label, &b.run_id)));
     let path = exp_dir.join("summary.csv");
-    if rows.is_empty() {
-        write_atomic(&path, summary_header()?.as_bytes())?;
-    } else {
-        write_csv(&path, &rows)?;
-    }
+    write_csv(&path, &rows)?;
     Ok(path)
-}
-
-/// The header line of `summary.csv`.
-fn summary_header() -> Result<String> {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    w.serialize(SummaryRow::default())?;
-    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let text = String::from_utf8(bytes)?;
-    Ok(text.lines().next().map(|l| format!("{l}\n")).unwrap_or_default())
 }
 
 /// Removes `.NAME.PID.tmp` / `.NAME.tmp-PID` files left in `dir` by writers that died mid-write: those of
@@ -508,6 +599,54 @@ mod tests {
         assert!(text.starts_with("run_id,label,seed,dataset,model,method,workers,epochs,final_test_acc"), "{text}");
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(!dead.exists(), "temp file of a dead writer left behind");
+        Ok(())
+    }
+
+    /// Reads `path` as rows of `T` and writes them again to `out`: the same bytes.
+    fn rewrites_the_same<T: Serialize + DeserializeOwned + Default>(path: &Path, out: &Path) -> Result<()> {
+        write_csv(out, &read_csv::<T>(path)?)?;
+        anyhow::ensure!(std::fs::read(path)? == std::fs::read(out)?, "{} written back differs", path.display());
+        Ok(())
+    }
+
+    #[test]
+    fn committed_results_files_read_back_and_write_the_same_bytes() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let out = tmp.path().join("out.csv");
+        let mut files = 0;
+        for exp in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("results/mini"))? {
+            let exp = exp?.path();
+            rewrites_the_same::<SummaryRow>(&exp.join("summary.csv"), &out)?;
+            for run in list_experiment(&exp)? {
+                write_metrics(&out, &read_metrics(&run.dir.join("metrics.csv"))?)?;
+                assert_eq!(std::fs::read(run.dir.join("metrics.csv"))?, std::fs::read(&out)?, "{}", run.run_id);
+                rewrites_the_same::<WorkerRow>(&run.dir.join("workers.csv"), &out)?;
+                if run.dir.join("alignment.csv").is_file() {
+                    rewrites_the_same::<AlignRow>(&run.dir.join("alignment.csv"), &out)?;
+                }
+                files += 1;
+            }
+        }
+        assert!(files > 0, "no run under results/mini");
+        Ok(())
+    }
+
+    #[test]
+    fn a_cell_that_is_not_a_number_is_named_by_file_line_and_column() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("metrics.csv");
+        let row = MetricsRow { modes: BTreeMap::from([("full".to_string(), 0.5)]), ..Default::default() };
+        write_metrics(&path, &[row])?;
+        let text = std::fs::read_to_string(&path)?;
+        assert_eq!(text.lines().nth(1), Some(",0,0,0,0,0,0,0.0,0.000,0.5"));
+        for (bad, column, cell) in
+            [(",1.5,0,0,0,0,0,0,0,0.5", "epoch", "1.5"), (",0,0,0,0,0,0,0,0,high", "test_acc_full", "high")]
+        {
+            std::fs::write(&path, format!("{text}{bad}\n"))?;
+            let e = read_metrics(&path).err().map(|e| e.to_string()).unwrap_or_default();
+            let want = format!("{}: line 3: column `{column}`: `{cell}` is not a number", path.display());
+            assert_eq!(e, want);
+        }
         Ok(())
     }
 

@@ -550,6 +550,11 @@ impl RunSpec {
                 return err("workload.depths", format!("has {} stages but workload.widths has {}", ds.len(), ws.len()));
             }
         }
+        if w.model == ModelName::SwinT {
+            if let Err(e) = crate::models::swin_config(w, 1) {
+                return err("workload.widths", format!("{e:#}"));
+            }
+        }
         if !(o.lr > 0.0 && o.lr.is_finite()) {
             return err("optim.lr", format!("must be a positive number, got {}", o.lr));
         }

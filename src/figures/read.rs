@@ -2,12 +2,9 @@
 //! method facts in `extra`), `metrics.csv` (the accuracy curve) and `workers.csv` (what each worker held,
 //! measured and sent). `summary.csv` is not read: it is rebuilt from the manifests, which stay the source.
 
-use crate::results::{Manifest, Status};
+use crate::results::{read_csv, read_metrics, Manifest, MetricsRow, Status, WorkerRow};
 use crate::spec::RunSpec;
 use anyhow::{anyhow, bail, Context, Result};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// One finished run, as the results files describe it.
@@ -25,7 +22,8 @@ pub(super) struct RunData {
     pub comm_bytes: Option<f64>,
     /// Spectral gap of the worker–unit averaging graph (manifest `extra.spectral_gap`; SDP runs only).
     pub spectral_gap: Option<f64>,
-    pub curve: Vec<EvalRow>,
+    /// Every evaluation (metrics.csv).
+    pub curve: Vec<MetricsRow>,
 }
 
 /// A per-worker quantity: its mean over workers and its largest worker.
@@ -42,27 +40,6 @@ impl Spread {
             max: v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
         })
     }
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct EvalRow {
-    pub epoch: usize,
-    pub test_acc: f64,
-    /// `test_acc_<mode>` columns.
-    pub modes: BTreeMap<String, f64>,
-}
-
-/// The columns of `workers.csv` that figures use (others are ignored).
-#[derive(Debug, Deserialize)]
-struct WorkerCols {
-    param_fraction: f64,
-    param_bytes: f64,
-    grad_bytes: f64,
-    optim_bytes: f64,
-    activation_bytes_est: f64,
-    /// Empty where the run did not measure memory.
-    peak_bytes_measured: Option<f64>,
-    comm_bytes_per_step: f64,
 }
 
 pub(super) struct ExperimentData {
@@ -117,8 +94,8 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
     };
     let workers_path = rd.join("workers.csv");
     let (param_fraction, peak, est, comm_bytes) = if workers_path.is_file() {
-        let workers = read_csv::<WorkerCols>(&workers_path)?;
-        let col = |f: &dyn Fn(&WorkerCols) -> f64| workers.iter().map(f).collect::<Vec<f64>>();
+        let workers = read_csv::<WorkerRow>(&workers_path)?;
+        let col = |f: &dyn Fn(&WorkerRow) -> f64| workers.iter().map(f).collect::<Vec<f64>>();
         let measured = workers.iter().filter(|w| w.peak_bytes_measured.is_some()).count();
         if measured != 0 && measured != workers.len() {
             bail!(
@@ -130,8 +107,8 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
         let mean = |v: Vec<f64>| Spread::of(&v).map(|s| s.mean);
         (
             mean(col(&|w| w.param_fraction)),
-            Spread::of(&col(&|w| w.peak_bytes_measured.unwrap_or(f64::NAN))).filter(|_| measured > 0),
-            Spread::of(&col(&|w| w.param_bytes + w.grad_bytes + w.optim_bytes + w.activation_bytes_est)),
+            Spread::of(&col(&|w| w.peak_bytes_measured.map_or(f64::NAN, |p| p as f64))).filter(|_| measured > 0),
+            Spread::of(&col(&|w| (w.param_bytes + w.grad_bytes + w.optim_bytes + w.activation_bytes_est) as f64)),
             mean(col(&|w| w.comm_bytes_per_step)),
         )
     } else {
@@ -154,63 +131,4 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
         curve,
         spec: m.spec,
     })
-}
-
-/// Reads a CSV with a header into rows of `T`; errors name the file and the line.
-fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    let headers = r.headers().map_err(|e| csv_error(path, e))?.clone();
-    let mut rows = Vec::new();
-    for rec in r.records() {
-        let rec = rec.map_err(|e| csv_error(path, e))?;
-        let line = rec.position().map_or(0, |p| p.line());
-        rows.push(rec.deserialize(Some(&headers)).map_err(|e| anyhow!("{}: line {line}: {e}", path.display()))?);
-    }
-    Ok(rows)
-}
-
-fn csv_error(path: &Path, e: csv::Error) -> anyhow::Error {
-    match e.position() {
-        Some(p) => anyhow!("{}: line {}: {e}", path.display(), p.line()),
-        None => anyhow!("{}: {e}", path.display()),
-    }
-}
-
-/// Reads `metrics.csv`: `epoch`, `test_acc` and every `test_acc_<mode>` column.
-fn read_metrics(path: &Path) -> Result<Vec<EvalRow>> {
-    let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    let headers = r.headers().map_err(|e| csv_error(path, e))?.clone();
-    let col = |name: &str| {
-        headers.iter().position(|h| h == name).ok_or_else(|| anyhow!("{}: line 1: no column `{name}`", path.display()))
-    };
-    let (epoch_i, acc_i) = (col("epoch")?, col("test_acc")?);
-    let modes: Vec<(usize, String)> = headers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, h)| h.strip_prefix("test_acc_").map(|m| (i, m.to_string())))
-        .collect();
-    let mut rows = Vec::new();
-    for rec in r.records() {
-        let rec = rec.map_err(|e| csv_error(path, e))?;
-        let line = rec.position().map_or(0, |p| p.line());
-        let field = |i: usize| -> Result<f64> {
-            let s = rec.get(i).unwrap_or_default();
-            s.trim().parse::<f64>().map_err(|_| {
-                anyhow!("{}: line {line}: column `{}`: `{s}` is not a number", path.display(), &headers[i])
-            })
-        };
-        let epoch = field(epoch_i)?;
-        if epoch < 0.0 || epoch.fract() != 0.0 {
-            bail!("{}: line {line}: column `epoch`: `{epoch}` is not an epoch number", path.display());
-        }
-        let mut m = BTreeMap::new();
-        for (i, name) in &modes {
-            // An empty mode column means the mode was not evaluated at that row.
-            if !rec.get(*i).unwrap_or_default().trim().is_empty() {
-                m.insert(name.clone(), field(*i)?);
-            }
-        }
-        rows.push(EvalRow { epoch: epoch as usize, test_acc: field(acc_i)?, modes: m });
-    }
-    Ok(rows)
 }
