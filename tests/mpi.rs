@@ -216,3 +216,69 @@ fn a_rank_without_its_data_fails_the_run_naming_it() -> Result<()> {
     assert!(manifest.contains("\"done\""), "{manifest}");
     Ok(())
 }
+
+/// A rank killed with SIGKILL mid-run ends every other rank within a minute (Open MPI's launcher names the
+/// dead rank); the run is not recorded done (`stale` under a dead owner, or `interrupted`), so the next
+/// `sdp run` trains it again.
+#[test]
+fn a_killed_rank_ends_the_job_and_a_rerun_trains_the_run() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    // Long enough to be killed mid-run (thousands of steps on the tiny model).
+    let text = spec(METHODS[1].1, 400);
+    std::fs::write(dir.join("exp.toml"), &text)?;
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let (spec_path, results) = (s(&dir.join("exp.toml")), s(&dir.join("r")));
+    let mut job = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_sdp"), "run", &spec_path])
+        .args(["--results-dir", &results, "--no-memprobe", "--progress-secs", "0.2"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Rank 1: the child of mpirun whose environment says so.
+    let rank1 = (0..200)
+        .find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            child_with_env(job.id(), "OMPI_COMM_WORLD_RANK=1")
+        })
+        .context("rank 1 never started")?;
+    std::thread::sleep(std::time::Duration::from_secs(2)); // training by now
+    let killed = std::time::Instant::now();
+    // SAFETY: signalling a process this test started (a child of its mpirun).
+    unsafe { libc::kill(rank1 as i32, libc::SIGKILL) };
+    let status = loop {
+        if let Some(st) = job.try_wait()? {
+            break st;
+        }
+        ensure!(killed.elapsed().as_secs() < 60, "the job outlived its killed rank by a minute");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().context("stderr")?, &mut stderr)?;
+    assert!(stderr.contains("rank 1"), "{stderr}");
+    // Nothing records it done.
+    let run = std::fs::read_dir(dir.join("r/tiny"))?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.is_dir());
+    let manifest = std::fs::read_to_string(run.context("no run folder")?.join("manifest.json"))?;
+    assert!(!manifest.contains("\"done\""), "{manifest}");
+    Ok(())
+}
+
+/// The pid of a child of `parent` whose environment contains `entry`.
+fn child_with_env(parent: u32, entry: &str) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Field 4 (after the parenthesised command) is the parent pid.
+        let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok());
+        if ppid != Some(parent) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        if env.split(|&b| b == 0).any(|v| v == entry.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}

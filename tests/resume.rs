@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use common::{metrics_without_clock, run_options, tiny_with};
 use sdp::checkpoint::{self, TrainState};
+use sdp::comm::World;
 use sdp::results::{Final, Manifest, MetricsRow, Status};
 use sdp::runner::{run_all, run_all_with, Policy, RunOptions};
 use sdp::spec::{self, Experiment};
@@ -104,7 +105,7 @@ fn resuming_after_any_step_gives_the_uninterrupted_metrics() -> Result<()> {
             assert_eq!(state.step, crash_at);
             let mut rows = state.rows.clone();
             let mut second = Crashing { dir: rd, run_id: run.id.clone(), crash_at: None, rows: vec![] };
-            let f = train::train_from(&run.spec, &data, &Device::Cpu, &mut second, Some(state))?;
+            let f = train::train_from(&run.spec, &data, &Device::Cpu, &mut second, Some(state), &World::solo())?;
             rows.extend(second.rows);
             assert_eq!(rows.iter().map(clockless).collect::<Vec<_>>(), expected, "{sets:?}, crash at {crash_at}");
             let strip = |f: &Final| (f.epoch, f.step, f.train_loss.to_bits(), f.test_acc.to_bits());
@@ -127,7 +128,9 @@ fn a_checkpoint_of_another_shape_is_refused_naming_the_tensor() -> Result<()> {
     let w = state.tensors.get(&key).context("fc.weight in the checkpoint")?;
     state.tensors.insert(key, w.narrow(0, 0, 3)?);
     let mut obs = Crashing { dir: dir.path().to_path_buf(), run_id: run.id.clone(), crash_at: None, rows: vec![] };
-    let e = train::train_from(&run.spec, &data, &Device::Cpu, &mut obs, Some(state)).err().context("accepted")?;
+    let e = train::train_from(&run.spec, &data, &Device::Cpu, &mut obs, Some(state), &World::solo())
+        .err()
+        .context("accepted")?;
     let e = format!("{e:#}");
     assert!(
         e.contains("checkpoint tensor `net/model/linear.weight` has shape [3, 8], the model expects [10, 8]"),
@@ -138,11 +141,9 @@ fn a_checkpoint_of_another_shape_is_refused_naming_the_tensor() -> Result<()> {
 
 // ----- the binary: SIGKILL, SIGTERM -----
 
-/// `sdp` with one CPU thread (what each `--jobs` child gets on 2 cores): the thread count sets the order of
-/// floating-point sums, so runs compared bit for bit must share it.
 fn sdp_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sdp"));
-    c.args(args).env("RAYON_NUM_THREADS", "1").env("CANDLE_NUM_THREADS", "1");
+    c.args(args);
     c
 }
 
@@ -438,7 +439,11 @@ fn jobs_shards_and_concurrent_processes_train_each_run_once() -> Result<()> {
     let start = |results: &str, extra: &[&str]| -> Result<Child> {
         let mut args = vec!["run", spec_s.as_str(), "--results-dir", results];
         args.extend(extra);
-        Ok(sdp_cmd(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?)
+        // One CPU thread everywhere (what each `--jobs` child gets on 2 cores): the thread count sets the
+        // order of floating-point sums, and the runs are compared bit for bit.
+        let mut c = sdp_cmd(&args);
+        c.env("RAYON_NUM_THREADS", "1").env("CANDLE_NUM_THREADS", "1");
+        Ok(c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?)
     };
     let trained = |children: Vec<Child>| -> Result<usize> {
         let mut n = 0;

@@ -80,7 +80,7 @@ fn full_coverage_sdp_equals_dp() -> Result<()> {
 /// equals a naive per-coordinate mean over the holders, on random masks.
 #[test]
 fn averaging_equals_naive_mean_over_holders() -> Result<()> {
-    let make: [(&str, fn(usize) -> Result<Box<dyn Averager>>); 3] = [
+    let make: [(&str, MakeAverager); 3] = [
         ("local", |_| Ok(Box::new(LocalAverager::new()))),
         ("grouped", |k| Ok(Box::new(GroupedAverager::new(std::rc::Rc::new(Solo), k, Layout::Grouped)?))),
         ("masked", |k| Ok(Box::new(GroupedAverager::new(std::rc::Rc::new(Solo), k, Layout::Masked)?))),
@@ -91,7 +91,10 @@ fn averaging_equals_naive_mean_over_holders() -> Result<()> {
     Ok(())
 }
 
-fn naive_mean_check(what: &str, make: fn(usize) -> Result<Box<dyn Averager>>) -> Result<()> {
+/// An averager for K workers.
+type MakeAverager = fn(usize) -> Result<Box<dyn Averager>>;
+
+fn naive_mean_check(what: &str, make: MakeAverager) -> Result<()> {
     let mut r = ChaCha8Rng::seed_from_u64(5);
     let dev = Device::Cpu;
     let shape = [6usize, 5, 3];

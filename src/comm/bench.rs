@@ -58,6 +58,9 @@ lr = 0.1
 kind = "sdp"
 "#;
 
+/// One worker's index maps.
+type Maps = BTreeMap<String, IndexMap>;
+
 /// One exchange's figures on one rank.
 struct Measured {
     median_s: f64,
@@ -81,9 +84,8 @@ pub fn run(args: &CommArgs, world: &World) -> Result<()> {
     let st = SdpState::new(&run.spec, 10, &Device::Cpu)?;
     let params: Vec<(String, candle_core::Tensor)> =
         st.global.store().params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    let selection: Vec<BTreeMap<String, IndexMap>> = st.workers.iter().map(|w| w.maps.clone()).collect();
-    let everything: BTreeMap<String, IndexMap> =
-        params.iter().map(|(n, t)| (n.clone(), IndexMap::full(t.dims()))).collect();
+    let selection: Vec<Maps> = st.workers.iter().map(|w| w.maps.clone()).collect();
+    let everything: Maps = params.iter().map(|(n, t)| (n.clone(), IndexMap::full(t.dims()))).collect();
     let hosted: Vec<usize> = (0..k).filter(|w| w % n == rank).collect();
     let model_bytes: usize = params.iter().map(|(_, t)| t.elem_count() * 4).sum();
     if world.is_root() {
@@ -98,7 +100,7 @@ pub fn run(args: &CommArgs, world: &World) -> Result<()> {
             args.syncs
         );
     }
-    let exchanges: [(&str, Vec<BTreeMap<String, IndexMap>>, Layout); 3] = [
+    let exchanges: [(&str, Vec<Maps>, Layout); 3] = [
         ("dp", vec![everything; k], Layout::Grouped),
         ("sdp-grouped", selection.clone(), Layout::Grouped),
         ("sdp-masked", selection, Layout::Masked),
