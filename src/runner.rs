@@ -3,18 +3,17 @@
 //! and the metrics after every evaluation, checkpoint as the policy says, mark interrupted and failed runs,
 //! record a finished run before anything optional (the memory probe), rebuild each summary from its folder.
 
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint;
 use crate::data::{self, Dataset};
 use crate::lock::{self, Claim, RunLock};
 use crate::memprobe::probe_subprocess;
-use crate::results::{write_csv, write_metrics, write_summary, Manifest, MetricsRow, RunDir, Status, WorkerRow};
+use crate::progress::{Progress, Quiet};
+use crate::results::{write_csv, write_metrics, write_summary, Manifest, RunDir, Status, WorkerRow};
 use crate::spec::{Experiment, MethodKind, Run, SpecError};
-use crate::train::{self, Accounting, At, Interrupted, Observer};
+use crate::train::{self, Accounting, Interrupted};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -72,7 +71,8 @@ impl Default for Policy {
 }
 
 impl Policy {
-    fn checkpoints(&self) -> bool {
+    /// Whether any checkpoint trigger is on.
+    pub fn checkpoints(&self) -> bool {
         self.checkpoint_every > 0 || self.checkpoint_interval.is_some() || self.checkpoint_steps > 0
     }
 
@@ -255,7 +255,7 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
             }
             continue;
         };
-        let status = run_one(exp, run, data, opts, policy, &rd, &lock, &title)?;
+        let status = run_one(&Job { exp, run, rd: &rd, title: &title }, data, opts, policy, &lock)?;
         drop(lock);
         if let (true, Status::Failed(_)) = (spread, &status) {
             // Recorded as failed; the other ranks wait in a collective for this one: end the job.
@@ -345,21 +345,6 @@ fn train_rank(run: &Run, data: &Dataset, opts: &RunOptions) -> Result<Status> {
     }
 }
 
-/// The observer of a rank that writes nothing: it only passes on an interrupt.
-struct Quiet {
-    stop: Arc<AtomicBool>,
-}
-
-impl Observer for Quiet {
-    fn step(&mut self, _epoch: usize, _step: usize, _total: usize, _loss: f64) {}
-    fn eval(&mut self, _row: &MetricsRow) -> Result<()> {
-        Ok(())
-    }
-    fn interrupted(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-}
-
 /// Whether an error comes from a full disk (ENOSPC, or a quota).
 fn disk_full(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -369,19 +354,18 @@ fn disk_full(e: &anyhow::Error) -> bool {
     })
 }
 
+/// A run this process is about to train: its experiment, folder and the title its log lines start with.
+struct Job<'a> {
+    exp: &'a Experiment,
+    run: &'a Run,
+    rd: &'a RunDir,
+    title: &'a str,
+}
+
 /// Trains one claimed run. Returns its status; `Status::Running` when another process took the run over
 /// (its lock went stale), in which case nothing of this process's is recorded.
-#[allow(clippy::too_many_arguments)]
-fn run_one(
-    exp: &Experiment,
-    run: &Run,
-    data: &Dataset,
-    opts: &RunOptions,
-    policy: &Policy,
-    rd: &RunDir,
-    lock: &RunLock,
-    title: &str,
-) -> Result<Status> {
+fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: &RunLock) -> Result<Status> {
+    let Job { exp, run, rd, title } = *job;
     let resume = if opts.world.size() > 1 {
         None // not checkpointed when spread over processes (a one-process checkpoint stays for a one-process run)
     } else if opts.force {
@@ -430,10 +414,7 @@ fn run_one(
     } else {
         write_metrics(&rd.metrics(), &rows)?;
     }
-    let images_per_step = run.spec.method.workers * run.spec.workload.batch_size;
-    let mut obs = Progress::new(title.to_string(), rd, &run.id, opts.stop.clone(), lock, policy, rows, images_per_step);
-    obs.save_model = opts.save_model;
-    obs.spread = opts.world.size() > 1;
+    let mut obs = Progress::new(title.to_string(), run, rd, opts, lock, policy, rows);
     let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
     obs.finish();
     if lock.lost.load(Ordering::SeqCst) {
@@ -443,7 +424,7 @@ fn run_one(
     manifest.ended = Some(crate::results::now());
     let status = match result {
         Ok(f) => {
-            let acc = obs.accounting.take();
+            let acc = obs.take_accounting();
             if let Some(acc) = &acc {
                 record_accounting(rd, &mut manifest, acc)?;
             }
@@ -540,176 +521,4 @@ fn record_accounting(rd: &RunDir, manifest: &mut Manifest, acc: &Accounting) -> 
         e.insert("spectral_gap".into(), g.into());
     }
     Ok(())
-}
-
-/// `h:mm:ss`.
-fn clock(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-}
-
-/// Reports progress: an indicatif bar on a terminal, otherwise a plain line every `progress_every` and
-/// one per evaluation; writes `metrics.csv` (atomically, whole) after every evaluation; publishes the
-/// progress to the lock's heartbeat; writes checkpoints as the policy says. Stamps the run id on the rows
-/// training reports (metrics, workers, alignment), which carry none.
-struct Progress {
-    title: String,
-    bar: Option<ProgressBar>,
-    rows: Vec<MetricsRow>,
-    run_dir: PathBuf,
-    run_id: String,
-    metrics_path: PathBuf,
-    last_acc: Option<f64>,
-    stop: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
-    heartbeat: Arc<lock::Progress>,
-    policy: Policy,
-    accounting: Option<Accounting>,
-    step: usize,
-    /// (when, step) of this process's first step: rates and ETA count only what this process trained.
-    first: Option<(Instant, usize)>,
-    last_line: Instant,
-    last_checkpoint: Instant,
-    images_per_step: usize,
-    /// Write the final model to `<run>/model.safetensors`.
-    save_model: bool,
-    /// The run is spread over processes: this one holds only its workers, so it writes no checkpoint.
-    spread: bool,
-}
-
-impl Progress {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        title: String,
-        rd: &RunDir,
-        run_id: &str,
-        stop: Arc<AtomicBool>,
-        lock: &RunLock,
-        policy: &Policy,
-        rows: Vec<MetricsRow>,
-        images_per_step: usize,
-    ) -> Self {
-        Self {
-            title,
-            bar: None,
-            last_acc: rows.last().map(|r| r.test_acc),
-            rows,
-            run_dir: rd.dir.clone(),
-            run_id: run_id.to_string(),
-            metrics_path: rd.metrics(),
-            stop,
-            lost: lock.lost.clone(),
-            heartbeat: lock.progress.clone(),
-            policy: policy.clone(),
-            accounting: None,
-            step: 0,
-            first: None,
-            last_line: Instant::now(),
-            last_checkpoint: Instant::now(),
-            images_per_step,
-            save_model: false,
-            spread: false,
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish_and_clear();
-        }
-    }
-}
-
-impl Observer for Progress {
-    fn step(&mut self, epoch: usize, step: usize, total: usize, loss: f64) {
-        self.step = step;
-        self.heartbeat.epoch.store(epoch, Ordering::Relaxed);
-        self.heartbeat.step.store(step, Ordering::Relaxed);
-        self.heartbeat.total_steps.store(total, Ordering::Relaxed);
-        let (t0, s0) = *self.first.get_or_insert((Instant::now(), step - 1));
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        let its = (step - s0) as f64 / secs;
-        if !std::io::stderr().is_terminal() {
-            if self.last_line.elapsed() >= self.policy.progress_every {
-                self.last_line = Instant::now();
-                eprintln!(
-                    "{}: epoch {epoch} step {step}/{total} loss {loss:.4} {:.0} img/s ETA {}",
-                    self.title,
-                    its * self.images_per_step as f64,
-                    clock((total - step) as f64 / its.max(1e-9))
-                );
-            }
-            return;
-        }
-        let bar = self.bar.get_or_insert_with(|| {
-            let b = ProgressBar::new(total as u64);
-            b.set_style(
-                ProgressStyle::with_template("{prefix} {wide_bar} {pos}/{len} {msg} ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b.set_prefix(self.title.clone());
-            b
-        });
-        bar.set_position(step as u64);
-        let acc = self.last_acc.map(|a| format!(" acc {a:.3}")).unwrap_or_default();
-        bar.set_message(format!("epoch {epoch} loss {loss:.3}{acc} ({its:.1} it/s)"));
-    }
-
-    fn eval(&mut self, row: &MetricsRow) -> Result<()> {
-        self.rows.push(MetricsRow { run_id: self.run_id.clone(), ..row.clone() });
-        self.last_acc = Some(row.test_acc);
-        write_metrics(&self.metrics_path, &self.rows)?;
-        let line = format!(
-            "{}: epoch {} step {} train_loss {:.4} test_loss {:.4} test_acc {:.4} {:.0} img/s {:.1} s",
-            self.title, row.epoch, row.step, row.train_loss, row.test_loss, row.test_acc, row.img_per_s, row.wall_s
-        );
-        match &self.bar {
-            Some(b) => b.println(line),
-            None => eprintln!("{line}"),
-        }
-        Ok(())
-    }
-
-    fn accounting(&mut self, acc: &Accounting) -> Result<()> {
-        let mut acc = acc.clone();
-        acc.workers.iter_mut().for_each(|w| w.run_id.clone_from(&self.run_id));
-        acc.alignment.iter_mut().for_each(|a| a.run_id.clone_from(&self.run_id));
-        self.accounting = Some(acc);
-        Ok(())
-    }
-
-    fn interrupted(&self) -> bool {
-        self.stop.load(Ordering::Relaxed) || self.lost.load(Ordering::Relaxed)
-    }
-
-    fn checkpoint_due(&mut self, at: At) -> bool {
-        let p = &self.policy;
-        let timed = p.checkpoint_interval.is_some_and(|d| self.last_checkpoint.elapsed() >= d);
-        match at {
-            At::Step => timed || (p.checkpoint_steps > 0 && self.step.is_multiple_of(p.checkpoint_steps)),
-            // The final epoch always: the trained state then survives a failure to record it.
-            At::EpochEnd { epoch, last } => {
-                p.checkpoints()
-                    && (last
-                        || timed
-                        || (p.checkpoint_every > 0 && epoch.is_multiple_of(p.checkpoint_every))
-                        || p.checkpoint_steps > 0)
-            }
-        }
-    }
-
-    fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
-        if self.lost.load(Ordering::SeqCst) || self.spread {
-            return Ok(()); // no longer ours to write, or this process holds only some of the workers
-        }
-        checkpoint::save(&self.run_dir, &self.run_id, state)?;
-        self.last_checkpoint = Instant::now();
-        Ok(())
-    }
-
-    fn model(&mut self, values: &std::collections::BTreeMap<String, candle_core::Tensor>) -> Result<()> {
-        if self.save_model {
-            checkpoint::write_tensors(&self.run_dir.join("model.safetensors"), values)?;
-        }
-        Ok(())
-    }
 }
