@@ -157,7 +157,8 @@ enum Command {
         data_dir: PathBuf,
     },
     /// Benchmarks: `step` times a training step of a model or of one SDP worker's subnetwork (median
-    /// time, img/s, peak memory); `loader` measures the images/s the training loader delivers.
+    /// time, img/s, peak memory); `loader` measures the images/s the training loader delivers; `comm`
+    /// (under `mpirun -np K`) times one parameter synchronisation and the bytes each rank sends.
     Bench(sdp::bench::BenchArgs),
     /// Figures (SVG + PNG) and a markdown table per experiment, from the results files only.
     Figures {
