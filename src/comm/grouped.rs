@@ -42,8 +42,9 @@ pub struct GroupedAverager {
     comm: Rc<dyn Collective>,
     layout: Layout,
     workers: usize,
-    /// Every worker's index maps, and their global flat indices (cached per selection).
-    maps: Vec<BTreeMap<String, (IndexMap, Vec<u32>)>>,
+    /// The global flat index of every local element of each worker hosted here, per tensor (empty for the
+    /// workers of other ranks).
+    flat: Vec<BTreeMap<String, Vec<u32>>>,
     tensors: BTreeMap<String, TensorPlan>,
     /// Per group (rank bitmask, ascending), per tensor name, the flat indices in that group (ascending).
     groups: BTreeMap<u64, BTreeMap<String, Vec<u32>>>,
@@ -64,7 +65,7 @@ impl GroupedAverager {
             comm,
             layout,
             workers,
-            maps: Vec::new(),
+            flat: Vec::new(),
             tensors: BTreeMap::new(),
             groups: BTreeMap::new(),
             sent: 0.0,
@@ -81,17 +82,12 @@ impl Averager for GroupedAverager {
     fn set_selection(&mut self, maps: &[BTreeMap<String, IndexMap>]) -> Result<()> {
         anyhow::ensure!(maps.len() == self.workers, "{} workers' maps for {} workers", maps.len(), self.workers);
         let (n, rank) = (self.comm.size(), self.comm.rank());
-        self.maps = maps
-            .iter()
-            .map(|m| {
-                m.iter()
-                    .map(|(name, map)| {
-                        let flat = map.global_flat_indices().into_iter().map(|i| i as u32).collect();
-                        (name.clone(), (map.clone(), flat))
-                    })
-                    .collect()
-            })
-            .collect();
+        let flat_of = |m: &BTreeMap<String, IndexMap>| -> BTreeMap<String, Vec<u32>> {
+            m.iter()
+                .map(|(name, map)| (name.clone(), map.global_flat_indices().into_iter().map(|i| i as u32).collect()))
+                .collect()
+        };
+        let every: Vec<BTreeMap<String, Vec<u32>>> = maps.iter().map(flat_of).collect();
         let mut shapes: BTreeMap<&str, &[usize]> = BTreeMap::new();
         for m in maps {
             for (name, map) in m {
@@ -104,8 +100,8 @@ impl Averager for GroupedAverager {
         for (name, shape) in shapes {
             let numel: usize = shape.iter().product();
             let (mut count, mut ranks) = (vec![0u32; numel], vec![0u64; numel]);
-            for (k, m) in self.maps.iter().enumerate() {
-                if let Some((_, flat)) = m.get(name) {
+            for (k, m) in every.iter().enumerate() {
+                if let Some(flat) = m.get(name) {
                     for &i in flat {
                         count[i as usize] += 1;
                         ranks[i as usize] |= 1 << (k % n);
@@ -137,6 +133,8 @@ impl Averager for GroupedAverager {
             }
             self.tensors.insert(name.to_string(), plan);
         }
+        self.flat =
+            every.into_iter().enumerate().map(|(k, f)| if self.hosts(k) { f } else { BTreeMap::new() }).collect();
         // Every process makes every group's communicator (a collective call), in one order.
         let all: Vec<u64> = every_group.into_iter().collect();
         self.comm.prepare(&all)
@@ -150,7 +148,7 @@ impl Averager for GroupedAverager {
             let Some(plan) = self.tensors.get(t.name) else { continue };
             let mut sum = vec![0f32; plan.shape.iter().product()];
             for (k, local) in &t.contributions {
-                let (_, flat) = self.maps[*k].get(t.name).with_context(|| format!("worker {k} holds no {}", t.name))?;
+                let flat = self.flat[*k].get(t.name).with_context(|| format!("worker {k} holds no {} here", t.name))?;
                 let v: Vec<f32> = local.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 anyhow::ensure!(
                     v.len() == flat.len(),
