@@ -26,14 +26,10 @@ pub trait Net: Send {
 
 /// A model family (docs/design.md §2, §7): a configured architecture whose blocks are the maskable units,
 /// which builds the full model or any worker's subnetwork from one [`BlockPlan`] per block.
-pub trait Family: Send + Sync {
-    /// Parameter-name prefix of each block, in forward order (`layer1.0`, `layers.0.blocks.1`).
-    fn block_names(&self) -> Vec<String>;
-    /// Full internal width of each block: the channels its Neuron units count (ResNet: conv1 outputs; Swin:
-    /// MLP hidden units).
-    fn block_widths(&self) -> Vec<usize>;
-    /// The maskable units of `kind`, in forward order, with the parameters and activations each owns.
-    fn units(&self, kind: UnitKind) -> Vec<Unit>;
+/// Code specific to one family (the ResNet baselines) downcasts it to its config, as a `dyn Any`.
+pub trait Family: Any + Send + Sync {
+    /// The blocks, in forward order, with what their units own.
+    fn maskable(&self) -> Vec<MaskableBlock>;
     /// The network holding `plan` (one entry per block), with values from `b`.
     fn build(&self, plan: &[BlockPlan], b: Builder) -> candle_core::Result<Box<dyn Net>>;
     /// The block tensors a worker holds narrowed to its kept internal channels: (name after the block
@@ -46,8 +42,38 @@ pub trait Family: Send + Sync {
     fn param_groups(&self) -> Vec<ParamGroup>;
     /// Per-stage widths and block counts (what distinguishes configurations of the family).
     fn stages(&self) -> (Vec<usize>, Vec<usize>);
-    /// The concrete config, for code specific to one family (the ResNet baselines).
-    fn as_any(&self) -> &dyn Any;
+
+    /// Parameter-name prefix of each block, in forward order.
+    fn block_names(&self) -> Vec<String> {
+        self.maskable().into_iter().map(|b| b.name).collect()
+    }
+
+    /// Full internal width of each block.
+    fn block_widths(&self) -> Vec<usize> {
+        self.maskable().iter().map(|b| b.width).collect()
+    }
+
+    /// The maskable units of `kind` (docs/design.md §1), in forward order: one Block unit per block, or one
+    /// Neuron unit per internal channel of each block.
+    fn units(&self, kind: UnitKind) -> Vec<Unit> {
+        let mut out = Vec::new();
+        for (i, b) in self.maskable().into_iter().enumerate() {
+            match kind {
+                UnitKind::Block => {
+                    out.push(Unit { kind, block: i, index: 0, name: b.name, params: b.params, act_elems: b.act_elems })
+                }
+                UnitKind::Neuron => out.extend((0..b.width).map(|c| Unit {
+                    kind,
+                    block: i,
+                    index: c,
+                    name: format!("{}#{c}", b.name),
+                    params: b.neuron_params,
+                    act_elems: b.neuron_act_elems,
+                })),
+            }
+        }
+        out
+    }
 
     /// The full model's plan: every block present at full width.
     fn full_plan(&self) -> Vec<BlockPlan> {
@@ -59,6 +85,23 @@ pub trait Family: Send + Sync {
         let plan: Vec<BlockPlan> = self.full_plan().into_iter().map(|p| BlockPlan { scale, ..p }).collect();
         self.build(&plan, b)
     }
+}
+
+/// One block as SDP masks it: its name, its internal width, and what its units own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaskableBlock {
+    /// Parameter-name prefix (`layer1.0`, `layers.0.blocks.1`).
+    pub name: String,
+    /// Internal channels at full size, one Neuron unit each (ResNet: conv1 outputs; Swin: MLP hidden units).
+    pub width: usize,
+    /// Parameters the Block unit (the residual branch) owns.
+    pub params: usize,
+    /// Activation elements per sample the residual branch keeps for backward ([`Unit::act_elems`]).
+    pub act_elems: usize,
+    /// Parameters one Neuron unit owns.
+    pub neuron_params: usize,
+    /// Activation elements per sample one internal channel keeps for backward.
+    pub neuron_act_elems: usize,
 }
 
 /// What one block holds in one network. The full model holds every block at full width; a worker's

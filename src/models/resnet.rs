@@ -7,11 +7,10 @@
 //! `state_dict` keys (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.shortcut.0`, …, `linear`).
 
 use super::layers::{BatchNorm, Builder, Conv2d, Linear, ParamStore};
-use super::{BlockPlan, Family, ModelArgs, Net, ParamGroup, Unit, UnitKind};
+use super::{BlockPlan, Family, MaskableBlock, ModelArgs, Net, ParamGroup};
 use crate::ops::Epilogue;
 use crate::spec::Workload;
 use candle_core::{DType, Result, Tensor, D};
-use std::any::Any;
 
 /// `resnet`: the ResNet-18 layout with the workload's own `widths` and `depths` (both required).
 pub fn resnet(a: &ModelArgs) -> anyhow::Result<Box<dyn Family>> {
@@ -96,9 +95,8 @@ impl ResNetConfig {
     /// The ResNet-family configuration a workload names (an error for another family: the baselines need a
     /// ResNet).
     pub fn of(w: &Workload, num_classes: usize) -> anyhow::Result<Self> {
-        let family = super::of(w, num_classes)?;
+        let family: Box<dyn std::any::Any> = super::of(w, num_classes)?;
         family
-            .as_any()
             .downcast_ref::<Self>()
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("workload.model = \"{}\" is not a ResNet", w.model.as_str()))
@@ -121,44 +119,27 @@ impl BlockShape {
 }
 
 impl Family for ResNetConfig {
-    fn block_names(&self) -> Vec<String> {
-        self.blocks().into_iter().map(|b| b.name).collect()
-    }
-
-    /// conv1's output channels.
-    fn block_widths(&self) -> Vec<usize> {
-        self.blocks().iter().map(|b| b.c_out).collect()
-    }
-
-    /// The maskable units of `kind`, in forward order. A block unit owns its residual branch (conv1, bn1,
-    /// conv2, bn2; not the projection shortcut, which is shared); a neuron unit owns one internal channel
-    /// (a conv1 output filter, its bn1 scale and shift, and a conv2 input slice).
-    fn units(&self, kind: UnitKind) -> Vec<Unit> {
+    /// A Block unit owns its residual branch (conv1, bn1, conv2, bn2; not the projection shortcut, which
+    /// is shared); a Neuron unit owns one internal channel (a conv1 output filter, its bn1 scale and shift,
+    /// and a conv2 input slice).
+    fn maskable(&self) -> Vec<MaskableBlock> {
         let bn = if self.batch_norm { 2 } else { 0 };
-        let mut out = Vec::new();
-        for ((b, s), hw) in self.blocks().iter().enumerate().zip(self.block_pixels()) {
-            let per_channel = s.c_in * 9 + bn + s.c_out * 9;
-            match kind {
-                UnitKind::Block => out.push(Unit {
-                    kind,
-                    block: b,
-                    index: 0,
-                    name: s.name.clone(),
+        self.blocks()
+            .into_iter()
+            .zip(self.block_pixels())
+            .map(|(s, hw)| {
+                let per_channel = s.c_in * 9 + bn + s.c_out * 9;
+                MaskableBlock {
+                    width: s.c_out,
                     params: per_channel * s.c_out + bn * s.c_out,
                     act_elems: branch_act_elems(s.c_out, s.c_out, hw),
-                }),
-                UnitKind::Neuron => out.extend((0..s.c_out).map(|i| Unit {
-                    kind,
-                    block: b,
-                    index: i,
-                    name: format!("{}#{i}", s.name),
-                    params: per_channel,
+                    neuron_params: per_channel,
                     // One internal channel: its conv1 output and its BN-ReLU output.
-                    act_elems: 2 * hw,
-                })),
-            }
-        }
-        out
+                    neuron_act_elems: 2 * hw,
+                    name: s.name,
+                }
+            })
+            .collect()
     }
 
     fn build(&self, plan: &[BlockPlan], b: Builder) -> Result<Box<dyn Net>> {
@@ -198,10 +179,6 @@ impl Family for ResNetConfig {
 
     fn stages(&self) -> (Vec<usize>, Vec<usize>) {
         (self.widths.clone(), self.depths.clone())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

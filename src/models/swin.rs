@@ -20,9 +20,8 @@
 //! physical subnetwork, docs/design.md §2).
 
 use super::layers::{Builder, Conv2d, Init, Linear, ParamStore};
-use super::{BlockPlan, Family, ModelArgs, Net, ParamGroup, Unit, UnitKind};
+use super::{BlockPlan, Family, MaskableBlock, ModelArgs, Net, ParamGroup};
 use candle_core::{Result, Tensor, Var};
-use std::any::Any;
 
 /// `swin_t`: Swin-T, with `widths` as per-stage dims and `depths` as per-stage block counts when given.
 /// Heads follow the dims: dim / 32 per stage (Swin-T's head dim of 32; see [`default_heads`] for dims below
@@ -220,42 +219,22 @@ impl SwinConfig {
 }
 
 impl Family for SwinConfig {
-    fn block_names(&self) -> Vec<String> {
-        self.blocks().into_iter().map(|b| b.name).collect()
-    }
-
-    /// MLP hidden units.
-    fn block_widths(&self) -> Vec<usize> {
-        self.blocks().iter().map(|b| b.mlp_hidden).collect()
-    }
-
-    /// The maskable units of `kind` (docs/design.md §1): one Block unit per Swin block (its attention and MLP
-    /// branches with their norms), or one Neuron unit per MLP hidden unit (fc1 row + bias, fc2 column).
-    /// Attention heads are not units (docs/protocol.md, "Units").
-    fn units(&self, kind: UnitKind) -> Vec<Unit> {
-        let mut out = Vec::new();
-        for (i, b) in self.blocks().iter().enumerate() {
-            match kind {
-                UnitKind::Block => out.push(Unit {
-                    kind,
-                    block: i,
-                    index: 0,
-                    name: b.name.clone(),
-                    params: b.params(),
-                    act_elems: b.act_elems(),
-                }),
-                UnitKind::Neuron => out.extend((0..b.mlp_hidden).map(|h| Unit {
-                    kind,
-                    block: i,
-                    index: h,
-                    name: format!("{}#{h}", b.name),
-                    params: b.neuron_params(),
-                    // One hidden unit: its fc1 output and its GELU output, per token.
-                    act_elems: 2 * b.resolution * b.resolution,
-                })),
-            }
-        }
-        out
+    /// A Block unit owns a Swin block (its attention and MLP branches with their norms); a Neuron unit owns
+    /// one MLP hidden unit (fc1 row + bias, fc2 column). Attention heads are not units (docs/protocol.md,
+    /// "Units").
+    fn maskable(&self) -> Vec<MaskableBlock> {
+        self.blocks()
+            .into_iter()
+            .map(|b| MaskableBlock {
+                width: b.mlp_hidden,
+                params: b.params(),
+                act_elems: b.act_elems(),
+                neuron_params: b.neuron_params(),
+                // One hidden unit: its fc1 output and its GELU output, per token.
+                neuron_act_elems: 2 * b.resolution * b.resolution,
+                name: b.name,
+            })
+            .collect()
     }
 
     fn build(&self, plan: &[BlockPlan], b: Builder) -> Result<Box<dyn Net>> {
@@ -291,10 +270,6 @@ impl Family for SwinConfig {
 
     fn stages(&self) -> (Vec<usize>, Vec<usize>) {
         (self.dims.clone(), self.depths.clone())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
