@@ -15,14 +15,12 @@
 
 use crate::data::loader::Batch;
 use crate::memprobe::MemoryMeter;
-use crate::models::layers::Builder;
-use crate::models::resnet::ResNet;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
 use crate::runner;
 use crate::seed::{rng, Stream};
 use crate::spec::{self, MethodKind, Precision, RunSpec, SpecError};
-use crate::train::{dp_step, dp_step_with, loss_and_grads, sdp_step, small_dense_widths, SdpState};
+use crate::train::{baseline_net, dp_step, dp_step_with, loss_and_grads, sdp_step, SdpState};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -272,8 +270,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match &args.command {
         BenchCommand::Step(a) => {
             let b = a.validate()?;
-            let (model, m) = (serde_json::to_value(b.spec.workload.model)?, &b.spec.method);
-            let model = model.as_str().unwrap_or_default();
+            let (model, m) = (b.spec.workload.model.as_str(), &b.spec.method);
             let what = match m.kind {
                 MethodKind::Sdp if b.all_workers => format!(
                     "{model} (a whole SDP step: all K={} workers + averaging, masking {}, coverage {})",
@@ -398,12 +395,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             StepReport { build_s, ..r }
         }
         MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-            let mut cfg = models::resnet_config(&spec.workload, b.classes)?;
-            if spec.method.kind == MethodKind::SmallDense {
-                cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
-            }
-            let builder = Builder::from_seed(spec.seed, dev).with_compute_dtype(spec.workload.precision.dtype());
-            let net = ResNet::new(&cfg, &cfg.full_plan(), builder)?;
+            let net = baseline_net(spec, b.classes, dev)?;
             let build_s = t.elapsed().as_secs_f64();
             let mut opt = Optimizer::new(&spec.optim);
             let r = timed_steps(b, meter, net.store().num_params(), images, |i, sample| {

@@ -36,8 +36,8 @@ use crate::masking;
 use crate::models::{self, Builder, Net};
 use crate::runner;
 use crate::seed::{rng, Stream};
-use crate::spec::{DatasetName, Experiment, Method, MethodKind, ModelName, RunSpec, SpecError, Workload};
-use crate::train::{small_dense_widths, SdpState, RECAL_BATCHES};
+use crate::spec::{DatasetName, Experiment, Method, MethodKind, RunSpec, SpecError, Workload};
+use crate::train::{baseline_net, SdpState, RECAL_BATCHES};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -295,16 +295,7 @@ pub struct CostReport {
 /// computes, and where. Fields that only change the numbers (lr, seeds, augmentation, data) are left out.
 fn config_key(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<String> {
     let w = &spec.workload;
-    let (widths, depths) = match w.model {
-        ModelName::SwinT => {
-            let c = models::swin_config(w, sizes.classes)?;
-            (c.dims.clone(), c.depths.clone())
-        }
-        _ => {
-            let c = models::resnet_config(w, sizes.classes)?;
-            (c.widths, c.depths)
-        }
-    };
+    let (widths, depths) = models::of(w, sizes.classes)?.stages();
     // The budget and the headline evaluation mode change how many steps and which number is reported,
     // not what a step costs.
     let method = Method { budget: Default::default(), eval_mode: Default::default(), ..spec.method.clone() };
@@ -478,7 +469,7 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
             for _ in 0..sdp_copies(spec) {
                 let values = st.global.store().values();
                 let b = Builder::from_tensors(&values, dev).with_compute_dtype(spec.workload.precision.dtype());
-                st.arch.build(None, 1.0, None, b)?;
+                st.family.build_full(1.0, b)?;
             }
             dev.synchronize()?;
             let fixed = t.elapsed().as_secs_f64();
@@ -492,12 +483,8 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
             (eval, subnets, recal, fixed)
         }
         MethodKind::SmallDense => {
-            let mut cfg = models::resnet_config(&spec.workload, sizes.classes)?;
-            cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
-            let mut w = spec.workload.clone();
-            (w.widths, w.depths) = (Some(cfg.widths), Some(cfg.depths));
-            let net = models::build(&w, sizes.classes, spec.seed, dev)?;
-            (per_image(net.as_ref(), &x, false, dev, true)?, 0.0, 0.0, 0.0)
+            let net = baseline_net(spec, sizes.classes, dev)?;
+            (per_image(&net, &x, false, dev, true)?, 0.0, 0.0, 0.0)
         }
         _ => {
             let net = models::build(&spec.workload, sizes.classes, spec.seed, dev)?;

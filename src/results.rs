@@ -426,7 +426,7 @@ fn summary_row(m: &Manifest) -> Result<Option<SummaryRow>> {
         label: m.label.clone(),
         seed: m.seed,
         dataset: s.workload.dataset.clone(),
-        model: serde_json::to_value(s.workload.model)?.as_str().unwrap_or_default().to_string(),
+        model: s.workload.model.as_str().to_string(),
         method: serde_json::to_value(s.method.kind)?.as_str().unwrap_or_default().to_string(),
         workers: s.method.workers,
         epochs: s.workload.epochs,

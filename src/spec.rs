@@ -57,12 +57,13 @@ pub struct Workload {
     /// Test images to use (for `shapes`: to generate). Default: all (`shapes`: 2,000).
     #[serde(default)]
     pub test_samples: Option<usize>,
-    /// `resnet18` | `wrn18` | `resnet` (the same family with explicit `widths`/`depths`) | `swin_t`.
+    /// A registered model (`crate::models::names`): `resnet18` | `wrn18` | `resnet` (the same family with
+    /// explicit `widths`/`depths`) | `swin_t`.
     pub model: ModelName,
-    /// Per-stage widths of the ResNet family (overrides the named model's).
+    /// Per-stage widths (Swin: dims), overriding the named model's.
     #[serde(default)]
     pub widths: Option<Vec<usize>>,
-    /// Per-stage block counts of the ResNet family (overrides the named model's).
+    /// Per-stage block counts, overriding the named model's.
     #[serde(default)]
     pub depths: Option<Vec<usize>>,
     /// Normalisation layers: `batch` (BatchNorm) or `none` (identity; used by exactness tests).
@@ -108,13 +109,28 @@ impl Precision {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelName {
-    Resnet,
-    Resnet18,
-    Wrn18,
-    SwinT,
+/// The name of a model in the registry of `crate::models`; an unregistered name does not parse.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct ModelName(String);
+
+impl ModelName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        let names = crate::models::names();
+        if names.contains(&name.as_str()) {
+            Ok(Self(name))
+        } else {
+            let expected: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+            Err(serde::de::Error::custom(format!("unknown variant `{name}`, expected one of {}", expected.join(", "))))
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -542,18 +558,15 @@ impl RunSpec {
                 return err("workload.depths", "must be a non-empty list of positive block counts".into());
             }
         }
-        if w.model == ModelName::Resnet && (w.widths.is_none() || w.depths.is_none()) {
-            return err("workload.model", "`resnet` needs explicit `widths` and `depths`".into());
-        }
         if let (Some(ws), Some(ds)) = (&w.widths, &w.depths) {
             if ws.len() != ds.len() {
                 return err("workload.depths", format!("has {} stages but workload.widths has {}", ds.len(), ws.len()));
             }
         }
-        if w.model == ModelName::SwinT {
-            if let Err(e) = crate::models::swin_config(w, 1) {
-                return err("workload.widths", format!("{e:#}"));
-            }
+        if let Err(e) = crate::models::of(w, 1) {
+            // The model rejects its shape overrides, or (none given) needs them.
+            let key = if w.widths.is_some() || w.depths.is_some() { "workload.widths" } else { "workload.model" };
+            return err(key, format!("{e:#}"));
         }
         if !(o.lr > 0.0 && o.lr.is_finite()) {
             return err("optim.lr", format!("must be a positive number, got {}", o.lr));
@@ -598,7 +611,7 @@ impl RunSpec {
             return err("method.eval_mode", "this method has one model: only `full` applies".into());
         }
         if matches!(m.kind, MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout)
-            && w.model == ModelName::SwinT
+            && crate::models::resnet::ResNetConfig::of(w, 1).is_err()
         {
             return err("method.kind", "the baselines are implemented for the ResNet family only".into());
         }

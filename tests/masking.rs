@@ -6,7 +6,7 @@ use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sdp::masking::{holders, strategy, MaskStrategy, Selection, REGISTRY};
-use sdp::models::{Unit, UnitKind};
+use sdp::models::{Family, Unit, UnitKind};
 use sdp::seed::{rng, Stream};
 
 /// ResNet-18 (CIFAR) residual branches: (in channels, channels) per block, forward order.

@@ -7,8 +7,8 @@ use candle_core::{Device, Tensor};
 use sdp::models::checkpoint;
 use sdp::models::info::{info_report, model_info};
 use sdp::models::resnet::{ResNet, ResNetConfig};
-use sdp::models::swin::{relative_position_index, shifted_window_mask, Swin, SwinBlockPlan, SwinConfig, MASK_VALUE};
-use sdp::models::{build, swin_config, Builder, Net, UnitKind};
+use sdp::models::swin::{relative_position_index, shifted_window_mask, Swin, SwinConfig, MASK_VALUE};
+use sdp::models::{build, BlockPlan, Builder, Family, ModelArgs, Net, UnitKind};
 use sdp::spec::Workload;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -139,16 +139,18 @@ fn swin_workload_overrides_and_head_rule() -> Result<()> {
     let w: Workload = toml::from_str(
         "dataset = \"shapes\"\nmodel = \"swin_t\"\nepochs = 1\nbatch_size = 2\nwidths = [32, 64]\ndepths = [1, 2]\n",
     )?;
-    let cfg = swin_config(&w, 10)?;
+    let cfg = SwinConfig::of(&ModelArgs::of(&w, 10))?;
     ensure!(cfg.dims == [32, 64] && cfg.depths == [1, 2] && cfg.heads == [1, 2], "{cfg:?}");
     ensure!(
-        swin_config(&toml::from_str("dataset = \"shapes\"\nmodel = \"swin_t\"\nepochs = 1\nbatch_size = 2\n")?, 100)?
-            == SwinConfig::swin_t(100)
+        SwinConfig::of(&ModelArgs::of(
+            &toml::from_str("dataset = \"shapes\"\nmodel = \"swin_t\"\nepochs = 1\nbatch_size = 2\n")?,
+            100
+        ))? == SwinConfig::swin_t(100)
     );
     let bad: Workload = toml::from_str(
         "dataset = \"shapes\"\nmodel = \"swin_t\"\nepochs = 1\nbatch_size = 2\nwidths = [8, 16]\ndepths = [1]\n",
     )?;
-    let err = swin_config(&bad, 10).unwrap_err().to_string();
+    let err = SwinConfig::of(&ModelArgs::of(&bad, 10)).unwrap_err().to_string();
     ensure!(err.contains("depths (1)") && err.contains("dims (2)"), "{err}");
     let odd = SwinConfig { heads: vec![5, 6, 12, 24], ..SwinConfig::swin_t(10) };
     let err = odd.validate().unwrap_err();
@@ -361,16 +363,16 @@ fn swin_plan_drops_blocks_and_hidden_units() -> Result<()> {
     let cfg = tiny_swin();
     let shapes = cfg.blocks();
     // Every block dropped: only the shared parameters exist, and the blocks are the identity.
-    let none: Vec<SwinBlockPlan> =
-        shapes.iter().map(|_| SwinBlockPlan { present: false, mlp_hidden: 0, scale: 1.0, mlp_scale: 1.0 }).collect();
+    let none: Vec<BlockPlan> =
+        shapes.iter().map(|_| BlockPlan { residual: false, channels: vec![], scale: 1.0, mid_scale: 1.0 }).collect();
     let net = Swin::new(&cfg, &none, Builder::from_seed(1, &cpu()))?;
     ensure!(net.store().num_params() == cfg.shared_params());
     ensure!(!net.store().params.keys().any(|k| k.contains(".blocks.")));
     forward_backward(&net, 2, 10)?;
     // Half the MLP hidden units of block 0 and none of block 1: 1.5 × hidden × neuron params fewer.
     let mut plan = cfg.full_plan();
-    plan[0].mlp_hidden = shapes[0].mlp_hidden / 2;
-    plan[1].mlp_hidden = 0;
+    plan[0].channels.truncate(shapes[0].mlp_hidden / 2);
+    plan[1].channels.clear();
     let net = Swin::new(&cfg, &plan, Builder::from_seed(1, &cpu()))?;
     let removed = (shapes[0].mlp_hidden / 2 + shapes[1].mlp_hidden) * shapes[0].neuron_params();
     ensure!(net.store().num_params() == cfg.num_params() - removed);
@@ -385,7 +387,7 @@ fn swin_plan_drops_blocks_and_hidden_units() -> Result<()> {
     p0[1].scale = 0.0;
     let zeroed = Swin::new(&cfg, &p0, Builder::from_seed(1, &cpu()))?;
     let mut pd = cfg.full_plan();
-    pd[1].present = false;
+    pd[1].residual = false;
     let dropped = Swin::new(&cfg, &pd, Builder::from_seed(1, &cpu()))?;
     let xs = input(2, 3)?;
     ensure!(max_abs_diff(&zeroed.forward_t(&xs, false)?, &dropped.forward_t(&xs, false)?)? < 1e-6);

@@ -14,10 +14,10 @@ use sdp::data::loader::TrainLoader;
 use sdp::data::ImageSet;
 use sdp::models::layers::Builder;
 use sdp::models::resnet::{ResNet, ResNetConfig};
-use sdp::models::{self, Net, UnitKind};
+use sdp::models::{self, BlockPlan, Family, Net, UnitKind};
 use sdp::optim::Optimizer;
 use sdp::spec::{self, RunSpec};
-use sdp::subnet::{self, IndexMap, Keep};
+use sdp::subnet::{self, IndexMap};
 use sdp::train::{dp_step, sdp_step, SdpState};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -208,12 +208,12 @@ fn values(cfg: &ResNetConfig) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
-fn subnet_of(cfg: &ResNetConfig, vals: &BTreeMap<String, Tensor>, keeps: &[Keep]) -> Result<ResNet> {
+fn subnet_of(cfg: &ResNetConfig, vals: &BTreeMap<String, Tensor>, keeps: &[BlockPlan]) -> Result<ResNet> {
     let shapes: BTreeMap<String, Vec<usize>> = vals.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
-    let (plan, maps) = subnet::resnet_subnet(cfg, &shapes, keeps, 1.0);
+    let maps = subnet::maps(cfg, &shapes, keeps);
     let local: BTreeMap<String, Tensor> =
         maps.iter().map(|(n, m)| Ok((n.clone(), m.gather(&vals[n])?))).collect::<Result<_>>()?;
-    Ok(ResNet::new(cfg, &plan, Builder::from_tensors(&local, &Device::Cpu))?)
+    Ok(ResNet::new(cfg, keeps, Builder::from_tensors(&local, &Device::Cpu))?)
 }
 
 /// A worker without block b computes what the full model computes when b's residual branch outputs zero
@@ -225,10 +225,10 @@ fn dropped_block_equals_full_model_without_that_branch() -> Result<()> {
     let blocks = cfg.blocks();
     for drop in [1usize, 2] {
         // block 1 has an identity shortcut, block 2 (first of stage 2) a projection shortcut
-        let keeps: Vec<Keep> = blocks
+        let keeps: Vec<BlockPlan> = blocks
             .iter()
             .enumerate()
-            .map(|(b, s)| Keep { residual: b != drop, channels: (0..s.c_out).collect() })
+            .map(|(b, s)| BlockPlan { residual: b != drop, ..BlockPlan::full(s.c_out) })
             .collect();
         let sub = subnet_of(&cfg, &vals, &keeps)?;
         let mut zeroed = vals.clone();
@@ -254,7 +254,7 @@ fn neuron_narrowing_equals_zeroing_channels() -> Result<()> {
     let vals = values(&cfg)?;
     let blocks = cfg.blocks();
     let kept: Vec<Vec<usize>> = vec![vec![0, 2], vec![1, 2, 3], vec![0, 3, 4, 7]];
-    let keeps: Vec<Keep> = kept.iter().map(|c| Keep { residual: true, channels: c.clone() }).collect();
+    let keeps: Vec<BlockPlan> = kept.iter().map(|c| BlockPlan { channels: c.clone(), ..BlockPlan::full(0) }).collect();
     let sub = subnet_of(&cfg, &vals, &keeps)?;
     let mut zeroed = vals.clone();
     for (b, s) in blocks.iter().enumerate() {
@@ -529,9 +529,9 @@ fn rescale_scales_kept_activations_by_the_inverse_keep() -> Result<()> {
         // Rebuild worker 0 by hand with the expected factors and compare.
         let s = spec(&sets)?;
         let st = SdpState::new(&s, 10, &dev)?;
-        let arch = sdp::subnet::Arch::of(&s.workload, 10)?;
-        let widths = arch.block_widths();
-        let keeps = sdp::subnet::keeps(&widths, &st.units, &st.selection.holds);
+        let family = models::of(&s.workload, 10)?;
+        let widths = family.block_widths();
+        let keeps = subnet::plans(&widths, &st.units, &st.selection.holds);
         let factors: Vec<(f64, f64)> = keeps[0]
             .iter()
             .zip(&widths)
@@ -539,12 +539,12 @@ fn rescale_scales_kept_activations_by_the_inverse_keep() -> Result<()> {
                 |(k, &n)| if masking == "block" { (3.0 / 2.0, 1.0) } else { (1.0, n as f64 / k.channels.len() as f64) },
             )
             .collect();
-        let by_hand = arch.build(
-            Some(&keeps[0]),
-            1.0,
-            Some(&factors),
-            Builder::from_tensors(&st.workers[0].net.store().values(), &dev),
-        )?;
+        let plan: Vec<BlockPlan> = keeps[0]
+            .iter()
+            .zip(&factors)
+            .map(|(k, &(scale, mid_scale))| BlockPlan { scale, mid_scale, ..k.clone() })
+            .collect();
+        let by_hand = family.build(&plan, Builder::from_tensors(&st.workers[0].net.store().values(), &dev))?;
         let d = max_diff(&by_hand.forward_t(&x, false)?, &scaled[0])?;
         assert!(d < 1e-5, "{masking}: {d}");
     }

@@ -101,10 +101,10 @@ fn describe(runs: &[RunData]) -> String {
         set.into_iter().collect::<Vec<_>>().join("/")
     };
     let model = |s: &RunSpec| {
-        let name = serde_json::to_value(s.workload.model).ok().and_then(|v| v.as_str().map(String::from));
+        let name = s.workload.model.as_str();
         match (&s.workload.widths, &s.workload.depths) {
-            (Some(w), Some(d)) => format!("{} widths {w:?} depths {d:?}", name.unwrap_or_default()),
-            _ => name.unwrap_or_default(),
+            (Some(w), Some(d)) => format!("{name} widths {w:?} depths {d:?}"),
+            _ => name.to_string(),
         }
     };
     format!(

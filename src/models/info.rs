@@ -4,10 +4,7 @@
 //! Counts come from the built model's [`ParamStore`] (not from a formula), so they check the model code
 //! itself against docs/design.md §7; the unit listing is cross-checked against the same store.
 
-use super::layers::{Builder, ParamStore};
-use super::resnet::{ResNet, ResNetConfig};
-use super::swin::{Swin, SwinConfig};
-use super::{Net, Unit, UnitKind};
+use super::{family, Builder, ModelArgs, ParamGroup, ParamStore, Unit, UnitKind};
 use anyhow::{bail, Result};
 use candle_core::Device;
 use std::fmt::Write;
@@ -24,64 +21,24 @@ pub struct ModelInfo {
     pub neuron_units: Vec<Unit>,
 }
 
-/// A group: its name, the parameter-name prefixes it covers, whether it is a Block unit's branch.
-type GroupSpec = (String, Vec<String>, bool);
-
-/// Builds `model` (`resnet18` | `wrn18` | `swin_t`) at full size on the CPU and counts its parameters.
+/// Builds the registered model `model` (`resnet18`, `wrn18`, `swin_t`, …) at full size on the CPU and
+/// counts its parameters.
 pub fn model_info(model: &str, num_classes: usize) -> Result<ModelInfo> {
-    let (store, specs, block_units, neuron_units) = match model {
-        "resnet18" | "wrn18" => {
-            let cfg = if model == "resnet18" {
-                ResNetConfig::resnet18(num_classes)
-            } else {
-                ResNetConfig::wrn18(num_classes)
-            };
-            let net = ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(0, &Device::Cpu))?;
-            let mut specs: Vec<GroupSpec> = vec![("stem".into(), vec!["conv1.".into(), "bn1.".into()], false)];
-            for b in cfg.blocks() {
-                let n = &b.name;
-                let branch = ["conv1", "bn1", "conv2", "bn2"].iter().map(|l| format!("{n}.{l}.")).collect();
-                specs.push((format!("{n} (branch)"), branch, true));
-                if b.has_projection() {
-                    specs.push((format!("{n}.shortcut"), vec![format!("{n}.shortcut.")], false));
-                }
-            }
-            specs.push(("head (linear)".into(), vec!["linear.".into()], false));
-            (net.store().clone(), specs, cfg.units(UnitKind::Block), cfg.units(UnitKind::Neuron))
-        }
-        "swin_t" => {
-            let cfg = SwinConfig::swin_t(num_classes);
-            let net = Swin::new(&cfg, &cfg.full_plan(), Builder::from_seed(0, &Device::Cpu))?;
-            let mut specs: Vec<GroupSpec> = vec![("patch_embed".into(), vec!["patch_embed.".into()], false)];
-            let blocks = cfg.blocks();
-            for s in 0..cfg.depths.len() {
-                if s > 0 {
-                    let n = format!("layers.{s}.downsample");
-                    specs.push((n.clone(), vec![format!("{n}.")], false));
-                }
-                for b in blocks.iter().filter(|b| b.stage == s) {
-                    specs.push((b.name.clone(), vec![format!("{}.", b.name)], true));
-                }
-            }
-            specs.push(("norm".into(), vec!["norm.".into()], false));
-            specs.push(("head (head.fc)".into(), vec!["head.".into()], false));
-            (net.store().clone(), specs, cfg.units(UnitKind::Block), cfg.units(UnitKind::Neuron))
-        }
-        other => bail!("unknown model `{other}` (expected resnet18, wrn18 or swin_t)"),
-    };
-    let groups = group_params(&store, &specs)?;
+    let family = family(model, &ModelArgs::named(num_classes))?;
+    let net = family.build_full(1.0, Builder::from_seed(0, &Device::Cpu))?;
+    let store = net.store();
     Ok(ModelInfo {
         model: model.to_string(),
         num_classes,
-        groups,
+        groups: group_params(store, &family.param_groups())?,
         total: store.num_params(),
-        block_units,
-        neuron_units,
+        block_units: family.units(UnitKind::Block),
+        neuron_units: family.units(UnitKind::Neuron),
     })
 }
 
 /// Sums the store's parameters into the groups; every parameter must fall in exactly one group.
-fn group_params(store: &ParamStore, specs: &[GroupSpec]) -> Result<Vec<(String, usize, bool)>> {
+fn group_params(store: &ParamStore, specs: &[ParamGroup]) -> Result<Vec<(String, usize, bool)>> {
     let mut counts = vec![0usize; specs.len()];
     for (name, var) in &store.params {
         let hits: Vec<usize> = specs

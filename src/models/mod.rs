@@ -1,4 +1,5 @@
-//! Models: the trait every trainable network implements, and construction from a spec.
+//! Models: the trait every trainable network implements, the trait every model family implements, and the
+//! registry of families by their spec names (`workload.model`).
 
 pub mod checkpoint;
 pub mod info;
@@ -6,12 +7,11 @@ pub mod layers;
 pub mod resnet;
 pub mod swin;
 
-use crate::spec::{ModelName, Norm, Workload};
+use crate::spec::{Norm, Workload};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 pub use layers::{Builder, ParamStore};
-use resnet::ResNetConfig;
-use swin::SwinConfig;
+use std::any::Any;
 
 /// A trainable network: a forward pass (train mode updates BatchNorm running statistics) and its
 /// parameters and buffers by name.
@@ -24,46 +24,166 @@ pub trait Net: Send {
     }
 }
 
-/// The ResNet-family configuration a workload names (with its width/depth overrides applied).
-pub fn resnet_config(w: &Workload, num_classes: usize) -> Result<ResNetConfig> {
-    let mut cfg = match w.model {
-        ModelName::Resnet18 | ModelName::Resnet => ResNetConfig::resnet18(num_classes),
-        ModelName::Wrn18 => ResNetConfig::wrn18(num_classes),
-        ModelName::SwinT => bail!("workload.model = \"swin_t\" is not a ResNet"),
-    };
-    if let Some(ws) = &w.widths {
-        cfg.widths = ws.clone();
+/// A model family (docs/design.md §2, §7): a configured architecture whose blocks are the maskable units,
+/// which builds the full model or any worker's subnetwork from one [`BlockPlan`] per block.
+/// Code specific to one family (the ResNet baselines) downcasts it to its config, as a `dyn Any`.
+pub trait Family: Any + Send + Sync {
+    /// The blocks, in forward order, with what their units own.
+    fn maskable(&self) -> Vec<MaskableBlock>;
+    /// The network holding `plan` (one entry per block), with values from `b`.
+    fn build(&self, plan: &[BlockPlan], b: Builder) -> candle_core::Result<Box<dyn Net>>;
+    /// The block tensors a worker holds narrowed to its kept internal channels: (name after the block
+    /// prefix, axis of the channels).
+    fn narrowed(&self) -> &'static [(&'static str, usize)];
+    /// Name prefixes (after the block prefix) of block tensors outside the residual branch, which every
+    /// worker holds whole (ResNet: the projection shortcut).
+    fn shared(&self) -> &'static [&'static str];
+    /// The parameter groups `sdp model info` reports, in forward order.
+    fn param_groups(&self) -> Vec<ParamGroup>;
+    /// Per-stage widths and block counts (what distinguishes configurations of the family).
+    fn stages(&self) -> (Vec<usize>, Vec<usize>);
+
+    /// Parameter-name prefix of each block, in forward order.
+    fn block_names(&self) -> Vec<String> {
+        self.maskable().into_iter().map(|b| b.name).collect()
     }
-    if let Some(ds) = &w.depths {
-        cfg.depths = ds.clone();
+
+    /// Full internal width of each block.
+    fn block_widths(&self) -> Vec<usize> {
+        self.maskable().iter().map(|b| b.width).collect()
     }
-    if cfg.widths.len() != cfg.depths.len() {
-        bail!("workload.widths has {} stages but workload.depths has {}", cfg.widths.len(), cfg.depths.len());
+
+    /// The maskable units of `kind` (docs/design.md §1), in forward order: one Block unit per block, or one
+    /// Neuron unit per internal channel of each block.
+    fn units(&self, kind: UnitKind) -> Vec<Unit> {
+        let mut out = Vec::new();
+        for (i, b) in self.maskable().into_iter().enumerate() {
+            match kind {
+                UnitKind::Block => {
+                    out.push(Unit { kind, block: i, index: 0, name: b.name, params: b.params, act_elems: b.act_elems })
+                }
+                UnitKind::Neuron => out.extend((0..b.width).map(|c| Unit {
+                    kind,
+                    block: i,
+                    index: c,
+                    name: format!("{}#{c}", b.name),
+                    params: b.neuron_params,
+                    act_elems: b.neuron_act_elems,
+                })),
+            }
+        }
+        out
     }
-    cfg.batch_norm = w.norm == Norm::Batch;
-    Ok(cfg)
+
+    /// The full model's plan: every block present at full width.
+    fn full_plan(&self) -> Vec<BlockPlan> {
+        self.block_widths().into_iter().map(BlockPlan::full).collect()
+    }
+
+    /// The full model, its residual branches scaled by `scale`, with values from `b`.
+    fn build_full(&self, scale: f64, b: Builder) -> candle_core::Result<Box<dyn Net>> {
+        let plan: Vec<BlockPlan> = self.full_plan().into_iter().map(|p| BlockPlan { scale, ..p }).collect();
+        self.build(&plan, b)
+    }
 }
 
-/// The Swin configuration a workload names: Swin-T, with `widths` as per-stage dims and `depths` as
-/// per-stage block counts when given. Heads follow the dims: dim / 32 per stage (Swin-T's head dim of 32;
-/// see [`swin::default_heads`] for dims below 32 or not divisible), so `swin_t` without overrides keeps
-/// heads 3/6/12/24. `workload.norm` does not apply (Swin's LayerNorms are always present).
-pub fn swin_config(w: &Workload, num_classes: usize) -> Result<SwinConfig> {
-    let base = SwinConfig::swin_t(num_classes);
-    let dims = w.widths.clone().unwrap_or_else(|| base.dims.clone());
-    let depths = w.depths.clone().unwrap_or_else(|| base.depths.clone());
-    let cfg = SwinConfig::with_dims(dims, depths, num_classes);
-    if let Err(e) = cfg.validate() {
-        bail!("workload.widths/depths for swin_t: {e}");
-    }
-    Ok(cfg)
+/// One block as SDP masks it: its name, its internal width, and what its units own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaskableBlock {
+    /// Parameter-name prefix (`layer1.0`, `layers.0.blocks.1`).
+    pub name: String,
+    /// Internal channels at full size, one Neuron unit each (ResNet: conv1 outputs; Swin: MLP hidden units).
+    pub width: usize,
+    /// Parameters the Block unit (the residual branch) owns.
+    pub params: usize,
+    /// Activation elements per sample the residual branch keeps for backward ([`Unit::act_elems`]).
+    pub act_elems: usize,
+    /// Parameters one Neuron unit owns.
+    pub neuron_params: usize,
+    /// Activation elements per sample one internal channel keeps for backward.
+    pub neuron_act_elems: usize,
 }
 
-/// Builds the full model a workload names, initialised from `seed`'s init stream, on `device` (the
-/// subnetwork builder of `subnet::Arch` with every unit kept).
+/// What one block holds in one network. The full model holds every block at full width; a worker's
+/// subnetwork may lack a block's residual branch (its tensors do not exist there) and hold fewer internal
+/// channels (gathered into narrower tensors, docs/design.md §2).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockPlan {
+    /// The residual branch exists (ResNet: conv1 to bn2; Swin: the attention and MLP branches). false: the
+    /// block is its skip path only.
+    pub residual: bool,
+    /// Internal channels held, as ascending global indices (ResNet: conv1 outputs; Swin: MLP hidden units).
+    pub channels: Vec<usize>,
+    /// Multiplier of the internal activations (1; `1/keep` with `method.rescale`, HeteroFL-style).
+    pub mid_scale: f64,
+    /// Multiplier of the residual branch output (1 in training; holder fraction in scaled evaluation).
+    pub scale: f64,
+}
+
+impl BlockPlan {
+    /// A block held whole: its residual branch with all `width` internal channels, unscaled.
+    pub fn full(width: usize) -> Self {
+        Self { residual: true, channels: (0..width).collect(), mid_scale: 1.0, scale: 1.0 }
+    }
+}
+
+/// A parameter group of `sdp model info`: its name, the parameter-name prefixes it covers, and whether a
+/// Block unit owns it.
+pub type ParamGroup = (String, Vec<String>, bool);
+
+/// What a family is configured from: the `[workload]` fields that shape a model, and the class count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelArgs {
+    /// Per-stage widths overriding the named model's (`workload.widths`).
+    pub widths: Option<Vec<usize>>,
+    /// Per-stage block counts overriding the named model's (`workload.depths`).
+    pub depths: Option<Vec<usize>>,
+    /// BatchNorm layers, where the family has them (`workload.norm`).
+    pub batch_norm: bool,
+    pub num_classes: usize,
+}
+
+impl ModelArgs {
+    /// The arguments a workload gives.
+    pub fn of(w: &Workload, num_classes: usize) -> Self {
+        Self { widths: w.widths.clone(), depths: w.depths.clone(), batch_norm: w.norm == Norm::Batch, num_classes }
+    }
+
+    /// The named model at its own size, with BatchNorm.
+    pub fn named(num_classes: usize) -> Self {
+        Self { widths: None, depths: None, batch_norm: true, num_classes }
+    }
+}
+
+/// Configures a family from its arguments (the message of an error names the offending field).
+type Constructor = fn(&ModelArgs) -> Result<Box<dyn Family>>;
+
+/// Every model by its spec name (`workload.model`): a new family is a file and a line here.
+const REGISTRY: &[(&str, Constructor)] =
+    &[("resnet", resnet::resnet), ("resnet18", resnet::resnet18), ("wrn18", resnet::wrn18), ("swin_t", swin::swin_t)];
+
+/// The registered model names.
+pub fn names() -> Vec<&'static str> {
+    REGISTRY.iter().map(|(n, _)| *n).collect()
+}
+
+/// The family registered as `name`, configured from `args`.
+pub fn family(name: &str, args: &ModelArgs) -> Result<Box<dyn Family>> {
+    match REGISTRY.iter().find(|(n, _)| *n == name) {
+        Some((_, new)) => new(args),
+        None => bail!("unknown model `{name}` (expected one of {})", names().join(", ")),
+    }
+}
+
+/// The family a workload names, configured by its overrides.
+pub fn of(w: &Workload, num_classes: usize) -> Result<Box<dyn Family>> {
+    family(w.model.as_str(), &ModelArgs::of(w, num_classes))
+}
+
+/// Builds the full model a workload names, initialised from `seed`'s init stream, on `device`.
 pub fn build(w: &Workload, num_classes: usize, seed: u64, device: &Device) -> Result<Box<dyn Net>> {
     let b = Builder::from_seed(seed, device).with_compute_dtype(w.precision.dtype());
-    Ok(crate::subnet::Arch::of(w, num_classes)?.build(None, 1.0, None, b)?)
+    Ok(of(w, num_classes)?.build_full(1.0, b)?)
 }
 
 /// The two kinds of maskable unit (docs/design.md §1).

@@ -1,15 +1,50 @@
 //! The CIFAR ResNet family (BasicBlocks, 3×3 stem without max-pool): resnet18, wrn18 and tiny variants are
 //! one implementation with configurable widths and depths (docs/design.md §7).
 //!
-//! A network is built from a [`ResNetConfig`] and a per-block [`BlockPlan`]: the full model holds every
-//! residual branch at full width; a worker's subnetwork may lack some branches (they do not exist on that
-//! worker) and hold fewer internal channels. Parameter names are the PyTorch reference `state_dict` keys
-//! (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.shortcut.0`, …, `linear`).
+//! A network is built from a [`ResNetConfig`] (the [`Family`]) and a per-block [`BlockPlan`]: the full model
+//! holds every residual branch at full width; a worker's subnetwork may lack some branches (they do not
+//! exist on that worker) and hold fewer internal channels. Parameter names are the PyTorch reference
+//! `state_dict` keys (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.shortcut.0`, …, `linear`).
 
 use super::layers::{BatchNorm, Builder, Conv2d, Linear, ParamStore};
-use super::{Net, Unit, UnitKind};
+use super::{BlockPlan, Family, MaskableBlock, ModelArgs, Net, ParamGroup};
 use crate::ops::Epilogue;
+use crate::spec::Workload;
 use candle_core::{DType, Result, Tensor, D};
+
+/// `resnet`: the ResNet-18 layout with the workload's own `widths` and `depths` (both required).
+pub fn resnet(a: &ModelArgs) -> anyhow::Result<Box<dyn Family>> {
+    if a.widths.is_none() || a.depths.is_none() {
+        anyhow::bail!("`resnet` needs explicit `widths` and `depths`");
+    }
+    configured(ResNetConfig::resnet18(a.num_classes), a)
+}
+
+/// `resnet18`, with the workload's width and depth overrides.
+pub fn resnet18(a: &ModelArgs) -> anyhow::Result<Box<dyn Family>> {
+    configured(ResNetConfig::resnet18(a.num_classes), a)
+}
+
+/// `wrn18` (ResNet-18 at twice the width), with the workload's width and depth overrides.
+pub fn wrn18(a: &ModelArgs) -> anyhow::Result<Box<dyn Family>> {
+    configured(ResNetConfig::wrn18(a.num_classes), a)
+}
+
+/// `base` with the overrides of `a` applied.
+fn configured(base: ResNetConfig, a: &ModelArgs) -> anyhow::Result<Box<dyn Family>> {
+    let mut cfg = base;
+    if let Some(ws) = &a.widths {
+        cfg.widths = ws.clone();
+    }
+    if let Some(ds) = &a.depths {
+        cfg.depths = ds.clone();
+    }
+    if cfg.widths.len() != cfg.depths.len() {
+        anyhow::bail!("workload.widths has {} stages but workload.depths has {}", cfg.widths.len(), cfg.depths.len());
+    }
+    cfg.batch_norm = a.batch_norm;
+    Ok(Box::new(cfg))
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResNetConfig {
@@ -45,37 +80,6 @@ impl ResNetConfig {
         out
     }
 
-    /// The maskable units of `kind`, in forward order. A block unit owns its residual branch (conv1, bn1,
-    /// conv2, bn2; not the projection shortcut, which is shared); a neuron unit owns one internal channel
-    /// (a conv1 output filter, its bn1 scale and shift, and a conv2 input slice).
-    pub fn units(&self, kind: UnitKind) -> Vec<Unit> {
-        let bn = if self.batch_norm { 2 } else { 0 };
-        let mut out = Vec::new();
-        for ((b, s), hw) in self.blocks().iter().enumerate().zip(self.block_pixels()) {
-            let per_channel = s.c_in * 9 + bn + s.c_out * 9;
-            match kind {
-                UnitKind::Block => out.push(Unit {
-                    kind,
-                    block: b,
-                    index: 0,
-                    name: s.name.clone(),
-                    params: per_channel * s.c_out + bn * s.c_out,
-                    act_elems: branch_act_elems(s.c_out, s.c_out, hw),
-                }),
-                UnitKind::Neuron => out.extend((0..s.c_out).map(|i| Unit {
-                    kind,
-                    block: b,
-                    index: i,
-                    name: format!("{}#{i}", s.name),
-                    params: per_channel,
-                    // One internal channel: its conv1 output and its BN-ReLU output.
-                    act_elems: 2 * hw,
-                })),
-            }
-        }
-        out
-    }
-
     /// Output pixels (H×W) of each block for a 32×32 input.
     pub fn block_pixels(&self) -> Vec<usize> {
         let mut side = 32;
@@ -88,9 +92,14 @@ impl ResNetConfig {
             .collect()
     }
 
-    /// The full model's plan: every branch present at full width.
-    pub fn full_plan(&self) -> Vec<BlockPlan> {
-        self.blocks().iter().map(|b| BlockPlan { residual: true, mid: b.c_out, scale: 1.0, mid_scale: 1.0 }).collect()
+    /// The ResNet-family configuration a workload names (an error for another family: the baselines need a
+    /// ResNet).
+    pub fn of(w: &Workload, num_classes: usize) -> anyhow::Result<Self> {
+        let family: Box<dyn std::any::Any> = super::of(w, num_classes)?;
+        family
+            .downcast_ref::<Self>()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("workload.model = \"{}\" is not a ResNet", w.model.as_str()))
     }
 }
 
@@ -109,17 +118,68 @@ impl BlockShape {
     }
 }
 
-/// What one block holds on one worker.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BlockPlan {
-    /// The residual branch exists (false: the block is only its shortcut).
-    pub residual: bool,
-    /// Internal channels held (output of conv1, input of conv2).
-    pub mid: usize,
-    /// Multiplier of the internal activations (1; `1/keep` with `method.rescale`, HeteroFL-style).
-    pub mid_scale: f64,
-    /// Multiplier of the residual branch output (1 in training; holder fraction in scaled evaluation).
-    pub scale: f64,
+impl Family for ResNetConfig {
+    /// A Block unit owns its residual branch (conv1, bn1, conv2, bn2; not the projection shortcut, which
+    /// is shared); a Neuron unit owns one internal channel (a conv1 output filter, its bn1 scale and shift,
+    /// and a conv2 input slice).
+    fn maskable(&self) -> Vec<MaskableBlock> {
+        let bn = if self.batch_norm { 2 } else { 0 };
+        self.blocks()
+            .into_iter()
+            .zip(self.block_pixels())
+            .map(|(s, hw)| {
+                let per_channel = s.c_in * 9 + bn + s.c_out * 9;
+                MaskableBlock {
+                    width: s.c_out,
+                    params: per_channel * s.c_out + bn * s.c_out,
+                    act_elems: branch_act_elems(s.c_out, s.c_out, hw),
+                    neuron_params: per_channel,
+                    // One internal channel: its conv1 output and its BN-ReLU output.
+                    neuron_act_elems: 2 * hw,
+                    name: s.name,
+                }
+            })
+            .collect()
+    }
+
+    fn build(&self, plan: &[BlockPlan], b: Builder) -> Result<Box<dyn Net>> {
+        Ok(Box::new(ResNet::new(self, plan, b)?))
+    }
+
+    /// conv1's filters, bn1's channels and conv2's input slices.
+    fn narrowed(&self) -> &'static [(&'static str, usize)] {
+        &[
+            ("conv1.weight", 0),
+            ("bn1.weight", 0),
+            ("bn1.bias", 0),
+            ("bn1.running_mean", 0),
+            ("bn1.running_var", 0),
+            ("conv2.weight", 1),
+        ]
+    }
+
+    fn shared(&self) -> &'static [&'static str] {
+        &["shortcut."]
+    }
+
+    /// The stem, each block's branch and projection shortcut, the head.
+    fn param_groups(&self) -> Vec<ParamGroup> {
+        let mut groups: Vec<ParamGroup> = vec![("stem".into(), vec!["conv1.".into(), "bn1.".into()], false)];
+        for b in self.blocks() {
+            let n = &b.name;
+            let branch = ["conv1", "bn1", "conv2", "bn2"].iter().map(|l| format!("{n}.{l}.")).collect();
+            groups.push((format!("{n} (branch)"), branch, true));
+            if b.has_projection() {
+                groups.push((format!("{n}.shortcut"), vec![format!("{n}.shortcut.")], false));
+            }
+        }
+        groups.push(("head (linear)".into(), vec!["linear.".into()], false));
+        groups
+    }
+
+    fn stages(&self) -> (Vec<usize>, Vec<usize>) {
+        (self.widths.clone(), self.depths.clone())
+    }
 }
 
 struct Branch {
@@ -138,12 +198,12 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn new(b: &mut Builder, shape: &BlockShape, plan: &BlockPlan, bn: bool) -> Result<Self> {
-        let n = &shape.name;
+        let (n, mid) = (&shape.name, plan.channels.len());
         let branch = if plan.residual {
             Some(Branch {
-                conv1: Conv2d::new(b, &format!("{n}.conv1"), shape.c_in, plan.mid, 3, shape.stride, 1)?,
-                bn1: BatchNorm::new(b, &format!("{n}.bn1"), plan.mid, bn)?,
-                conv2: Conv2d::new(b, &format!("{n}.conv2"), plan.mid, shape.c_out, 3, 1, 1)?,
+                conv1: Conv2d::new(b, &format!("{n}.conv1"), shape.c_in, mid, 3, shape.stride, 1)?,
+                bn1: BatchNorm::new(b, &format!("{n}.bn1"), mid, bn)?,
+                conv2: Conv2d::new(b, &format!("{n}.conv2"), mid, shape.c_out, 3, 1, 1)?,
                 bn2: BatchNorm::new(b, &format!("{n}.bn2"), shape.c_out, bn)?,
             })
         } else {
@@ -274,7 +334,7 @@ impl Net for ResNet {
                 n += 2 * shape.c_out * hw; // shortcut conv, bn
             }
             if plan.residual {
-                n += branch_act_elems(plan.mid, shape.c_out, hw);
+                n += branch_act_elems(plan.channels.len(), shape.c_out, hw);
             }
             n += shape.c_out * hw; // the block output: fused bn2+add+relu, or relu(shortcut)
             (h, w) = (ho, wo);

@@ -15,13 +15,21 @@
 //! the blocks, not entries of the [`ParamStore`] (whose buffers are averaged among workers like BatchNorm
 //! statistics), and they are not written to checkpoints.
 //!
-//! A network is built from a [`SwinConfig`] and a per-block [`SwinBlockPlan`]: a dropped block is the
-//! identity (both residual branches gone), a kept block may hold fewer MLP hidden units (a worker's physical
-//! subnetwork, docs/design.md §2).
+//! A network is built from a [`SwinConfig`] (the [`Family`]) and a per-block [`BlockPlan`]: a dropped block
+//! is the identity (both residual branches gone), a kept block may hold fewer MLP hidden units (a worker's
+//! physical subnetwork, docs/design.md §2).
 
 use super::layers::{Builder, Conv2d, Init, Linear, ParamStore};
-use super::{Net, Unit, UnitKind};
+use super::{BlockPlan, Family, MaskableBlock, ModelArgs, Net, ParamGroup};
 use candle_core::{Result, Tensor, Var};
+
+/// `swin_t`: Swin-T, with `widths` as per-stage dims and `depths` as per-stage block counts when given.
+/// Heads follow the dims: dim / 32 per stage (Swin-T's head dim of 32; see [`default_heads`] for dims below
+/// 32 or not divisible), so `swin_t` without overrides keeps heads 3/6/12/24. `workload.norm` does not
+/// apply (Swin's LayerNorms are always present).
+pub fn swin_t(a: &ModelArgs) -> anyhow::Result<Box<dyn Family>> {
+    Ok(Box::new(SwinConfig::of(a)?))
+}
 
 /// timm's LayerNorm epsilon (`nn.LayerNorm` default).
 pub const LN_EPS: f64 = 1e-5;
@@ -96,19 +104,6 @@ impl SwinBlockShape {
     }
 }
 
-/// What one Swin block holds on one worker.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SwinBlockPlan {
-    /// The block exists (false: it is the identity).
-    pub present: bool,
-    /// MLP hidden units held.
-    pub mlp_hidden: usize,
-    /// Multiplier of the MLP hidden activations (1; `1/keep` with `method.rescale`, HeteroFL-style).
-    pub mlp_scale: f64,
-    /// Multiplier of both residual branches' outputs (1 in training; holder fraction in scaled evaluation).
-    pub scale: f64,
-}
-
 impl SwinConfig {
     /// Swin-T adapted to 32×32 (docs/design.md §7): 27,574,318 parameters with 100 classes.
     pub fn swin_t(num_classes: usize) -> Self {
@@ -122,6 +117,18 @@ impl SwinConfig {
             mlp_ratio: 4,
             num_classes,
         }
+    }
+
+    /// The `swin_t` config with the overrides of `a` (see [`swin_t`]).
+    pub fn of(a: &ModelArgs) -> anyhow::Result<Self> {
+        let base = Self::swin_t(a.num_classes);
+        let dims = a.widths.clone().unwrap_or_else(|| base.dims.clone());
+        let depths = a.depths.clone().unwrap_or_else(|| base.depths.clone());
+        let cfg = Self::with_dims(dims, depths, a.num_classes);
+        if let Err(e) = cfg.validate() {
+            anyhow::bail!("workload.widths/depths for swin_t: {e}");
+        }
+        Ok(cfg)
     }
 
     /// A config with per-stage `dims` and `depths` and the default head rule: heads = dim / 32 (Swin-T's
@@ -194,14 +201,6 @@ impl SwinConfig {
         out
     }
 
-    /// The full model's plan: every block present with all its MLP hidden units.
-    pub fn full_plan(&self) -> Vec<SwinBlockPlan> {
-        self.blocks()
-            .iter()
-            .map(|b| SwinBlockPlan { present: true, mlp_hidden: b.mlp_hidden, scale: 1.0, mlp_scale: 1.0 })
-            .collect()
-    }
-
     /// Parameters of the full model.
     pub fn num_params(&self) -> usize {
         let blocks: usize = self.blocks().iter().map(|b| b.params()).sum();
@@ -217,34 +216,60 @@ impl SwinConfig {
         let d_last = *self.dims.last().unwrap_or(&d0);
         embed + merges + 2 * d_last + d_last * self.num_classes + self.num_classes
     }
+}
 
-    /// The maskable units of `kind` (docs/design.md §1): one Block unit per Swin block (its attention and MLP
-    /// branches with their norms), or one Neuron unit per MLP hidden unit (fc1 row + bias, fc2 column).
-    /// Attention heads are not units (docs/protocol.md, "Units").
-    pub fn units(&self, kind: UnitKind) -> Vec<Unit> {
-        let mut out = Vec::new();
-        for (i, b) in self.blocks().iter().enumerate() {
-            match kind {
-                UnitKind::Block => out.push(Unit {
-                    kind,
-                    block: i,
-                    index: 0,
-                    name: b.name.clone(),
-                    params: b.params(),
-                    act_elems: b.act_elems(),
-                }),
-                UnitKind::Neuron => out.extend((0..b.mlp_hidden).map(|h| Unit {
-                    kind,
-                    block: i,
-                    index: h,
-                    name: format!("{}#{h}", b.name),
-                    params: b.neuron_params(),
-                    // One hidden unit: its fc1 output and its GELU output, per token.
-                    act_elems: 2 * b.resolution * b.resolution,
-                })),
+impl Family for SwinConfig {
+    /// A Block unit owns a Swin block (its attention and MLP branches with their norms); a Neuron unit owns
+    /// one MLP hidden unit (fc1 row + bias, fc2 column). Attention heads are not units (docs/protocol.md,
+    /// "Units").
+    fn maskable(&self) -> Vec<MaskableBlock> {
+        self.blocks()
+            .into_iter()
+            .map(|b| MaskableBlock {
+                width: b.mlp_hidden,
+                params: b.params(),
+                act_elems: b.act_elems(),
+                neuron_params: b.neuron_params(),
+                // One hidden unit: its fc1 output and its GELU output, per token.
+                neuron_act_elems: 2 * b.resolution * b.resolution,
+                name: b.name,
+            })
+            .collect()
+    }
+
+    fn build(&self, plan: &[BlockPlan], b: Builder) -> Result<Box<dyn Net>> {
+        Ok(Box::new(Swin::new(self, plan, b)?))
+    }
+
+    /// fc1's rows and biases, fc2's columns.
+    fn narrowed(&self) -> &'static [(&'static str, usize)] {
+        &[("mlp.fc1.weight", 0), ("mlp.fc1.bias", 0), ("mlp.fc2.weight", 1)]
+    }
+
+    fn shared(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The patch embedding, each stage's patch merging and blocks, the final norm, the head.
+    fn param_groups(&self) -> Vec<ParamGroup> {
+        let mut groups: Vec<ParamGroup> = vec![("patch_embed".into(), vec!["patch_embed.".into()], false)];
+        let blocks = self.blocks();
+        for s in 0..self.depths.len() {
+            if s > 0 {
+                let n = format!("layers.{s}.downsample");
+                groups.push((n.clone(), vec![format!("{n}.")], false));
+            }
+            for b in blocks.iter().filter(|b| b.stage == s) {
+                groups.push((b.name.clone(), vec![format!("{}.", b.name)], true));
             }
         }
-        out
+        groups.push(("norm".into(), vec!["norm.".into()], false));
+        groups.push(("head (head.fc)".into(), vec!["head.".into()], false));
+        groups
+    }
+
+    fn stages(&self) -> (Vec<usize>, Vec<usize>) {
+        (self.dims.clone(), self.depths.clone())
     }
 }
 
@@ -447,9 +472,9 @@ struct SwinBlock {
 }
 
 impl SwinBlock {
-    fn new(b: &mut Builder, s: &SwinBlockShape, plan: &SwinBlockPlan) -> Result<Self> {
+    fn new(b: &mut Builder, s: &SwinBlockShape, plan: &BlockPlan) -> Result<Self> {
         let n = &s.name;
-        let branches = if plan.present {
+        let branches = if plan.residual {
             let mask = if s.shift > 0 {
                 let nw = (s.resolution / s.window).pow(2);
                 let ww = s.window * s.window;
@@ -462,7 +487,7 @@ impl SwinBlock {
                 norm1: LayerNorm::new(b, &format!("{n}.norm1"), s.dim)?,
                 attn: WindowAttention::new(b, &format!("{n}.attn"), s)?,
                 norm2: LayerNorm::new(b, &format!("{n}.norm2"), s.dim)?,
-                mlp: Mlp::new(b, &format!("{n}.mlp"), s.dim, plan.mlp_hidden, plan.mlp_scale)?,
+                mlp: Mlp::new(b, &format!("{n}.mlp"), s.dim, plan.channels.len(), plan.mid_scale)?,
                 mask,
             })
         } else {
@@ -533,7 +558,7 @@ struct Stage {
 
 pub struct Swin {
     pub cfg: SwinConfig,
-    pub plan: Vec<SwinBlockPlan>,
+    pub plan: Vec<BlockPlan>,
     embed: Conv2d,
     embed_bias: Var,
     embed_norm: LayerNorm,
@@ -544,7 +569,7 @@ pub struct Swin {
 }
 
 impl Swin {
-    pub fn new(cfg: &SwinConfig, plan: &[SwinBlockPlan], mut b: Builder) -> Result<Self> {
+    pub fn new(cfg: &SwinConfig, plan: &[BlockPlan], mut b: Builder) -> Result<Self> {
         if b.compute_dtype() != candle_core::DType::F32 {
             candle_core::bail!(
                 "swin_t computes in f32 only (workload.precision = \"bf16\" is implemented for the ResNet family)"

@@ -10,11 +10,10 @@ use crate::checkpoint::{Tensors, TrainState};
 use crate::data::loader::Batch;
 use crate::models::layers::Builder;
 use crate::models::resnet::{BlockDrop, ResNet, ResNetConfig};
-use crate::models::{self, Net, UnitKind};
+use crate::models::{Family, Net, UnitKind};
 use crate::optim::Optimizer;
 use crate::seed::{rng, Stream};
 use crate::spec::{MethodKind, RunSpec};
-use crate::subnet::Arch;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -22,7 +21,6 @@ use rand::Rng;
 /// A DP baseline: one ResNet (narrowed for `small_dense`), replicated on every worker.
 pub(super) struct Baseline<'a> {
     run: Run<'a>,
-    cfg: ResNetConfig,
     net: ResNet,
     opt: Optimizer,
     /// Plan scale of the evaluated model: stochastic depth evaluates with branches scaled by their
@@ -34,16 +32,20 @@ impl<'a> Baseline<'a> {
     /// The (narrowed) model from the run seed, and a fresh optimizer.
     pub fn new(run: Run<'a>) -> Result<Self> {
         let spec = run.spec;
-        let mut cfg = models::resnet_config(&spec.workload, run.data.num_classes())?;
-        if spec.method.kind == MethodKind::SmallDense {
-            cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
-        }
-        let compute = spec.workload.precision.dtype();
-        let net =
-            ResNet::new(&cfg, &cfg.full_plan(), Builder::from_seed(spec.seed, run.device).with_compute_dtype(compute))?;
+        let net = baseline_net(spec, run.data.num_classes(), run.device)?;
         let eval_scale = if spec.method.kind == MethodKind::StochasticDepth { spec.method.coverage } else { 1.0 };
-        Ok(Self { run, cfg, net, opt: Optimizer::new(&spec.optim), eval_scale })
+        Ok(Self { run, net, opt: Optimizer::new(&spec.optim), eval_scale })
     }
+}
+
+/// A baseline's model: the workload's ResNet (narrowed for `small_dense`) from the run seed's init stream.
+pub fn baseline_net(spec: &RunSpec, num_classes: usize, device: &Device) -> Result<ResNet> {
+    let mut cfg = ResNetConfig::of(&spec.workload, num_classes)?;
+    if spec.method.kind == MethodKind::SmallDense {
+        cfg.widths = small_dense_widths(&cfg, spec.method.coverage);
+    }
+    let b = Builder::from_seed(spec.seed, device).with_compute_dtype(spec.workload.precision.dtype());
+    Ok(ResNet::new(&cfg, &cfg.full_plan(), b)?)
 }
 
 impl Method for Baseline<'_> {
@@ -56,11 +58,10 @@ impl Method for Baseline<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Evaluation> {
-        let arch = Arch::ResNet(self.cfg.clone());
         let values = self.net.store().values();
         let b = Builder::from_tensors(&values, self.run.device)
             .with_compute_dtype(self.run.spec.workload.precision.dtype());
-        let eval_net = arch.build(None, self.eval_scale, None, b)?;
+        let eval_net = self.net.cfg.build_full(self.eval_scale, b)?;
         single_mode(&self.run, eval_net.as_ref())
     }
 
@@ -78,7 +79,7 @@ impl Method for Baseline<'_> {
 
     fn accounting(&self) -> Result<Accounting> {
         let mut acc = dp_accounting(&self.net, self.run.spec, &self.opt, self.run.image_hw());
-        acc.extra.insert("widths".into(), serde_json::json!(self.cfg.widths));
+        acc.extra.insert("widths".into(), serde_json::json!(self.net.cfg.widths));
         Ok(acc)
     }
 }
@@ -134,8 +135,9 @@ pub fn baseline_drops(
             Ok(match spec.method.kind {
                 MethodKind::StochasticDepth => BlockDrop { skip: !r.random_bool(keep), channels: None },
                 MethodKind::Dropout => {
-                    let m: Vec<f32> =
-                        (0..plan.mid).map(|_| if r.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
+                    let m: Vec<f32> = (0..plan.channels.len())
+                        .map(|_| if r.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 })
+                        .collect();
                     BlockDrop { skip: false, channels: Some(Tensor::new(m.as_slice(), device)?) }
                 }
                 _ => BlockDrop::default(),

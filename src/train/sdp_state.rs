@@ -9,12 +9,12 @@ use crate::checkpoint::{self, Tensors, TrainState};
 use crate::comm::{Averager, GroupedAverager, Layout, LocalAverager, SyncTensor, World};
 use crate::masking::{self, Selection};
 use crate::models::layers::Builder;
-use crate::models::{Net, Unit, UnitKind};
+use crate::models::{self, BlockPlan, Family, Net, Unit, UnitKind};
 use crate::optim::Optimizer;
 use crate::results::AlignRow;
 use crate::seed::{rng, Stream};
 use crate::spec::{Regime, RunSpec};
-use crate::subnet::{self, Arch, IndexMap};
+use crate::subnet::{self, IndexMap};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
@@ -110,8 +110,8 @@ impl Worker {
 
 /// The state of an SDP run: the assembled global model and the K workers.
 pub struct SdpState {
-    /// The model's architecture, which builds the global model and every subnetwork.
-    pub arch: Arch,
+    /// The model family, which builds the global model and every subnetwork.
+    pub family: Box<dyn Family>,
     /// The assembled full model: every coordinate the mean of its holders' values at the last sync.
     pub global: Box<dyn Net>,
     /// The workers this process hosts: all K in the one-process simulation, k ≡ rank (mod N) of N processes.
@@ -156,14 +156,14 @@ impl SdpState {
     }
 
     fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>, world: &World) -> Result<Self> {
-        let arch = Arch::of(&spec.workload, num_classes)?;
+        let family = models::of(&spec.workload, num_classes)?;
         let compute = spec.workload.precision.dtype();
-        let global = arch.build(None, 1.0, None, Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
+        let global = family.build_full(1.0, Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
         let strategy = masking::strategy(&spec.method.masking)?;
-        let units = arch.units(strategy.kind());
+        let units = family.units(strategy.kind());
         let shapes = subnet::shapes(global.store());
         let mut st = Self {
-            arch,
+            family,
             global,
             workers: Vec::new(),
             units,
@@ -197,41 +197,41 @@ impl SdpState {
         let strategy = masking::strategy(&m.masking)?;
         let mut r = rng(spec.seed, Stream::Mask, draw, 0);
         self.selection = strategy.select(&self.units, m.workers, m.coverage, &mut r)?;
-        let widths = self.arch.block_widths();
-        let keeps = subnet::keeps(&widths, &self.units, &self.selection.holds);
+        let widths = self.family.block_widths();
+        let plans = subnet::plans(&widths, &self.units, &self.selection.holds);
         let values = self.global.store().values();
         // Every worker's maps, hosted here or not: every process must know every coordinate's holders.
         let all_maps: Vec<BTreeMap<String, IndexMap>> =
-            keeps.iter().map(|keep| self.arch.maps(&self.shapes, keep)).collect();
+            plans.iter().map(|plan| subnet::maps(self.family.as_ref(), &self.shapes, plan)).collect();
         let (n, rank) = (self.world.size(), self.world.rank());
         let hosted = |k: usize| only.map_or(k % n == rank, |o| o == k);
         self.workers.clear();
-        for (k, keep) in keeps.iter().enumerate().filter(|(k, _)| hosted(*k)) {
+        for (k, plan) in plans.iter().enumerate().filter(|(k, _)| hosted(*k)) {
             let maps = all_maps[k].clone();
             let full_model = m.regime == Regime::Backward;
             // HeteroFL-style scaler: kept activations × 1/keep in training (block units: the branch, kept
             // by m of K workers; neuron units: the internal activations, kept_b of n_b per block).
-            let rescale: Option<Vec<(f64, f64)>> = m.rescale.then(|| {
-                keep.iter()
+            let plan: Vec<BlockPlan> = if m.rescale {
+                plan.iter()
                     .zip(&widths)
-                    .map(|(kp, &n)| match self.units.first().map(|u| u.kind) {
-                        Some(UnitKind::Block) => (m.workers as f64 / self.selection.m.max(1) as f64, 1.0),
-                        _ => (1.0, n as f64 / kp.channels.len().max(1) as f64),
+                    .map(|(p, &n)| {
+                        let (scale, mid_scale) = match self.units.first().map(|u| u.kind) {
+                            Some(UnitKind::Block) => (m.workers as f64 / self.selection.m.max(1) as f64, 1.0),
+                            _ => (1.0, n as f64 / p.channels.len().max(1) as f64),
+                        };
+                        BlockPlan { scale, mid_scale, ..p.clone() }
                     })
                     .collect()
-            });
+            } else {
+                plan.clone()
+            };
             let net = if full_model {
-                self.arch.build(
-                    None,
-                    1.0,
-                    None,
-                    Builder::from_tensors(&values, device).with_compute_dtype(self.compute),
-                )?
+                self.family.build_full(1.0, Builder::from_tensors(&values, device).with_compute_dtype(self.compute))?
             } else {
                 let local: BTreeMap<String, Tensor> =
                     maps.iter().map(|(n, map)| Ok((n.clone(), map.gather(&values[n])?))).collect::<Result<_>>()?;
                 let b = Builder::from_tensors(&local, device).with_compute_dtype(self.compute);
-                self.arch.build(Some(keep), 1.0, rescale.as_deref(), b)?
+                self.family.build(&plan, b)?
             };
             let units_held = self.selection.holds[k].iter().filter(|&&h| h).count();
             let mut held_masks = BTreeMap::new();
@@ -396,12 +396,7 @@ impl SdpState {
     /// The global model rebuilt with a per-block plan scale (stochastic-depth-style evaluation).
     pub(super) fn scaled_global(&self, scale: f64, device: &Device) -> Result<Box<dyn Net>> {
         let values = self.global_values();
-        Ok(self.arch.build(
-            None,
-            scale,
-            None,
-            Builder::from_tensors(&values, device).with_compute_dtype(self.compute),
-        )?)
+        Ok(self.family.build_full(scale, Builder::from_tensors(&values, device).with_compute_dtype(self.compute))?)
     }
 
     fn global_values(&self) -> BTreeMap<String, Tensor> {
