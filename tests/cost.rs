@@ -1,35 +1,27 @@
 //! `sdp check --cost` on a tiny model: the estimate is positive and follows the spec's steps and
 //! evaluations, measured figures are cached and reused, and bad input is an error that names it.
 
+mod common;
+
 use anyhow::Result;
+use common::tiny_with;
 use sdp::cost::{data_sizes, estimate, CostOptions, CostReport};
 use sdp::spec::{self, Experiment};
 use std::path::{Path, PathBuf};
 
-const TINY: &str = r#"
-name = "tiny-cost"
-seeds = [0]
-
-[workload]
-dataset = "shapes"
-train_samples = 64
-test_samples = 16
-model = "resnet"
-widths = [4, 8]
-depths = [1, 1]
-epochs = 2
-batch_size = 4
-eval_batch_size = 8
-
-[method]
-kind = ["dp", "sdp"]
-workers = 2
-coverage = 0.5
-"#;
+/// The shared tiny experiment, as DP and SDP (C = 0.5) with a smaller test split and batch.
+fn tiny() -> String {
+    tiny_with(&[
+        ("name = \"tiny\"", "name = \"tiny-cost\""),
+        ("test_samples = 40", "test_samples = 16"),
+        ("batch_size = 8", "batch_size = 4\neval_batch_size = 8"),
+        ("[method]\nworkers = 2\n", "[method]\nkind = [\"dp\", \"sdp\"]\nworkers = 2\ncoverage = 0.5\n"),
+    ])
+}
 
 fn parse(sets: &[&str]) -> Result<Experiment> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    spec::parse(TINY, Path::new("tiny.toml"), &sets)
+    spec::parse(&tiny(), Path::new("tiny.toml"), &sets)
 }
 
 fn opts(cache: &Path) -> Result<CostOptions> {
@@ -120,7 +112,7 @@ fn flop_matched_sdp_trains_epochs_over_coverage() -> Result<()> {
 #[test]
 fn dataset_sizes_are_read_or_assumed_and_said() -> Result<()> {
     let w = |text: &str| -> Result<spec::Workload> {
-        let toml = TINY.replace("dataset = \"shapes\"\ntrain_samples = 64\ntest_samples = 16", text);
+        let toml = tiny().replace("dataset = \"shapes\"\ntrain_samples = 64\ntest_samples = 16", text);
         Ok(spec::parse(&toml, Path::new("t.toml"), &[])?.runs.remove(0).spec.workload)
     };
     let d = data_sizes(&w("dataset = \"cifar10\"")?, Path::new("datasets"))?;
@@ -152,7 +144,7 @@ fn a_folder_dataset_is_counted_not_decoded() -> Result<()> {
             }
         }
     }
-    let toml = TINY.replace(
+    let toml = tiny().replace(
         "dataset = \"shapes\"\ntrain_samples = 64\ntest_samples = 16",
         &format!("dataset = \"folder:{}\"", dir.path().display()),
     );
@@ -192,7 +184,7 @@ fn a_bad_device_is_an_error_naming_it() -> Result<()> {
 fn the_command_prints_runs_totals_and_the_cache_counter() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let spec = dir.path().join("tiny.toml");
-    std::fs::write(&spec, TINY)?;
+    std::fs::write(&spec, tiny())?;
     let cache: PathBuf = dir.path().join("times.json");
     let check = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_sdp"))
