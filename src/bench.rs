@@ -299,7 +299,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("{}", r.line());
             Ok(())
         }
-        BenchCommand::Comm(a) => crate::comm::bench::run(a, &crate::comm::World::from_env()?),
+        BenchCommand::Comm(a) => crate::comm::bench::run(a, crate::comm::World::from_env()?),
         BenchCommand::Loader(a) => {
             a.validate()?;
             let set = std::sync::Arc::new(crate::data::loader::random_images(0, a.images, 32, 32, 3)?);

@@ -516,6 +516,8 @@ fn run() -> Result<ExitCode> {
                 return Ok(code);
             }
             let memprobe = if no_memprobe { None } else { std::env::current_exe().ok() };
+            // GPU ranks sum parameters with NCCL where the build has it (every rank makes its communicators here).
+            let world = world.on_device(&dev, false)?;
             let opts = RunOptions {
                 results_dir,
                 data_dir,

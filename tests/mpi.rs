@@ -146,6 +146,9 @@ fn bench_comm_matches_the_model() -> Result<()> {
     let wire =
         |ex: &str| -> f64 { rows.iter().filter(|r| r[0] == ex).map(|r| r[3].parse::<f64>().unwrap_or(0.0)).sum() };
     assert!(wire("sdp-grouped") < 0.6 * wire("dp"), "{text}");
+    // The collective's own check: the model's parameters summed over 4 ranks come back 4 times themselves.
+    let log = String::from_utf8(out.stderr)?;
+    ensure!(log.contains("check: all-reduce of the whole model") && log.contains("over 4 rank(s)"), "{log}");
     Ok(())
 }
 

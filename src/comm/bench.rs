@@ -16,7 +16,6 @@ use crate::metrics;
 use crate::spec;
 use crate::train::SdpState;
 use anyhow::{Context, Result};
-use candle_core::Device;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -42,6 +41,10 @@ pub struct CommArgs {
     /// Timed synchronisations per exchange (after 2 untimed ones).
     #[arg(long, default_value_t = 20)]
     pub syncs: usize,
+    /// Where the parameters live: `cpu`, or `cuda` (under mpirun, cuda:<local rank>; with the `nccl`
+    /// feature the sums then run on the GPUs through NCCL, even at one rank).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// The spec every rank parses (model, masking, coverage and workers come from the flags).
@@ -68,8 +71,15 @@ struct Measured {
 }
 
 /// Runs the benchmark in this process (one rank of `world`); rank 0 prints the table.
-pub fn run(args: &CommArgs, world: &World) -> Result<()> {
+pub fn run(args: &CommArgs, world: World) -> Result<()> {
     anyhow::ensure!(args.syncs > 0, "--syncs must be at least 1");
+    let name = if args.device == "cuda" && world.size() > 1 {
+        format!("cuda:{}", world.local_rank)
+    } else {
+        args.device.clone()
+    };
+    let device = crate::runner::parse_device(&name)?;
+    let world = world.on_device(&device, true)?;
     let (n, rank) = (world.size(), world.rank());
     let k = args.workers.unwrap_or(n);
     let mut sets = vec![
@@ -81,7 +91,7 @@ pub fn run(args: &CommArgs, world: &World) -> Result<()> {
     sets.extend(args.sets.iter().cloned());
     let exp = spec::parse(TEMPLATE, Path::new("sdp bench comm"), &sets)?;
     let run = exp.runs.first().context("the bench spec expands to no run")?;
-    let st = SdpState::new(&run.spec, 10, &Device::Cpu)?;
+    let st = SdpState::new(&run.spec, 10, &device)?;
     let params: Vec<(String, candle_core::Tensor)> =
         st.global.store().params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let selection: Vec<Maps> = st.workers.iter().map(|w| w.maps.clone()).collect();
@@ -157,6 +167,7 @@ pub fn run(args: &CommArgs, world: &World) -> Result<()> {
             table.push((name, r, all[2 * r], all[2 * r + 1], model));
         }
     }
+    let check = check_collective(&world, &params)?;
     if world.is_root() {
         println!("exchange\trank\tms_per_sync\twire_MB_per_sync\tmodel_MB_per_sync\tmeasured/model");
         for (name, r, s, wire, model) in table {
@@ -167,6 +178,36 @@ pub fn run(args: &CommArgs, world: &World) -> Result<()> {
             };
             println!("{name}\t{r}\t{:.3}\t{:.3}\t{m}\t{ratio}", s * 1e3, wire / 1e6);
         }
+        eprintln!("{check}");
     }
     Ok(())
+}
+
+/// The collective itself, checked: every rank sums the same buffer (the model's parameters) among all
+/// ranks, so every coordinate must come back N times itself. At one rank this still runs the backend's
+/// all-reduce (NCCL's, on a GPU). An error beyond float rounding fails the benchmark.
+fn check_collective(world: &World, params: &[(String, candle_core::Tensor)]) -> Result<String> {
+    let n = world.size();
+    let mut buf = Vec::new();
+    for (_, t) in params {
+        buf.extend(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let want: Vec<f32> = buf.iter().map(|x| x * n as f32).collect();
+    let all = super::all_ranks(n);
+    world.comm.prepare(&[all])?;
+    let t = Instant::now();
+    world.comm.all_reduce_sum(all, &mut buf)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let err = buf.iter().zip(&want).map(|(g, w)| (g - w).abs() / w.abs().max(1e-30)).fold(0f32, f32::max);
+    anyhow::ensure!(
+        err <= 1e-5,
+        "the all-reduce of {} over {n} rank(s) is wrong: largest relative error {err:.2e}",
+        world.comm.describe()
+    );
+    Ok(format!(
+        "check: all-reduce of the whole model ({:.1} MB) over {n} rank(s) by {}: largest relative error {err:.1e}, \
+         {ms:.1} ms",
+        4.0 * buf.len() as f64 / 1e6,
+        world.comm.describe()
+    ))
 }

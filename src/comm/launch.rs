@@ -49,6 +49,27 @@ impl World {
         )
     }
 
+    /// This world with its parameter sums run by NCCL on `device`'s GPU, where the build has the `nccl`
+    /// feature, `device` is a GPU, and there are several processes (or `always`: a benchmark at one rank).
+    /// Otherwise unchanged: MPI sums host buffers (GPU ranks stage them through host memory).
+    pub fn on_device(self, device: &candle_core::Device, always: bool) -> Result<Self> {
+        if !device.is_cuda() || (self.size() == 1 && !always) {
+            return Ok(self);
+        }
+        self.nccl(device)
+    }
+
+    #[cfg(feature = "nccl")]
+    fn nccl(self, device: &candle_core::Device) -> Result<Self> {
+        let comm = super::nccl::NcclComm::new(self.comm.clone(), device)?;
+        Ok(Self { comm: Rc::new(comm), local_rank: self.local_rank })
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    fn nccl(self, _device: &candle_core::Device) -> Result<Self> {
+        Ok(self)
+    }
+
     pub fn rank(&self) -> usize {
         self.comm.rank()
     }

@@ -9,8 +9,9 @@
 //!     grouped by the set of processes (ranks) whose workers hold them into one flat host buffer per set,
 //!     and each buffer is summed with one all-reduce among exactly those ranks per synchronisation.
 //! - [`Collective`]: the all-reduce among a group of ranks the grouped averager runs on: [`Solo`] (one
-//!   process: nothing to exchange) and, with the `mpi` feature, [`mpi::MpiComm`] (MPI communicators, one per
-//!   rank group, made once).
+//!   process: nothing to exchange), with the `mpi` feature [`mpi::MpiComm`] (MPI communicators, one per
+//!   rank group, made once), and with the `nccl` feature `nccl::NcclComm` (the sums on the GPUs, NCCL
+//!   communicators one per rank group, control still over MPI).
 //! - [`launch`]: which of these a process gets, from how it was started (`mpirun`, `srun`, or plain).
 
 pub mod bench;
@@ -20,6 +21,8 @@ pub mod launch;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use anyhow::Result;
 use candle_core::Tensor;

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every GPU check of the suite in one call (a GPU machine's time is short): the training-step comparison with
+# PyTorch (gpu_step.sh), SDP's per-worker memory (gpu_sdp_memory.sh) and the NCCL collectives (gpu_nccl.sh),
+# each under its own time limit, logs under $OUT. Needs target-gpu/sdp.xz built with `--features cudnn,nccl`
+# (and target-gpu/cuda_ops.xz for the op parity tests), see the scripts' headers.
+#   OUT=dir scripts/gpu_all.sh
+set -u
+export OUT=${OUT:-/tmp/sdp-gpu}; mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+for s in gpu_nccl gpu_step gpu_sdp_memory; do
+  limit=$([ $s = gpu_sdp_memory ] && echo 240 || echo 200)
+  echo "===== $s (limit ${limit} s) ====="
+  start=$(date +%s)
+  timeout $limit bash scripts/$s.sh 2>&1 | tee "$OUT/$s.log"
+  echo "===== $s: rc=${PIPESTATUS[0]}, $(( $(date +%s) - start )) s ====="
+done
