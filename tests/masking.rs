@@ -5,7 +5,7 @@
 use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use sdp::masking::{holders, strategy, MaskStrategy, Selection, REGISTRY};
+use sdp::masking::{holders, strategy, Registered, Selection, REGISTRY};
 use sdp::models::{Family, Unit, UnitKind};
 use sdp::seed::{rng, Stream};
 
@@ -53,8 +53,8 @@ fn resnet18_neurons(w: usize) -> Vec<Unit> {
 }
 
 /// Units of the kind `s` selects among, realistic sizes: full ResNet-18 blocks, or width-16 neurons.
-fn units_for(s: &dyn MaskStrategy) -> Vec<Unit> {
-    match s.kind() {
+fn units_for(s: &Registered) -> Vec<Unit> {
+    match s.kind {
         UnitKind::Block => resnet18_blocks(),
         UnitKind::Neuron => resnet18_neurons(16),
     }
@@ -70,10 +70,10 @@ fn coverage_for(m: usize, k: usize) -> f64 {
 
 #[test]
 fn every_unit_held_by_exactly_m_workers() -> Result<()> {
-    for (name, make) in REGISTRY {
-        let s = make();
-        assert_eq!(s.name(), *name, "registry name and strategy name differ");
-        let units = units_for(s.as_ref());
+    for s in REGISTRY {
+        let name = s.name;
+        assert_eq!(strategy(name)?.name, name, "a registered strategy is found by its name");
+        let units = units_for(s);
         for k in [1, 2, 3, 4, 8] {
             for m in 1..=k {
                 let c = coverage_for(m, k);
@@ -94,9 +94,9 @@ fn every_unit_held_by_exactly_m_workers() -> Result<()> {
 
 #[test]
 fn same_seed_same_selection_different_seeds_differ() -> Result<()> {
-    for (name, make) in REGISTRY {
-        let s = make();
-        let units = units_for(s.as_ref());
+    for s in REGISTRY {
+        let name = s.name;
+        let units = units_for(s);
         let a = s.select(&units, 4, 0.5, &mut mask_rng(1))?;
         let b = s.select(&units, 4, 0.5, &mut mask_rng(1))?;
         assert_eq!(a, b, "{name}: same seed gave different selections");
@@ -110,9 +110,9 @@ fn same_seed_same_selection_different_seeds_differ() -> Result<()> {
 
 #[test]
 fn full_coverage_holds_everything() -> Result<()> {
-    for (name, make) in REGISTRY {
-        let s = make();
-        let units = units_for(s.as_ref());
+    for s in REGISTRY {
+        let name = s.name;
+        let units = units_for(s);
         for k in [1, 2, 3, 8] {
             let sel = s.select(&units, k, 1.0, &mut mask_rng(3))?;
             assert_eq!(sel.m, k);
@@ -125,9 +125,9 @@ fn full_coverage_holds_everything() -> Result<()> {
 
 #[test]
 fn bad_arguments_are_errors() -> Result<()> {
-    for (name, make) in REGISTRY {
-        let s = make();
-        let units = units_for(s.as_ref());
+    for s in REGISTRY {
+        let name = s.name;
+        let units = units_for(s);
         let e = s.select(&units, 0, 0.5, &mut mask_rng(0)).unwrap_err().to_string();
         assert!(e.contains("workers must be at least 1") && e.contains(name), "{name}: {e}");
         let e = s.select(&units, 4, 1.5, &mut mask_rng(0)).unwrap_err().to_string();
@@ -135,13 +135,13 @@ fn bad_arguments_are_errors() -> Result<()> {
         let e = s.select(&units, 4, f64::NAN, &mut mask_rng(0)).unwrap_err().to_string();
         assert!(e.contains("coverage must be in (0, 1]"), "{name}: {e}");
         // Units of the other kind.
-        let other = match s.kind() {
+        let other = match s.kind {
             UnitKind::Block => resnet18_neurons(8),
             UnitKind::Neuron => resnet18_blocks(),
         };
         let e = s.select(&other, 4, 0.5, &mut mask_rng(0)).unwrap_err().to_string();
         assert!(
-            e.contains(&format!("{:?}", other[0].name)) && e.contains(&format!("selects {:?} units", s.kind())),
+            e.contains(&format!("{:?}", other[0].name)) && e.contains(&format!("selects {:?} units", s.kind)),
             "{name}: {e}"
         );
         // No units: an empty selection, not an error.
@@ -155,10 +155,10 @@ fn bad_arguments_are_errors() -> Result<()> {
 fn unknown_strategy_lists_registered_names() {
     let e = strategy("blokc").err().expect("unknown name must be an error").to_string();
     assert!(e.contains("\"blokc\""), "{e}");
-    for (name, _) in REGISTRY {
-        assert!(e.contains(name), "{e} does not list {name}");
+    for s in REGISTRY {
+        assert!(e.contains(s.name), "{e} does not list {}", s.name);
     }
-    assert_eq!(strategy("block").unwrap().name(), "block");
+    assert_eq!(strategy("block").unwrap().name, "block");
 }
 
 #[test]

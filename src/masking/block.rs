@@ -1,8 +1,8 @@
 //! `block` masking: each worker holds whole residual blocks, with parameter bytes balanced across workers
 //! (docs/design.md §1: the paper's block-level subnetworks with uniform representation).
 
-use super::{check_args, greedy_balance, MaskStrategy, Selection};
-use crate::models::{Unit, UnitKind};
+use super::{greedy_balance, MaskStrategy};
+use crate::models::Unit;
 use anyhow::Result;
 use rand_chacha::ChaCha8Rng;
 
@@ -11,24 +11,11 @@ use rand_chacha::ChaCha8Rng;
 /// workers, and the per-worker parameter totals differ by at most the largest unit.
 pub struct Block;
 
-pub fn new() -> Box<dyn MaskStrategy> {
-    Box::new(Block)
-}
-
 impl MaskStrategy for Block {
-    fn name(&self) -> &'static str {
-        "block"
-    }
-
-    fn kind(&self) -> UnitKind {
-        UnitKind::Block
-    }
-
-    fn select(&self, units: &[Unit], workers: usize, coverage: f64, rng: &mut ChaCha8Rng) -> Result<Selection> {
-        let m = check_args(self.name(), self.kind(), units, workers, coverage)?;
+    fn assign(&self, units: &[Unit], workers: usize, m: usize, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<bool>>> {
         // All parameters share one dtype, so balancing parameter counts balances bytes.
         let sizes: Vec<u64> = units.iter().map(|u| u.params as u64).collect();
         let mut loads = vec![0u64; workers];
-        Ok(Selection { holds: greedy_balance(&sizes, &mut loads, m, rng), m })
+        Ok(greedy_balance(&sizes, &mut loads, m, rng))
     }
 }

@@ -13,8 +13,8 @@
 //! worker barely moves on the CPU, where allocator caching and per-thread conv buffers blur the
 //! activation estimate. The GPU memory effect is still to be measured (scripts/gpu_sdp_memory.sh).
 
-use super::{check_args, greedy_balance, MaskStrategy, Selection};
-use crate::models::{Unit, UnitKind};
+use super::{greedy_balance, MaskStrategy};
+use crate::models::Unit;
 use anyhow::Result;
 use rand_chacha::ChaCha8Rng;
 
@@ -23,25 +23,12 @@ use rand_chacha::ChaCha8Rng;
 /// differ by at most the largest unit's.
 pub struct BlockAct;
 
-pub fn new() -> Box<dyn MaskStrategy> {
-    Box::new(BlockAct)
-}
-
 impl MaskStrategy for BlockAct {
-    fn name(&self) -> &'static str {
-        "block_act"
-    }
-
-    fn kind(&self) -> UnitKind {
-        UnitKind::Block
-    }
-
-    fn select(&self, units: &[Unit], workers: usize, coverage: f64, rng: &mut ChaCha8Rng) -> Result<Selection> {
-        let m = check_args(self.name(), self.kind(), units, workers, coverage)?;
+    fn assign(&self, units: &[Unit], workers: usize, m: usize, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<bool>>> {
         // Activations first; parameters break ties between blocks of equal activation size (in the
         // low bits: a ResNet block has at most ~10^7 parameters and ~10^5 activation elements).
         let sizes: Vec<u64> = units.iter().map(|u| ((u.act_elems as u64) << 24) + (u.params as u64 >> 8)).collect();
         let mut loads = vec![0u64; workers];
-        Ok(Selection { holds: greedy_balance(&sizes, &mut loads, m, rng), m })
+        Ok(greedy_balance(&sizes, &mut loads, m, rng))
     }
 }

@@ -11,8 +11,8 @@
 //! of workers is least loaded (smallest maximum, then smallest sum; ties broken by the seeded RNG). The ring
 //! order of the workers is a seeded permutation, so seeds give different (equally balanced) selections.
 
-use super::{check_args, MaskStrategy, Selection};
-use crate::models::{Unit, UnitKind};
+use super::MaskStrategy;
+use crate::models::Unit;
 use anyhow::Result;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -20,21 +20,8 @@ use rand_chacha::ChaCha8Rng;
 
 pub struct Cyclic;
 
-pub fn new() -> Box<dyn MaskStrategy> {
-    Box::new(Cyclic)
-}
-
 impl MaskStrategy for Cyclic {
-    fn name(&self) -> &'static str {
-        "cyclic"
-    }
-
-    fn kind(&self) -> UnitKind {
-        UnitKind::Block
-    }
-
-    fn select(&self, units: &[Unit], workers: usize, coverage: f64, rng: &mut ChaCha8Rng) -> Result<Selection> {
-        let m = check_args(self.name(), self.kind(), units, workers, coverage)?;
+    fn assign(&self, units: &[Unit], workers: usize, m: usize, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<bool>>> {
         let mut ring: Vec<usize> = (0..workers).collect();
         ring.shuffle(rng);
         // The workers of slot p: ring positions p, p+1, …, p+m−1 (mod K).
@@ -66,6 +53,6 @@ impl MaskStrategy for Cyclic {
                 holds[k][u] = true;
             }
         }
-        Ok(Selection { holds, m })
+        Ok(holds)
     }
 }

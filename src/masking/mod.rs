@@ -6,10 +6,11 @@
 //!
 //! # Adding a masking strategy: one new file plus one registry line
 //!
-//! 1. Write `src/masking/<name>.rs` with a unit struct implementing [`MaskStrategy`] and a
-//!    `pub fn new() -> Box<dyn MaskStrategy>` (see `random_block.rs`, the smallest example). Reuse
-//!    [`check_args`] for argument validation and [`greedy_balance`] / [`least_loaded`] for byte balancing.
-//! 2. Add `mod <name>;` below and one line `("<name>", <name>::new)` to [`REGISTRY`].
+//! 1. Write `src/masking/<name>.rs` with a unit struct implementing [`MaskStrategy`] (its `assign`: see
+//!    `random_block.rs`, the smallest example). Arguments arrive checked; reuse [`greedy_balance`] /
+//!    [`least_loaded`] for byte balancing.
+//! 2. Add `mod <name>;` below and one line to [`REGISTRY`]: its spec name, the unit kind it selects among
+//!    (`UnitKind::Block` or `UnitKind::Neuron`) and the struct.
 //!
 //! `tests/masking.rs` loops over [`REGISTRY`], so the new strategy is checked against the shared invariants
 //! automatically. Every registered strategy must satisfy them:
@@ -35,7 +36,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// Which worker holds which unit: `holds[k][u]` for worker k and unit u (units in the order given to
-/// [`MaskStrategy::select`]).
+/// [`Registered::select`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selection {
     pub holds: Vec<Vec<bool>>,
@@ -109,33 +110,45 @@ impl Selection {
 
 /// A way of assigning maskable units to workers.
 pub trait MaskStrategy: Send + Sync {
-    /// The registry name (`method.masking` in a spec).
-    fn name(&self) -> &'static str;
-    /// The unit kind it selects among (Block or Neuron).
-    fn kind(&self) -> UnitKind;
-    /// Assign every unit of `units` (all of kind `self.kind()`) to workers. Must be a pure function of its
-    /// arguments (every rank computes every mask without communicating).
-    fn select(&self, units: &[Unit], workers: usize, coverage: f64, rng: &mut ChaCha8Rng) -> Result<Selection>;
+    /// `holds[k][u]`: whether worker k holds unit u, every unit held by exactly `m` of the `workers`. The
+    /// arguments are checked already (K ≥ 1, 1 ≤ m ≤ K, every unit of the registered kind). Must be a pure
+    /// function of its arguments (every rank computes every mask without communicating).
+    fn assign(&self, units: &[Unit], workers: usize, m: usize, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<bool>>>;
 }
 
-/// Constructor of a registered strategy.
-pub type Constructor = fn() -> Box<dyn MaskStrategy>;
+/// A registered strategy: the name a spec gives (`method.masking`), the unit kind it selects among, and
+/// the strategy.
+#[derive(Clone, Copy)]
+pub struct Registered {
+    pub name: &'static str,
+    pub kind: UnitKind,
+    pub strategy: &'static dyn MaskStrategy,
+}
+
+impl Registered {
+    /// The selection for K = `workers` at coverage C: the arguments checked ([`check_args`]), then the
+    /// strategy's assignment with m = [`holders`]`(C, K)`.
+    pub fn select(&self, units: &[Unit], workers: usize, coverage: f64, rng: &mut ChaCha8Rng) -> Result<Selection> {
+        let m = check_args(self.name, self.kind, units, workers, coverage)?;
+        Ok(Selection { holds: self.strategy.assign(units, workers, m, rng)?, m })
+    }
+}
 
 /// Every masking strategy a spec may name. One line per strategy.
-pub const REGISTRY: &[(&str, Constructor)] = &[
-    ("block", block::new),
-    ("block_act", block_act::new),
-    ("cyclic", cyclic::new),
-    ("neuron", neuron::new),
-    ("random_block", random_block::new),
+pub const REGISTRY: &[Registered] = &[
+    Registered { name: "block", kind: UnitKind::Block, strategy: &block::Block },
+    Registered { name: "block_act", kind: UnitKind::Block, strategy: &block_act::BlockAct },
+    Registered { name: "cyclic", kind: UnitKind::Block, strategy: &cyclic::Cyclic },
+    Registered { name: "neuron", kind: UnitKind::Neuron, strategy: &neuron::Neuron },
+    Registered { name: "random_block", kind: UnitKind::Block, strategy: &random_block::RandomBlock },
 ];
 
 /// The registered strategy called `name`; an unknown name is an error listing the registered names.
-pub fn strategy(name: &str) -> Result<Box<dyn MaskStrategy>> {
-    match REGISTRY.iter().find(|(n, _)| *n == name) {
-        Some((_, make)) => Ok(make()),
+pub fn strategy(name: &str) -> Result<Registered> {
+    match REGISTRY.iter().find(|r| r.name == name) {
+        Some(r) => Ok(*r),
         None => {
-            let names: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+            let names: Vec<&str> = REGISTRY.iter().map(|r| r.name).collect();
             bail!("unknown masking strategy {name:?}; registered strategies: {}", names.join(", "))
         }
     }

@@ -1,8 +1,8 @@
 //! `neuron` masking: each worker holds a subset of every block's internal channels (ResNet: conv1 output /
 //! conv2 input channels; Swin: MLP hidden units), so every worker keeps every block, narrowed.
 
-use super::{check_args, MaskStrategy, Selection};
-use crate::models::{Unit, UnitKind};
+use super::MaskStrategy;
+use crate::models::Unit;
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -20,21 +20,8 @@ use std::collections::BTreeMap;
 /// violation of uniform representation.
 pub struct Neuron;
 
-pub fn new() -> Box<dyn MaskStrategy> {
-    Box::new(Neuron)
-}
-
 impl MaskStrategy for Neuron {
-    fn name(&self) -> &'static str {
-        "neuron"
-    }
-
-    fn kind(&self) -> UnitKind {
-        UnitKind::Neuron
-    }
-
-    fn select(&self, units: &[Unit], workers: usize, coverage: f64, rng: &mut ChaCha8Rng) -> Result<Selection> {
-        let m = check_args(self.name(), self.kind(), units, workers, coverage)?;
+    fn assign(&self, units: &[Unit], workers: usize, m: usize, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<bool>>> {
         let mut blocks: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, u) in units.iter().enumerate() {
             blocks.entry(u.block).or_default().push(i);
@@ -69,6 +56,6 @@ impl MaskStrategy for Neuron {
                 loads[k] += units[u].params as u64;
             }
         }
-        Ok(Selection { holds, m })
+        Ok(holds)
     }
 }

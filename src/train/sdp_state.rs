@@ -160,7 +160,7 @@ impl SdpState {
         let compute = spec.workload.precision.dtype();
         let global = family.build_full(1.0, Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
         let strategy = masking::strategy(&spec.method.masking)?;
-        let units = family.units(strategy.kind());
+        let units = family.units(strategy.kind);
         let shapes = subnet::shapes(global.store());
         let mut st = Self {
             family,
