@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod peers;
 pub mod progress;
 pub mod results;
 pub mod runner;

@@ -473,6 +473,8 @@ fn run() -> Result<ExitCode> {
             let flag = stop.clone();
             // SIGINT, SIGTERM (Slurm, `timeout`) and SIGHUP all stop the same way.
             ctrlc::set_handler(move || {
+                // Under mpirun, a SIGTERM usually means a rank died: rank 0 records which, if it can see it.
+                sdp::peers::check_now();
                 if flag.swap(true, Ordering::SeqCst) {
                     std::process::exit(130); // a second signal: stop now (the run resumes from its checkpoint)
                 }

@@ -338,7 +338,10 @@ fn ranks_failed(world: &crate::comm::World, failure: Option<String>) -> Result<O
 /// A rank other than 0 trains its workers of `run`; it writes nothing.
 fn train_rank(run: &Run, data: &Dataset, opts: &RunOptions) -> Result<Status> {
     let mut obs = Quiet { stop: opts.stop.clone() };
-    match train::train_from(&run.spec, data, &opts.device, &mut obs, None, &opts.world) {
+    let watching = crate::peers::watch(&opts.world, PathBuf::new())?;
+    let result = train::train_from(&run.spec, data, &opts.device, &mut obs, None, &opts.world);
+    watching.end(result.is_ok())?;
+    match result {
         Ok(_) => Ok(Status::Done),
         Err(e) if e.is::<Interrupted>() => Ok(Status::Interrupted),
         Err(e) => Err(e),
@@ -415,7 +418,12 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
         write_metrics(&rd.metrics(), &rows)?;
     }
     let mut obs = Progress::new(title.to_string(), run, rd, opts, lock, policy, rows);
+    // Spread over processes: rank 0 watches the others, to record a rank that dies.
+    let watching = if opts.world.size() > 1 { Some(crate::peers::watch(&opts.world, rd.manifest())?) } else { None };
     let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
+    if let Some(w) = watching {
+        w.end(result.is_ok())?;
+    }
     obs.finish();
     if lock.lost.load(Ordering::SeqCst) {
         eprintln!("{title}: another process took this run over (its lock looked stale); left to it");

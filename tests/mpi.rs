@@ -220,9 +220,8 @@ fn a_rank_without_its_data_fails_the_run_naming_it() -> Result<()> {
     Ok(())
 }
 
-/// A rank killed with SIGKILL mid-run ends every other rank within a minute (Open MPI's launcher names the
-/// dead rank); the run is not recorded done (`stale` under a dead owner, or `interrupted`), so the next
-/// `sdp run` trains it again.
+/// A rank killed with SIGKILL mid-run ends every other rank within a minute; rank 0 records the run as
+/// failed, naming the dead rank (Open MPI's launcher names it too), so the next `sdp run` trains it again.
 #[test]
 fn a_killed_rank_ends_the_job_and_a_rerun_trains_the_run() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -261,10 +260,10 @@ fn a_killed_rank_ends_the_job_and_a_rerun_trains_the_run() -> Result<()> {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut job.stderr.take().context("stderr")?, &mut stderr)?;
     assert!(stderr.contains("rank 1"), "{stderr}");
-    // Nothing records it done.
+    // Recorded failed, naming the rank.
     let run = std::fs::read_dir(dir.join("r/tiny"))?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.is_dir());
     let manifest = std::fs::read_to_string(run.context("no run folder")?.join("manifest.json"))?;
-    assert!(!manifest.contains("\"done\""), "{manifest}");
+    assert!(manifest.contains("failed: rank 1 (pid") && manifest.contains("died while the run trained"), "{manifest}");
     Ok(())
 }
 
