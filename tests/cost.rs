@@ -20,8 +20,7 @@ fn tiny() -> String {
 }
 
 fn parse(sets: &[&str]) -> Result<Experiment> {
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    spec::parse(&tiny(), Path::new("tiny.toml"), &sets)
+    common::parse_with(&tiny(), sets)
 }
 
 fn opts(cache: &Path) -> Result<CostOptions> {

@@ -168,6 +168,18 @@ fn cifar10_archive() -> Result<Vec<u8>> {
     Ok(tar.into_inner()?.finish()?)
 }
 
+/// Places `files` (name, bytes) in the destination's `sub/` folder, fetches `f.mat` (whose content is
+/// `body`) from `server` into `dir`, and checks the result.
+fn place_and_fetch(server: &Server, dir: &Path, body: &[u8], files: &[(&str, &[u8])]) -> Result<()> {
+    std::fs::create_dir_all(dir.join("sub"))?;
+    for (name, bytes) in files {
+        std::fs::write(dir.join("sub").join(name), bytes)?;
+    }
+    fetch::fetch_from(&plain_source(server, "f.mat", &md5_hex(body)), dir)?;
+    ensure!(std::fs::read(dir.join("sub/f.mat"))? == body, "fetched file differs");
+    Ok(())
+}
+
 // ---------------------------------------------------------------- tests
 
 #[test]
@@ -209,17 +221,12 @@ fn fetch_resumes_a_part_file_left_by_an_earlier_run() -> Result<()> {
     let body = payload(50_000, 3);
     let server = serve_one("f.mat", &body, true)?;
     let dir = tempfile::tempdir()?;
-    std::fs::create_dir_all(dir.path().join("sub"))?;
-    std::fs::write(dir.path().join("sub/f.mat.part"), &body[..20_000])?;
-    fetch::fetch_from(&plain_source(&server, "f.mat", &md5_hex(&body)), dir.path())?;
-    ensure!(std::fs::read(dir.path().join("sub/f.mat"))? == body);
+    place_and_fetch(&server, dir.path(), &body, &[("f.mat.part", &body[..20_000])])?;
     ensure!(server.requests()[0].range == Some(20_000), "requests {:?}", server.requests());
 
     // A complete .part (crash between download and rename): the server answers 416 and the file is kept.
     std::fs::remove_file(dir.path().join("sub/f.mat"))?;
-    std::fs::write(dir.path().join("sub/f.mat.part"), &body)?;
-    fetch::fetch_from(&plain_source(&server, "f.mat", &md5_hex(&body)), dir.path())?;
-    ensure!(std::fs::read(dir.path().join("sub/f.mat"))? == body);
+    place_and_fetch(&server, dir.path(), &body, &[("f.mat.part", &body)])?;
     ensure!(server.requests().last().map(|r| r.range) == Some(Some(50_000)));
     Ok(())
 }
@@ -229,10 +236,8 @@ fn fetch_restarts_when_the_server_ignores_range() -> Result<()> {
     let body = payload(40_000, 4);
     let server = serve_one("f.mat", &body, false)?;
     let dir = tempfile::tempdir()?;
-    std::fs::create_dir_all(dir.path().join("sub"))?;
-    std::fs::write(dir.path().join("sub/f.mat.part"), payload(10_000, 99))?; // wrong bytes: must be overwritten
-    fetch::fetch_from(&plain_source(&server, "f.mat", &md5_hex(&body)), dir.path())?;
-    ensure!(std::fs::read(dir.path().join("sub/f.mat"))? == body);
+    // Wrong bytes in the .part: they must be overwritten.
+    place_and_fetch(&server, dir.path(), &body, &[("f.mat.part", &payload(10_000, 99))])?;
     Ok(())
 }
 
@@ -254,10 +259,7 @@ fn fetch_replaces_a_present_file_with_wrong_md5() -> Result<()> {
     let body = payload(30_000, 6);
     let server = serve_one("f.mat", &body, true)?;
     let dir = tempfile::tempdir()?;
-    std::fs::create_dir_all(dir.path().join("sub"))?;
-    std::fs::write(dir.path().join("sub/f.mat"), b"stale")?;
-    fetch::fetch_from(&plain_source(&server, "f.mat", &md5_hex(&body)), dir.path())?;
-    ensure!(std::fs::read(dir.path().join("sub/f.mat"))? == body);
+    place_and_fetch(&server, dir.path(), &body, &[("f.mat", b"stale")])?;
     Ok(())
 }
 

@@ -143,47 +143,53 @@ fn figures_and_table_from_a_real_results_tree() -> Result<()> {
 
     // SVGs name their series, axes (with units) and experiment, as whole text elements.
     let svg = |n: &str| -> Result<Vec<String>> { Ok(svg_texts(&std::fs::read_to_string(dir.join(n))?)) };
-    let acc = svg("accuracy_vs_coverage.svg")?;
-    for s in [
-        "tiny-fig: final test accuracy vs coverage",
-        "shapes, resnet widths [4, 8] depths [1, 1], K = 2",
-        "coverage C (fraction of maskable units per worker)",
-        "final test accuracy (%), mean ± std over seeds",
-        "SDP block forward",
-        "DP, mean ± std (n = 2)",
-        // Ticks at the coverages that were run, with the decimals they need.
-        "0.5",
-        "1.0",
-    ] {
-        assert!(acc.iter().any(|t| t == s), "accuracy_vs_coverage.svg lacks `{s}`: {acc:?}");
-    }
-    let mem = svg("memory_vs_coverage.svg")?;
-    for s in [
-        "per-worker memory / DP (peak measured)",
-        "shapes, resnet widths [4, 8] depths [1, 1], K = 2; marker: mean over workers, whisker: largest worker",
-        "SDP block forward: peak memory",
-        "SDP block forward: parameters",
-        "DP (= 1)",
-    ] {
-        assert!(mem.iter().any(|t| t == s), "memory_vs_coverage.svg lacks `{s}`: {mem:?}");
-    }
-    let trade = svg("accuracy_vs_memory.svg")?;
-    for s in [
-        "tiny-fig: final test accuracy vs per-worker memory",
-        "per-worker peak memory / DP (measured)",
-        "DP (= 1), mean ± std",
-        "SDP block forward",
-        "C=0.5",
-        "C=1",
-    ] {
-        assert!(trade.iter().any(|t| t == s), "accuracy_vs_memory.svg lacks `{s}`: {trade:?}");
-    }
-    let comm = svg("comm_vs_coverage.svg")?;
-    assert!(comm.iter().any(|t| t == "communication bytes per step per worker / DP"), "{comm:?}");
-    assert!(comm.iter().any(|t| t == "SDP block forward"), "{comm:?}");
-    let curve = svg("accuracy_vs_epoch_sdp_block_forward.svg")?;
-    for s in ["epoch", "test accuracy (%), mean over seeds", "C = 0.5", "C = 1", "DP"] {
-        assert!(curve.iter().any(|t| t == s), "accuracy_vs_epoch svg lacks `{s}`: {curve:?}");
+    let expected: [(&str, &[&str]); 5] = [
+        (
+            "accuracy_vs_coverage.svg",
+            &[
+                "tiny-fig: final test accuracy vs coverage",
+                "shapes, resnet widths [4, 8] depths [1, 1], K = 2",
+                "coverage C (fraction of maskable units per worker)",
+                "final test accuracy (%), mean ± std over seeds",
+                "SDP block forward",
+                "DP, mean ± std (n = 2)",
+                // Ticks at the coverages that were run, with the decimals they need.
+                "0.5",
+                "1.0",
+            ],
+        ),
+        (
+            "memory_vs_coverage.svg",
+            &[
+                "per-worker memory / DP (peak measured)",
+                "shapes, resnet widths [4, 8] depths [1, 1], K = 2; marker: mean over workers, whisker: largest worker",
+                "SDP block forward: peak memory",
+                "SDP block forward: parameters",
+                "DP (= 1)",
+            ],
+        ),
+        (
+            "accuracy_vs_memory.svg",
+            &[
+                "tiny-fig: final test accuracy vs per-worker memory",
+                "per-worker peak memory / DP (measured)",
+                "DP (= 1), mean ± std",
+                "SDP block forward",
+                "C=0.5",
+                "C=1",
+            ],
+        ),
+        ("comm_vs_coverage.svg", &["communication bytes per step per worker / DP", "SDP block forward"]),
+        (
+            "accuracy_vs_epoch_sdp_block_forward.svg",
+            &["epoch", "test accuracy (%), mean over seeds", "C = 0.5", "C = 1", "DP"],
+        ),
+    ];
+    for (figure, texts) in expected {
+        let found = svg(figure)?;
+        for s in texts {
+            assert!(found.iter().any(|t| t == s), "{figure} lacks `{s}`: {found:?}");
+        }
     }
     // Every tick label is a clean number: no float noise such as 0.6000000000000001.
     for n in names.iter().filter(|n| n.ends_with(".svg")) {
@@ -212,6 +218,14 @@ fn svg_texts(svg: &str) -> Vec<String> {
         .skip(1)
         .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
         .collect()
+}
+
+/// A temporary copy of the results fixture: (the folder holding it, the results folder).
+fn fixture_copy() -> Result<(tempfile::TempDir, PathBuf)> {
+    let tmp = tempfile::tempdir()?;
+    let results = tmp.path().join("results");
+    copy_tree(fixture(), &results)?;
+    Ok((tmp, results))
 }
 
 /// The rows of table.md's comparison table: (variant, C) → the remaining cells.
@@ -320,9 +334,7 @@ fn check_table_against_summary(results: &Path, table: &str) -> Result<()> {
 
 #[test]
 fn one_seed_gives_no_interval_and_dp_alone_draws_no_coverage_figure() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let results = tmp.path().join("results");
-    copy_tree(fixture(), &results)?;
+    let (tmp, results) = fixture_copy()?;
     let out = tmp.path().join("figs");
 
     // One seed left at C = 0.5: its value with `n = 1`, the difference to DP without an interval.
@@ -357,9 +369,7 @@ fn one_seed_gives_no_interval_and_dp_alone_draws_no_coverage_figure() -> Result<
 
 #[test]
 fn malformed_results_files_are_errors_naming_the_file_and_line() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let results = tmp.path().join("results");
-    copy_tree(fixture(), &results)?;
+    let (tmp, results) = fixture_copy()?;
     let exp = spec::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
     let metrics = results.join(EXP).join(&exp.runs[1].id).join("metrics.csv");
     let text = std::fs::read_to_string(&metrics)?;

@@ -36,8 +36,7 @@ static TINY: LazyLock<String> = LazyLock::new(|| {
 });
 
 fn spec(sets: &[&str]) -> Result<RunSpec> {
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    Ok(spec::parse(&TINY, Path::new("tiny.toml"), &sets)?.runs.remove(0).spec)
+    Ok(common::parse_with(&TINY, sets)?.runs.remove(0).spec)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
