@@ -156,20 +156,39 @@ impl ModelArgs {
 }
 
 /// Configures a family from its arguments (the message of an error names the offending field).
-type Constructor = fn(&ModelArgs) -> Result<Box<dyn Family>>;
+pub type Constructor = fn(&ModelArgs) -> Result<Box<dyn Family>>;
 
 /// Every model by its spec name (`workload.model`): a new family is a file and a line here.
 const REGISTRY: &[(&str, Constructor)] =
     &[("resnet", resnet::resnet), ("resnet18", resnet::resnet18), ("wrn18", resnet::wrn18), ("swin_t", swin::swin_t)];
 
+/// Families registered while the program runs ([`register`]), after the built-in ones.
+static REGISTERED: std::sync::RwLock<Vec<(&'static str, Constructor)>> = std::sync::RwLock::new(Vec::new());
+
+/// Registers a family defined outside this crate (a downstream crate, a test) under `name`, after which
+/// specs may name it like a built-in one. A name already taken is an error.
+pub fn register(name: &'static str, new: Constructor) -> Result<()> {
+    let mut extra = REGISTERED.write().unwrap_or_else(|p| p.into_inner());
+    if REGISTRY.iter().chain(extra.iter()).any(|(n, _)| *n == name) {
+        bail!("a model family named `{name}` is registered already");
+    }
+    extra.push((name, new));
+    Ok(())
+}
+
+fn registry() -> Vec<(&'static str, Constructor)> {
+    let extra = REGISTERED.read().unwrap_or_else(|p| p.into_inner());
+    REGISTRY.iter().chain(extra.iter()).copied().collect()
+}
+
 /// The registered model names.
 pub fn names() -> Vec<&'static str> {
-    REGISTRY.iter().map(|(n, _)| *n).collect()
+    registry().into_iter().map(|(n, _)| n).collect()
 }
 
 /// The family registered as `name`, configured from `args`.
 pub fn family(name: &str, args: &ModelArgs) -> Result<Box<dyn Family>> {
-    match REGISTRY.iter().find(|(n, _)| *n == name) {
+    match registry().into_iter().find(|(n, _)| *n == name) {
         Some((_, new)) => new(args),
         None => bail!("unknown model `{name}` (expected one of {})", names().join(", ")),
     }

@@ -3,6 +3,8 @@
 //! part of it, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod family;
+
 use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 use sdp::runner::RunOptions;
