@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the suite in one call (a GPU machine's time is short): the training-step comparison with
 # PyTorch (gpu_step.sh), SDP's per-worker memory (gpu_sdp_memory.sh) and the NCCL collectives (gpu_nccl.sh),
-# each under its own time limit, logs under $OUT. Needs target-gpu/sdp.xz built with `--features cudnn,nccl`
-# (and target-gpu/cuda_ops.xz for the op parity tests), see the scripts' headers.
+# each under its own time limit, logs under $OUT. Needs target-gpu/sdp.xz and target-gpu/cuda_ops.xz, which
+# scripts/gpu_build.sh makes on a machine with cargo (the GPU machine has none).
 #   OUT=dir scripts/gpu_all.sh
 set -u
 export OUT=${OUT:-/tmp/sdp-gpu}; mkdir -p "$OUT"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The NCCL collectives on a GPU machine without a Rust toolchain (the `nccl` build shipped as target-gpu/sdp.xz:
-# `source <(bash scripts/cuda-toolchain.sh)`, `CARGO_TARGET_DIR=target-gpu cargo build --release --features
-# cudnn,nccl` (add `mpi` for the multi-GPU part; the machine then needs Open MPI's libmpi), `xz -6`).
+# The NCCL collectives on a GPU machine without a Rust toolchain (the `nccl` build shipped as target-gpu/sdp.xz,
+# made by scripts/gpu_build.sh; GPU_FEATURES=cudnn,nccl,mpi there for the multi-GPU part, which needs Open MPI's
+# libmpi on the GPU machine).
 #  1. One rank: `sdp bench comm --device cuda` makes an NCCL communicator on the GPU, times the grouped
 #     averager (at one rank nothing crosses a wire) and checks NCCL's all-reduce of the whole model against
 #     the expected sum (the "check:" line; a wrong sum fails the command).
