@@ -152,6 +152,20 @@ fn bench_comm_matches_the_model() -> Result<()> {
     Ok(())
 }
 
+/// In one process (every worker hosted here) the grouped averager gives what the simulation's local
+/// averager gives, on a sync where every worker holds different values (the bench fails otherwise).
+#[test]
+fn bench_comm_grouped_equals_local_in_one_process() -> Result<()> {
+    for masking in ["block", "neuron"] {
+        let args = ["bench", "comm", "--masking", masking, "--workers", "4", "--syncs", "1"];
+        let out = sdp(1, &[&args[..], &["--set", "workload.widths=[8,16,32,64]"]].concat())?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "{masking}: {log}");
+        ensure!(log.contains("check: grouped averager vs the one-process (local) averager"), "{log}");
+    }
+    Ok(())
+}
+
 /// A rank that cannot load the dataset (here rank 1 is pointed at an empty folder) fails the run on every
 /// rank within a minute; rank 0 records the run as failed, naming rank 1; a re-run with the data trains it.
 #[test]

@@ -120,6 +120,7 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
     let shared = model_bytes.saturating_sub(unit_bytes.iter().sum());
     let modelled = metrics::comm_bytes_per_worker(&st.selection, &unit_bytes, shared, k);
     let mut table = Vec::new();
+    let mut checks = Vec::new();
     for (name, maps, layout) in exchanges {
         let mut av = GroupedAverager::new(world.comm.clone(), k, layout)?;
         av.set_selection(&maps)?;
@@ -130,7 +131,8 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
                     let mut contributions = Vec::new();
                     for &w in &hosted {
                         if let Some(map) = maps[w].get(pname) {
-                            contributions.push((w, map.gather(global)?));
+                            // Each worker a different local value, so that averaging has something to do.
+                            contributions.push((w, (map.gather(global)? * (1.0 + w as f64))?));
                         }
                     }
                     Ok(SyncTensor { name: pname, global: global.clone(), contributions })
@@ -138,8 +140,26 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
                 .collect()
         };
         let sync = items()?;
-        for _ in 0..2 {
-            av.average(&sync)?;
+        let first = av.average(&sync)?;
+        av.average(&sync)?;
+        if n == 1 && name == "sdp-grouped" {
+            // One process hosts every worker: the grouped averager must give what the simulation's gives.
+            let mut local = super::LocalAverager::new();
+            local.set_selection(&maps)?;
+            let want = local.average(&sync)?;
+            let largest = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> Result<f32> {
+                Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+            };
+            let (mut diff, mut moved) = (0f32, 0f32);
+            for ((a, b), t) in first.iter().zip(&want).zip(&sync) {
+                diff = diff.max(largest(a, b)?);
+                moved = moved.max(largest(a, &t.global)?);
+            }
+            anyhow::ensure!(diff <= 1e-6, "the grouped averager differs from the local one by {diff:e}");
+            checks.push(format!(
+                "check: grouped averager vs the one-process (local) averager: largest difference {diff:.1e} (the \
+                 averages moved parameters by up to {moved:.2})"
+            ));
         }
         let before = av.bytes_sent();
         let mut times = Vec::with_capacity(args.syncs);
@@ -167,7 +187,7 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
             table.push((name, r, all[2 * r], all[2 * r + 1], model));
         }
     }
-    let check = check_collective(&world, &params)?;
+    checks.push(check_collective(&world, &params)?);
     if world.is_root() {
         println!("exchange\trank\tms_per_sync\twire_MB_per_sync\tmodel_MB_per_sync\tmeasured/model");
         for (name, r, s, wire, model) in table {
@@ -178,7 +198,9 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
             };
             println!("{name}\t{r}\t{:.3}\t{:.3}\t{m}\t{ratio}", s * 1e3, wire / 1e6);
         }
-        eprintln!("{check}");
+        for c in checks {
+            eprintln!("{c}");
+        }
     }
     Ok(())
 }
