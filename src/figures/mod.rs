@@ -152,6 +152,8 @@ fn mean_of(runs: &[RunData], idx: &[usize], f: impl Fn(&RunData) -> Option<f64>)
 /// DP's per-worker numbers that ratios are taken against.
 #[derive(Clone, Copy, Default)]
 struct DpRef {
+    /// DP's parameter bytes per worker (the whole model).
+    params: Option<f64>,
     peak: Option<f64>,
     est: Option<f64>,
     comm: Option<f64>,
@@ -163,6 +165,7 @@ impl DpRef {
         let idx = all_runs(d);
         let positive = |v: Option<f64>| v.filter(|v| *v > 0.0);
         DpRef {
+            params: positive(mean_of(runs, &idx, |r| r.param_bytes)),
             peak: positive(mean_of(runs, &idx, |r| r.peak.map(|p| p.mean))),
             est: positive(mean_of(runs, &idx, |r| r.est.map(|p| p.mean))),
             comm: positive(mean_of(runs, &idx, |r| r.comm_bytes)),

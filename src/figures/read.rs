@@ -14,6 +14,8 @@ pub(super) struct RunData {
     pub final_acc: f64,
     /// Mean over workers of the fraction of the full model's parameters held.
     pub param_fraction: Option<f64>,
+    /// Mean over workers of the parameter bytes held (workers.csv).
+    pub param_bytes: Option<f64>,
     /// Measured peak bytes per worker (`sdp memprobe`), where every worker was measured.
     pub peak: Option<Spread>,
     /// Parameter + gradient + optimizer + estimated activation bytes per worker (workers.csv).
@@ -93,7 +95,7 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
         }
     };
     let workers_path = rd.join("workers.csv");
-    let (param_fraction, peak, est, comm_bytes) = if workers_path.is_file() {
+    let (param_fraction, param_bytes, peak, est, comm_bytes) = if workers_path.is_file() {
         let workers = read_csv::<WorkerRow>(&workers_path)?;
         let col = |f: &dyn Fn(&WorkerRow) -> f64| workers.iter().map(f).collect::<Vec<f64>>();
         let measured = workers.iter().filter(|w| w.peak_bytes_measured.is_some()).count();
@@ -107,6 +109,7 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
         let mean = |v: Vec<f64>| Spread::of(&v).map(|s| s.mean);
         (
             mean(col(&|w| w.param_fraction)),
+            mean(col(&|w| w.param_bytes as f64)),
             Spread::of(&col(&|w| w.peak_bytes_measured.map_or(f64::NAN, |p| p as f64))).filter(|_| measured > 0),
             Spread::of(&col(&|w| (w.param_bytes + w.grad_bytes + w.optim_bytes + w.activation_bytes_est) as f64)),
             mean(col(&|w| w.comm_bytes_per_step)),
@@ -116,6 +119,7 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
         let spread = |v: Option<f64>| v.map(|mean| Spread { mean, max: f64::NAN });
         (
             extra("mean_param_fraction")?,
+            None,
             spread(extra("mean_peak_bytes_measured")?),
             None,
             extra("mean_comm_bytes_per_step")?,
@@ -124,6 +128,7 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
     Ok(RunData {
         final_acc,
         param_fraction,
+        param_bytes,
         peak,
         est,
         comm_bytes,

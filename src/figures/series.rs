@@ -236,6 +236,7 @@ coverage = [0.5, 1.0]
             spec,
             final_acc: 0.5,
             param_fraction: None,
+            param_bytes: None,
             peak: None,
             est: None,
             comm_bytes: None,

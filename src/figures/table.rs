@@ -64,6 +64,7 @@ pub(super) fn table_md(name: &str, runs: &[RunData], series: &[Series], what: &s
          DP's per-worker peak; mean over workers and the largest worker, each averaged over seeds. `est.`: \
          parameters, gradients, optimizer state and estimated activations (workers.csv) where nothing was \
          measured.\n\
+         - **param fraction**: parameters one worker holds relative to DP's whole model (mean over workers).\n\
          - **comm / DP**: bytes sent per step per worker (holder-set all-reduce) relative to DP.\n\
          - **spectral gap**: of the worker–unit averaging graph (0: some workers' parameters are never \
          averaged together); `–` for methods without masking.\n",
@@ -101,6 +102,11 @@ pub(super) fn table_md(name: &str, runs: &[RunData], series: &[Series], what: &s
                 None => ("–".into(), "–".into()),
             };
             let comm = dp_ref.comm.and_then(|d| mean_of(runs, idx, |r| r.comm_bytes).map(|v| v / d));
+            // Parameters per worker against DP's whole model (a smaller dense model's own fraction is 1).
+            let params = dp_ref
+                .params
+                .and_then(|d| mean_of(runs, idx, |r| r.param_bytes).map(|v| v / d))
+                .or_else(|| mean_of(runs, idx, |r| r.param_fraction));
             let _ = writeln!(
                 t,
                 "| {} | {:.cov_decimals$} | {} | {} | {diff} | {} | {mem_mean} | {mem_max} | {} | {} |",
@@ -108,7 +114,7 @@ pub(super) fn table_md(name: &str, runs: &[RunData], series: &[Series], what: &s
                 cov_of(c),
                 idx.len(),
                 fmt_mean_std(&a),
-                fmt_opt(mean_of(runs, idx, |r| r.param_fraction), 3),
+                fmt_opt(params, 3),
                 fmt_opt(comm, 3),
                 fmt_opt(mean_of(runs, idx, |r| r.spectral_gap), 3),
             );
