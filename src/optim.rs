@@ -36,12 +36,11 @@ pub fn lr_at(o: &Optim, step: usize, total: usize, per_epoch: usize) -> f64 {
 pub struct Optimizer {
     cfg: Optim,
     state: BTreeMap<String, Vec<Tensor>>,
-    steps: usize,
 }
 
 impl Optimizer {
     pub fn new(cfg: &Optim) -> Self {
-        Self { cfg: cfg.clone(), state: BTreeMap::new(), steps: 0 }
+        Self { cfg: cfg.clone(), state: BTreeMap::new() }
     }
 
     /// Bytes of optimizer state currently held.
@@ -61,7 +60,6 @@ impl Optimizer {
 
     /// One update of `params` with `grads` (same names; parameters without a gradient are left alone).
     pub fn step(&mut self, params: &BTreeMap<String, Var>, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
-        self.steps += 1;
         for (name, var) in params {
             let Some(g) = grads.get(name) else { continue };
             if self.cfg.name == OptimName::Sgd && self.sgd_in_place(name, var, g, lr)? {
