@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The step comparison: the ResNet-18 train step of `sdp bench step` next to PyTorch's, same machine, one
-# session, median of 7 steps after 2 warm-up steps. Prints each side's last line per configuration.
+# run, median of 7 steps after 2 warm-up steps. Prints each side's last line per configuration.
 #   scripts/compare_step.sh [DEVICE]      DEVICE: cpu (default) or cuda:0
 # SDP=path/to/sdp (default target/release/sdp), PY=python with torch (default ~/.cache/sdp-torch/bin/python).
 set -euo pipefail

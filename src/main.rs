@@ -432,9 +432,7 @@ fn run() -> Result<ExitCode> {
                 )
                 .into());
             }
-            // One GPU per rank on a node: `--device cuda` becomes cuda:<local rank>.
-            let device =
-                if world.size() > 1 && device == "cuda" { format!("cuda:{}", world.local_rank) } else { device };
+            let device = world.device_name(&device);
             let shard: Option<Shard> = shard.as_deref().map(str::parse).transpose()?;
             for (flag, v) in [("--checkpoint-secs", checkpoint_secs), ("--progress-secs", progress_secs)] {
                 if !v.is_finite() || v < 0.0 {

@@ -24,7 +24,8 @@ struct Peer {
 }
 
 struct Watch {
-    peers: Vec<Peer>,
+    /// The other ranks on this node (the ones whose death rank 0 can see).
+    local: Vec<Peer>,
     manifest: PathBuf,
 }
 
@@ -57,7 +58,9 @@ pub struct Watching {
 pub fn watch(world: &World, manifest: PathBuf) -> Result<Watching> {
     let peers = exchange(world)?;
     if world.is_root() {
-        *WATCH.lock().unwrap_or_else(|p| p.into_inner()) = Some(Watch { peers, manifest });
+        let me = host_hash();
+        let local = peers.into_iter().filter(|p| p.rank != 0 && p.host == me).collect();
+        *WATCH.lock().unwrap_or_else(|p| p.into_inner()) = Some(Watch { local, manifest });
         THREAD.call_once(|| {
             std::thread::spawn(|| loop {
                 std::thread::sleep(Duration::from_millis(300));
@@ -88,8 +91,7 @@ impl Watching {
 pub fn check_now() {
     let guard = WATCH.lock().unwrap_or_else(|p| p.into_inner());
     let Some(w) = guard.as_ref() else { return };
-    let me = host_hash();
-    let Some(dead) = w.peers.iter().find(|p| p.rank != 0 && p.host == me && !alive(p.pid)) else { return };
+    let Some(dead) = w.local.iter().find(|p| !alive(p.pid)) else { return };
     let reason =
         format!("rank {} (pid {} on {}) died while the run trained", dead.rank, dead.pid, crate::results::host());
     eprintln!("rank 0: {reason}: recording the run as failed and ending the job");

@@ -73,12 +73,7 @@ struct Measured {
 /// Runs the benchmark in this process (one rank of `world`); rank 0 prints the table.
 pub fn run(args: &CommArgs, world: World) -> Result<()> {
     anyhow::ensure!(args.syncs > 0, "--syncs must be at least 1");
-    let name = if args.device == "cuda" && world.size() > 1 {
-        format!("cuda:{}", world.local_rank)
-    } else {
-        args.device.clone()
-    };
-    let device = crate::runner::parse_device(&name)?;
+    let device = crate::runner::parse_device(&world.device_name(&args.device))?;
     let world = world.on_device(&device, true)?;
     let (n, rank) = (world.size(), world.rank());
     let k = args.workers.unwrap_or(n);

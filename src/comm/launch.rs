@@ -49,6 +49,16 @@ impl World {
         )
     }
 
+    /// The device a `--device` flag names for this process: with several processes, plain `cuda` becomes
+    /// `cuda:<local rank>` (one GPU per rank on a node); anything else is kept.
+    pub fn device_name(&self, flag: &str) -> String {
+        if self.size() > 1 && flag == "cuda" {
+            format!("cuda:{}", self.local_rank)
+        } else {
+            flag.to_string()
+        }
+    }
+
     /// This world with its parameter sums run by NCCL on `device`'s GPU, where the build has the `nccl`
     /// feature, `device` is a GPU, and there are several processes (or `always`: a benchmark at one rank).
     /// Otherwise unchanged: MPI sums host buffers (GPU ranks stage them through host memory).
