@@ -15,7 +15,7 @@ fn state(masking: &str, coverage: f64) -> SdpState {
         "name = \"avg\"\n[workload]\ndataset = \"shapes\"\nmodel = \"resnet18\"\nepochs = 1\nbatch_size = 32\n\
          [method]\nkind = \"sdp\"\nworkers = 4\nmasking = \"{masking}\"\ncoverage = {coverage}\n"
     );
-    let exp = sdp::spec::parse(&text, Path::new("avg.toml"), &[]).expect("bench spec");
+    let exp = sdp::plan::parse(&text, Path::new("avg.toml"), &[]).expect("bench spec");
     SdpState::new(&exp.runs[0].spec, 10, &Device::Cpu).expect("building the SDP state")
 }
 

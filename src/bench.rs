@@ -17,9 +17,9 @@ use crate::data::loader::Batch;
 use crate::memprobe::MemoryMeter;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
-use crate::runner;
+use crate::plan;
 use crate::seed::{rng, Stream};
-use crate::spec::{self, MethodKind, Precision, RunSpec, SpecError};
+use crate::spec::{MethodKind, Precision, RunSpec, SpecError};
 use crate::train::{baseline_net, dp_step, dp_step_with, loss_and_grads, sdp_step, SdpState};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -225,7 +225,7 @@ impl StepArgs {
     /// Parses the run's spec as `sdp run` does (errors name the key) and checks the other flags; every
     /// error is a usage error (exit code 2).
     pub fn validate(&self) -> Result<StepBench> {
-        let mut exp = spec::parse(BASE_SPEC, Path::new("sdp bench step"), &self.spec_overrides()?)?;
+        let mut exp = plan::parse(BASE_SPEC, Path::new("sdp bench step"), &self.spec_overrides()?)?;
         if exp.runs.len() != 1 {
             return Err(usage(format!(
                 "sdp bench step: a grid of {} runs (a list in --set): it times one",
@@ -238,7 +238,7 @@ impl StepArgs {
                 return Err(usage(format!("{flag} must be at least 1")));
             }
         }
-        let device = runner::parse_device(&self.device).map_err(|e| usage(format!("{e:#}")))?;
+        let device = plan::device(&self.device).map_err(|e| usage(format!("{e:#}")))?;
         match spec.method.kind {
             MethodKind::Sdp if self.worker >= spec.method.workers => {
                 return Err(usage(format!(

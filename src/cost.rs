@@ -31,14 +31,14 @@
 //! another), so pricing a grid measures each configuration once, in a few seconds.
 
 use crate::bench::{self, StepBench};
-use crate::data::{folder, SHAPES_TEST, SHAPES_TRAIN};
+use crate::data::source::DataRef;
 use crate::masking;
 use crate::models::{self, Builder, Net};
-use crate::runner;
+use crate::plan;
 use crate::seed::{rng, Stream};
-use crate::spec::{DatasetName, Experiment, Method, MethodKind, RunSpec, SpecError, Workload};
+use crate::spec::{Experiment, Method, MethodKind, RunSpec, SpecError, Workload};
 use crate::train::{baseline_net, SdpState, RECAL_BATCHES};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -74,7 +74,7 @@ pub struct CostOptions {
 impl CostOptions {
     /// Validates `device` (a usage error naming it) and picks the cache file: `cache`, or the default.
     pub fn new(device: &str, cache: Option<PathBuf>, data_dir: &Path) -> Result<Self> {
-        let dev = runner::parse_device(device).map_err(|e| SpecError(format!("{e:#}")))?;
+        let dev = plan::device(device).map_err(|e| SpecError(format!("{e:#}")))?;
         let cache = match cache {
             Some(p) => p,
             None => default_cache_path(),
@@ -191,40 +191,22 @@ pub struct DataSizes {
 /// generated `shapes` defaults, or the files of an ImageFolder tree (counted, not decoded; a relative
 /// folder is looked up under `data_dir`).
 pub fn data_sizes(w: &Workload, data_dir: &Path) -> Result<DataSizes> {
-    let name = DatasetName::parse(&w.dataset).map_err(|e| SpecError(format!("workload.dataset: {e}")))?;
-    let (full_train, full_test, classes, hw) = match &name {
-        DatasetName::Shapes => (SHAPES_TRAIN, SHAPES_TEST, 10, (32, 32)),
-        DatasetName::Cifar10 => (50_000, 10_000, 10, (32, 32)),
-        DatasetName::Cifar100 => (50_000, 10_000, 100, (32, 32)),
-        DatasetName::Svhn => (73_257, 26_032, 10, (32, 32)),
-        DatasetName::Folder(root) => match folder::list_tree(&data_dir.join(root)) {
-            Ok(l) => {
-                let (first, _) = l.train.first().context("the train split has no images")?;
-                let (iw, ih) = image::image_dimensions(first)
-                    .with_context(|| format!("reading the size of {}", first.display()))?;
-                (l.train.len(), l.test.len(), l.classes.len(), (ih as usize, iw as usize))
-            }
-            Err(e) => bail!(
-                "workload.dataset = \"{}\": {e:#}; the cost of a folder dataset needs the folder (to count its \
-                 files and classes) — extract it first",
-                w.dataset
-            ),
-        },
-    };
-    let train = w.train_samples.map_or(full_train, |n| n.min(full_train));
-    // `shapes` generates exactly what is asked for.
-    let (train, test) = match name {
-        DatasetName::Shapes => (w.train_samples.unwrap_or(SHAPES_TRAIN), w.test_samples.unwrap_or(SHAPES_TEST)),
-        _ => (train, w.test_samples.map_or(full_test, |n| n.min(full_test))),
-    };
+    let data = DataRef::parse(&w.dataset).map_err(|e| SpecError(format!("workload.dataset: {e:#}")))?;
+    let generated = data.source().generated();
+    let full = data.shape(w, data_dir).map_err(|e| {
+        anyhow!(
+            "workload.dataset = \"{}\": {e:#}; the cost of this dataset needs its files (to count its images and \
+             classes) — fetch or extract them first",
+            w.dataset
+        )
+    })?;
+    // A generated source has the requested sizes already; a fixed one is capped at its splits.
+    let train = w.train_samples.map_or(full.train, |n| n.min(full.train));
+    let test = w.test_samples.map_or(full.test, |n| n.min(full.test));
     let assumption = match (w.train_samples, w.test_samples) {
         (Some(_), Some(_)) => None,
         (tr, te) => {
-            let what = match name {
-                DatasetName::Folder(_) => "the files in the folder",
-                DatasetName::Shapes => "the generated default",
-                _ => "the full split",
-            };
+            let what = if generated { "the generated default" } else { "the full split" };
             let absent: Vec<&str> = [("train_samples", tr), ("test_samples", te)]
                 .iter()
                 .filter(|(_, v)| v.is_none())
@@ -239,7 +221,7 @@ pub fn data_sizes(w: &Workload, data_dir: &Path) -> Result<DataSizes> {
             ))
         }
     };
-    Ok(DataSizes { train, test, classes, hw, assumption })
+    Ok(DataSizes { train, test, classes: full.classes, hw: full.hw, assumption })
 }
 
 /// Whether a timing came from the cache or was measured by this call.

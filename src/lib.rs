@@ -18,6 +18,7 @@ pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod peers;
+pub mod plan;
 pub mod progress;
 pub mod results;
 pub mod runner;

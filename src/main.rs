@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use sdp::plan;
 use sdp::runner::{self, Policy, RunOptions, Shard};
 use sdp::spec::{self, SpecError};
 use std::io::Write;
@@ -233,7 +234,7 @@ fn load_specs(args: &SpecArgs) -> Result<Vec<spec::Experiment>> {
             }
         }
     }
-    args.specs.iter().map(|p| spec::load(p, &args.set)).collect()
+    args.specs.iter().map(|p| plan::load(p, &args.set)).collect()
 }
 
 /// Prints one line per run; a closed stdout ends the listing (see `broken_pipe`).
@@ -446,9 +447,9 @@ fn run() -> Result<ExitCode> {
             let device = if jobs == 1 && devices.len() == 1 { devices[0].clone() } else { device };
             let devices = if devices.is_empty() { vec![device.clone()] } else { devices };
             for d in &devices {
-                runner::parse_device(d).map_err(|e| SpecError(format!("{e:#}")))?;
+                plan::device(d).map_err(|e| SpecError(format!("{e:#}")))?;
             }
-            let dev = runner::parse_device(&device).map_err(|e| SpecError(format!("{e:#}")))?;
+            let dev = plan::device(&device).map_err(|e| SpecError(format!("{e:#}")))?;
             let policy = Policy {
                 checkpoint_every,
                 checkpoint_interval: (checkpoint_secs > 0.0)
@@ -575,7 +576,7 @@ fn run() -> Result<ExitCode> {
             let run_spec = match (spec, resolved) {
                 (_, Some(path)) => sdp::results::read_resolved_spec(&path)?,
                 (Some(path), None) => {
-                    let exp = spec::load(&path, &set)?;
+                    let exp = plan::load(&path, &set)?;
                     let run = exp
                         .runs
                         .into_iter()
@@ -594,7 +595,7 @@ fn run() -> Result<ExitCode> {
                         .map_err(|_| SpecError(format!("--worker `{k}`: expected an index or `full`")))?,
                 ),
             };
-            let dev = sdp::runner::parse_device(&device).map_err(|e| SpecError(format!("{e:#}")))?;
+            let dev = sdp::plan::device(&device).map_err(|e| SpecError(format!("{e:#}")))?;
             let p = sdp::memprobe::probe(&run_spec, worker, steps, &dev, &data_dir)?;
             println!(
                 "worker {}: {} parameters, peak {:.1} MiB above baseline over {steps} steps at batch {}",

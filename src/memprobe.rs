@@ -15,9 +15,10 @@
 //!
 //! [`MemoryMeter`] is that measurement, on either device; `sdp bench step` measures with it too.
 
+use crate::data::source::DataRef;
 use crate::models;
 use crate::optim::{lr_at, Optimizer};
-use crate::spec::{DatasetName, MethodKind, RunSpec};
+use crate::spec::{MethodKind, RunSpec};
 use crate::train::{loss_and_grads, SdpState};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -97,23 +98,6 @@ fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
-/// Number of classes of a run's dataset, without loading the images (a relative `folder:` path is looked up
-/// in `data_dir`, as `sdp run` reads it).
-pub fn num_classes(spec: &RunSpec, data_dir: &Path) -> Result<usize> {
-    Ok(match spec.dataset()? {
-        DatasetName::Shapes | DatasetName::Cifar10 | DatasetName::Svhn => 10,
-        DatasetName::Cifar100 => 100,
-        DatasetName::Folder(p) => {
-            let train = data_dir.join(p).join("train");
-            std::fs::read_dir(&train)
-                .with_context(|| format!("reading {}", train.display()))?
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().is_dir())
-                .count()
-        }
-    })
-}
-
 /// What one probe measured.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Probe {
@@ -128,13 +112,14 @@ pub struct Probe {
 /// Meant to run in a fresh process (`sdp memprobe`): earlier allocations of the process would blur it.
 pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Device, data_dir: &Path) -> Result<Probe> {
     let device = device.clone();
-    let classes = num_classes(spec, data_dir)?;
+    let shape = DataRef::parse(&spec.workload.dataset)?.shape(&spec.workload, data_dir)?;
+    let (classes, (h, w)) = (shape.classes, shape.hw);
     let b = spec.workload.batch_size;
     let mut meter = MemoryMeter::start(&device)?;
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
-    let x: Vec<f32> = (0..b * 3 * 32 * 32).map(|_| r.random_range(-1.0..1.0)).collect();
+    let x: Vec<f32> = (0..b * 3 * h * w).map(|_| r.random_range(-1.0..1.0)).collect();
     let y: Vec<u32> = (0..b).map(|_| r.random_range(0..classes as u32)).collect();
-    let x = Tensor::from_vec(x, (b, 3, 32, 32), &device)?;
+    let x = Tensor::from_vec(x, (b, 3, h, w), &device)?;
     let y = Tensor::from_vec(y, b, &device)?;
     let net: Box<dyn models::Net> = match (spec.method.kind, worker) {
         (MethodKind::Sdp, Some(k)) => SdpState::single_worker(spec, classes, k, &device)?.net,
@@ -215,15 +200,21 @@ mod tests {
     #[test]
     fn a_relative_folder_dataset_is_counted_under_the_data_dir() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        for class in ["a", "b", "c"] {
-            std::fs::create_dir_all(dir.path().join("imgs/train").join(class))?;
+        for (split, class) in
+            [("train", "a"), ("train", "b"), ("train", "c"), ("test", "a"), ("test", "b"), ("test", "c")]
+        {
+            let d = dir.path().join("imgs").join(split).join(class);
+            std::fs::create_dir_all(&d)?;
+            image::RgbImage::new(4, 6).save(d.join("0.png"))?;
         }
         let text =
             "name = \"t\"\n[workload]\ndataset = \"folder:imgs\"\nmodel = \"resnet18\"\nepochs = 1\nbatch_size = 2\n";
-        let spec = crate::spec::parse(text, Path::new("t.toml"), &[])?.runs.remove(0).spec;
-        assert_eq!(num_classes(&spec, dir.path())?, 3);
-        let e = num_classes(&spec, Path::new("/nonexistent")).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/imgs/train"), "{e}");
+        let w = crate::plan::parse(text, Path::new("t.toml"), &[])?.runs.remove(0).spec.workload;
+        let data = DataRef::parse(&w.dataset)?;
+        let shape = data.shape(&w, dir.path())?;
+        assert_eq!((shape.classes, shape.train, shape.test, shape.hw), (3, 3, 3, (6, 4)));
+        let e = data.shape(&w, Path::new("/nonexistent")).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/imgs"), "{e}");
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use crate::progress::{Progress, Quiet};
 use crate::results::{write_csv, write_metrics, write_summary, Manifest, RunDir, Status, WorkerRow};
 use crate::spec::{Experiment, MethodKind, Run, SpecError};
 use crate::train::{self, Accounting, Interrupted};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::Device;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -113,27 +113,6 @@ pub struct Outcome {
     pub busy: usize,
     pub failed: usize,
     pub interrupted: bool,
-}
-
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ordinal = match s.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .with_context(|| format!("invalid --device `{s}`: expected cpu, cuda or cuda:N"))?,
-                None => bail!("invalid --device `{s}`: expected cpu, cuda or cuda:N"),
-            };
-            if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this binary was built without CUDA support (rebuild with --features cuda)");
-            }
-            Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
-        }
-    }
 }
 
 /// Whether a run passes the `--only` filter (substring of its id or label).

@@ -6,6 +6,7 @@ mod common;
 use anyhow::Result;
 use common::tiny_with;
 use sdp::cost::{data_sizes, estimate, CostOptions, CostReport};
+use sdp::plan;
 use sdp::spec::{self, Experiment};
 use std::path::{Path, PathBuf};
 
@@ -112,7 +113,7 @@ fn flop_matched_sdp_trains_epochs_over_coverage() -> Result<()> {
 fn dataset_sizes_are_read_or_assumed_and_said() -> Result<()> {
     let w = |text: &str| -> Result<spec::Workload> {
         let toml = tiny().replace("dataset = \"shapes\"\ntrain_samples = 64\ntest_samples = 16", text);
-        Ok(spec::parse(&toml, Path::new("t.toml"), &[])?.runs.remove(0).spec.workload)
+        Ok(plan::parse(&toml, Path::new("t.toml"), &[])?.runs.remove(0).spec.workload)
     };
     let d = data_sizes(&w("dataset = \"cifar10\"")?, Path::new("datasets"))?;
     assert_eq!((d.train, d.test, d.classes), (50_000, 10_000, 10));
@@ -147,7 +148,7 @@ fn a_folder_dataset_is_counted_not_decoded() -> Result<()> {
         "dataset = \"shapes\"\ntrain_samples = 64\ntest_samples = 16",
         &format!("dataset = \"folder:{}\"", dir.path().display()),
     );
-    let w = spec::parse(&toml, Path::new("t.toml"), &[])?.runs.remove(0).spec.workload;
+    let w = plan::parse(&toml, Path::new("t.toml"), &[])?.runs.remove(0).spec.workload;
     let d = data_sizes(&w, Path::new("datasets"))?;
     assert_eq!((d.train, d.test, d.classes, d.hw), (6, 4, 2, (8, 8)));
     Ok(())

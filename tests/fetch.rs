@@ -357,7 +357,7 @@ fn info_reports_folder_datasets_and_rejects_unknown_names() -> Result<()> {
     check_contains(&report, &["train: 6 images, test: 2 images, 4x4x3", "cat", "3 / 1", ".sdp-cache-v1.bin ("])?;
     check_contains(
         &err_text(fetch::info("mnist", dir.path())),
-        &["unknown dataset `mnist`", "cifar10, cifar100 or svhn"],
+        &["unknown dataset `mnist`", "shapes, cifar10, cifar100, svhn, folder:<path>"],
     )?;
     let shapes = fetch::info("shapes", dir.path())?;
     ensure!(shapes.loadable);

@@ -9,6 +9,7 @@ mod common;
 
 use anyhow::{Context, Result};
 use common::{run_options, tiny_with};
+use sdp::plan;
 use sdp::results::{Manifest, Status, SummaryRow};
 use sdp::runner::{run_all, RunOptions};
 use sdp::spec;
@@ -43,7 +44,7 @@ fn build_fixture() -> Result<PathBuf> {
     }
     let dir = tmp.join(format!("figures-fixture-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let exp = spec::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
+    let exp = plan::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
     assert_eq!(exp.runs.len(), 6, "DP + SDP at two coverages, two seeds each");
     let opts = RunOptions {
         // Measure each worker's peak memory as `sdp run` does, so the memory figure has measured data.
@@ -77,7 +78,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 /// The run directory of the fixture's run with this kind, coverage and seed.
 fn run_dir(results: &Path, kind: &str, coverage: f64, seed: u64) -> Result<PathBuf> {
-    let exp = spec::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
+    let exp = plan::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
     let run = exp
         .runs
         .iter()
@@ -370,7 +371,7 @@ fn one_seed_gives_no_interval_and_dp_alone_draws_no_coverage_figure() -> Result<
 #[test]
 fn malformed_results_files_are_errors_naming_the_file_and_line() -> Result<()> {
     let (tmp, results) = fixture_copy()?;
-    let exp = spec::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
+    let exp = plan::parse(&SPEC, Path::new("tiny-fig.toml"), &[])?;
     let metrics = results.join(EXP).join(&exp.runs[1].id).join("metrics.csv");
     let text = std::fs::read_to_string(&metrics)?;
     let lines: Vec<&str> = text.lines().collect();
@@ -482,7 +483,7 @@ fn every_paper_spec_loads_and_the_grid_is_complete() -> Result<()> {
     let mut cells = std::collections::BTreeSet::new();
     let mut names = std::collections::BTreeSet::new();
     for p in &paths {
-        let exp = spec::load(p, &[]).with_context(|| format!("{}", p.display()))?;
+        let exp = plan::load(p, &[]).with_context(|| format!("{}", p.display()))?;
         let text = std::fs::read_to_string(p)?;
         assert!(text.starts_with("# Paper grid row:"), "{}: starts with its claim, expectation and cost", p.display());
         assert!(text.contains("# Cost:") && text.contains("# Expected:"), "{}", p.display());

@@ -10,6 +10,7 @@ use sdp::data::augment::{AugmentCfg, PadMode};
 use sdp::data::loader::TrainLoader;
 use sdp::models;
 use sdp::optim::Optimizer;
+use sdp::plan;
 use sdp::results::{Manifest, Status};
 use sdp::runner::{run_all, RunOptions};
 use sdp::spec::{self, Experiment};
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 fn parse(text: &str, sets: &[&str]) -> Result<Experiment> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    spec::parse(text, Path::new("exp.toml"), &sets)
+    plan::parse(text, Path::new("exp.toml"), &sets)
 }
 
 fn parse_err(text: &str, sets: &[&str]) -> String {

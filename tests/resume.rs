@@ -9,6 +9,7 @@ use candle_core::Device;
 use common::{metrics_without_clock, run_options, tiny_with};
 use sdp::checkpoint::{self, TrainState};
 use sdp::comm::World;
+use sdp::plan;
 use sdp::results::{Final, Manifest, MetricsRow, Status};
 use sdp::runner::{run_all, run_all_with, Policy, RunOptions};
 use sdp::spec::{self, Experiment};
@@ -32,7 +33,7 @@ const SDP: &[&str] =
 
 fn parse(sets: &[&str]) -> Result<Experiment> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    spec::parse(&TINY, Path::new("tiny.toml"), &sets)
+    plan::parse(&TINY, Path::new("tiny.toml"), &sets)
 }
 
 /// A row without its wall-clock columns (img_per_s, wall_s), as exact text.
@@ -206,7 +207,7 @@ fn killed_and_terminated_runs_resume_to_the_same_metrics() -> Result<()> {
         let dir = tempfile::tempdir()?;
         // 6 epochs of 4 steps: the signals land well before the end.
         let spec_path = write_spec(dir.path(), &[sets, &["workload.epochs=6"]].concat())?;
-        let exp = spec::load(&spec_path, &[])?;
+        let exp = plan::load(&spec_path, &[])?;
         let id = exp.runs[0].id.clone();
         let reference = dir.path().join("reference");
         assert_eq!(run_all(std::slice::from_ref(&exp), &run_options(&reference))?.done, 1);
@@ -370,7 +371,7 @@ fn cli_list_summary_only_and_bad_specs() -> Result<()> {
     let junk = results.join("tiny").join("0000junk");
     std::fs::create_dir_all(&junk)?;
     std::fs::write(junk.join("manifest.json"), "{ not json")?;
-    let id = spec::load(&spec_path, &[])?.runs[0].id.clone();
+    let id = plan::load(&spec_path, &[])?.runs[0].id.clone();
     let stale = results.join("tiny").join("0001stale");
     let mut m = Manifest::read(&results.join("tiny").join(&id).join("manifest.json"))?;
     m.status = Status::Running;

@@ -16,6 +16,7 @@ use sdp::models::layers::Builder;
 use sdp::models::resnet::{ResNet, ResNetConfig};
 use sdp::models::{self, BlockPlan, Family, Net, UnitKind};
 use sdp::optim::Optimizer;
+use sdp::plan;
 use sdp::spec::{self, RunSpec};
 use sdp::subnet::{self, IndexMap};
 use sdp::train::{dp_step, sdp_step, SdpState};
@@ -305,7 +306,7 @@ fn sdp_run_records_measured_memory_and_communication() -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let exp = spec::parse(&TINY, Path::new("tiny.toml"), &sets)?;
+    let exp = plan::parse(&TINY, Path::new("tiny.toml"), &sets)?;
     let opts = sdp::runner::RunOptions { memprobe: Some(env!("CARGO_BIN_EXE_sdp").into()), ..run_options(dir.path()) };
     assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1);
     let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
@@ -429,7 +430,7 @@ fn baselines_reduce_to_dp_at_full_coverage_and_run() -> Result<()> {
     let opts = run_options(dir.path());
     let losses = |kind: &str, coverage: &str| -> Result<String> {
         let sets = [format!("method.kind={kind}"), format!("method.coverage={coverage}")];
-        let exp = spec::parse(&TINY, Path::new("tiny.toml"), &sets)?;
+        let exp = plan::parse(&TINY, Path::new("tiny.toml"), &sets)?;
         assert_eq!(sdp::runner::run_all(std::slice::from_ref(&exp), &opts)?.done, 1, "{kind}");
         let run_dir = dir.path().join("tiny-sdp").join(&exp.runs[0].id);
         assert!(run_dir.join("workers.csv").is_file());

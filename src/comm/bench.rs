@@ -13,7 +13,7 @@
 
 use super::{Averager, GroupedAverager, IndexMap, Layout, SyncTensor, World};
 use crate::metrics;
-use crate::spec;
+use crate::plan;
 use crate::train::SdpState;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -73,7 +73,7 @@ struct Measured {
 /// Runs the benchmark in this process (one rank of `world`); rank 0 prints the table.
 pub fn run(args: &CommArgs, world: World) -> Result<()> {
     anyhow::ensure!(args.syncs > 0, "--syncs must be at least 1");
-    let device = crate::runner::parse_device(&world.device_name(&args.device))?;
+    let device = crate::plan::device(&world.device_name(&args.device))?;
     let world = world.on_device(&device, true)?;
     let (n, rank) = (world.size(), world.rank());
     let k = args.workers.unwrap_or(n);
@@ -84,7 +84,7 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
         format!("method.workers={k}"),
     ];
     sets.extend(args.sets.iter().cloned());
-    let exp = spec::parse(TEMPLATE, Path::new("sdp bench comm"), &sets)?;
+    let exp = plan::parse(TEMPLATE, Path::new("sdp bench comm"), &sets)?;
     let run = exp.runs.first().context("the bench spec expands to no run")?;
     let st = SdpState::new(&run.spec, 10, &device)?;
     let params: Vec<(String, candle_core::Tensor)> =

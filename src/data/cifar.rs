@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
+use super::fetch::RemoteFile;
+use super::source::{Official, Shape};
 use super::{Dataset, ImageSet};
 
 const SIDE: usize = 32;
@@ -50,6 +52,31 @@ pub const CIFAR100_COARSE_CLASSES: [&str; 20] = [
     "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
     "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
 ];
+
+/// Where the official archives are downloaded from.
+const TORONTO: &str = "https://www.cs.toronto.edu/~kriz";
+
+/// The registered `cifar10` source: the official binary batches.
+pub const CIFAR10: Official = Official {
+    shape: Shape { train: 50_000, test: 10_000, classes: 10, hw: (32, 32) },
+    files: || vec![archive("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", cifar10_files(Path::new("")))],
+    load: load_cifar10,
+    cache: None,
+};
+
+/// The registered `cifar100` source: the official binary files, fine labels.
+pub const CIFAR100: Official = Official {
+    shape: Shape { train: 50_000, test: 10_000, classes: 100, hw: (32, 32) },
+    files: || {
+        vec![archive("cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8", cifar100_files(Path::new("")))]
+    },
+    load: load_cifar100,
+    cache: None,
+};
+
+fn archive(name: &str, md5: &str, extracts: Vec<PathBuf>) -> RemoteFile {
+    RemoteFile { url: format!("{TORONTO}/{name}"), md5: md5.into(), dir: PathBuf::new(), extracts }
+}
 
 /// Loads CIFAR-10 from `<data_dir>/cifar-10-batches-bin/`. Class names come from `batches.meta.txt` when present.
 pub fn load_cifar10(data_dir: &Path) -> Result<Dataset> {

@@ -21,8 +21,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use md5::{Digest, Md5};
 
-use super::{cache, cifar, folder, svhn, Dataset};
-
 /// One file to download.
 #[derive(Clone, Debug)]
 pub struct RemoteFile {
@@ -56,38 +54,15 @@ pub struct Source {
     pub files: Vec<RemoteFile>,
 }
 
-const TORONTO: &str = "https://www.cs.toronto.edu/~kriz";
-const STANFORD: &str = "http://ufldl.stanford.edu/housenumbers";
-
-/// The official files of `cifar10`, `cifar100` or `svhn` (URLs and md5 sums of docs/design.md §6).
+/// The official files of a registered dataset (`cifar10`, `cifar100`, `svhn`; URLs and md5 sums in each
+/// source's file); a dataset with none to download is an error.
 pub fn official(name: &str) -> Result<Source> {
-    let files = match name {
-        "cifar10" => vec![RemoteFile {
-            url: format!("{TORONTO}/cifar-10-binary.tar.gz"),
-            md5: "c32a1d4ab5d03f1284b67883e8d87530".into(),
-            dir: PathBuf::new(),
-            extracts: cifar::cifar10_files(Path::new("")),
-        }],
-        "cifar100" => vec![RemoteFile {
-            url: format!("{TORONTO}/cifar-100-binary.tar.gz"),
-            md5: "03b5dce01913d631647c71ecec9e9cb8".into(),
-            dir: PathBuf::new(),
-            extracts: cifar::cifar100_files(Path::new("")),
-        }],
-        "svhn" => [
-            ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
-            ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
-        ]
-        .into_iter()
-        .map(|(f, md5)| RemoteFile {
-            url: format!("{STANFORD}/{f}"),
-            md5: md5.into(),
-            dir: PathBuf::from(svhn::SVHN_DIR),
-            extracts: vec![],
-        })
-        .collect(),
-        other => bail!("unknown dataset `{other}` to fetch (expected cifar10, cifar100 or svhn)"),
-    };
+    let files = super::source::DataRef::parse(name)?.source().files();
+    if files.is_empty() {
+        let with: Vec<&str> =
+            super::source::REGISTRY.iter().filter(|r| !r.source.files().is_empty()).map(|r| r.name).collect();
+        bail!("no official files to fetch for dataset `{name}` (datasets with official files: {})", with.join(", "));
+    }
     Ok(Source { name: name.into(), files })
 }
 
@@ -365,41 +340,38 @@ impl std::fmt::Display for Info {
 /// error; an unknown name is.
 pub fn info(name: &str, data_dir: &Path) -> Result<Info> {
     let mut s = String::new();
-    let (loaded, cache_note): (Result<Dataset>, String) = if name == "shapes" {
-        let _ = writeln!(s, "shapes: generated in memory (data_seed 0, the default sizes)");
-        let ds = super::synthetic::shapes(0, super::SHAPES_TRAIN, super::SHAPES_TEST);
-        (ds, "none (generated)".into())
-    } else if let Some(root) = name.strip_prefix("folder:") {
-        // Relative to the data directory, as `sdp run` reads it.
-        let root = data_dir.join(root);
-        let _ = writeln!(s, "{name}: ImageFolder tree at {}", root.display());
-        let ds = folder::load_folder(&root);
-        (ds, describe_cache(&cache::cache_path(&root)))
+    let data = super::source::DataRef::parse(name)?;
+    let req = super::source::Request { data_dir, arg: data.arg.as_deref(), train: None, test: None, seed: 0 };
+    let source = data.source();
+    if source.generated() {
+        let _ = writeln!(s, "{name}: generated in memory (data_seed 0, the default sizes)");
+    } else if data.arg.is_some() {
+        let _ = writeln!(s, "{name}: at {}", req.path().display());
     } else {
-        let source = official(name)?;
         let _ = writeln!(s, "{name} in {}", data_dir.display());
+    }
+    let files = source.files();
+    if !files.is_empty() {
         let _ = writeln!(s, "official files:");
-        for f in &source.files {
-            let path = f.local_path(data_dir);
-            let status = if !path.exists() {
-                "missing".to_string()
-            } else {
-                match md5_file(&path) {
-                    Ok(sum) if sum == f.md5 => format!("ok (md5 {sum})"),
-                    Ok(sum) => format!("mismatch (md5 {sum}, expected {})", f.md5),
-                    Err(e) => format!("unreadable ({e:#})"),
-                }
-            };
-            let _ = writeln!(s, "  {}: {status}", path.display());
-        }
-        match name {
-            "cifar10" => (cifar::load_cifar10(data_dir), "none (the binary batches are read directly)".into()),
-            "cifar100" => (cifar::load_cifar100(data_dir), "none (the binary batches are read directly)".into()),
-            _ => {
-                let ds = svhn::load_svhn(data_dir);
-                (ds, describe_cache(&cache::cache_path(&data_dir.join(svhn::SVHN_DIR))))
+    }
+    for f in &files {
+        let path = f.local_path(data_dir);
+        let status = if !path.exists() {
+            "missing".to_string()
+        } else {
+            match md5_file(&path) {
+                Ok(sum) if sum == f.md5 => format!("ok (md5 {sum})"),
+                Ok(sum) => format!("mismatch (md5 {sum}, expected {})", f.md5),
+                Err(e) => format!("unreadable ({e:#})"),
             }
-        }
+        };
+        let _ = writeln!(s, "  {}: {status}", path.display());
+    }
+    let loaded = source.load(&req);
+    let cache_note = match source.cache(&req) {
+        Some(p) => describe_cache(&p),
+        None if source.generated() => "none (generated)".into(),
+        None => "none (the files are read directly)".into(),
     };
     let loadable = loaded.is_ok();
     match loaded {

@@ -15,7 +15,30 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::cache::{self, Cached, Fingerprint};
+use super::source::{DataSource, Request, Shape};
 use super::{channel_stats, Dataset, ImageSet};
+
+/// The registered `folder:<path>` source (a relative path is looked up under the data directory).
+pub struct Folder;
+
+impl DataSource for Folder {
+    /// Counts the files and classes and reads the first train image's size (no image is decoded).
+    fn shape(&self, req: &Request) -> Result<Shape> {
+        let l = list_tree(&req.path())?;
+        let (first, _) = l.train.first().context("the train split has no images")?;
+        let (w, h) =
+            image::image_dimensions(first).with_context(|| format!("reading the size of {}", first.display()))?;
+        Ok(Shape { train: l.train.len(), test: l.test.len(), classes: l.classes.len(), hw: (h as usize, w as usize) })
+    }
+
+    fn load(&self, req: &Request) -> Result<Dataset> {
+        load_folder(&req.path())
+    }
+
+    fn cache(&self, req: &Request) -> Option<PathBuf> {
+        Some(cache::cache_path(&req.path()))
+    }
+}
 
 /// Loads the ImageFolder tree at `root`, from its cache when the cache matches the files.
 pub fn load_folder(root: &Path) -> Result<Dataset> {

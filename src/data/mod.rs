@@ -1,7 +1,8 @@
 //! Datasets as compact u8 image sets, and the loader that turns them into augmented batches.
 //!
 //! Every dataset, whatever its source format, is decoded once into an [`ImageSet`] per split: images stored
-//! N×H×W×C (HWC, u8, the layout every reader and the augmenter share) plus one label per image.
+//! N×H×W×C (HWC, u8, the layout every reader and the augmenter share) plus one label per image. Which
+//! datasets exist, and how a spec names them, is the [`source`] registry.
 
 pub mod augment;
 pub mod cache;
@@ -9,10 +10,11 @@ pub mod cifar;
 pub mod fetch;
 pub mod folder;
 pub mod loader;
+pub mod source;
 pub mod svhn;
 pub mod synthetic;
 
-use crate::spec::{DatasetName, Workload};
+use crate::spec::Workload;
 use anyhow::{bail, Result};
 use std::path::Path;
 
@@ -150,33 +152,10 @@ pub fn channel_stats(set: &ImageSet) -> ([f32; 3], [f32; 3]) {
     (mean, std)
 }
 
-/// Default sizes of the generated `shapes` dataset.
-pub const SHAPES_TRAIN: usize = 10_000;
-pub const SHAPES_TEST: usize = 2_000;
-
-/// Loads (or generates) the dataset a workload names, truncated to `train_samples` / `test_samples`.
+/// Loads the dataset a workload names (through the [`source`] registry), truncated to `train_samples` /
+/// `test_samples`.
 pub fn load(w: &Workload, data_dir: &Path) -> Result<Dataset> {
-    let name = DatasetName::parse(&w.dataset).map_err(anyhow::Error::msg)?;
-    let mut ds = match name {
-        DatasetName::Shapes => synthetic::shapes(
-            w.data_seed,
-            w.train_samples.unwrap_or(SHAPES_TRAIN),
-            w.test_samples.unwrap_or(SHAPES_TEST),
-        )?,
-        DatasetName::Cifar10 => cifar::load_cifar10(data_dir)?,
-        DatasetName::Cifar100 => cifar::load_cifar100(data_dir)?,
-        DatasetName::Svhn => svhn::load_svhn(data_dir)?,
-        // A relative folder is looked up under the data directory, like the official datasets.
-        DatasetName::Folder(p) => folder::load_folder(&data_dir.join(p))?,
-    };
-    // Generated `shapes` already has the requested sizes; other sources take a stratified subset.
-    if let Some(n) = w.train_samples {
-        ds.train = ds.train.subset(n, w.data_seed);
-    }
-    if let Some(n) = w.test_samples {
-        ds.test = ds.test.subset(n, w.data_seed);
-    }
-    Ok(ds)
+    source::DataRef::parse(&w.dataset)?.load(w, data_dir)
 }
 
 #[cfg(test)]

@@ -17,12 +17,38 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::cache::{self, Cached, Fingerprint};
+use super::fetch::RemoteFile;
+use super::source::{Official, Shape};
 use super::{Dataset, ImageSet};
 
 /// Directory under the data directory that holds the SVHN files.
 pub const SVHN_DIR: &str = "svhn";
 /// Class names in label order: label `d` is digit `d` (the file's label 10 becomes 0).
 pub const SVHN_CLASSES: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+
+/// Where the official files are downloaded from.
+const STANFORD: &str = "http://ufldl.stanford.edu/housenumbers";
+
+/// The registered `svhn` source: the official cropped-digits MAT-files, decoded once into a cache.
+pub const SVHN: Official = Official {
+    shape: Shape { train: 73_257, test: 26_032, classes: 10, hw: (32, 32) },
+    files: || {
+        [
+            ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+            ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
+        ]
+        .into_iter()
+        .map(|(f, md5)| RemoteFile {
+            url: format!("{STANFORD}/{f}"),
+            md5: md5.into(),
+            dir: PathBuf::from(SVHN_DIR),
+            extracts: vec![],
+        })
+        .collect()
+    },
+    load: load_svhn,
+    cache: Some(|data_dir| cache::cache_path(&data_dir.join(SVHN_DIR))),
+};
 
 /// Loads SVHN from `<data_dir>/svhn/{train,test}_32x32.mat`, through the cache in `<data_dir>/svhn/`.
 pub fn load_svhn(data_dir: &Path) -> Result<Dataset> {
@@ -32,8 +58,7 @@ pub fn load_svhn(data_dir: &Path) -> Result<Dataset> {
         if !f.exists() {
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             bail!(
-                "{} not found: run `sdp data fetch svhn` (or download http://ufldl.stanford.edu/housenumbers/{name} \
-                 by hand into {})",
+                "{} not found: run `sdp data fetch svhn` (or download {STANFORD}/{name} by hand into {})",
                 f.display(),
                 dir.display()
             );

@@ -5,6 +5,7 @@
 //! rotation, a background gradient and pixel noise are nuisance factors drawn per image. Every image comes
 //! from its own stream `(seed, Synthetic, split, index)`, so generation is parallel and reproducible.
 
+use super::source::{DataSource, Request, Shape};
 use super::{channel_stats, Dataset, ImageSet};
 use crate::seed::{rng, Stream};
 use anyhow::Result;
@@ -14,6 +15,10 @@ use rayon::prelude::*;
 
 pub const CLASSES: [&str; 10] =
     ["disk", "square", "triangle", "plus", "ring", "stripes", "diamond", "x", "frame", "crescent"];
+
+/// Default sizes of the generated splits (`workload.train_samples` / `test_samples` absent).
+pub const SHAPES_TRAIN: usize = 10_000;
+pub const SHAPES_TEST: usize = 2_000;
 
 const SIZE: usize = 32;
 /// Supersampling factor per axis (anti-aliased edges).
@@ -32,6 +37,25 @@ pub fn shapes(seed: u64, train: usize, test: usize) -> Result<Dataset> {
         mean,
         std,
     })
+}
+
+/// The registered `shapes` source: generated at the sizes a run asks for.
+pub struct Shapes;
+
+impl DataSource for Shapes {
+    fn shape(&self, req: &Request) -> Result<Shape> {
+        let (train, test) = (req.train.unwrap_or(SHAPES_TRAIN), req.test.unwrap_or(SHAPES_TEST));
+        Ok(Shape { train, test, classes: CLASSES.len(), hw: (SIZE, SIZE) })
+    }
+
+    fn load(&self, req: &Request) -> Result<Dataset> {
+        let s = self.shape(req)?;
+        shapes(req.seed, s.train, s.test)
+    }
+
+    fn generated(&self) -> bool {
+        true
+    }
 }
 
 fn generate(seed: u64, split: u64, n: usize) -> Result<ImageSet> {

@@ -217,7 +217,7 @@ regime = ["forward", "backward"]
 coverage = [0.5, 1.0]
 "#
         );
-        let exp = crate::spec::parse(&text, Path::new("t.toml"), &[])?;
+        let exp = crate::plan::parse(&text, Path::new("t.toml"), &[])?;
         // Four runs at C = 0.5 and one run for all four variants at C = 1 (RunSpec::canonical).
         assert_eq!(exp.runs.len(), 5);
         let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
@@ -263,7 +263,7 @@ workers = 4
 masking = ["block", "neuron"]
 coverage = [0.5, 1.0]
 "#;
-        let exp = crate::spec::parse(text, Path::new("t.toml"), &[])?;
+        let exp = crate::plan::parse(text, Path::new("t.toml"), &[])?;
         let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
         let series = series_of(&runs);
         let labels: Vec<&str> = series.iter().map(|s| s.label.as_str()).collect();
@@ -300,7 +300,7 @@ regime = ["backward", "forward"]
 coverage = 0.5
 "#
         );
-        let exp = crate::spec::parse(&text, Path::new("t.toml"), &[])?;
+        let exp = crate::plan::parse(&text, Path::new("t.toml"), &[])?;
         let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
         let labels: Vec<String> = series_of(&runs).into_iter().map(|s| s.label).collect();
         assert_eq!(
@@ -328,7 +328,7 @@ coverage = 0.5
 budget = ["same_steps", "flop_matched"]
 "#
         );
-        let exp = crate::spec::parse(&text, Path::new("t.toml"), &[])?;
+        let exp = crate::plan::parse(&text, Path::new("t.toml"), &[])?;
         let runs: Vec<RunData> = exp.runs.into_iter().map(|r| run(r.spec)).collect();
         let labels: Vec<String> = series_of(&runs).into_iter().map(|s| s.label).collect();
         assert_eq!(labels, ["DP", "SDP block forward", "SDP block forward budget=flop_matched"]);

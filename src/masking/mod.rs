@@ -125,6 +125,12 @@ pub struct Registered {
     pub strategy: &'static dyn MaskStrategy,
 }
 
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registered({})", self.name)
+    }
+}
+
 impl Registered {
     /// The selection for K = `workers` at coverage C: the arguments checked ([`check_args`]), then the
     /// strategy's assignment with m = [`holders`]`(C, K)`.

@@ -21,14 +21,15 @@ pub struct Experiment {
     pub runs: Vec<Run>,
 }
 
-/// Reads, overrides, expands and validates a spec file.
-pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading spec {}", path.display()))?;
-    parse(&text, path, overrides)
-}
-
-/// As [`load`], from text (`path` is used in messages and recorded in the experiment).
-pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment> {
+/// Parses, overrides, expands and validates spec text (`path` is used in messages and recorded in the
+/// experiment); `check` then judges each run's names (`crate::plan::parse` passes the resolver, which this
+/// module does not know), its error naming the key.
+pub fn parse_checked(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+    check: &dyn Fn(&RunSpec) -> Result<(), (String, String)>,
+) -> Result<Experiment> {
     let file = path.display().to_string();
     let doc =
         toml_edit::ImDocument::parse(text.to_string()).map_err(|e| SpecError(format!("{file}: invalid TOML: {e}")))?;
@@ -123,7 +124,9 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment
                 let inner = inner.lines().next().unwrap_or_default().to_string();
                 SpecError(format!("{}: {inner}", origin(&key)))
             })?;
-            spec.validate().map_err(|(k, msg)| SpecError(format!("{}: {msg}", origin(&k))))?;
+            spec.validate()
+                .and_then(|_| check(&spec))
+                .map_err(|(k, msg)| SpecError(format!("{}: {msg}", origin(&k))))?;
             let spec = spec.canonical();
             let id = spec.id();
             if !ids.insert(id.clone()) {

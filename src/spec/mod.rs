@@ -7,7 +7,7 @@
 //!
 //! Raw input is validated once here into typed values; the rest of the program never re-checks strings.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -426,42 +426,7 @@ fn adam_eps_default() -> f64 {
 /// Keys whose scalar value is a list: a list there is a value, a list of lists is a grid axis.
 const LIST_KEYS: &[&str] = &["workload.widths", "workload.depths", "optim.milestones", "optim.betas"];
 
-/// The dataset a run trains on, parsed from `workload.dataset`.
-#[derive(Clone, Debug, PartialEq)]
-pub enum DatasetName {
-    Shapes,
-    Cifar10,
-    Cifar100,
-    Svhn,
-    Folder(PathBuf),
-}
-
-impl DatasetName {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "shapes" => Self::Shapes,
-            "cifar10" => Self::Cifar10,
-            "cifar100" => Self::Cifar100,
-            "svhn" => Self::Svhn,
-            _ => match s.strip_prefix("folder:") {
-                Some(p) if !p.is_empty() => Self::Folder(PathBuf::from(p)),
-                _ => {
-                    return Err(format!(
-                        "unknown dataset `{s}`, expected one of shapes, cifar10, cifar100, svhn, folder:<path>"
-                    ))
-                }
-            },
-        })
-    }
-}
-
 impl RunSpec {
-    /// The dataset `workload.dataset` names (checked when a spec file is loaded; a resolved spec read back
-    /// from a manifest is checked here).
-    pub fn dataset(&self) -> Result<DatasetName> {
-        DatasetName::parse(&self.workload.dataset).map_err(|e| anyhow!("workload.dataset: {e}"))
-    }
-
     /// The spec with fields that cannot affect the run reset to their defaults, so that equal runs get
     /// equal ids (a grid over `kind = ["dp", "sdp"]` × coverage holds one DP run, not one per coverage).
     fn canonical(mut self) -> Self {
@@ -528,9 +493,6 @@ impl RunSpec {
         let o = &self.optim;
         let m = &self.method;
         let err = |k: &str, msg: String| Err((k.to_string(), msg));
-        if let Err(e) = DatasetName::parse(&w.dataset) {
-            return err("workload.dataset", e);
-        }
         if w.epochs == 0 {
             return err("workload.epochs", "must be at least 1".into());
         }
@@ -562,11 +524,6 @@ impl RunSpec {
             if ws.len() != ds.len() {
                 return err("workload.depths", format!("has {} stages but workload.widths has {}", ds.len(), ws.len()));
             }
-        }
-        if let Err(e) = crate::models::of(w, 1) {
-            // The model rejects its shape overrides, or (none given) needs them.
-            let key = if w.widths.is_some() || w.depths.is_some() { "workload.widths" } else { "workload.model" };
-            return err(key, format!("{e:#}"));
         }
         if !(o.lr > 0.0 && o.lr.is_finite()) {
             return err("optim.lr", format!("must be a positive number, got {}", o.lr));
@@ -604,23 +561,15 @@ impl RunSpec {
         if m.sync_every == 0 {
             return err("method.sync_every", "must be at least 1".into());
         }
-        if let Err(e) = crate::masking::strategy(&m.masking) {
-            return err("method.masking", format!("{e:#}"));
-        }
         if m.kind != MethodKind::Sdp && m.eval_mode != EvalMode::Full {
             return err("method.eval_mode", "this method has one model: only `full` applies".into());
-        }
-        if matches!(m.kind, MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout)
-            && crate::models::resnet::ResNetConfig::of(w, 1).is_err()
-        {
-            return err("method.kind", "the baselines are implemented for the ResNet family only".into());
         }
         Ok(())
     }
 }
 
 mod load;
-pub use load::{load, parse, Experiment, Run};
+pub use load::{parse_checked, Experiment, Run};
 
 /// The smallest valid spec (a ResNet-18 on `shapes` for one epoch), which unit tests extend.
 #[cfg(test)]
@@ -642,7 +591,7 @@ mod tests {
 
     #[test]
     fn minimal_spec_gets_defaults() -> Result<()> {
-        let e = parse(MIN, Path::new("t.toml"), &[])?;
+        let e = crate::plan::parse(MIN, Path::new("t.toml"), &[])?;
         assert_eq!(e.runs.len(), 1);
         let s = &e.runs[0].spec;
         assert_eq!(s.optim.lr, 0.1);
@@ -662,13 +611,15 @@ mod tests {
 
     #[test]
     fn pad_mode_zero_keeps_the_run_id_and_a_bad_mode_names_the_key() -> Result<()> {
-        let plain = parse(MIN, Path::new("t.toml"), &[])?.runs[0].id.clone();
-        let zero = parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=zero".into()])?;
+        let plain = crate::plan::parse(MIN, Path::new("t.toml"), &[])?.runs[0].id.clone();
+        let zero = crate::plan::parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=zero".into()])?;
         assert_eq!(zero.runs[0].id, plain);
-        let reflect = parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=reflect".into()])?;
+        let reflect = crate::plan::parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=reflect".into()])?;
         assert_ne!(reflect.runs[0].id, plain);
         assert_eq!(reflect.runs[0].spec.workload.augment.pad_mode, PadMode::Reflect);
-        let e = parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=mirror".into()]).unwrap_err().to_string();
+        let e = crate::plan::parse(MIN, Path::new("t.toml"), &["workload.augment.pad_mode=mirror".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("workload.augment.pad_mode") && e.contains("mirror") && e.contains("reflect"), "{e}");
         Ok(())
     }

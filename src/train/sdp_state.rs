@@ -11,6 +11,7 @@ use crate::masking::{self, Selection};
 use crate::models::layers::Builder;
 use crate::models::{self, BlockPlan, Family, Net, Unit, UnitKind};
 use crate::optim::Optimizer;
+use crate::plan::Plan;
 use crate::results::AlignRow;
 use crate::seed::{rng, Stream};
 use crate::spec::{Regime, RunSpec};
@@ -112,6 +113,8 @@ impl Worker {
 pub struct SdpState {
     /// The model family, which builds the global model and every subnetwork.
     pub family: Box<dyn Family>,
+    /// The masking strategy `method.masking` names.
+    pub strategy: masking::Registered,
     /// The assembled full model: every coordinate the mean of its holders' values at the last sync.
     pub global: Box<dyn Net>,
     /// The workers this process hosts: all K in the one-process simulation, k ≡ rank (mod N) of N processes.
@@ -156,14 +159,15 @@ impl SdpState {
     }
 
     fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>, world: &World) -> Result<Self> {
+        let strategy = Plan::of(spec)?.strategy;
         let family = models::of(&spec.workload, num_classes)?;
         let compute = spec.workload.precision.dtype();
         let global = family.build_full(1.0, Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
-        let strategy = masking::strategy(&spec.method.masking)?;
         let units = family.units(strategy.kind);
         let shapes = subnet::shapes(global.store());
         let mut st = Self {
             family,
+            strategy,
             global,
             workers: Vec::new(),
             units,
@@ -194,9 +198,8 @@ impl SdpState {
 
     fn draw(&mut self, spec: &RunSpec, draw: u64, device: &Device, only: Option<usize>) -> Result<()> {
         let m = &spec.method;
-        let strategy = masking::strategy(&m.masking)?;
         let mut r = rng(spec.seed, Stream::Mask, draw, 0);
-        self.selection = strategy.select(&self.units, m.workers, m.coverage, &mut r)?;
+        self.selection = self.strategy.select(&self.units, m.workers, m.coverage, &mut r)?;
         let widths = self.family.block_widths();
         let plans = subnet::plans(&widths, &self.units, &self.selection.holds);
         let values = self.global.store().values();

@@ -49,7 +49,7 @@ pub fn tiny_with(edits: &[(&str, &str)]) -> String {
 /// `text` parsed as the spec file `tiny.toml` with `--set` overrides.
 pub fn parse_with(text: &str, sets: &[&str]) -> Result<sdp::spec::Experiment> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-    sdp::spec::parse(text, Path::new("tiny.toml"), &sets)
+    sdp::plan::parse(text, Path::new("tiny.toml"), &sets)
 }
 
 /// Options for `run_all` into `results` on the CPU, with no memory probe.

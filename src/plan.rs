@@ -1,0 +1,82 @@
+//! A run's spec resolved once: the names a spec gives (`method.masking`, `workload.dataset`,
+//! `workload.model`, `--device`) looked up in their registries, with errors that name the spec key.
+//!
+//! `spec` knows the shape of a spec and nothing of what its names mean; this module sits above `spec`,
+//! `masking`, `data` and `models` and is the one place where a name becomes the thing it names. Spec files
+//! are loaded through [`load`] / [`parse`], which resolve every run before any is returned, so a wrong name
+//! is an error of the file (with its line) rather than of a run that has started.
+
+use crate::data::source::DataRef;
+use crate::masking;
+use crate::models;
+use crate::spec::{self, Experiment, MethodKind, RunSpec, SpecError};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::path::Path;
+
+/// What a run's names resolve to.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// `method.masking`.
+    pub strategy: masking::Registered,
+    /// `workload.dataset`.
+    pub data: DataRef,
+}
+
+impl Plan {
+    /// Resolves `spec`; the error names the offending key (`method.masking: unknown masking strategy …`).
+    pub fn of(spec: &RunSpec) -> Result<Self> {
+        resolve(spec).map_err(|(key, msg)| SpecError(format!("{key}: {msg}")).into())
+    }
+}
+
+/// Resolves every name of `spec`, or says which key is wrong and why.
+pub fn resolve(spec: &RunSpec) -> Result<Plan, (String, String)> {
+    let (w, m) = (&spec.workload, &spec.method);
+    let err = |k: &str, e: anyhow::Error| (k.to_string(), format!("{e:#}"));
+    let data = DataRef::parse(&w.dataset).map_err(|e| err("workload.dataset", e))?;
+    if let Err(e) = models::of(w, 1) {
+        // The model rejects its shape overrides, or (none given) needs them.
+        let key = if w.widths.is_some() || w.depths.is_some() { "workload.widths" } else { "workload.model" };
+        return Err(err(key, e));
+    }
+    let strategy = masking::strategy(&m.masking).map_err(|e| err("method.masking", e))?;
+    if matches!(m.kind, MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout)
+        && crate::models::resnet::ResNetConfig::of(w, 1).is_err()
+    {
+        return Err(("method.kind".into(), "the baselines are implemented for the ResNet family only".into()));
+    }
+    Ok(Plan { strategy, data })
+}
+
+/// Reads, overrides, expands, validates and resolves a spec file: every run's names are checked here.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading spec {}", path.display()))?;
+    parse(&text, path, overrides)
+}
+
+/// As [`load`], from text (`path` is used in messages and recorded in the experiment).
+pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment> {
+    spec::parse_checked(text, path, overrides, &|s| resolve(s).map(|_| ()))
+}
+
+/// The device `--device` names: `cpu`, `cuda` (device 0) or `cuda:N`.
+pub fn device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .with_context(|| format!("invalid --device `{s}`: expected cpu, cuda or cuda:N"))?,
+                None => bail!("invalid --device `{s}`: expected cpu, cuda or cuda:N"),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this binary was built without CUDA support (rebuild with --features cuda)");
+            }
+            Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+        }
+    }
+}
