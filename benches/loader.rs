@@ -44,7 +44,7 @@ fn loader(c: &mut Criterion) {
             b.iter(|| {
                 epoch += 1;
                 let mut seen = 0usize;
-                for batches in TrainLoader::start(set.clone(), cfg(), 0, epoch, k, BATCH).expect("valid loader") {
+                for batches in TrainLoader::start(set.clone(), cfg(), 0, epoch, k, BATCH, 0).expect("valid loader") {
                     seen += black_box(&batches).iter().map(|b| b.len()).sum::<usize>();
                 }
                 assert_eq!(seen, images);

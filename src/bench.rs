@@ -3,7 +3,7 @@
 //! with `scripts/pytorch_step.py`, which prints the same machine-readable last line:
 //! `step_s=<median seconds> img_s=<images per second> peak_mb=<MiB or n/a>`. [`whole_step`] times a
 //! whole simulated step of any run (all K workers, as training runs them): `sdp check --cost` prices
-//! runs with it. The benchmarked run is a spec that `spec::parse` reads and validates as it does a run's
+//! runs with it. The benchmarked run is a spec that `plan::parse` reads, validates and resolves as it does a run's
 //! (the flags that describe it are `--set` overrides), so its errors name the spec key.
 //!
 //! Peak memory is measured as `sdp memprobe` measures it ([`MemoryMeter`]). On the CPU it is the

@@ -1,4 +1,4 @@
-//! Measured per-worker memory (issue: the paper only estimated it).
+//! Measured per-worker memory (the paper only estimated it).
 //!
 //! `sdp memprobe` runs one worker's training steps alone in a fresh process — its physical subnetwork for
 //! SDP, the full model for DP — and reports the peak resident memory above the process's baseline. The

@@ -250,15 +250,19 @@ mod tests {
         assert_eq!(lr_at(&o, 45, 60, 10), 0.025);
     }
 
+    /// One scalar parameter `w` of value `p` and its gradient `g`.
+    fn one_param(p: f32, g: f32) -> Result<(Var, BTreeMap<String, Var>, BTreeMap<String, Tensor>)> {
+        let var = Var::new(&[p], &candle_core::Device::Cpu)?;
+        let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[g], &candle_core::Device::Cpu)?)]);
+        Ok((var.clone(), BTreeMap::from([("w".to_string(), var)]), grads))
+    }
+
     #[test]
     fn sgd_momentum_matches_pytorch_rule() -> Result<()> {
         // p0 = 1, g = 0.5 every step, lr 0.1, mu 0.9, wd 0.1:
         // step1: g' = 0.5 + 0.1 = 0.6, buf = 0.6, p = 1 - 0.06 = 0.94
         // step2: g' = 0.5 + 0.094 = 0.594, buf = 0.54 + 0.594 = 1.134, p = 0.94 - 0.1134 = 0.8266
-        let dev = candle_core::Device::Cpu;
-        let var = Var::new(&[1.0f32], &dev)?;
-        let params = BTreeMap::from([("w".to_string(), var.clone())]);
-        let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[0.5f32], &dev)?)]);
+        let (var, params, grads) = one_param(1.0, 0.5)?;
         let mut opt = Optimizer::new(&Optim { weight_decay: 0.1, ..cfg() });
         opt.step(&params, &grads, 0.1)?;
         opt.step(&params, &grads, 0.1)?;
@@ -292,10 +296,7 @@ mod tests {
     #[test]
     fn nesterov_adds_the_lookahead() -> Result<()> {
         // step1: buf = g = 1, d = g + mu*buf = 1.9, p = 0 - 0.19
-        let dev = candle_core::Device::Cpu;
-        let var = Var::new(&[0.0f32], &dev)?;
-        let params = BTreeMap::from([("w".to_string(), var.clone())]);
-        let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[1.0f32], &dev)?)]);
+        let (var, params, grads) = one_param(0.0, 1.0)?;
         Optimizer::new(&Optim { nesterov: true, ..cfg() }).step(&params, &grads, 0.1)?;
         assert!((var.as_tensor().to_vec1::<f32>()?[0] + 0.19).abs() < 1e-6);
         Ok(())

@@ -135,15 +135,7 @@ fn dataset_sizes_are_read_or_assumed_and_said() -> Result<()> {
 #[test]
 fn a_folder_dataset_is_counted_not_decoded() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    for (split, n) in [("train", 3), ("test", 2)] {
-        for class in ["a", "b"] {
-            let d = dir.path().join(split).join(class);
-            std::fs::create_dir_all(&d)?;
-            for i in 0..n {
-                image::RgbImage::new(8, 8).save(d.join(format!("{i}.png")))?;
-            }
-        }
-    }
+    common::image_tree(dir.path(), &[("train", 3), ("test", 2)], &["a", "b"], 8)?;
     let toml = tiny().replace(
         "dataset = \"shapes\"\ntrain_samples = 64\ntest_samples = 16",
         &format!("dataset = \"folder:{}\"", dir.path().display()),

@@ -344,15 +344,7 @@ fn fetch_extracts_cifar_archive_that_then_loads() -> Result<()> {
 #[test]
 fn info_reports_folder_datasets_and_rejects_unknown_names() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    for (split, n) in [("train", 3), ("test", 1)] {
-        for class in ["cat", "dog"] {
-            let d = dir.path().join(split).join(class);
-            std::fs::create_dir_all(&d)?;
-            for i in 0..n {
-                image::RgbImage::from_pixel(4, 4, image::Rgb([i as u8, 2, 3])).save(d.join(format!("{i}.png")))?;
-            }
-        }
-    }
+    common::image_tree(dir.path(), &[("train", 3), ("test", 1)], &["cat", "dog"], 4)?;
     let report = fetch::info(&format!("folder:{}", dir.path().display()), Path::new("unused"))?.text;
     check_contains(&report, &["train: 6 images, test: 2 images, 4x4x3", "cat", "3 / 1", ".sdp-cache-v1.bin ("])?;
     check_contains(

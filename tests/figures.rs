@@ -12,7 +12,7 @@ use common::{run_options, tiny_with};
 use sdp::plan;
 use sdp::results::{Manifest, Status, SummaryRow};
 use sdp::runner::{run_all, RunOptions};
-use sdp::spec;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, OnceLock};

@@ -62,36 +62,52 @@ fn unknown_variant_lists_the_choices() {
     assert!(e.contains("resnet18"), "{e}");
 }
 
+/// Each `(spec text, --set overrides, parts)`: parsing fails with a spec error containing every part.
+fn expect_errors(cases: &[(&str, &[&str], &[&str])]) {
+    for (text, sets, parts) in cases {
+        let e = parse_err(text, sets);
+        assert!(parts.iter().all(|p| e.contains(p)), "expected {parts:?} in: {e}");
+    }
+}
+
 #[test]
 fn bad_values_are_rejected_with_the_reason() {
-    let e = parse_err(&TINY.replace("lr = 0.05", "lr = -1.0"), &[]);
-    assert!(e.contains("exp.toml:16: key `optim.lr`: must be a positive number, got -1"), "{e}");
-    let e = parse_err(&TINY.replace("dataset = \"shapes\"", "dataset = \"mnist\""), &[]);
-    assert!(e.contains("key `workload.dataset`: unknown dataset `mnist`"), "{e}");
-    let e = parse_err(&TINY.replace("depths = [1, 1]", "depths = [1]"), &[]);
-    assert!(e.contains("key `workload.depths`: has 1 stages but workload.widths has 2"), "{e}");
-    let e = parse_err(&TINY.replace("workers = 2", "workers = 0"), &[]);
-    assert!(e.contains("key `method.workers`: must be at least 1"), "{e}");
+    expect_errors(&[
+        (
+            &TINY.replace("lr = 0.05", "lr = -1.0"),
+            &[],
+            &["exp.toml:16: key `optim.lr`: must be a positive number, got -1"],
+        ),
+        (
+            &TINY.replace("dataset = \"shapes\"", "dataset = \"mnist\""),
+            &[],
+            &["key `workload.dataset`: unknown dataset `mnist`"],
+        ),
+        (
+            &TINY.replace("depths = [1, 1]", "depths = [1]"),
+            &[],
+            &["key `workload.depths`: has 1 stages but workload.widths has 2"],
+        ),
+        (&TINY.replace("workers = 2", "workers = 0"), &[], &["key `method.workers`: must be at least 1"]),
+    ]);
 }
 
 #[test]
 fn syntax_errors_and_missing_name_are_reported() {
-    let e = parse_err("name = \"x\"\n[workload\n", &[]);
-    assert!(e.contains("exp.toml: invalid TOML") && e.contains("line 2"), "{e}");
-    let e = parse_err(&TINY.replace("name = \"tiny\"", ""), &[]);
-    assert!(e.contains("exp.toml: missing key `name`"), "{e}");
-    let e = parse_err(&TINY.replace("name = \"tiny\"", "name = \"a/b\""), &[]);
-    assert!(e.contains("key `name`: must be a non-empty string"), "{e}");
+    expect_errors(&[
+        ("name = \"x\"\n[workload\n", &[], &["exp.toml: invalid TOML", "line 2"]),
+        (&TINY.replace("name = \"tiny\"", ""), &[], &["exp.toml: missing key `name`"]),
+        (&TINY.replace("name = \"tiny\"", "name = \"a/b\""), &[], &["key `name`: must be a non-empty string"]),
+    ]);
 }
 
 #[test]
 fn override_errors_name_the_override() {
-    let e = parse_err(TINY, &["workload.epochs=zero"]);
-    assert!(e.contains("key `workload.epochs`") && e.contains("--set workload.epochs"), "{e}");
-    let e = parse_err(TINY, &["workload.nope=1"]);
-    assert!(e.contains("unknown field `nope`") && e.contains("--set workload.nope"), "{e}");
-    let e = parse_err(TINY, &["noequals"]);
-    assert!(e.contains("--set noequals: expected key.path=value"), "{e}");
+    expect_errors(&[
+        (TINY, &["workload.epochs=zero"], &["key `workload.epochs`", "--set workload.epochs"]),
+        (TINY, &["workload.nope=1"], &["unknown field `nope`", "--set workload.nope"]),
+        (TINY, &["noequals"], &["--set noequals: expected key.path=value"]),
+    ]);
 }
 
 // ----- grid expansion and run ids -----
@@ -319,7 +335,7 @@ fn dp_with_k_workers_equals_one_worker_with_k_times_the_batch() -> Result<()> {
     for (k, b) in [(4, 4), (1, 16)] {
         let net = models::build(&spec.workload, 10, spec.seed, &dev)?;
         let mut opt = Optimizer::new(&spec.optim);
-        let loader = TrainLoader::start(train.clone(), aug, spec.seed, 1, k, b)?;
+        let loader = TrainLoader::start(train.clone(), aug, spec.seed, 1, k, b, 0)?;
         assert_eq!(loader.steps, 4);
         for batches in loader {
             dp_step(net.as_ref(), &mut opt, &batches, 0.05, &dev)?;

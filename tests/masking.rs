@@ -53,11 +53,16 @@ fn resnet18_neurons(w: usize) -> Vec<Unit> {
 }
 
 /// Units of the kind `s` selects among, realistic sizes: full ResNet-18 blocks, or width-16 neurons.
-fn units_for(s: &Registered) -> Vec<Unit> {
-    match s.kind {
-        UnitKind::Block => resnet18_blocks(),
-        UnitKind::Neuron => resnet18_neurons(16),
-    }
+/// Every registered strategy with its name and the units it selects among (ResNet-18's blocks, or the
+/// neurons of 16-wide blocks).
+fn strategies() -> impl Iterator<Item = (&'static Registered, &'static str, Vec<Unit>)> {
+    REGISTRY.iter().map(|s| {
+        let units = match s.kind {
+            UnitKind::Block => resnet18_blocks(),
+            UnitKind::Neuron => resnet18_neurons(16),
+        };
+        (s, s.name, units)
+    })
 }
 
 fn mask_rng(seed: u64) -> ChaCha8Rng {
@@ -70,10 +75,8 @@ fn coverage_for(m: usize, k: usize) -> f64 {
 
 #[test]
 fn every_unit_held_by_exactly_m_workers() -> Result<()> {
-    for s in REGISTRY {
-        let name = s.name;
+    for (s, name, units) in strategies() {
         assert_eq!(strategy(name)?.name, name, "a registered strategy is found by its name");
-        let units = units_for(s);
         for k in [1, 2, 3, 4, 8] {
             for m in 1..=k {
                 let c = coverage_for(m, k);
@@ -94,9 +97,7 @@ fn every_unit_held_by_exactly_m_workers() -> Result<()> {
 
 #[test]
 fn same_seed_same_selection_different_seeds_differ() -> Result<()> {
-    for s in REGISTRY {
-        let name = s.name;
-        let units = units_for(s);
+    for (s, name, units) in strategies() {
         let a = s.select(&units, 4, 0.5, &mut mask_rng(1))?;
         let b = s.select(&units, 4, 0.5, &mut mask_rng(1))?;
         assert_eq!(a, b, "{name}: same seed gave different selections");
@@ -110,9 +111,7 @@ fn same_seed_same_selection_different_seeds_differ() -> Result<()> {
 
 #[test]
 fn full_coverage_holds_everything() -> Result<()> {
-    for s in REGISTRY {
-        let name = s.name;
-        let units = units_for(s);
+    for (s, name, units) in strategies() {
         for k in [1, 2, 3, 8] {
             let sel = s.select(&units, k, 1.0, &mut mask_rng(3))?;
             assert_eq!(sel.m, k);
@@ -125,9 +124,7 @@ fn full_coverage_holds_everything() -> Result<()> {
 
 #[test]
 fn bad_arguments_are_errors() -> Result<()> {
-    for s in REGISTRY {
-        let name = s.name;
-        let units = units_for(s);
+    for (s, name, units) in strategies() {
         let e = s.select(&units, 0, 0.5, &mut mask_rng(0)).unwrap_err().to_string();
         assert!(e.contains("workers must be at least 1") && e.contains(name), "{name}: {e}");
         let e = s.select(&units, 4, 1.5, &mut mask_rng(0)).unwrap_err().to_string();

@@ -40,17 +40,7 @@ fn train(np: usize, spec_text: &str, dir: &Path) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(&spec, spec_text)?;
     let results = dir.join("results");
-    let out = sdp(
-        np,
-        &[
-            "run",
-            spec.to_str().context("path")?,
-            "--results-dir",
-            results.to_str().context("path")?,
-            "--save-model",
-            "--no-memprobe",
-        ],
-    )?;
+    let out = sdp(np, &common::run_args(&spec, &results, &["--save-model", "--no-memprobe"])?)?;
     ensure!(out.status.success(), "np {np}: {}", String::from_utf8_lossy(&out.stderr));
     let exp = results.join("tiny");
     let run = std::fs::read_dir(&exp)?
@@ -173,16 +163,7 @@ fn a_rank_without_its_data_fails_the_run_naming_it() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     // A 4-class ImageFolder tree of 8x8 PNGs: 32 train and 8 test images.
-    for (split, n) in [("train", 8), ("test", 2)] {
-        for class in 0..4u8 {
-            for i in 0..n {
-                let px: Vec<u8> = (0..8 * 8 * 3).map(|j| (j as u8).wrapping_mul(class + 1).wrapping_add(i)).collect();
-                let path = dir.join(format!("data/tree/{split}/c{class}/{i}.png"));
-                std::fs::create_dir_all(path.parent().context("parent")?)?;
-                image::RgbImage::from_raw(8, 8, px).context("image")?.save(&path)?;
-            }
-        }
-    }
+    common::image_tree(&dir.join("data/tree"), &[("train", 8), ("test", 2)], &["c0", "c1", "c2", "c3"], 8)?;
     std::fs::create_dir_all(dir.join("empty"))?;
     let text = tiny_with(&[
         ("dataset = \"shapes\"", "dataset = \"folder:tree\""),

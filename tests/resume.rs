@@ -166,16 +166,8 @@ fn write_spec(dir: &Path, sets: &[&str]) -> Result<PathBuf> {
 
 /// Starts `sdp run` checkpointing every step; waits until its checkpoint is at `step` or later.
 fn start_and_wait(spec: &Path, results: &Path, run_dir: &Path, step: usize) -> Result<Child> {
-    let mut child = sdp_cmd(&[
-        "run",
-        spec.to_str().context("path")?,
-        "--results-dir",
-        results.to_str().context("path")?,
-        "--checkpoint-steps",
-        "1",
-    ])
-    .stderr(Stdio::null())
-    .spawn()?;
+    let mut child =
+        sdp_cmd(&common::run_args(spec, results, &["--checkpoint-steps", "1"])?).stderr(Stdio::null()).spawn()?;
     let t = Instant::now();
     loop {
         if checkpoint::peek(run_dir).is_some_and(|c| c.step >= step) {
@@ -193,8 +185,7 @@ fn start_and_wait(spec: &Path, results: &Path, run_dir: &Path, step: usize) -> R
 }
 
 fn finish(spec: &Path, results: &Path) -> Result<()> {
-    let out = sdp_cmd(&["run", spec.to_str().context("path")?, "--results-dir", results.to_str().context("path")?])
-        .output()?;
+    let out = sdp_cmd(&common::run_args(spec, results, &[])?).output()?;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }

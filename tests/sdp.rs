@@ -17,7 +17,7 @@ use sdp::models::resnet::{ResNet, ResNetConfig};
 use sdp::models::{self, BlockPlan, Family, Net, UnitKind};
 use sdp::optim::Optimizer;
 use sdp::plan;
-use sdp::spec::{self, RunSpec};
+use sdp::spec::RunSpec;
 use sdp::subnet::{self, IndexMap};
 use sdp::train::{dp_step, sdp_step, SdpState};
 use std::collections::BTreeMap;
@@ -57,12 +57,12 @@ fn full_coverage_sdp_equals_dp() -> Result<()> {
 
         let dp = models::build(&s.workload, 10, s.seed, &dev)?;
         let mut opt = Optimizer::new(&s.optim);
-        for batches in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)? {
+        for batches in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)? {
             dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
         }
 
         let mut st = SdpState::new(&s, 10, &dev)?;
-        for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.enumerate() {
+        for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?.enumerate() {
             sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
         }
         let sdp_store = st.global.store();
@@ -359,7 +359,7 @@ fn same_as_dp(s: &RunSpec, train: &Arc<ImageSet>, aug: AugmentCfg, steps: Option
     let dp = models::build(&s.workload, 10, s.seed, &dev)?;
     let mut opt = Optimizer::new(&s.optim);
     let mut st = SdpState::new(s, 10, &dev)?;
-    let loader = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?;
+    let loader = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?;
     for (i, batches) in loader.take(steps.unwrap_or(usize::MAX)).enumerate() {
         dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
         sdp_step(&mut st, s, &batches, 0.05, i + 1, &dev)?;
@@ -385,7 +385,7 @@ fn backward_regime_trains_only_held_coordinates() -> Result<()> {
         let s = spec(&["method.regime=backward", "method.coverage=0.34", &format!("method.masking={masking}")])?;
         let mut st = SdpState::new(&s, 10, &dev)?;
         let before = st.global.store().param_tensors();
-        let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.next().unwrap_or_default();
+        let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?.next().unwrap_or_default();
         // sync_every = 2: after one step the workers have stepped locally but not averaged yet.
         let s2 = RunSpec { method: sdp::spec::Method { sync_every: 2, ..s.method.clone() }, ..s.clone() };
         sdp_step(&mut st, &s2, &batches, 0.05, 1, &dev)?;
@@ -460,7 +460,7 @@ fn gradient_alignment_is_one_at_full_coverage_only() -> Result<()> {
         let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
         let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
         let mut st = SdpState::new(&s, 10, &dev)?;
-        for (i, batches) in TrainLoader::start(Arc::new(data.train.clone()), aug, s.seed, 1, 3, 8)?.enumerate() {
+        for (i, batches) in TrainLoader::start(Arc::new(data.train.clone()), aug, s.seed, 1, 3, 8, 0)?.enumerate() {
             sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
         }
         assert_eq!(st.alignment.len(), 3 * 2, "4 steps, aligned at steps 2 and 4, 3 workers");
@@ -501,7 +501,7 @@ fn sdp_on_a_tiny_swin() -> Result<()> {
             let from_maps: usize = w.net.store().params.keys().map(|k| w.maps[k].local_len()).sum();
             assert_eq!(n, from_maps);
         }
-        let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8)?.next().unwrap_or_default();
+        let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?.next().unwrap_or_default();
         let loss = sdp_step(&mut st, &s, &batches, 0.05, 1, &dev)?;
         assert!(loss.is_finite());
     }

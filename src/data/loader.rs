@@ -93,20 +93,10 @@ pub struct TrainLoader {
 }
 
 impl TrainLoader {
+    /// Starts the loader of `epoch` at its step `first` (0; later for a run resumed mid-epoch: the same
+    /// batches as the uninterrupted epoch's from that step on, since every draw is keyed by (seed, epoch,
+    /// index)).
     pub fn start(
-        set: Arc<ImageSet>,
-        cfg: AugmentCfg,
-        seed: u64,
-        epoch: usize,
-        workers: usize,
-        batch: usize,
-    ) -> Result<Self> {
-        Self::start_at(set, cfg, seed, epoch, workers, batch, 0)
-    }
-
-    /// [`Self::start`] from step `first` of the epoch (a run resumed mid-epoch): the same batches as the
-    /// uninterrupted epoch's from that step on, since every draw is keyed by (seed, epoch, index).
-    pub fn start_at(
         set: Arc<ImageSet>,
         cfg: AugmentCfg,
         seed: u64,
@@ -178,7 +168,7 @@ pub fn bench(set: Arc<ImageSet>, cfg: AugmentCfg, workers: usize, batch: usize, 
     let start = std::time::Instant::now();
     let mut images = 0usize;
     for epoch in 1..=epochs {
-        for batches in TrainLoader::start(set.clone(), cfg, 0, epoch, workers, batch)? {
+        for batches in TrainLoader::start(set.clone(), cfg, 0, epoch, workers, batch, 0)? {
             images += batches.iter().map(Batch::len).sum::<usize>();
         }
     }

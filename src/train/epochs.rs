@@ -54,7 +54,7 @@ pub(super) fn run(
         if done_in_epoch == 0 {
             (pos.epoch_loss_sum, pos.epoch_images, pos.epoch_secs) = (0.0, 0, 0.0);
         }
-        let loader = TrainLoader::start_at(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size, done_in_epoch)?;
+        let loader = TrainLoader::start(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size, done_in_epoch)?;
         let (t_epoch, secs_before, mut lr) = (Instant::now(), pos.epoch_secs, 0.0);
         for batches in loader {
             if obs.interrupted() {

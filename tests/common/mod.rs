@@ -52,6 +52,30 @@ pub fn parse_with(text: &str, sets: &[&str]) -> Result<sdp::spec::Experiment> {
     sdp::plan::parse(text, Path::new("tiny.toml"), &sets)
 }
 
+/// The arguments of `sdp run SPEC --results-dir RESULTS`, then `extra`.
+pub fn run_args<'a>(spec: &'a Path, results: &'a Path, extra: &[&'a str]) -> Result<Vec<&'a str>> {
+    let mut args = vec!["run", spec.to_str().context("spec path")?, "--results-dir", results.to_str().context("path")?];
+    args.extend_from_slice(extra);
+    Ok(args)
+}
+
+/// An ImageFolder tree under `root`: for each `(split, n)`, `n` PNGs of `side`×`side` pixels per class,
+/// named `0.png`, `1.png` …; the pixels are a function of the class and the index, so classes differ.
+pub fn image_tree(root: &Path, splits: &[(&str, usize)], classes: &[&str], side: u32) -> Result<()> {
+    for (split, n) in splits {
+        for (c, class) in classes.iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d)?;
+            for i in 0..*n {
+                let px =
+                    (0..side * side * 3).map(|j| (j as u8).wrapping_mul(c as u8 + 1).wrapping_add(i as u8)).collect();
+                image::RgbImage::from_raw(side, side, px).context("image")?.save(d.join(format!("{i}.png")))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Options for `run_all` into `results` on the CPU, with no memory probe.
 pub fn run_options(results: &Path) -> RunOptions {
     RunOptions {
