@@ -6,8 +6,8 @@
 //! dx = gamma * invstd / N * (N*dy - sum(dy) - xhat * sum(dy * xhat)),
 //! dgamma = sum(dy * xhat), dbeta = sum(dy).
 
-use super::f32_slice;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use super::cpu_op::{map2, Arg, Cpu, CpuOp, Names};
+use candle_core::{bail, CustomOp3, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Validates the shapes of a batch-norm call and returns the channel count C.
@@ -79,28 +79,17 @@ fn plane_grad_sums(x: &[f32], dy: &[f32], mean: f32) -> (f64, f64) {
     (t1, t2)
 }
 
+/// What a training-mode batch norm returns: y, and the detached batch mean and biased variance (C).
+pub(crate) type TrainOutput = (Tensor, Tensor, Tensor);
+
 /// Entry point of the CPU path: all tensors f32 on the CPU, shapes already checked.
-pub(crate) fn train_cpu(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-    epi: &Epilogue,
-) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn train_cpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, epi: &Epilogue) -> Result<TrainOutput> {
     let x = x.contiguous()?;
-    let stats = x.apply_op1_no_bwd(&ChannelStats)?.to_vec2::<f32>()?;
+    let stats = x.apply_op1_no_bwd(&Cpu(ChannelStats))?.to_vec2::<f32>()?;
     let [mean, var] = [&stats[0], &stats[1]];
     let invstd = var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
     let op = BnTrain { mean: mean.clone(), invstd, scale: epi.scale as f32, relu: epi.relu };
-    let y = match epi.residual {
-        None => x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?,
-        Some(r) => {
-            // Four inputs do not fit candle's custom ops: gamma and beta travel as one (2C) tensor,
-            // whose gradient `cat`'s backward splits again.
-            let gb = Tensor::cat(&[gamma, beta], 0)?;
-            x.apply_op3(&gb, &r.contiguous()?, BnTrainResidual(op))?
-        }
-    };
+    let y = epi.apply_train_op(&x, gamma, beta, Cpu(op), |Cpu(op)| Cpu(BnTrainResidual(op)))?;
     let mean = Tensor::new(mean.as_slice(), x.device())?;
     let var = Tensor::new(var.as_slice(), x.device())?;
     Ok((y, mean, var))
@@ -154,19 +143,37 @@ impl Epilogue<'_> {
         }
         Ok(())
     }
+
+    /// Runs a fused training-mode forward op of a backend (CPU here, CUDA in `bn_cuda.rs`): `plain` on
+    /// (x, gamma, beta) without a residual, `with_residual(plain)` on (x, [gamma; beta], residual) with
+    /// one. Four inputs do not fit candle's custom ops: gamma and beta travel as one (2C) tensor, whose
+    /// gradient `cat`'s backward splits again.
+    pub(crate) fn apply_train_op<P: CustomOp3 + Send + Sync + 'static, R: CustomOp3 + Send + Sync + 'static>(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        plain: P,
+        with_residual: impl FnOnce(P) -> R,
+    ) -> Result<Tensor> {
+        match self.residual {
+            None => x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, plain),
+            Some(r) => {
+                let gb = Tensor::cat(&[gamma, beta], 0)?;
+                x.apply_op3(&gb, &r.contiguous()?, with_residual(plain))
+            }
+        }
+    }
 }
 
 /// x (B, C, ...) -> (2, C): per-channel mean and biased variance, in one pass over x.
 struct ChannelStats;
 
-impl CustomOp1 for ChannelStats {
-    fn name(&self) -> &'static str {
-        "sdp-bn-stats"
-    }
+impl CpuOp<1> for ChannelStats {
+    const NAMES: Names<1> = Names { op: "sdp-bn-stats", args: ["input"] };
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, sp) = dims3(l.dims())?;
-        let x = f32_slice("batch norm", s, l, "input")?;
+    fn fwd(&self, [x]: [Arg; 1]) -> Result<(Vec<f32>, Shape)> {
+        let (b, c, sp) = dims3(x.dims())?;
         let n = (b * sp) as f64;
         let stats: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
@@ -181,9 +188,14 @@ impl CustomOp1 for ChannelStats {
                 ((m + shift as f64) as f32, (s2 / n - m * m).max(0.0) as f32)
             })
             .collect();
-        let out = stats.iter().map(|s| s.0).chain(stats.iter().map(|s| s.1)).collect();
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        Ok(rows2(&stats))
     }
+}
+
+/// Per-channel pairs as a (2, C) tensor's data: the first values, then the second ones.
+fn rows2(pairs: &[(f32, f32)]) -> (Vec<f32>, Shape) {
+    let out = pairs.iter().map(|s| s.0).chain(pairs.iter().map(|s| s.1)).collect();
+    (out, Shape::from((2, pairs.len())))
 }
 
 /// (x, gamma, beta) -> y = act(scale * ((x - mean) * invstd * gamma + beta)), with the batch
@@ -197,8 +209,8 @@ struct BnTrain {
 
 impl BnTrain {
     /// y = act(a * x + b + r) per channel, with the scale folded into a and b.
-    fn forward(&self, l1: &Layout, x: &[f32], gamma: &[f32], beta: &[f32], r: Option<&[f32]>) -> Result<Vec<f32>> {
-        let (_, c, sp) = dims3(l1.dims())?;
+    fn forward(&self, x: Arg, gamma: &[f32], beta: &[f32], r: Option<&[f32]>) -> Result<(Vec<f32>, Shape)> {
+        let (_, c, sp) = dims3(x.dims())?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(sp).with_min_len(min_planes(sp)).zip(x.par_chunks(sp)).enumerate().for_each(
             |(idx, (yp, xp))| {
@@ -216,7 +228,7 @@ impl BnTrain {
                 }
             },
         );
-        Ok(y)
+        Ok((y, x.shape.clone()))
     }
 
     /// (dx, dgamma, dbeta) for the output gradient `dy`; `mask` is the output when the ReLU's
@@ -236,7 +248,7 @@ impl BnTrain {
         };
         // The mask argument is ignored when `relu` is false; dy stands in for it.
         let m = mask.as_ref().unwrap_or(&dy);
-        let sums = x.apply_op3_no_bwd(&dy, m, &kernel)?; // (2, C): sum(dy'), sum(dy' * xhat)
+        let sums = x.apply_op3_no_bwd(&dy, m, &Cpu(kernel.clone()))?; // (2, C): sum(dy'), sum(dy' * xhat)
         let dbeta = sums.get(0)?;
         let dgamma = sums.get(1)?;
         let dx = if x.track_op() {
@@ -248,7 +260,7 @@ impl BnTrain {
                 }),
                 ..kernel
             };
-            Some(x.apply_op3_no_bwd(&dy, m, &kernel)?)
+            Some(x.apply_op3_no_bwd(&dy, m, &Cpu(kernel))?)
         } else {
             None
         };
@@ -256,133 +268,53 @@ impl BnTrain {
     }
 }
 
-impl CustomOp3 for BnTrain {
-    fn name(&self) -> &'static str {
-        "sdp-batch-norm-train"
+impl CpuOp<3> for BnTrain {
+    const NAMES: Names<3> = Names { op: "sdp-batch-norm-train", args: ["input", "gamma", "beta"] };
+
+    fn fwd(&self, [x, gamma, beta]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
+        self.forward(x, gamma.data, beta.data, None)
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice("batch norm", s1, l1, "input")?;
-        let gamma = f32_slice("batch norm", s2, l2, "gamma")?;
-        let beta = f32_slice("batch norm", s3, l3, "beta")?;
-        Ok((CpuStorage::F32(self.forward(l1, x, gamma, beta, None)?), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dx, dgamma, dbeta] = self.backward(x, gamma, grad, self.relu.then_some(res))?;
-        Ok((dx, dgamma, dbeta))
+    fn bwd(&self, [x, gamma, _beta]: [&Tensor; 3], res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
+        self.backward(x, gamma, grad, self.relu.then_some(res))
     }
 }
 
 /// (x, [gamma; beta], residual) -> y = act(scale * bn(x) + residual).
 struct BnTrainResidual(BnTrain);
 
-impl CustomOp3 for BnTrainResidual {
-    fn name(&self) -> &'static str {
-        "sdp-batch-norm-train-residual"
+impl CpuOp<3> for BnTrainResidual {
+    const NAMES: Names<3> = Names { op: "sdp-batch-norm-train-residual", args: ["input", "gamma/beta", "residual"] };
+
+    fn fwd(&self, [x, gb, r]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
+        let (gamma, beta) = gb.data.split_at(gb.data.len() / 2);
+        self.0.forward(x, gamma, beta, Some(r.data))
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice("batch norm", s1, l1, "input")?;
-        let gb = f32_slice("batch norm", s2, l2, "gamma/beta")?;
-        let r = f32_slice("batch norm", s3, l3, "residual")?;
-        let (gamma, beta) = gb.split_at(gb.len() / 2);
-        Ok((CpuStorage::F32(self.0.forward(l1, x, gamma, beta, Some(r))?), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gb: &Tensor,
-        _r: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, gb, _r]: [&Tensor; 3], res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         // The residual's gradient is the masked output gradient itself: compute it once and feed
         // the batch-norm backward with it.
-        let dz = if self.0.relu { grad.apply_op2_no_bwd(res, &ReluMask)? } else { grad.clone() };
+        let dz = if self.0.relu { grad.apply_op2_no_bwd(res, &Cpu(ReluMask))? } else { grad.clone() };
         let c = gb.dim(0)? / 2;
         let [dx, dgamma, dbeta] = self.0.backward(x, &gb.narrow(0, 0, c)?, &dz, None)?;
         let dgb = match (dgamma, dbeta) {
             (Some(g), Some(b)) => Some(Tensor::cat(&[g, b], 0)?),
             _ => None,
         };
-        Ok((dx, dgb, Some(dz)))
+        Ok([dx, dgb, Some(dz)])
     }
 }
 
 /// (dy, y) -> dy where y > 0, else 0: the ReLU backward from its output (as PyTorch's).
 struct ReluMask;
 
-impl CustomOp2 for ReluMask {
-    fn name(&self) -> &'static str {
-        "sdp-relu-mask"
-    }
+impl CpuOp<2> for ReluMask {
+    const NAMES: Names<2> = Names { op: "sdp-relu-mask", args: ["output gradient", "output"] };
+    const SAME_SHAPE: usize = 2;
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            bail!("relu mask: gradient {:?} does not match output {:?}", l1.dims(), l2.dims());
-        }
-        let dy = f32_slice("batch norm", s1, l1, "output gradient")?;
-        let y = f32_slice("batch norm", s2, l2, "output")?;
-        let mut out = vec![0f32; dy.len()];
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK).zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK))).for_each(|(o, (d, y))| {
-            for ((o, &d), &y) in o.iter_mut().zip(d).zip(y) {
-                *o = if y > 0.0 { d } else { 0.0 };
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    fn fwd(&self, [dy, y]: [Arg; 2]) -> Result<(Vec<f32>, Shape)> {
+        Ok((map2(&dy, &y, |d, y| if y > 0.0 { d } else { 0.0 }), dy.shape.clone()))
     }
-}
-
-/// The (B, C, spatial) dims and the slices of a backward op's inputs (x, dy, mask), which must match.
-fn backward_inputs<'a>(
-    s1: &'a CpuStorage,
-    l1: &Layout,
-    s2: &'a CpuStorage,
-    l2: &Layout,
-    s3: &'a CpuStorage,
-    l3: &Layout,
-) -> Result<(usize, usize, usize, [&'a [f32]; 3])> {
-    let (b, c, sp) = dims3(l1.dims())?;
-    if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
-        bail!(
-            "batch norm backward: gradient {:?} / output {:?} do not match input {:?}",
-            l2.dims(),
-            l3.dims(),
-            l1.dims()
-        );
-    }
-    let slices = [
-        f32_slice("batch norm", s1, l1, "input")?,
-        f32_slice("batch norm", s2, l2, "output gradient")?,
-        f32_slice("batch norm", s3, l3, "output")?,
-    ];
-    Ok((b, c, sp, slices))
 }
 
 /// The per-channel sums the input gradient needs (the result of the first backward pass).
@@ -422,21 +354,12 @@ impl BnBackward {
     }
 }
 
-impl CustomOp3 for BnBackward {
-    fn name(&self) -> &'static str {
-        "sdp-batch-norm-backward"
-    }
+impl CpuOp<3> for BnBackward {
+    const NAMES: Names<3> = Names { op: "sdp-batch-norm-backward", args: ["input", "output gradient", "output"] };
+    const SAME_SHAPE: usize = 3;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, sp, [x, dy, y]) = backward_inputs(s1, l1, s2, l2, s3, l3)?;
+    fn fwd(&self, [x, dy, y]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
+        let (b, c, sp) = dims3(x.dims())?;
         let Some(sums) = &self.sums else {
             let sums: Vec<(f32, f32)> = (0..c)
                 .into_par_iter()
@@ -451,8 +374,7 @@ impl CustomOp3 for BnBackward {
                     (s1 as f32, (s2 * self.invstd[ch] as f64) as f32)
                 })
                 .collect();
-            let out = sums.iter().map(|s| s.0).chain(sums.iter().map(|s| s.1)).collect();
-            return Ok((CpuStorage::F32(out), Shape::from((2, c))));
+            return Ok(rows2(&sums));
         };
         let n = (b * sp) as f32;
         let mut dx = vec![0f32; x.len()];
@@ -471,7 +393,7 @@ impl CustomOp3 for BnBackward {
                     *o = a * dv + c1 * xv + c0;
                 }
             });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((dx, x.shape.clone()))
     }
 }
 
@@ -485,13 +407,7 @@ fn compute_dtype(x: &Tensor) -> DType {
 }
 
 /// Batch norm in training mode from candle ops (non-CPU devices, non-f32 dtypes).
-pub(crate) fn train_generic(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-    c: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn train_generic(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, c: usize) -> Result<TrainOutput> {
     let (b, _, sp) = dims3(x.dims())?;
     let dt = compute_dtype(x);
     let x3 = x.to_dtype(dt)?.reshape((b, c, sp))?;
@@ -508,20 +424,19 @@ pub(crate) fn train_generic(
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
 }
 
-/// Batch norm in evaluation mode from candle ops (all devices).
+/// Batch norm in evaluation mode from candle ops (all devices), with the `running` mean and variance.
 pub(crate) fn eval_generic(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
+    running: [&Tensor; 2],
     eps: f64,
     c: usize,
 ) -> Result<Tensor> {
     let (b, _, sp) = dims3(x.dims())?;
     let dt = compute_dtype(x);
-    let rm = running_mean.detach().to_dtype(dt)?;
-    let rv = running_var.detach().to_dtype(dt)?;
+    let [rm, rv] = running.map(|t| t.detach().to_dtype(dt));
+    let (rm, rv) = (rm?, rv?);
     let scale = (rv.affine(1.0, eps)?.sqrt()?.recip()? * gamma.to_dtype(dt)?)?;
     let shift = (beta.to_dtype(dt)? - (rm * &scale)?)?;
     x.to_dtype(dt)?

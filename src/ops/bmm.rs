@@ -8,13 +8,13 @@
 //! copies).
 
 use super::conv::{sgemm, MatRef};
-use super::f32_slice;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use super::cpu_op::{Arg, Cpu, CpuOp, Names};
+use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// (…, M, K) · (…, K, N) → (…, M, N) with equal leading (batch) dims; differentiable in both.
 pub(crate) fn bmm_cpu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.contiguous()?.apply_op2(&b.contiguous()?, Bmm { ta: false, tb: false })
+    a.contiguous()?.apply_op2(&b.contiguous()?, Cpu(Bmm { ta: false, tb: false }))
 }
 
 /// Checks `a` (…, M, K) and `b` (…, K, N) and returns (batch, M, K, N).
@@ -36,14 +36,10 @@ struct Bmm {
     tb: bool,
 }
 
-impl CustomOp2 for Bmm {
-    fn name(&self) -> &'static str {
-        "sdp-bmm"
-    }
+impl CpuOp<2> for Bmm {
+    const NAMES: Names<2> = Names { op: "sdp-bmm", args: ["lhs", "rhs"] };
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let a = f32_slice("bmm", s1, l1, "lhs")?;
-        let b = f32_slice("bmm", s2, l2, "rhs")?;
+    fn fwd(&self, [a, b]: [Arg; 2]) -> Result<(Vec<f32>, Shape)> {
         // The logical (…, M, K) and (…, K, N) dims, whatever the storage order.
         let swap = |d: &[usize], t: bool| {
             let mut d = d.to_vec();
@@ -53,13 +49,14 @@ impl CustomOp2 for Bmm {
             }
             d
         };
-        let (da, db) = (swap(l1.dims(), self.ta), swap(l2.dims(), self.tb));
+        let (da, db) = (swap(a.dims(), self.ta), swap(b.dims(), self.tb));
+        let (a, b) = (a.data, b.data);
         let (batch, m, k, n) = check_shapes(&da, &db)?;
         let mut out_dims = da[..da.len() - 2].to_vec();
         out_dims.extend([m, n]);
         let mut c = vec![0f32; batch * m * n];
         if m * n == 0 {
-            return Ok((CpuStorage::F32(c), Shape::from(out_dims)));
+            return Ok((c, Shape::from(out_dims)));
         }
         // Row/column strides of op(A) (M×K) and op(B) (K×N) inside one batch item.
         let (a_rs, a_cs) = if self.ta { (1, m) } else { (k, 1) };
@@ -77,16 +74,16 @@ impl CustomOp2 for Bmm {
             }
             Ok::<(), candle_core::Error>(())
         })?;
-        Ok((CpuStorage::F32(c), Shape::from(out_dims)))
+        Ok((c, Shape::from(out_dims)))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _c: &Tensor, dc: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [a, b]: [&Tensor; 2], _c: &Tensor, dc: &Tensor) -> Result<[Option<Tensor>; 2]> {
         if self.ta || self.tb {
             bail!("bmm: the transposed forms are backward-only and have no backward themselves");
         }
         let dc = dc.contiguous()?;
-        let da = if a.track_op() { Some(dc.apply_op2_no_bwd(b, &Bmm { ta: false, tb: true })?) } else { None };
-        let db = if b.track_op() { Some(a.apply_op2_no_bwd(&dc, &Bmm { ta: true, tb: false })?) } else { None };
-        Ok((da, db))
+        let da = if a.track_op() { Some(dc.apply_op2_no_bwd(b, &Cpu(Bmm { ta: false, tb: true }))?) } else { None };
+        let db = if b.track_op() { Some(a.apply_op2_no_bwd(&dc, &Cpu(Bmm { ta: true, tb: false }))?) } else { None };
+        Ok([da, db])
     }
 }

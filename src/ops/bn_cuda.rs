@@ -24,7 +24,7 @@ use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
-use super::batchnorm::Epilogue;
+use super::batchnorm::{Epilogue, TrainOutput};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batchnorm.ptx"));
 const MODULE: &str = "sdp-batchnorm";
@@ -78,22 +78,23 @@ pub(crate) fn dims3(op: &str, dims: &[usize]) -> Result<(usize, usize, usize)> {
     Ok((b, c, s))
 }
 
-/// `match` on the element type of a custom op's input storage: binds its typed slice to `$v` (only the type
-/// matters, to instantiate the generic `run`) and evaluates `$run`. Other dtypes were already rejected by
-/// [`kernel_suffix`].
-macro_rules! by_dtype {
-    ($storage:expr, $v:ident => $run:expr) => {
-        match &$storage.slice {
-            CudaStorageSlice::F32($v) => $run,
-            CudaStorageSlice::BF16($v) => $run,
-            CudaStorageSlice::F16($v) => $run,
-            _ => unreachable!("kernel_suffix accepted the dtype"),
-        }
-    };
+fn grid(grid_dim: (u32, u32, u32)) -> LaunchConfig {
+    LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn grid_1d(blocks: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+/// The launch of an elementwise kernel over `e` values.
+fn elementwise_grid(e: usize) -> LaunchConfig {
+    grid((elementwise_blocks(e), 1, 1))
+}
+
+/// The launch of a partial-sum kernel: block (c, p) reduces part p of channel c ([`reduce_partition`]).
+fn reduce_grid(c: u32, parts: u32) -> LaunchConfig {
+    grid((c, parts, 1))
+}
+
+/// The launch of a finalize kernel: one thread per channel.
+fn per_channel_grid(c: usize) -> LaunchConfig {
+    grid((c.div_ceil(THREADS as usize) as u32, 1, 1))
 }
 
 fn kernel_suffix(op: &str, dtype: DType) -> Result<&'static str> {
@@ -141,38 +142,43 @@ fn cpu_unsupported(op: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{op}: CPU tensors are not supported (the CPU path is in batchnorm.rs)")
 }
 
-/// Entry point of the CUDA path: x f32/bf16/f16 on a CUDA device, shapes already checked.
-pub(crate) fn train_cuda(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-    epi: &Epilogue,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let x = x.contiguous()?;
-    let gamma = gamma.to_dtype(DType::F32)?.contiguous()?;
-    let beta = beta.to_dtype(DType::F32)?.contiguous()?;
-    let stats = x.apply_op1_no_bwd(&Stats { eps })?; // (3, C): mean, var, invstd
-    let fwd = |residual| Fwd { stats: stats.clone(), scale: epi.scale as f32, relu: epi.relu, residual };
-    let y = match epi.residual {
-        None => x.apply_op3(&gamma, &beta, fwd(false))?,
-        Some(r) => {
-            // As on the CPU: gamma and beta travel as one (2C) tensor, split again by `cat`'s backward.
-            let gb = Tensor::cat(&[&gamma, &beta], 0)?;
-            x.apply_op3(&gb, &r.contiguous()?, fwd(true))?
-        }
-    };
-    Ok((y, stats.get(0)?, stats.get(1)?))
+/// A CUDA-only custom op of this file on `N` inputs; [`Cuda`] runs it as a candle custom op.
+trait CudaOp<const N: usize>: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Launches the op's kernels for activations of element type `T`, named by `_x` (the first
+    /// argument's slice; so the half types need no `half` dependency), whose kernel names end in `sfx`.
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        _x: &CudaSlice<T>,
+        args: [(&CudaStorage, &Layout); N],
+        sfx: &str,
+    ) -> Result<(CudaStorage, Shape)>;
+
+    /// The arguments' gradients (candle's `bwd`); ops run through `apply_op*_no_bwd` keep the default.
+    fn bwd(&self, _args: [&Tensor; N], _res: &Tensor, _grad: &Tensor) -> Result<[Option<Tensor>; N]> {
+        Err(candle_core::Error::BackwardNotSupported { op: self.name() })
+    }
 }
 
-/// x (B, C, ...) -> (3, C) f32: mean, biased variance, 1/sqrt(var + eps).
-struct Stats {
-    eps: f64,
+/// Picks the kernels' element type from the first argument's dtype and runs `op` with it.
+fn cuda_fwd<O: CudaOp<N>, const N: usize>(op: &O, args: [(&CudaStorage, &Layout); N]) -> Result<(CudaStorage, Shape)> {
+    let s = args[0].0;
+    let sfx = kernel_suffix(op.name(), s.dtype())?;
+    match &s.slice {
+        CudaStorageSlice::F32(v) => op.run(v, args, sfx),
+        CudaStorageSlice::BF16(v) => op.run(v, args, sfx),
+        CudaStorageSlice::F16(v) => op.run(v, args, sfx),
+        _ => unreachable!("kernel_suffix accepted the dtype"),
+    }
 }
 
-impl CustomOp1 for Stats {
+/// A [`CudaOp`] as a candle custom op (`CustomOp1` or `CustomOp3` by its arity).
+struct Cuda<O>(O);
+
+impl<O: CudaOp<1>> CustomOp1 for Cuda<O> {
     fn name(&self) -> &'static str {
-        "sdp-bn-stats-cuda"
+        self.0.name()
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -180,70 +186,18 @@ impl CustomOp1 for Stats {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let op = self.name();
-        let sfx = kernel_suffix(op, s.dtype())?;
-        let out = by_dtype!(s, v => self.run(v, s, l, sfx)?);
-        let (_, c, _) = dims3(op, l.dims())?;
-        Ok((CudaStorage::wrap_cuda_slice(out, s.device.clone()), Shape::from((3, c))))
+        cuda_fwd(&self.0, [(s, l)])
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let [d] = self.0.bwd([arg], res, grad)?;
+        Ok(d)
     }
 }
 
-impl Stats {
-    /// `_x` only names the element type T (so the half types need no `half` dependency).
-    fn run<T: CudaDType + DeviceRepr>(
-        &self,
-        _x: &CudaSlice<T>,
-        s: &CudaStorage,
-        l: &Layout,
-        sfx: &str,
-    ) -> Result<CudaSlice<f32>> {
-        let op = self.name();
-        let (b, c, sp) = dims3(op, l.dims())?;
-        let (n, e) = (b * sp, b * c * sp);
-        let x = view::<T>(s, l, e, op, "input")?;
-        let dev: &CudaDevice = &s.device;
-        let (parts, chunk) = reduce_partition(c, n);
-        let detail = format!("input {:?} ({:?})", l.dims(), s.dtype());
-        // SAFETY: uninitialised device memory, never read before written: block (c, p) of the partial
-        // kernel writes its three partials, and the finalize kernel writes all 3C statistics.
-        let mut partial = unsafe { dev.alloc::<f64>(c * parts as usize * 3)? };
-        // SAFETY: as above, written whole by the finalize kernel.
-        let mut stats = unsafe { dev.alloc::<f32>(3 * c)? };
-        let (c32, s32, n64, eps) = (c as u32, sp as u32, n as u64, self.eps);
-        let name = format!("bn_stats_partial_{sfx}");
-        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let mut a = f.builder();
-        a.arg(&x).arg(&c32).arg(&s32).arg(&n64).arg(&chunk).arg(&mut partial);
-        let cfg = LaunchConfig { grid_dim: (c32, parts, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the arguments match `bn_stats_partial_*` in kernels/batchnorm.cu in order and type; x holds
-        // the B*C*S elements it reads (checked by `view`) and `partial` the C*P*3 it writes.
-        unsafe { a.launch(cfg) }.map_err(|e| launch_err(op, &name, detail.clone(), e))?;
-        let f = dev.get_or_load_custom_func("bn_stats_finalize", MODULE, PTX)?;
-        let mut a = f.builder();
-        a.arg(&partial).arg(&c32).arg(&parts).arg(&n64).arg(&eps).arg(&mut stats);
-        // SAFETY: the arguments match `bn_stats_finalize`; it reads the C*P*3 partials and writes 3C values.
-        unsafe { a.launch(grid_1d(c.div_ceil(THREADS as usize) as u32)) }
-            .map_err(|e| launch_err(op, "bn_stats_finalize", detail, e))?;
-        Ok(stats)
-    }
-}
-
-/// (x, gamma, beta) -> y = act(scale * bn(x)), or with `residual` (x, [gamma; beta], r) ->
-/// act(scale * bn(x) + r); the batch statistics are the (3, C) output of [`Stats`].
-struct Fwd {
-    stats: Tensor,
-    scale: f32,
-    relu: bool,
-    residual: bool,
-}
-
-impl CustomOp3 for Fwd {
+impl<O: CudaOp<3>> CustomOp3 for Cuda<O> {
     fn name(&self) -> &'static str {
-        if self.residual {
-            "sdp-batch-norm-train-residual-cuda"
-        } else {
-            "sdp-batch-norm-train-cuda"
-        }
+        self.0.name()
     }
 
     fn cpu_fwd(
@@ -267,41 +221,121 @@ impl CustomOp3 for Fwd {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
-        Ok((out, l1.shape().clone()))
+        cuda_fwd(&self.0, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
     fn bwd(
         &self,
-        x: &Tensor,
-        gamma_or_gb: &Tensor,
-        _beta_or_r: &Tensor,
-        y: &Tensor,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [d1, d2, d3] = self.0.bwd([a1, a2, a3], res, grad)?;
+        Ok((d1, d2, d3))
+    }
+}
+
+/// Entry point of the CUDA path: x f32/bf16/f16 on a CUDA device, shapes already checked.
+pub(crate) fn train_cuda(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, epi: &Epilogue) -> Result<TrainOutput> {
+    let x = x.contiguous()?;
+    let gamma = gamma.to_dtype(DType::F32)?.contiguous()?;
+    let beta = beta.to_dtype(DType::F32)?.contiguous()?;
+    let stats = x.apply_op1_no_bwd(&Cuda(Stats { eps }))?; // (3, C): mean, var, invstd
+    let fwd = Fwd { stats: stats.clone(), scale: epi.scale as f32, relu: epi.relu, residual: false };
+    let y = epi.apply_train_op(&x, &gamma, &beta, Cuda(fwd), |Cuda(f)| Cuda(Fwd { residual: true, ..f }))?;
+    Ok((y, stats.get(0)?, stats.get(1)?))
+}
+
+/// x (B, C, ...) -> (3, C) f32: mean, biased variance, 1/sqrt(var + eps).
+struct Stats {
+    eps: f64,
+}
+
+impl CudaOp<1> for Stats {
+    fn name(&self) -> &'static str {
+        "sdp-bn-stats-cuda"
+    }
+
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        _x: &CudaSlice<T>,
+        [(s, l)]: [(&CudaStorage, &Layout); 1],
+        sfx: &str,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (b, c, sp) = dims3(op, l.dims())?;
+        let (n, e) = (b * sp, b * c * sp);
+        let x = view::<T>(s, l, e, op, "input")?;
+        let dev: &CudaDevice = &s.device;
+        let (parts, chunk) = reduce_partition(c, n);
+        let detail = format!("input {:?} ({:?})", l.dims(), s.dtype());
+        // SAFETY: uninitialised device memory, never read before written: block (c, p) of the partial
+        // kernel writes its three partials, and the finalize kernel writes all 3C statistics.
+        let mut partial = unsafe { dev.alloc::<f64>(c * parts as usize * 3)? };
+        // SAFETY: as above, written whole by the finalize kernel.
+        let mut stats = unsafe { dev.alloc::<f32>(3 * c)? };
+        let (c32, s32, n64, eps) = (c as u32, sp as u32, n as u64, self.eps);
+        let name = format!("bn_stats_partial_{sfx}");
+        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut a = f.builder();
+        a.arg(&x).arg(&c32).arg(&s32).arg(&n64).arg(&chunk).arg(&mut partial);
+        // SAFETY: the arguments match `bn_stats_partial_*` in kernels/batchnorm.cu in order and type; x holds
+        // the B*C*S elements it reads (checked by `view`) and `partial` the C*P*3 it writes.
+        unsafe { a.launch(reduce_grid(c32, parts)) }.map_err(|e| launch_err(op, &name, detail.clone(), e))?;
+        let f = dev.get_or_load_custom_func("bn_stats_finalize", MODULE, PTX)?;
+        let mut a = f.builder();
+        a.arg(&partial).arg(&c32).arg(&parts).arg(&n64).arg(&eps).arg(&mut stats);
+        // SAFETY: the arguments match `bn_stats_finalize`; it reads the C*P*3 partials and writes 3C values.
+        unsafe { a.launch(per_channel_grid(c)) }.map_err(|e| launch_err(op, "bn_stats_finalize", detail, e))?;
+        Ok((CudaStorage::wrap_cuda_slice(stats, dev.clone()), Shape::from((3, c))))
+    }
+}
+
+/// (x, gamma, beta) -> y = act(scale * bn(x)), or with `residual` (x, [gamma; beta], r) ->
+/// act(scale * bn(x) + r); the batch statistics are the (3, C) output of [`Stats`].
+struct Fwd {
+    stats: Tensor,
+    scale: f32,
+    relu: bool,
+    residual: bool,
+}
+
+impl CudaOp<3> for Fwd {
+    fn name(&self) -> &'static str {
+        if self.residual {
+            "sdp-batch-norm-train-residual-cuda"
+        } else {
+            "sdp-batch-norm-train-cuda"
+        }
+    }
+
+    fn bwd(
+        &self,
+        [x, gamma_or_gb, _beta_or_r]: [&Tensor; 3],
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
         let g = Grads { stats: &self.stats, scale: self.scale, relu: self.relu };
         if self.residual {
             let c = gamma_or_gb.dim(0)? / 2;
             let (dx, coef, dz) = g.backward(x, &gamma_or_gb.narrow(0, 0, c)?, grad, y, true)?;
             // Rows 0 and 1 of the coefficients are dgamma and dbeta: the (2C) gradient of [gamma; beta].
             let dgb = coef.narrow(0, 0, 2)?.flatten_all()?;
-            Ok((dx, Some(dgb), dz))
+            Ok([dx, Some(dgb), dz])
         } else {
             let (dx, coef, _) = g.backward(x, gamma_or_gb, grad, y, false)?;
-            Ok((dx, Some(coef.get(0)?), Some(coef.get(1)?)))
+            Ok([dx, Some(coef.get(0)?), Some(coef.get(1)?)])
         }
     }
-}
 
-impl Fwd {
-    /// `_x` only names the element type T.
     fn run<T: CudaDType + DeviceRepr>(
         &self,
         _x: &CudaSlice<T>,
         args: [(&CudaStorage, &Layout); 3],
         sfx: &str,
-    ) -> Result<CudaStorage> {
+    ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         let [(s1, l1), (s2, l2), (s3, l3)] = args;
         let (b, c, sp) = dims3(op, l1.dims())?;
@@ -333,10 +367,10 @@ impl Fwd {
             a.arg(&c32).arg(&s32).arg(&e64).arg(&self.scale).arg(&has_r).arg(&relu).arg(&mut y);
             // SAFETY: the arguments match `bn_fwd_*` in order and type; x, r and y hold e elements, gamma,
             // beta C and the statistics 3C (each checked by `view`); r is read only when has_r is set.
-            unsafe { a.launch(grid_1d(elementwise_blocks(e))) }.map_err(|err| launch_err(op, &name, detail, err))?;
+            unsafe { a.launch(elementwise_grid(e)) }.map_err(|err| launch_err(op, &name, detail, err))?;
             Ok(())
         })?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), l1.shape().clone()))
     }
 }
 
@@ -362,7 +396,7 @@ impl Grads<'_> {
         let y = y.contiguous()?;
         let reduce =
             BwdReduce { stats: self.stats.clone(), gamma: gamma.contiguous()?, scale: self.scale, relu: self.relu };
-        let coef = x.apply_op3_no_bwd(&dy, &y, &reduce)?;
+        let coef = x.apply_op3_no_bwd(&dy, &y, &Cuda(reduce))?;
         let write_dx = x.track_op();
         // Without a ReLU the residual's gradient is dy itself; with one, dy masked by y > 0, written by
         // the dx pass.
@@ -371,7 +405,7 @@ impl Grads<'_> {
         let mut dx = None;
         if write_dx || write_dz {
             let kernel = BwdDx { coef: coef.clone(), scale: self.scale, relu: self.relu, write_dx, write_dz };
-            let out = x.apply_op3_no_bwd(&dy, &y, &kernel)?;
+            let out = x.apply_op3_no_bwd(&dy, &y, &Cuda(kernel))?;
             match (write_dx, write_dz) {
                 (true, true) => {
                     dx = Some(out.get(0)?);
@@ -402,46 +436,17 @@ fn backward_dims(op: &str, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usi
     dims3(op, l1.dims())
 }
 
-impl CustomOp3 for BwdReduce {
+impl CudaOp<3> for BwdReduce {
     fn name(&self) -> &'static str {
         "sdp-batch-norm-backward-reduce-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
-        let c = l1.dims()[1];
-        Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from((6, c))))
-    }
-}
-
-impl BwdReduce {
     fn run<T: CudaDType + DeviceRepr>(
         &self,
         _x: &CudaSlice<T>,
         args: [(&CudaStorage, &Layout); 3],
         sfx: &str,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         let [(s1, l1), (s2, l2), (s3, l3)] = args;
         let (b, c, sp) = backward_dims(op, l1, l2, l3)?;
@@ -466,10 +471,9 @@ impl BwdReduce {
             let mut a = f.builder();
             a.arg(&x).arg(&dy).arg(&y).arg(&stats).arg(&c32).arg(&s32).arg(&n64).arg(&chunk);
             a.arg(&self.scale).arg(&relu).arg(&mut partial);
-            let cfg = LaunchConfig { grid_dim: (c32, parts, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: the arguments match `bn_bwd_partial_*` in order and type; x, dy and y hold e elements
             // and the statistics 3C (checked by `view`), `partial` the C*P*2 written.
-            unsafe { a.launch(cfg) }.map_err(|err| launch_err(op, &name, detail.clone(), err))?;
+            unsafe { a.launch(reduce_grid(c32, parts)) }.map_err(|err| launch_err(op, &name, detail.clone(), err))?;
             with_storage(&self.gamma, op, "gamma", |gs, gl| {
                 let gamma = view::<f32>(gs, gl, c, op, "gamma")?;
                 let f = dev.get_or_load_custom_func("bn_bwd_finalize", MODULE, PTX)?;
@@ -477,12 +481,12 @@ impl BwdReduce {
                 a.arg(&partial).arg(&stats).arg(&gamma).arg(&c32).arg(&parts).arg(&n64).arg(&mut coef);
                 // SAFETY: the arguments match `bn_bwd_finalize`; gamma holds C values (checked by `view`),
                 // the partials C*P*2 and `coef` the 6C written.
-                unsafe { a.launch(grid_1d(c.div_ceil(THREADS as usize) as u32)) }
+                unsafe { a.launch(per_channel_grid(c)) }
                     .map_err(|err| launch_err(op, "bn_bwd_finalize", detail, err))?;
                 Ok(())
             })
         })?;
-        Ok(coef)
+        Ok((CudaStorage::wrap_cuda_slice(coef, dev.clone()), Shape::from((6, c))))
     }
 }
 
@@ -496,47 +500,17 @@ struct BwdDx {
     write_dz: bool,
 }
 
-impl CustomOp3 for BwdDx {
+impl CudaOp<3> for BwdDx {
     fn name(&self) -> &'static str {
         "sdp-batch-norm-backward-dx-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let sfx = kernel_suffix(self.name(), s1.dtype())?;
-        let out = by_dtype!(s1, v => self.run(v, [(s1, l1), (s2, l2), (s3, l3)], sfx)?);
-        let shape =
-            if self.write_dx && self.write_dz { Shape::from([&[2], l1.dims()].concat()) } else { l1.shape().clone() };
-        Ok((out, shape))
-    }
-}
-
-impl BwdDx {
     fn run<T: CudaDType + DeviceRepr>(
         &self,
         _x: &CudaSlice<T>,
         args: [(&CudaStorage, &Layout); 3],
         sfx: &str,
-    ) -> Result<CudaStorage> {
+    ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         if !(self.write_dx || self.write_dz) {
             bail!("{op}: nothing to compute");
@@ -563,10 +537,12 @@ impl BwdDx {
             a.arg(&self.scale).arg(&relu).arg(&wdx).arg(&wdz).arg(&mut out);
             // SAFETY: the arguments match `bn_bwd_dx_*` in order and type; x, dy and y hold e elements and
             // the coefficients 6C (checked by `view`); `out` holds e for each of the wdx + wdz outputs.
-            unsafe { a.launch(grid_1d(elementwise_blocks(e))) }.map_err(|err| launch_err(op, &name, detail, err))?;
+            unsafe { a.launch(elementwise_grid(e)) }.map_err(|err| launch_err(op, &name, detail, err))?;
             Ok(())
         })?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        let shape =
+            if self.write_dx && self.write_dz { Shape::from([&[2], l1.dims()].concat()) } else { l1.shape().clone() };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
     }
 }
 

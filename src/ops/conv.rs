@@ -8,8 +8,8 @@
 //! 32, e.g. 62 vs 84 ms fwd+bwd for 256->256 at 8x8); batches smaller than the thread count
 //! fall back to the parallel GEMM.
 
-use super::f32_slice;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use super::cpu_op::{Arg, Cpu, CpuOp, Names};
+use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Target size (in f32 elements) of the per-chunk column buffer: 8 MiB.
@@ -53,9 +53,10 @@ pub(crate) fn check_shapes(x: &[usize], w: &[usize], stride: usize, padding: usi
     Geom::new(x, w, stride, padding).map(|_| ())
 }
 
-/// Everything the kernels need to know about one convolution.
-#[derive(Debug, Clone, Copy)]
-struct Geom {
+/// Everything the kernels need to know about one convolution; validated by [`Geom::new`] (also the
+/// base of the cuDNN path's geometry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Geom {
     b: usize,
     cin: usize,
     h: usize,
@@ -63,14 +64,14 @@ struct Geom {
     cout: usize,
     kh: usize,
     kw: usize,
-    stride: usize,
-    pad: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
     ho: usize,
     wo: usize,
 }
 
 impl Geom {
-    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+    pub(super) fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
         let &[b, cin, h, wd] = x else {
             bail!("conv2d: input must be (B, Cin, H, W), got shape {x:?}");
         };
@@ -102,6 +103,29 @@ impl Geom {
             ho: (h + 2 * pad - kh) / stride + 1,
             wo: (wd + 2 * pad - kw) / stride + 1,
         })
+    }
+
+    /// The input's dims (B, Cin, H, W).
+    pub(super) fn x_dims(&self) -> [usize; 4] {
+        [self.b, self.cin, self.h, self.w]
+    }
+
+    /// The weight's dims (Cout, Cin, kh, kw).
+    pub(super) fn w_dims(&self) -> [usize; 4] {
+        [self.cout, self.cin, self.kh, self.kw]
+    }
+
+    /// The output's dims (B, Cout, Ho, Wo).
+    pub(super) fn y_dims(&self) -> [usize; 4] {
+        [self.b, self.cout, self.ho, self.wo]
+    }
+
+    /// Checks an op's arguments against the dims this geometry expects of them.
+    fn check_args(&self, args: &[Arg; 2], expected: [[usize; 4]; 2]) -> Result<()> {
+        if args[0].dims() != expected[0] || args[1].dims() != expected[1] {
+            bail!("conv2d: arguments {:?} / {:?} do not match {self:?}", args[0].dims(), args[1].dims());
+        }
+        Ok(())
     }
 
     /// Rows of the column matrix: Cin * kh * kw.
@@ -387,6 +411,18 @@ fn columns<'a>(xc: &'a [f32], g: &Geom, nb: usize, buf: &'a mut [f32]) -> &'a [f
     }
 }
 
+/// A chunk of `nb` images' output gradient (nb, Cout, P) as a (Cout, nb*P) matrix: the chunk
+/// itself for one image, otherwise gathered into `buf`.
+fn output_channels<'a>(dyc: &'a [f32], g: &Geom, nb: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    if nb == 1 {
+        dyc
+    } else {
+        let dst = &mut buf[..g.cout * nb * g.p()];
+        gather_channels(dyc, g.cout, g.p(), nb, dst);
+        dst
+    }
+}
+
 /// How the batch is spread over the rayon threads: `groups` contiguous ranges of `per` images,
 /// each processed chunk by chunk by one task with its own buffers and a single-threaded GEMM.
 /// When the batch is smaller than the thread count there is one group and the GEMM itself is
@@ -467,12 +503,7 @@ fn weight_grad_group(x: &[f32], dy: &[f32], g: &Geom, par: gemm::Parallelism) ->
         let nb = dyc.len() / (g.cout * p);
         let nc = nb * p;
         let col = columns(xc, g, nb, &mut col);
-        let dyc: &[f32] = if nb == 1 {
-            dyc
-        } else {
-            gather_channels(dyc, g.cout, p, nb, &mut dyc_buf[..g.cout * nc]);
-            &dyc_buf[..g.cout * nc]
-        };
+        let dyc = output_channels(dyc, g, nb, &mut dyc_buf);
         let lhs = MatRef { data: dyc, rs: nc, cs: 1 };
         let rhs = MatRef { data: col, rs: 1, cs: nc };
         sgemm(g.cout, k, nc, &mut dw, i > 0, lhs, rhs, par)?;
@@ -503,12 +534,7 @@ fn input_grad_group(dy: &[f32], wt: &[f32], g: &Geom, dx: &mut [f32], par: gemm:
     for (dyc, dxc) in dy.chunks(bc * g.cout * p).zip(dx.chunks_mut(bc * chw)) {
         let nb = dyc.len() / (g.cout * p);
         let nc = nb * p;
-        let dyc: &[f32] = if nb == 1 {
-            dyc
-        } else {
-            gather_channels(dyc, g.cout, p, nb, &mut dyc_buf[..g.cout * nc]);
-            &dyc_buf[..g.cout * nc]
-        };
+        let dyc = output_channels(dyc, g, nb, &mut dyc_buf);
         let rhs = MatRef { data: dyc, rs: nc, cs: 1 };
         if g.pointwise() && nb == 1 {
             // The column matrix of one image is the image: write the gradient in place.
@@ -525,78 +551,54 @@ fn input_grad_group(dy: &[f32], wt: &[f32], g: &Geom, dx: &mut [f32], par: gemm:
 
 /// Entry point of the CPU path: `x` and `w` are f32 on the CPU, shapes already checked.
 pub(crate) fn conv2d_cpu(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { stride, padding })
+    let geom = Geom::new(x.dims(), w.dims(), stride, padding)?;
+    x.contiguous()?.apply_op2(&w.contiguous()?, Cpu(Conv2d { geom }))
 }
 
-/// y = conv2d(x, w); backward through [`Conv2dInputGrad`] and [`Conv2dWeightGrad`].
+/// y = conv2d(x, w); backward through the two [`Conv2dGrad`] ops.
 struct Conv2d {
-    stride: usize,
-    padding: usize,
+    geom: Geom,
 }
 
-impl CustomOp2 for Conv2d {
-    fn name(&self) -> &'static str {
-        "sdp-conv2d"
+impl CpuOp<2> for Conv2d {
+    const NAMES: Names<2> = Names { op: "sdp-conv2d", args: ["input", "weight"] };
+
+    fn fwd(&self, args: [Arg; 2]) -> Result<(Vec<f32>, Shape)> {
+        let g = &self.geom;
+        g.check_args(&args, [g.x_dims(), g.w_dims()])?;
+        Ok((forward(&args[0], &args[1], g)?, Shape::from(&g.y_dims())))
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let x = f32_slice("conv2d", s1, l1, "input")?;
-        let w = f32_slice("conv2d", s2, l2, "weight")?;
-        let y = forward(x, w, &g)?;
-        Ok((CpuStorage::F32(y), Shape::from((g.b, g.cout, g.ho, g.wo))))
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let geom = Geom::new(x.dims(), w.dims(), self.stride, self.padding)?;
+    fn bwd(&self, [x, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
+        let geom = self.geom;
         let grad = grad.contiguous()?;
         // An input that does not track gradients (the image batch) needs no input gradient.
-        let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(w, &Conv2dInputGrad { geom })?) } else { None };
-        let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&grad, &Conv2dWeightGrad { geom })?) } else { None };
-        Ok((dx, dw))
+        let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(w, &Cpu(Conv2dGrad::<true> { geom }))?) } else { None };
+        let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&grad, &Cpu(Conv2dGrad::<false> { geom }))?) } else { None };
+        Ok([dx, dw])
     }
 }
 
-/// (dy, w) -> dx, forward-only.
-struct Conv2dInputGrad {
+/// The gradients of [`Conv2d`], forward-only: with `INPUT`, (dy, w) -> dx; without, (x, dy) -> dw.
+struct Conv2dGrad<const INPUT: bool> {
     geom: Geom,
 }
 
-impl CustomOp2 for Conv2dInputGrad {
-    fn name(&self) -> &'static str {
-        "sdp-conv2d-input-grad"
-    }
+impl<const INPUT: bool> CpuOp<2> for Conv2dGrad<INPUT> {
+    const NAMES: Names<2> = if INPUT {
+        Names { op: "sdp-conv2d-input-grad", args: ["output gradient", "weight"] }
+    } else {
+        Names { op: "sdp-conv2d-weight-grad", args: ["input", "output gradient"] }
+    };
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, args: [Arg; 2]) -> Result<(Vec<f32>, Shape)> {
         let g = &self.geom;
-        if l1.dims() != [g.b, g.cout, g.ho, g.wo] || l2.dims() != [g.cout, g.cin, g.kh, g.kw] {
-            bail!("conv2d backward: gradient {:?} / weight {:?} do not match {g:?}", l1.dims(), l2.dims());
+        if INPUT {
+            g.check_args(&args, [g.y_dims(), g.w_dims()])?;
+            Ok((input_grad(&args[0], &args[1], g)?, Shape::from(&g.x_dims())))
+        } else {
+            g.check_args(&args, [g.x_dims(), g.y_dims()])?;
+            Ok((weight_grad(&args[0], &args[1], g)?, Shape::from(&g.w_dims())))
         }
-        let dy = f32_slice("conv2d", s1, l1, "output gradient")?;
-        let w = f32_slice("conv2d", s2, l2, "weight")?;
-        let dx = input_grad(dy, w, g)?;
-        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.cin, g.h, g.w))))
-    }
-}
-
-/// (x, dy) -> dw, forward-only.
-struct Conv2dWeightGrad {
-    geom: Geom,
-}
-
-impl CustomOp2 for Conv2dWeightGrad {
-    fn name(&self) -> &'static str {
-        "sdp-conv2d-weight-grad"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.geom;
-        if l1.dims() != [g.b, g.cin, g.h, g.w] || l2.dims() != [g.b, g.cout, g.ho, g.wo] {
-            bail!("conv2d backward: input {:?} / gradient {:?} do not match {g:?}", l1.dims(), l2.dims());
-        }
-        let x = f32_slice("conv2d", s1, l1, "input")?;
-        let dy = f32_slice("conv2d", s2, l2, "output gradient")?;
-        let dw = weight_grad(x, dy, g)?;
-        Ok((CpuStorage::F32(dw), Shape::from((g.cout, g.cin, g.kh, g.kw))))
     }
 }

@@ -8,14 +8,9 @@
 //! candle's composed layer norm is 9 graph nodes forward (each costing its backward a zero-filled
 //! gradient buffer plus an add) and ~20 ops backward; swin_t has 29 of them per step.
 
-use super::f32_slice;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use super::cpu_op::{map_rows, map_rows2, rows_per_task, Arg, Cpu, CpuOp, Names};
+use candle_core::{bail, Result, Shape, Tensor, D};
 use rayon::prelude::*;
-
-/// Rows per rayon task: enough work per task for short rows.
-fn min_rows(d: usize) -> usize {
-    (4096 / d.max(1)).max(1)
-}
 
 /// Validates shapes: x is (…, D) with D ≥ 1, w and b are (D).
 pub(crate) fn check_shapes(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<usize> {
@@ -35,58 +30,36 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
 /// Entry point of the CPU path (f32 tensors, shapes checked).
 pub(crate) fn layer_norm_cpu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
-    x.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps: eps as f32 })
+    x.apply_op3(&w.contiguous()?, &b.contiguous()?, Cpu(LayerNormOp { eps: eps as f32 }))
 }
 
 struct LayerNormOp {
     eps: f32,
 }
 
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "sdp-layer-norm"
-    }
+impl CpuOp<3> for LayerNormOp {
+    const NAMES: Names<3> = Names { op: "sdp-layer-norm", args: ["input", "weight", "bias"] };
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice("layer norm", s1, l1, "input")?;
-        let w = f32_slice("layer norm", s2, l2, "weight")?;
-        let b = f32_slice("layer norm", s3, l3, "bias")?;
-        let d = w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).with_min_len(min_rows(d)).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
+    fn fwd(&self, [x, w, b]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
+        let y = map_rows(&x, w.len(), |yr, xr| {
             let (mean, rstd) = row_stats(xr, self.eps);
-            for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+            for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w.data).zip(b.data) {
                 *o = (v - mean) * rstd * wv + bv;
             }
         });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((y, x.shape.clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, w, _b]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let dy = grad.contiguous()?;
         let x = x.contiguous()?;
         let dx = if x.track_op() {
-            Some(x.apply_op3_no_bwd(&dy, &w.contiguous()?, &LayerNormInputGrad { eps: self.eps })?)
+            Some(x.apply_op3_no_bwd(&dy, &w.contiguous()?, &Cpu(LayerNormInputGrad { eps: self.eps }))?)
         } else {
             None
         };
-        let sums = x.apply_op2_no_bwd(&dy, &LayerNormParamGrad { eps: self.eps })?; // (2, D): dw, db
-        Ok((dx, Some(sums.get(0)?), Some(sums.get(1)?)))
+        let sums = x.apply_op2_no_bwd(&dy, &Cpu(LayerNormParamGrad { eps: self.eps }))?; // (2, D): dw, db
+        Ok([dx, Some(sums.get(0)?), Some(sums.get(1)?)])
     }
 }
 
@@ -95,45 +68,26 @@ struct LayerNormInputGrad {
     eps: f32,
 }
 
-impl CustomOp3 for LayerNormInputGrad {
-    fn name(&self) -> &'static str {
-        "sdp-layer-norm-input-grad"
-    }
+impl CpuOp<3> for LayerNormInputGrad {
+    const NAMES: Names<3> = Names { op: "sdp-layer-norm-input-grad", args: ["input", "output gradient", "weight"] };
+    const SAME_SHAPE: usize = 2;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice("layer norm", s1, l1, "input")?;
-        let dy = f32_slice("layer norm", s2, l2, "output gradient")?;
-        let w = f32_slice("layer norm", s3, l3, "weight")?;
-        if dy.len() != x.len() {
-            bail!("layer norm backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());
-        }
-        let d = w.len();
-        let n = d as f32;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(d).with_min_len(min_rows(d)).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(
-            |(dxr, (xr, dyr))| {
-                let (mean, rstd) = row_stats(xr, self.eps);
-                let (mut sg, mut sgx) = (0f32, 0f32);
-                for ((&v, &g), &wv) in xr.iter().zip(dyr).zip(w) {
-                    let g = g * wv;
-                    sg += g;
-                    sgx += g * (v - mean) * rstd;
-                }
-                for (((o, &v), &g), &wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                    let xhat = (v - mean) * rstd;
-                    *o = rstd / n * (n * g * wv - sg - xhat * sgx);
-                }
-            },
-        );
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    fn fwd(&self, [x, dy, w]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
+        let n = w.len() as f32;
+        let dx = map_rows2(&x, &dy, w.len(), |dxr, xr, dyr| {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            let (mut sg, mut sgx) = (0f32, 0f32);
+            for ((&v, &g), &wv) in xr.iter().zip(dyr).zip(w.data) {
+                let g = g * wv;
+                sg += g;
+                sgx += g * (v - mean) * rstd;
+            }
+            for (((o, &v), &g), &wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w.data) {
+                let xhat = (v - mean) * rstd;
+                *o = rstd / n * (n * g * wv - sg - xhat * sgx);
+            }
+        });
+        Ok((dx, x.shape.clone()))
     }
 }
 
@@ -142,21 +96,18 @@ struct LayerNormParamGrad {
     eps: f32,
 }
 
-impl CustomOp2 for LayerNormParamGrad {
-    fn name(&self) -> &'static str {
-        "sdp-layer-norm-param-grad"
-    }
+impl CpuOp<2> for LayerNormParamGrad {
+    const NAMES: Names<2> = Names { op: "sdp-layer-norm-param-grad", args: ["input", "output gradient"] };
+    const SAME_SHAPE: usize = 2;
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice("layer norm", s1, l1, "input")?;
-        let dy = f32_slice("layer norm", s2, l2, "output gradient")?;
-        let d = *l1.dims().last().unwrap_or(&1);
-        if dy.len() != x.len() || d == 0 {
-            bail!("layer norm backward: gradient {:?} does not match input {:?}", l2.dims(), l1.dims());
+    fn fwd(&self, [x, dy]: [Arg; 2]) -> Result<(Vec<f32>, Shape)> {
+        let d = *x.dims().last().unwrap_or(&1);
+        if d == 0 {
+            bail!("layer norm backward: empty rows in input {:?}", x.dims());
         }
         // Partial sums over fixed blocks of rows, then an in-order reduction: no atomics, and the
         // same result whatever the thread count.
-        let rows_per_task = min_rows(d).max(64);
+        let rows_per_task = rows_per_task(d).max(64);
         let partials: Vec<Vec<f32>> = x
             .par_chunks(rows_per_task * d)
             .zip(dy.par_chunks(rows_per_task * d))
@@ -179,7 +130,7 @@ impl CustomOp2 for LayerNormParamGrad {
                 *o += v;
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((2, d))))
+        Ok((out, Shape::from((2, d))))
     }
 }
 

@@ -23,12 +23,12 @@ mod bmm;
 #[cfg(feature = "cuda")]
 mod bn_cuda;
 mod conv;
+mod cpu_op;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 mod layernorm;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 /// The checks batch norm and layer norm share: a non-empty input `x`, two affine parameters of shape [n]
 /// (`axis` names what n counts in x), and a finite non-negative eps.
@@ -174,16 +174,5 @@ pub fn batch_norm_eval_fused(
             );
         }
     }
-    epi.apply(batchnorm::eval_generic(x, gamma, beta, running_mean, running_var, eps, c)?)
-}
-
-/// The contiguous f32 data of a CPU custom op's argument; `op` and `what` name it in errors.
-pub(crate) fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("{op}: {what} must be f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("{op}: {what} must be contiguous (layout {l:?})"),
-    }
+    epi.apply(batchnorm::eval_generic(x, gamma, beta, [running_mean, running_var], eps, c)?)
 }

@@ -30,6 +30,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrM
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+use super::conv::Geom;
 use plan::{grown_workspace, types_for, with_state, Algo, DeviceState, Plan, PlanKey};
 
 /// Whether [`conv2d`] handles tensors of this dtype.
@@ -64,29 +65,16 @@ pub(crate) enum Direction {
     BackwardFilter,
 }
 
-/// A validated convolution geometry; every dimension and element count fits cuDNN's `int`.
+/// A validated convolution geometry (the CPU path's, see `conv.rs`) whose every dimension and element
+/// count also fits cuDNN's `int`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct ConvShape {
-    b: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: usize,
-}
+pub(crate) struct ConvShape(Geom);
 
 impl ConvShape {
     pub(crate) fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
         // The checks every conv2d path shares (ranks, empty tensors, channels, stride, fit) ...
-        super::conv::check_shapes(x, w, stride, pad)?;
-        let (&[b, cin, h, wd], &[cout, _, kh, kw]) = (x, w) else {
-            candle_core::bail!("cudnn-conv2d: input {x:?} / weight {w:?} are not 4-d");
-        };
+        let s = Self(Geom::new(x, w, stride, pad)?);
         // ... and cuDNN's own: every dimension and element count fits an `int`.
-        let s = Self { b, cin, h, w: wd, cout, kh, kw, stride, pad };
         let limit = i32::MAX as usize;
         let too_big = [s.x_dims(), s.w_dims(), s.y_dims()]
             .iter()
@@ -99,23 +87,14 @@ impl ConvShape {
         }
         Ok(s)
     }
+}
 
-    /// Output height and width.
-    pub(crate) fn out_hw(&self) -> (usize, usize) {
-        ((self.h + 2 * self.pad - self.kh) / self.stride + 1, (self.w + 2 * self.pad - self.kw) / self.stride + 1)
-    }
+/// The geometry's dims, stride and padding.
+impl std::ops::Deref for ConvShape {
+    type Target = Geom;
 
-    pub(crate) fn x_dims(&self) -> [usize; 4] {
-        [self.b, self.cin, self.h, self.w]
-    }
-
-    pub(crate) fn w_dims(&self) -> [usize; 4] {
-        [self.cout, self.cin, self.kh, self.kw]
-    }
-
-    pub(crate) fn y_dims(&self) -> [usize; 4] {
-        let (ho, wo) = self.out_hw();
-        [self.b, self.cout, ho, wo]
+    fn deref(&self) -> &Geom {
+        &self.0
     }
 }
 
@@ -356,7 +335,6 @@ mod tests {
     fn shape_arithmetic() {
         // ResNet-18 downsampling 3x3 stride 2 pad 1 on an odd size, and the 1x1 stride-2 shortcut.
         let s = ConvShape::new(&[1, 64, 33, 17], &[128, 64, 3, 3], 2, 1).unwrap();
-        assert_eq!(s.out_hw(), (17, 9));
         assert_eq!(s.y_dims(), [1, 128, 17, 9]);
         let s = ConvShape::new(&[4, 64, 33, 17], &[128, 64, 1, 1], 2, 0).unwrap();
         assert_eq!(s.y_dims(), [4, 128, 17, 9]);

@@ -95,27 +95,66 @@ __device__ __forceinline__ void block_sum2(float &a, float &b) {
     }
 }
 
-// Block (c, p) = (blockIdx.x, blockIdx.y): partial[(c*P + p)*3 + {0,1,2}] = sum(x - shift),
-// sum((x - shift)^2), shift over channel c's values j in [p*chunk, min(N, (p+1)*chunk)).
-template <typename T>
-__device__ void stats_partial(const T *x, u32 C, u32 S, u64 N, u64 chunk, double *partial) {
+// The body of the partial-sum kernels. Block (c, p) = (blockIdx.x, blockIdx.y) calls add(o, s1, s2)
+// for each of channel c's values j in [p*chunk, min(N, (p+1)*chunk)) (o its flat index), each thread
+// on its own f32 accumulators, sums them over the block and returns the block's partials of channel c
+// (valid in thread 0, the one to write them): partial + (c*P + p)*K with K values per block.
+template <typename F>
+__device__ __forceinline__ double *chunk_sums(u32 C, u32 S, u64 N, u64 chunk, double *partial, u32 K, float &s1,
+                                              float &s2, F add) {
     const u32 c = blockIdx.x, p = blockIdx.y, P = gridDim.y;
-    const float shift = to_f(x[(u64)c * S]);
     const u64 start = (u64)p * chunk;
     const u64 end = min(N, start + chunk);
-    float s1 = 0.f, s2 = 0.f;
+    s1 = 0.f;
+    s2 = 0.f;
     if (start + threadIdx.x < end) {
         PlaneIter it(start + threadIdx.x, blockDim.x, S);
         for (u64 j = start + threadIdx.x; j < end; j += blockDim.x) {
-            const float d = to_f(x[it.offset(c, C, S)]) - shift;
-            s1 += d;
-            s2 += d * d;
+            add(it.offset(c, C, S), s1, s2);
             it.step(S);
         }
     }
     block_sum2(s1, s2);
+    return partial + ((u64)c * P + p) * K;
+}
+
+// The first two of the K partials of each of channel c's P blocks, summed in f64.
+__device__ __forceinline__ void sum_partials(const double *partial, u32 c, u32 P, u32 K, double &s1, double &s2) {
+    s1 = 0.0;
+    s2 = 0.0;
+    const double *q = partial + (u64)c * P * K;
+    for (u32 p = 0; p < P; ++p) {
+        s1 += q[p * K];
+        s2 += q[p * K + 1];
+    }
+}
+
+// The body of the elementwise kernels: body(i, c) for the flat indices i < E this thread covers
+// (grid-stride), c the channel of i.
+template <typename F>
+__device__ __forceinline__ void for_each_value(u32 C, u32 S, u64 E, F body) {
+    const u64 g = (u64)gridDim.x * blockDim.x;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= E) return;
+    ChanIter it(i, g, S, C);
+    for (; i < E; i += g) {
+        body(i, it.c);
+        it.step(S, C);
+    }
+}
+
+// Block (c, p) = (blockIdx.x, blockIdx.y): partial[(c*P + p)*3 + {0,1,2}] = sum(x - shift),
+// sum((x - shift)^2), shift over channel c's values j in [p*chunk, min(N, (p+1)*chunk)).
+template <typename T>
+__device__ void stats_partial(const T *x, u32 C, u32 S, u64 N, u64 chunk, double *partial) {
+    const float shift = to_f(x[(u64)blockIdx.x * S]);
+    float s1, s2;
+    double *o = chunk_sums(C, S, N, chunk, partial, 3, s1, s2, [&](u64 i, float &a, float &b) {
+        const float d = to_f(x[i]) - shift;
+        a += d;
+        b += d * d;
+    });
     if (threadIdx.x == 0) {
-        double *o = partial + ((u64)c * P + p) * 3;
         o[0] = s1;
         o[1] = s2;
         o[2] = shift;
@@ -126,16 +165,12 @@ __device__ void stats_partial(const T *x, u32 C, u32 S, u64 N, u64 chunk, double
 extern "C" __global__ void bn_stats_finalize(const double *partial, u32 C, u32 P, u64 N, double eps, float *stats) {
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    double s1 = 0.0, s2 = 0.0;
-    const double *q = partial + (u64)c * P * 3;
-    for (u32 p = 0; p < P; ++p) {
-        s1 += q[p * 3];
-        s2 += q[p * 3 + 1];
-    }
+    double s1, s2;
+    sum_partials(partial, c, P, 3, s1, s2);
     const double n = (double)N;
     const double m = s1 / n;
     const double var = fmax(s2 / n - m * m, 0.0);
-    stats[c] = (float)(m + q[2]);
+    stats[c] = (float)(m + partial[(u64)c * P * 3 + 2]);
     stats[C + c] = (float)var;
     stats[2 * C + c] = (float)(1.0 / sqrt(var + eps));
 }
@@ -144,44 +179,28 @@ extern "C" __global__ void bn_stats_finalize(const double *partial, u32 C, u32 P
 template <typename T>
 __device__ void fwd(const T *x, const float *gamma, const float *beta, const float *stats, const T *r, u32 C, u32 S,
                     u64 E, float scale, int has_r, int relu, T *y) {
-    const u64 g = (u64)gridDim.x * blockDim.x;
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= E) return;
-    ChanIter it(i, g, S, C);
-    for (; i < E; i += g) {
-        const u32 c = it.c;
+    for_each_value(C, S, E, [&](u64 i, u32 c) {
         const float a = scale * gamma[c] * stats[2 * C + c];
         float v = (to_f(x[i]) - stats[c]) * a + scale * beta[c];
         if (has_r) v += to_f(r[i]);
         if (relu) v = fmaxf(v, 0.f);
         y[i] = from_f<T>(v);
-        it.step(S, C);
-    }
+    });
 }
 
 // partial[(c*P + p)*2 + {0,1}] = sum(dy'), sum(dy' * (x - mean)) over the chunk, as stats_partial.
 template <typename T>
 __device__ void bwd_partial(const T *x, const T *dy, const T *y, const float *stats, u32 C, u32 S, u64 N, u64 chunk,
                             float scale, int relu, double *partial) {
-    const u32 c = blockIdx.x, p = blockIdx.y, P = gridDim.y;
-    const float mean = stats[c];
-    const u64 start = (u64)p * chunk;
-    const u64 end = min(N, start + chunk);
-    float s1 = 0.f, s2 = 0.f;
-    if (start + threadIdx.x < end) {
-        PlaneIter it(start + threadIdx.x, blockDim.x, S);
-        for (u64 j = start + threadIdx.x; j < end; j += blockDim.x) {
-            const u64 o = it.offset(c, C, S);
-            float d = scale * to_f(dy[o]);
-            if (relu && !(to_f(y[o]) > 0.f)) d = 0.f;
-            s1 += d;
-            s2 += d * (to_f(x[o]) - mean);
-            it.step(S);
-        }
-    }
-    block_sum2(s1, s2);
+    const float mean = stats[blockIdx.x];
+    float s1, s2;
+    double *o = chunk_sums(C, S, N, chunk, partial, 2, s1, s2, [&](u64 i, float &a, float &b) {
+        float d = scale * to_f(dy[i]);
+        if (relu && !(to_f(y[i]) > 0.f)) d = 0.f;
+        a += d;
+        b += d * (to_f(x[i]) - mean);
+    });
     if (threadIdx.x == 0) {
-        double *o = partial + ((u64)c * P + p) * 2;
         o[0] = s1;
         o[1] = s2;
     }
@@ -192,12 +211,8 @@ extern "C" __global__ void bn_bwd_finalize(const double *partial, const float *s
                                            u64 N, float *coef) {
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    double s1 = 0.0, s2 = 0.0;
-    const double *q = partial + (u64)c * P * 2;
-    for (u32 p = 0; p < P; ++p) {
-        s1 += q[p * 2];
-        s2 += q[p * 2 + 1];
-    }
+    double s1, s2;
+    sum_partials(partial, c, P, 2, s1, s2);
     const double invstd = stats[2 * C + c];
     const double dgamma = s2 * invstd;
     const double a = (double)gamma[c] * invstd;
@@ -215,13 +230,8 @@ extern "C" __global__ void bn_bwd_finalize(const double *partial, const float *s
 template <typename T>
 __device__ void bwd_dx(const T *x, const T *dy, const T *y, const float *coef, u32 C, u32 S, u64 E, float scale,
                        int relu, int write_dx, int write_dz, T *out) {
-    const u64 g = (u64)gridDim.x * blockDim.x;
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= E) return;
     T *dz = write_dx ? out + E : out;
-    ChanIter it(i, g, S, C);
-    for (; i < E; i += g) {
-        const u32 c = it.c;
+    for_each_value(C, S, E, [&](u64 i, u32 c) {
         float d = to_f(dy[i]);
         if (relu && !(to_f(y[i]) > 0.f)) d = 0.f;
         if (write_dz) dz[i] = from_f<T>(d);
@@ -230,8 +240,7 @@ __device__ void bwd_dx(const T *x, const T *dy, const T *y, const float *coef, u
                             coef[4 * C + c];
             out[i] = from_f<T>(v);
         }
-        it.step(S, C);
-    }
+    });
 }
 
 #define INSTANTIATE(SUFFIX, T)                                                                                     \
