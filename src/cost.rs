@@ -33,6 +33,7 @@
 use crate::bench::{self, StepBench};
 use crate::data::source::DataRef;
 use crate::masking;
+use crate::models::info::thousands;
 use crate::models::{self, Builder, Net};
 use crate::plan;
 use crate::seed::{rng, Stream};
@@ -509,19 +510,6 @@ fn per_image(net: &dyn Net, x: &Tensor, train: bool, dev: &Device, warm_up: bool
     net.forward_t(x, train)?.detach();
     dev.synchronize()?;
     Ok(t.elapsed().as_secs_f64() / x.dim(0)?.max(1) as f64)
-}
-
-/// `1234567` → `1,234,567`.
-fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Hours, readable at any size: `2.41 h`, `12.5 min`, `40 s`.

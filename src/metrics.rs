@@ -201,6 +201,11 @@ mod tests {
         graph(n, &edges)
     }
 
+    /// A selection from one string per worker, `1` where it holds the unit at that position.
+    fn sel(rows: &[&str], m: usize) -> Selection {
+        Selection { holds: rows.iter().map(|r| r.chars().map(|c| c == '1').collect()).collect(), m }
+    }
+
     #[test]
     fn ring_formula() {
         assert_eq!(ring_allreduce_bytes(1000, 0), 0.0);
@@ -260,23 +265,14 @@ mod tests {
     #[test]
     fn spectral_gap_of_selections() {
         // m = 1: nobody shares anything → 0. Full coverage with equal units → complete graph, K/(K−1).
-        let disjoint = Selection { holds: vec![vec![true, false], vec![false, true]], m: 1 };
+        let disjoint = sel(&["10", "01"], 1);
         assert_eq!(spectral_gap(&disjoint, &[10, 10]), 0.0);
         let full = Selection { holds: vec![vec![true; 3]; 4], m: 4 };
         assert!(close(spectral_gap(&full, &[5, 7, 9]), 4.0 / 3.0));
         // K = 4, m = 2, units {0,1} and {2,3} (two disconnected pairs) → 0; adding unit {1,2} connects them.
-        let pairs =
-            Selection { holds: vec![vec![true, false], vec![true, false], vec![false, true], vec![false, true]], m: 2 };
+        let pairs = sel(&["10", "10", "01", "01"], 2);
         assert_eq!(spectral_gap(&pairs, &[4, 4]), 0.0);
-        let chain = Selection {
-            holds: vec![
-                vec![true, false, false],
-                vec![true, false, true],
-                vec![false, true, true],
-                vec![false, true, false],
-            ],
-            m: 2,
-        };
+        let chain = sel(&["100", "101", "011", "010"], 2);
         let a = averaging_graph(&chain, &[4, 4, 4]);
         assert_eq!(a[1][2], 4.0);
         assert_eq!(a[0][3], 0.0);
@@ -287,15 +283,7 @@ mod tests {
     #[test]
     fn comm_grouped_never_exceeds_masked() {
         // K = 4, m = 2: unit 0 on {0,1}, unit 1 on {2,3}, unit 2 on {0,1} (same holder set as unit 0).
-        let sel = Selection {
-            holds: vec![
-                vec![true, false, true],
-                vec![true, false, true],
-                vec![false, true, false],
-                vec![false, true, false],
-            ],
-            m: 2,
-        };
+        let sel = sel(&["101", "101", "010", "010"], 2);
         let c = comm_bytes_per_worker(&sel, &[100, 200, 300], 1000, 4);
         assert_eq!(c.len(), 4);
         for w in &c {

@@ -367,7 +367,7 @@ fn batch_norm_fused_fallback_and_eval_match_the_fast_path() -> Result<()> {
     let (y64, _, _) = ops::batch_norm_train_fused(&to64(&x)?, &to64(&gamma)?, &to64(&beta)?, 1e-5, &epi64)?;
     assert_close("fallback y", &y, &y64.to_dtype(DType::F32)?, TOL)?;
     // Evaluation with the batch's own statistics as running statistics gives the training output.
-    let y_eval = ops::batch_norm_eval_fused(&x, &gamma, &beta, &mean, &var, 1e-5, &epi)?;
+    let y_eval = ops::batch_norm_eval(&x, &gamma, &beta, &mean, &var, 1e-5, &epi)?;
     assert_close("eval y", &y_eval, &y, TOL)
 }
 
@@ -408,7 +408,7 @@ fn batch_norm_eval_uses_running_statistics_and_is_differentiable() -> Result<()>
     let rm = rand_tensor(&mut rng, &[4])?;
     let rv = (rand_tensor(&mut rng, &[4])?.abs()? + 0.5)?;
     let eps = 1e-5;
-    let y = ops::batch_norm_eval(&x, &gamma, &beta, &rm, &rv, eps)?;
+    let y = ops::batch_norm_eval(&x, &gamma, &beta, &rm, &rv, eps, &ops::Epilogue::default())?;
     let b = |t: &Tensor| t.reshape((1, 4, 1, 1));
     let scale = (gamma.as_tensor() / (&rv + eps)?.sqrt()?)?;
     let expected = x.broadcast_sub(&b(&rm)?)?.broadcast_mul(&b(&scale)?)?.broadcast_add(&b(&beta)?)?;
@@ -437,8 +437,14 @@ fn batch_norm_rejects_bad_shapes_with_clear_messages() -> Result<()> {
     expect_err(ops::batch_norm_train(&x, &g4, &g, 1e-5), "gamma must have shape [3]")?;
     expect_err(ops::batch_norm_train(&x, &g, &g4, 1e-5), "beta must have shape [3]")?;
     expect_err(ops::batch_norm_train(&x, &g, &g, -1.0), "eps must be finite and non-negative")?;
-    expect_err(ops::batch_norm_eval(&x, &g, &g, &g4, &g, 1e-5), "running_mean must have shape [3]")?;
-    expect_err(ops::batch_norm_eval(&x, &g, &g, &g, &g4, 1e-5), "running_var must have shape [3]")
+    expect_err(
+        ops::batch_norm_eval(&x, &g, &g, &g4, &g, 1e-5, &ops::Epilogue::default()),
+        "running_mean must have shape [3]",
+    )?;
+    expect_err(
+        ops::batch_norm_eval(&x, &g, &g, &g, &g4, 1e-5, &ops::Epilogue::default()),
+        "running_var must have shape [3]",
+    )
 }
 
 /// Layer norm from candle ops (the composition swin_t used before the custom op).

@@ -225,14 +225,20 @@ mod tests {
 
     #[test]
     fn holders_rounds_and_clamps() {
-        assert_eq!(holders(0.5, 4), 2);
-        assert_eq!(holders(0.875, 8), 7);
-        assert_eq!(holders(0.01, 8), 1);
-        assert_eq!(holders(1.0, 3), 3);
-        assert_eq!(holders(0.5, 3), 2); // 1.5 rounds half away from zero
-        assert_eq!(holders(2.0, 3), 3);
-        assert_eq!(holders(f64::NAN, 3), 1);
-        assert_eq!(holders(0.5, 0), 0);
+        // (C, K, m); 1.5 rounds half away from zero; out-of-range C clamps to [1, K].
+        let cases = [
+            (0.5, 4, 2),
+            (0.875, 8, 7),
+            (0.01, 8, 1),
+            (1.0, 3, 3),
+            (0.5, 3, 2),
+            (2.0, 3, 3),
+            (f64::NAN, 3, 1),
+            (0.5, 0, 0),
+        ];
+        for (c, k, m) in cases {
+            assert_eq!(holders(c, k), m, "C = {c}, K = {k}");
+        }
     }
 
     #[test]

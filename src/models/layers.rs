@@ -280,7 +280,7 @@ impl BatchNorm {
             p.running_var.set(&((p.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
             Ok(ys)
         } else {
-            crate::ops::batch_norm_eval_fused(
+            crate::ops::batch_norm_eval(
                 xs,
                 p.weight.as_tensor(),
                 p.bias.as_tensor(),

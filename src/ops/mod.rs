@@ -137,24 +137,12 @@ pub fn batch_norm_train_fused(
     }
 }
 
-/// Batch norm in evaluation mode, normalising with the running statistics.
+/// Batch norm in evaluation mode, normalising with the running statistics, followed by an [`Epilogue`]
+/// (`Epilogue::default()`: none; composed from candle ops, as evaluation has no backward pass to save).
 ///
 /// Shapes as in [`batch_norm_train`]; `running_mean` and `running_var` are (C) and are treated as
 /// constants (detached, converted to `x`'s dtype). Differentiable w.r.t. `x`, `gamma` and `beta`.
 pub fn batch_norm_eval(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    batch_norm_eval_fused(x, gamma, beta, running_mean, running_var, eps, &Epilogue::default())
-}
-
-/// [`batch_norm_eval`] followed by an [`Epilogue`] (composed from candle ops: evaluation has no
-/// backward pass to save).
-pub fn batch_norm_eval_fused(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
