@@ -8,7 +8,7 @@
 //! - on the CPU with f32 tensors they run candle custom ops (im2col + GEMM for the convolution and
 //!   both its gradients, a one-pass statistics kernel and a closed-form backward for batch norm);
 //! - on CUDA with f32, bf16 or f16 tensors and the `cudnn` feature, `conv2d` runs cuDNN custom ops
-//!   (forward, backward-data and backward-filter calls with cached algorithms: see `cudnn.rs`);
+//!   (forward, backward-data and backward-filter calls with cached algorithms: see `cudnn/`);
 //! - on CUDA with the `cuda` feature, batch norm in training (with its fused epilogue) runs custom
 //!   CUDA kernels: one-pass statistics and the same closed-form backward (`bn_cuda.rs`);
 //! - on the CPU with bf16 tensors, `conv2d` emulates a GPU's bf16 convolution (f32 arithmetic);
