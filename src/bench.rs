@@ -17,10 +17,10 @@ use crate::data::loader::Batch;
 use crate::memprobe::MemoryMeter;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
-use crate::plan;
+use crate::plan::{self, Plan};
 use crate::seed::{rng, Stream};
 use crate::spec::{MethodKind, Precision, RunSpec, SpecError};
-use crate::train::{baseline_net, dp_step, dp_step_with, loss_and_grads, sdp_step, SdpState};
+use crate::train::{baseline_net, dp_step_with, loss_and_grads, sdp_step, SdpState, Step};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -352,7 +352,7 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     let (x, y) = random_batch(b, 0).to_tensors(dev)?;
     let lr = b.spec.optim.lr;
     let r = timed_steps(b, meter, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
-        let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
+        let (_, grads) = loss_and_grads(Plan::of(&b.spec)?.task.task, net.as_ref(), &x, &y)?;
         sample()?; // activations and gradients alive: the step's high point
         opt.step(&net.store().params, &grads, lr)?;
         Ok(())
@@ -373,6 +373,8 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
     let batches: Vec<Batch> = (0..spec.method.workers).map(|k| random_batch(b, k)).collect();
     let images = spec.workload.batch_size * spec.method.workers;
     let lr = spec.optim.lr;
+    let solo = crate::comm::World::solo();
+    let ctx = Step { task: Plan::of(spec)?.task.task, device: dev, world: &solo };
     let r = match spec.method.kind {
         MethodKind::Sdp => {
             let mut st = SdpState::new(spec, b.classes, dev).context("building the SDP state")?;
@@ -389,7 +391,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             let build_s = t.elapsed().as_secs_f64();
             let mut opt = Optimizer::new(&spec.optim);
             let r = timed_steps(b, meter, net.store().num_params(), images, |_, sample| {
-                dp_step(net.as_ref(), &mut opt, &batches, lr, dev)?;
+                dp_step_with(net.as_ref(), &mut opt, &batches, lr, &|_, x| net.forward_t(x, true), &ctx)?;
                 sample()
             })?;
             StepReport { build_s, ..r }
@@ -402,7 +404,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
                 let forward = |k: usize, x: &Tensor| {
                     net.forward_dropping(x, true, &crate::train::baseline_drops(spec, &net, i + 1, k, dev)?)
                 };
-                dp_step_with(&net, &mut opt, &batches, lr, dev, &forward, &crate::comm::World::solo())?;
+                dp_step_with(&net, &mut opt, &batches, lr, &forward, &ctx)?;
                 sample()
             })?;
             StepReport { build_s, ..r }

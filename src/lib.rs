@@ -26,4 +26,5 @@ pub mod runtime;
 pub mod seed;
 pub mod spec;
 pub mod subnet;
+pub mod task;
 pub mod train;

@@ -15,9 +15,9 @@
 //!
 //! [`MemoryMeter`] is that measurement, on either device; `sdp bench step` measures with it too.
 
-use crate::data::source::DataRef;
 use crate::models;
 use crate::optim::{lr_at, Optimizer};
+use crate::plan::Plan;
 use crate::spec::{MethodKind, RunSpec};
 use crate::train::{loss_and_grads, SdpState};
 use anyhow::{bail, Context, Result};
@@ -112,7 +112,8 @@ pub struct Probe {
 /// Meant to run in a fresh process (`sdp memprobe`): earlier allocations of the process would blur it.
 pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Device, data_dir: &Path) -> Result<Probe> {
     let device = device.clone();
-    let shape = DataRef::parse(&spec.workload.dataset)?.shape(&spec.workload, data_dir)?;
+    let plan = Plan::of(spec)?;
+    let (shape, task) = (plan.data.shape(&spec.workload, data_dir)?, plan.task.task);
     let (classes, (h, w)) = (shape.classes, shape.hw);
     let b = spec.workload.batch_size;
     let mut meter = MemoryMeter::start(&device)?;
@@ -133,7 +134,7 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
         meter.sample()
     };
     for step in 0..steps.max(1) {
-        let (_, grads) = loss_and_grads(net.as_ref(), &x, &y)?;
+        let (_, grads) = loss_and_grads(task, net.as_ref(), &x, &y)?;
         sample()?;
         opt.step(&net.store().params, &grads, lr_at(&spec.optim, step, steps, steps))?;
         sample()?;
@@ -210,7 +211,7 @@ mod tests {
         let text =
             "name = \"t\"\n[workload]\ndataset = \"folder:imgs\"\nmodel = \"resnet18\"\nepochs = 1\nbatch_size = 2\n";
         let w = crate::plan::parse(text, Path::new("t.toml"), &[])?.runs.remove(0).spec.workload;
-        let data = DataRef::parse(&w.dataset)?;
+        let data = crate::data::source::DataRef::parse(&w.dataset)?;
         let shape = data.shape(&w, dir.path())?;
         assert_eq!((shape.classes, shape.train, shape.test, shape.hw), (3, 3, 3, (6, 4)));
         let e = data.shape(&w, Path::new("/nonexistent")).unwrap_err().to_string();

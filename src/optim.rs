@@ -250,8 +250,10 @@ mod tests {
         assert_eq!(lr_at(&o, 45, 60, 10), 0.025);
     }
 
+    type OneParam = (Var, BTreeMap<String, Var>, BTreeMap<String, Tensor>);
+
     /// One scalar parameter `w` of value `p` and its gradient `g`.
-    fn one_param(p: f32, g: f32) -> Result<(Var, BTreeMap<String, Var>, BTreeMap<String, Tensor>)> {
+    fn one_param(p: f32, g: f32) -> Result<OneParam> {
         let var = Var::new(&[p], &candle_core::Device::Cpu)?;
         let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[g], &candle_core::Device::Cpu)?)]);
         Ok((var.clone(), BTreeMap::from([("w".to_string(), var)]), grads))

@@ -10,6 +10,7 @@ use crate::data::source::DataRef;
 use crate::masking;
 use crate::models;
 use crate::spec::{self, Experiment, MethodKind, RunSpec, SpecError};
+use crate::task;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::Path;
@@ -21,6 +22,8 @@ pub struct Plan {
     pub strategy: masking::Registered,
     /// `workload.dataset`.
     pub data: DataRef,
+    /// The task the dataset is for.
+    pub task: task::Registered,
 }
 
 impl Plan {
@@ -35,6 +38,11 @@ pub fn resolve(spec: &RunSpec) -> Result<Plan, (String, String)> {
     let (w, m) = (&spec.workload, &spec.method);
     let err = |k: &str, e: anyhow::Error| (k.to_string(), format!("{e:#}"));
     let data = DataRef::parse(&w.dataset).map_err(|e| err("workload.dataset", e))?;
+    let task = task::task(data.source().task()).map_err(|e| err("workload.dataset", e))?;
+    if !task.task.eval_modes().contains(&m.eval_mode) {
+        let msg = format!("`{}` does not apply to the {} task", m.eval_mode.name(), task.name);
+        return Err(("method.eval_mode".into(), msg));
+    }
     if let Err(e) = models::of(w, 1) {
         // The model rejects its shape overrides, or (none given) needs them.
         let key = if w.widths.is_some() || w.depths.is_some() { "workload.widths" } else { "workload.model" };
@@ -46,7 +54,7 @@ pub fn resolve(spec: &RunSpec) -> Result<Plan, (String, String)> {
     {
         return Err(("method.kind".into(), "the baselines are implemented for the ResNet family only".into()));
     }
-    Ok(Plan { strategy, data })
+    Ok(Plan { strategy, data, task })
 }
 
 /// Reads, overrides, expands, validates and resolves a spec file: every run's names are checked here.

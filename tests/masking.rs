@@ -150,7 +150,7 @@ fn bad_arguments_are_errors() -> Result<()> {
 
 #[test]
 fn unknown_strategy_lists_registered_names() {
-    let e = strategy("blokc").err().expect("unknown name must be an error").to_string();
+    let e = strategy("blokc").expect_err("unknown name must be an error").to_string();
     assert!(e.contains("\"blokc\""), "{e}");
     for s in REGISTRY {
         assert!(e.contains(s.name), "{e} does not list {}", s.name);

@@ -58,6 +58,10 @@ pub trait DataSource: Send + Sync {
     fn files(&self) -> Vec<RemoteFile> {
         Vec::new()
     }
+    /// The task its examples are for (a [`crate::task::REGISTRY`] name).
+    fn task(&self) -> &'static str {
+        "classify"
+    }
     /// Where the decoded images are cached, if they are (`sdp data info`).
     fn cache(&self, _req: &Request) -> Option<PathBuf> {
         None

@@ -568,6 +568,9 @@ impl RunSpec {
     }
 }
 
+/// A judgement of one run that `spec` cannot make itself (what its names mean): `Err((key, why))`.
+pub type Check = dyn Fn(&RunSpec) -> Result<(), (String, String)>;
+
 mod load;
 pub use load::{parse_checked, Experiment, Run};
 

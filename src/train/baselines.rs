@@ -54,7 +54,7 @@ impl Method for Baseline<'_> {
         let net = &self.net;
         let forward =
             |i: usize, x: &Tensor| net.forward_dropping(x, true, &baseline_drops(spec, net, step, i, device)?);
-        dp_step_with(net, &mut self.opt, batches, lr, device, &forward, self.run.world)
+        dp_step_with(net, &mut self.opt, batches, lr, &forward, &self.run.step_ctx())
     }
 
     fn evaluate(&mut self) -> Result<Evaluation> {

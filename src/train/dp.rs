@@ -11,6 +11,7 @@ use crate::data::loader::Batch;
 use crate::models::layers::ParamStore;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
+use crate::task::{Task, CLASSIFY};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ impl Method for Dp<'_> {
     fn step(&mut self, batches: &[Batch], lr: f64, _step: usize) -> Result<f64> {
         let net = self.net.as_ref();
         let forward = |_: usize, x: &Tensor| net.forward_t(x, true);
-        dp_step_with(net, &mut self.opt, batches, lr, self.run.device, &forward, self.run.world)
+        dp_step_with(net, &mut self.opt, batches, lr, &forward, &self.run.step_ctx())
     }
 
     fn evaluate(&mut self) -> Result<Evaluation> {
@@ -72,10 +73,20 @@ pub(super) fn restore_single(net: &dyn Net, opt: &mut Optimizer, r: &TrainState,
     checkpoint::restore_optimizer("net", opt, &r.tensors, device)
 }
 
-/// One data-parallel step: per-worker gradients, averaged; BN running statistics averaged; one update.
-/// Returns the mean training loss over the workers.
+/// One data-parallel step of image classification in this process: per-worker gradients, averaged; BN
+/// running statistics averaged; one update. Returns the mean training loss over the workers.
 pub fn dp_step(net: &dyn Net, opt: &mut Optimizer, batches: &[Batch], lr: f64, device: &Device) -> Result<f64> {
-    dp_step_with(net, opt, batches, lr, device, &|_, x| net.forward_t(x, true), &World::solo())
+    let ctx = Step { task: CLASSIFY.task, device, world: &World::solo() };
+    dp_step_with(net, opt, batches, lr, &|_, x| net.forward_t(x, true), &ctx)
+}
+
+/// What a training step needs besides the model and its batches: the task (its loss), the device, and
+/// the processes the workers are spread over.
+#[derive(Clone, Copy)]
+pub struct Step<'a> {
+    pub task: &'a dyn Task,
+    pub device: &'a Device,
+    pub world: &'a World,
 }
 
 /// Training-mode logits of worker k for a batch (the DP baselines drop blocks or channels per worker).
@@ -88,10 +99,10 @@ pub fn dp_step_with(
     opt: &mut Optimizer,
     batches: &[Batch],
     lr: f64,
-    device: &Device,
     forward: &Forward,
-    world: &World,
+    ctx: &Step,
 ) -> Result<f64> {
+    let (device, world) = (ctx.device, ctx.world);
     let store = net.store();
     let k = batches.len();
     // Each simulated worker starts from the same running statistics.
@@ -105,7 +116,7 @@ pub fn dp_step_with(
             store.set_buffers(s)?;
         }
         let (x, y) = batch.to_tensors(device)?;
-        let (loss, grads) = grads_of(store, &forward(i, &x)?, &y)?;
+        let (loss, grads) = grads_of(ctx.task, store, &forward(i, &x)?, &y)?;
         loss_sum += loss;
         accumulate(&mut grad_sum, grads)?;
         if snapshot.is_some() {
@@ -130,14 +141,19 @@ pub fn dp_step_with(
     Ok(loss_sum * inv)
 }
 
-/// Mean cross-entropy of a training-mode forward pass on (x, y), and the gradient of every parameter.
-pub fn loss_and_grads(net: &dyn Net, x: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    grads_of(net.store(), &net.forward_t(x, true)?, y)
+/// The task's loss of a training-mode forward pass on (x, y), and the gradient of every parameter.
+pub fn loss_and_grads(
+    task: &dyn Task,
+    net: &dyn Net,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    grads_of(task, net.store(), &net.forward_t(x, true)?, y)
 }
 
-/// Mean cross-entropy of `logits` against `y`, and the gradient of every parameter of `store`.
-fn grads_of(store: &ParamStore, logits: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let loss = candle_nn::loss::cross_entropy(logits, y)?;
+/// The task's loss of outputs `out` against `y`, and the gradient of every parameter of `store`.
+fn grads_of(task: &dyn Task, store: &ParamStore, out: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let loss = task.loss(out, y)?;
     let value = loss.to_scalar::<f32>()? as f64;
     if !value.is_finite() {
         anyhow::bail!("training loss is {value}: the run diverged (try a smaller optim.lr)");

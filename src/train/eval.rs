@@ -9,30 +9,38 @@ use crate::data::loader::eval_batches;
 use crate::data::Dataset;
 use crate::models::Net;
 use crate::spec::{BnStats, EvalMode, RunSpec};
+use crate::task::Task;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 
 /// A single-model evaluation (DP and the baselines): the `full` mode only.
 pub(super) fn single_mode(run: &Run, net: &dyn Net) -> Result<Evaluation> {
-    let (test_loss, test_acc) = evaluate(net, run.data, &run.augment(), run.spec.workload.eval_batch_size, run.device)?;
+    let batch = run.spec.workload.eval_batch_size;
+    let (test_loss, test_acc) = evaluate(run.task, net, run.data, &run.augment(), batch, run.device)?;
     Ok(Evaluation { test_loss, test_acc, modes: BTreeMap::from([("full".to_string(), test_acc)]) })
 }
 
-/// Mean test loss and accuracy (a fraction) of `net` in eval mode over the whole test split.
-pub fn evaluate(net: &dyn Net, data: &Dataset, aug: &AugmentCfg, batch: usize, device: &Device) -> Result<(f64, f64)> {
-    let (mut loss_sum, mut correct, mut n) = (0.0, 0usize, 0usize);
+/// Mean test loss and headline metric (classification: accuracy, a fraction) of `net` in eval mode over
+/// the whole test split.
+pub fn evaluate(
+    task: &dyn Task,
+    net: &dyn Net,
+    data: &Dataset,
+    aug: &AugmentCfg,
+    batch: usize,
+    device: &Device,
+) -> Result<(f64, f64)> {
+    let (mut loss_sum, mut score, mut n) = (0.0, 0.0, 0usize);
     for b in eval_batches(&data.test, aug, batch) {
         let (x, y) = b.to_tensors(device)?;
-        let logits = net.forward_t(&x, false)?.detach();
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
-        loss_sum += loss * b.len() as f64;
-        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-        correct += pred.iter().zip(&b.y).filter(|(p, t)| p == t).count();
+        let out = net.forward_t(&x, false)?.detach();
+        loss_sum += task.loss(&out, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+        score += task.score(&out, &b.y)?;
         n += b.len();
     }
     let n = n.max(1) as f64;
-    Ok((loss_sum / n, correct as f64 / n))
+    Ok((loss_sum / n, score / n))
 }
 
 /// Test loss and accuracy of every evaluation mode.
@@ -44,34 +52,34 @@ pub fn evaluate_sdp(
     device: &Device,
 ) -> Result<BTreeMap<EvalMode, (f64, f64)>> {
     let batch = spec.workload.eval_batch_size;
+    let task = st.task;
     let mut out = BTreeMap::new();
     // Recalibrated copy: BN statistics recomputed on training batches in train mode, no gradient.
     let recal = st.scaled_global(1.0, device)?;
     recalibrate_bn(recal.as_ref(), data, aug, batch, spec.seed, device)?;
     let full = if spec.method.bn_stats == BnStats::Recompute { &recal } else { &st.global };
-    out.insert(EvalMode::Full, evaluate(full.as_ref(), data, aug, batch, device)?);
-    out.insert(EvalMode::Recal, evaluate(recal.as_ref(), data, aug, batch, device)?);
+    out.insert(EvalMode::Full, evaluate(task, full.as_ref(), data, aug, batch, device)?);
+    out.insert(EvalMode::Recal, evaluate(task, recal.as_ref(), data, aug, batch, device)?);
     let frac = st.holder_fraction();
     let scaled = if frac < 1.0 {
-        evaluate(st.scaled_global(frac, device)?.as_ref(), data, aug, batch, device)?
+        evaluate(task, st.scaled_global(frac, device)?.as_ref(), data, aug, batch, device)?
     } else {
         out[&EvalMode::Full]
     };
     out.insert(EvalMode::Scaled, scaled);
-    // Ensemble (mean softmax) and individual subnetworks: each process runs the workers it hosts; the
+    // Ensemble (the task's mean member, the softmax for classification) and individual subnetworks: each process runs the workers it hosts; the
     // probabilities and the per-worker sums are summed over the processes.
     let (world, k_all) = (st.world(), spec.method.workers);
-    let (mut ens_loss, mut ens_correct, mut n) = (0.0, 0usize, 0usize);
-    let (mut sub_loss, mut sub_correct) = (vec![0.0; k_all], vec![0.0; k_all]);
+    let (mut ens_loss, mut ens_score, mut n) = (0.0, 0.0, 0usize);
+    let (mut sub_loss, mut sub_score) = (vec![0.0; k_all], vec![0.0; k_all]);
     for b in eval_batches(&data.test, aug, batch) {
         let (x, y) = b.to_tensors(device)?;
         let mut prob_sum: Option<Tensor> = None;
         for w in &st.workers {
-            let logits = w.net.forward_t(&x, false)?.detach();
-            sub_loss[w.index] +=
-                candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
-            sub_correct[w.index] += count_correct(&logits, &b.y)? as f64;
-            let p = candle_nn::ops::softmax_last_dim(&logits)?;
+            let out = w.net.forward_t(&x, false)?.detach();
+            sub_loss[w.index] += task.loss(&out, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+            sub_score[w.index] += task.score(&out, &b.y)?;
+            let p = task.ensemble_member(&out)?;
             prob_sum = Some(match prob_sum {
                 Some(s) => (s + p)?,
                 None => p,
@@ -92,23 +100,17 @@ pub fn evaluate_sdp(
             }
         };
         let probs = (prob_sum / k_all as f64)?;
-        ens_loss +=
-            candle_nn::loss::nll(&probs.clamp(1e-12f32, 1f32)?.log()?, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
-        ens_correct += count_correct(&probs, &b.y)?;
+        ens_loss += task.ensemble_loss(&probs, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
+        ens_score += task.score(&probs, &b.y)?;
         n += b.len();
     }
     world.comm.all_reduce_sum_f64(&mut sub_loss)?;
-    world.comm.all_reduce_sum_f64(&mut sub_correct)?;
+    world.comm.all_reduce_sum_f64(&mut sub_score)?;
     let n = n.max(1) as f64;
     let kf = k_all as f64;
-    out.insert(EvalMode::Ensemble, (ens_loss / n, ens_correct as f64 / n));
-    out.insert(EvalMode::SubnetMean, (sub_loss.iter().sum::<f64>() / n / kf, sub_correct.iter().sum::<f64>() / n / kf));
+    out.insert(EvalMode::Ensemble, (ens_loss / n, ens_score / n));
+    out.insert(EvalMode::SubnetMean, (sub_loss.iter().sum::<f64>() / n / kf, sub_score.iter().sum::<f64>() / n / kf));
     Ok(out)
-}
-
-fn count_correct(scores: &Tensor, labels: &[u32]) -> Result<usize> {
-    let pred = scores.argmax(1)?.to_vec1::<u32>()?;
-    Ok(pred.iter().zip(labels).filter(|(p, t)| p == t).count())
 }
 
 /// Batches of training data used to recalibrate BatchNorm statistics.

@@ -8,6 +8,7 @@ use crate::data::augment::AugmentCfg;
 use crate::data::loader::Batch;
 use crate::data::Dataset;
 use crate::spec::RunSpec;
+use crate::task::Task;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
@@ -20,9 +21,16 @@ pub(super) struct Run<'a> {
     pub device: &'a Device,
     /// The processes the run is spread over (worker k on rank k mod N).
     pub world: &'a World,
+    /// What the run learns: its loss and metric.
+    pub task: &'static dyn Task,
 }
 
 impl Run<'_> {
+    /// What a training step needs besides the model and its batches.
+    pub fn step_ctx(&self) -> super::Step<'_> {
+        super::Step { task: self.task, device: self.device, world: self.world }
+    }
+
     /// The augmentation (and normalisation) of the run's training and test batches.
     pub fn augment(&self) -> AugmentCfg {
         let a = &self.spec.workload.augment;

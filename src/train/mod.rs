@@ -34,7 +34,7 @@ mod sdp_state;
 
 pub use accounting::Accounting;
 pub use baselines::{baseline_drops, baseline_net, small_dense_widths};
-pub use dp::{dp_step, dp_step_with, loss_and_grads, Forward};
+pub use dp::{dp_step, dp_step_with, loss_and_grads, Forward, Step};
 pub use eval::{evaluate, evaluate_sdp, recalibrate_bn, RECAL_BATCHES};
 pub use sdp::sdp_step;
 pub use sdp_state::{SdpState, Worker};
@@ -123,7 +123,7 @@ pub fn train_from(
         ))
         .into());
     }
-    let run = Run { spec, data, device, world };
+    let run = Run { spec, data, device, world, task: crate::plan::Plan::of(spec)?.task.task };
     let mut method: Box<dyn Method + '_> = match spec.method.kind {
         MethodKind::Dp => Box::new(dp::Dp::new(run)?),
         MethodKind::Sdp => Box::new(sdp::Sdp::new(run)?),

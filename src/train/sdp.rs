@@ -90,7 +90,7 @@ pub fn sdp_step(
         let k = st.workers[pos].index;
         let (x, y) = batches[k].to_tensors(device)?;
         let worker = &st.workers[pos];
-        let (loss, grads) = loss_and_grads(worker.net.as_ref(), &x, &y)?;
+        let (loss, grads) = loss_and_grads(st.task, worker.net.as_ref(), &x, &y)?;
         let grads = worker.local_grads(grads)?;
         if align {
             let cosine = st.alignment_of(pos, &grads, &x, &y)?;

@@ -16,6 +16,7 @@ use crate::results::AlignRow;
 use crate::seed::{rng, Stream};
 use crate::spec::{Regime, RunSpec};
 use crate::subnet::{self, IndexMap};
+use crate::task::Task;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
@@ -115,6 +116,8 @@ pub struct SdpState {
     pub family: Box<dyn Family>,
     /// The masking strategy `method.masking` names.
     pub strategy: masking::Registered,
+    /// What the run learns (its loss and metric), from the dataset.
+    pub task: &'static dyn Task,
     /// The assembled full model: every coordinate the mean of its holders' values at the last sync.
     pub global: Box<dyn Net>,
     /// The workers this process hosts: all K in the one-process simulation, k ≡ rank (mod N) of N processes.
@@ -159,7 +162,8 @@ impl SdpState {
     }
 
     fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>, world: &World) -> Result<Self> {
-        let strategy = Plan::of(spec)?.strategy;
+        let plan = Plan::of(spec)?;
+        let (strategy, task) = (plan.strategy, plan.task.task);
         let family = models::of(&spec.workload, num_classes)?;
         let compute = spec.workload.precision.dtype();
         let global = family.build_full(1.0, Builder::from_seed(spec.seed, device).with_compute_dtype(compute))?;
@@ -168,6 +172,7 @@ impl SdpState {
         let mut st = Self {
             family,
             strategy,
+            task,
             global,
             workers: Vec::new(),
             units,
@@ -417,7 +422,7 @@ impl SdpState {
     ) -> Result<f64> {
         let store = self.global.store();
         let saved = store.buffer_tensors()?;
-        let (_, full) = loss_and_grads(self.global.as_ref(), x, y)?;
+        let (_, full) = loss_and_grads(self.task, self.global.as_ref(), x, y)?;
         store.set_buffers(&saved)?;
         let (mut dot, mut n_local, mut n_full) = (0.0f64, 0.0f64, 0.0f64);
         for (name, g) in local {

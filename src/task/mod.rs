@@ -1,0 +1,89 @@
+//! What a run learns, as training and evaluation see it: the loss the optimiser minimises, how a batch's
+//! outputs are scored, how the workers' outputs combine in the ensemble mode, which evaluation modes
+//! apply, and the name of the headline metric. Training (`train::dp`, `train::sdp`) and evaluation
+//! (`train::eval`) call a [`Task`] and nothing class-specific; image classification is one task
+//! (`classify.rs`). A dataset names its task ([`crate::data::source::DataSource::task`]); the run's
+//! [`crate::plan::Plan`] resolves it.
+//!
+//! A new task is one file implementing [`Task`] plus a line in [`REGISTRY`] (or a [`register`] call
+//! from outside the crate), and a dataset source that names it; `tests/custom_task.rs` registers one. What is still image-shaped outside this seam: the batches
+//! (`data::loader::Batch`, CHW floats and `u32` targets), their augmentation, and the activation estimates
+//! of `Net::activation_elems(h, w)`.
+
+mod classify;
+
+use crate::spec::EvalMode;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// The headline metric a task reports: its name in results (`test_<name>`) and its label in figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metric {
+    pub name: &'static str,
+    pub label: &'static str,
+}
+
+/// A learning task.
+pub trait Task: Send + Sync {
+    /// The headline metric (classification: accuracy).
+    fn metric(&self) -> Metric;
+    /// Mean loss of a batch's model outputs against its targets: the training objective and the test loss.
+    fn loss(&self, out: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor>;
+    /// The headline metric summed over a batch (classification: how many predictions are right); the
+    /// test metric is its sum over the test split divided by the number of examples.
+    fn score(&self, out: &Tensor, targets: &[u32]) -> Result<f64>;
+    /// What the ensemble mode averages over the workers for one output (classification: the softmax).
+    fn ensemble_member(&self, out: &Tensor) -> candle_core::Result<Tensor>;
+    /// Mean loss of the ensemble's averaged members against the targets.
+    fn ensemble_loss(&self, mean: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor>;
+    /// The evaluation modes that apply to SDP runs of this task (single-model methods: `full` only).
+    fn eval_modes(&self) -> &'static [EvalMode] {
+        &EvalMode::ALL
+    }
+}
+
+/// A registered task: its name and the task.
+#[derive(Clone, Copy)]
+pub struct Registered {
+    pub name: &'static str,
+    pub task: &'static dyn Task,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Task({})", self.name)
+    }
+}
+
+/// Every task. One line per task.
+pub const REGISTRY: &[Registered] = &[Registered { name: "classify", task: &classify::Classify }];
+
+/// Image classification, the task of every built-in dataset.
+pub const CLASSIFY: Registered = REGISTRY[0];
+
+/// Tasks registered while the program runs ([`register`]), after the built-in ones.
+static REGISTERED: std::sync::RwLock<Vec<Registered>> = std::sync::RwLock::new(Vec::new());
+
+/// Registers a task defined outside this crate under `name`, after which a dataset source may name it.
+/// A name already taken is an error.
+pub fn register(name: &'static str, task: &'static dyn Task) -> Result<()> {
+    let mut extra = REGISTERED.write().unwrap_or_else(|p| p.into_inner());
+    if REGISTRY.iter().chain(extra.iter()).any(|r| r.name == name) {
+        bail!("a task named `{name}` is registered already");
+    }
+    extra.push(Registered { name, task });
+    Ok(())
+}
+
+/// The task registered as `name`.
+pub fn task(name: &str) -> Result<Registered> {
+    let extra = REGISTERED.read().unwrap_or_else(|p| p.into_inner());
+    let all: Vec<Registered> = REGISTRY.iter().chain(extra.iter()).copied().collect();
+    match all.iter().find(|r| r.name == name) {
+        Some(r) => Ok(*r),
+        None => {
+            let names: Vec<&str> = all.iter().map(|r| r.name).collect();
+            bail!("unknown task `{name}`; registered tasks: {}", names.join(", "))
+        }
+    }
+}

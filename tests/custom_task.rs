@@ -1,0 +1,122 @@
+//! A task defined outside the crate: one type implementing `task::Task` (here classification with
+//! label smoothing and top-2 accuracy), one `task::register` call, and a dataset source that names it.
+//! Training and evaluation then use its loss and metric with no other change.
+
+mod common;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor, D};
+use sdp::data::source::{self, DataSource, Request, Shape};
+use sdp::data::synthetic::Shapes;
+use sdp::data::Dataset;
+use sdp::progress::Quiet;
+use sdp::task::{self, Metric, Task};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Once};
+
+/// Cross-entropy against labels smoothed by `EPS`; scored by top-2 accuracy.
+struct Smoothed;
+
+const EPS: f64 = 0.2;
+
+impl Task for Smoothed {
+    fn metric(&self) -> Metric {
+        Metric { name: "top2", label: "test top-2 accuracy" }
+    }
+
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let nll = candle_nn::loss::nll(&logp, labels)?;
+        let uniform = logp.mean(D::Minus1)?.mean_all()?.neg()?;
+        (nll * (1.0 - EPS))? + (uniform * EPS)?
+    }
+
+    fn score(&self, scores: &Tensor, labels: &[u32]) -> Result<f64> {
+        let rows: Vec<Vec<f32>> = scores.to_vec2()?;
+        let top2 = rows.iter().zip(labels).filter(|(r, &l)| r.iter().filter(|&&v| v > r[l as usize]).count() < 2);
+        Ok(top2.count() as f64)
+    }
+
+    fn ensemble_member(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::softmax_last_dim(logits)
+    }
+
+    fn ensemble_loss(&self, probs: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::loss::nll(&probs.clamp(1e-12f32, 1f32)?.log()?, labels)
+    }
+}
+
+/// `shapes`, for the smoothed task.
+struct SmoothShapes;
+
+impl DataSource for SmoothShapes {
+    fn shape(&self, req: &Request) -> Result<Shape> {
+        Shapes.shape(req)
+    }
+    fn load(&self, req: &Request) -> Result<Dataset> {
+        Shapes.load(req)
+    }
+    fn generated(&self) -> bool {
+        true
+    }
+    fn task(&self) -> &'static str {
+        "test_smoothed"
+    }
+}
+
+/// A source naming a task nobody registered.
+struct Orphan;
+
+impl DataSource for Orphan {
+    fn shape(&self, req: &Request) -> Result<Shape> {
+        Shapes.shape(req)
+    }
+    fn load(&self, req: &Request) -> Result<Dataset> {
+        Shapes.load(req)
+    }
+    fn task(&self) -> &'static str {
+        "no_such_task"
+    }
+}
+
+fn register_once() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        task::register("test_smoothed", &Smoothed).expect("registering the task");
+        source::register("test_smooth_shapes", None, &SmoothShapes).expect("registering the source");
+        source::register("test_orphan", None, &Orphan).expect("registering the source");
+    });
+}
+
+#[test]
+fn a_registered_task_trains_with_its_own_loss_and_metric() -> Result<()> {
+    register_once();
+    let spec = |dataset: &str| -> Result<sdp::spec::RunSpec> {
+        let set = format!("workload.dataset={dataset}");
+        Ok(common::parse_with(common::TINY, &[&set, "workload.epochs=1"])?.runs.remove(0).spec)
+    };
+    let mut finals = Vec::new();
+    for dataset in ["shapes", "test_smooth_shapes"] {
+        let s = spec(dataset)?;
+        let data = sdp::data::load(&s.workload, std::path::Path::new("datasets"))?;
+        let mut quiet = Quiet { stop: Arc::new(AtomicBool::new(false)) };
+        finals.push(sdp::train::train(&s, &data, &Device::Cpu, &mut quiet)?);
+    }
+    let (plain, smoothed) = (&finals[0], &finals[1]);
+    // Same images, same initial model and batches: only the loss differs, so the trained runs differ.
+    assert!(smoothed.train_loss.is_finite() && smoothed.train_loss != plain.train_loss, "{plain:?} {smoothed:?}");
+    // The test metric is the task's score (top-2 hits) over the test split: a fraction.
+    assert!((0.0..=1.0).contains(&smoothed.test_acc), "{smoothed:?}");
+    assert_eq!(task::task("test_smoothed")?.task.metric().name, "top2");
+    Ok(())
+}
+
+#[test]
+fn an_unknown_task_is_a_spec_error_and_names_are_not_taken_twice() -> Result<()> {
+    register_once();
+    let e = common::err_text(common::parse_with(common::TINY, &["workload.dataset=test_orphan"]));
+    common::check_contains(&e, &["key `workload.dataset`", "unknown task `no_such_task`", "classify"])?;
+    let e = task::register("classify", &Smoothed).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("`classify` is registered already"), "{e}");
+    Ok(())
+}
