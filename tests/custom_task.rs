@@ -46,10 +46,10 @@ impl Task for Smoothed {
     }
 }
 
-/// `shapes`, for the smoothed task.
-struct SmoothShapes;
+/// `shapes`, for the task named.
+struct ShapesFor(&'static str);
 
-impl DataSource for SmoothShapes {
+impl DataSource for ShapesFor {
     fn shape(&self, req: &Request) -> Result<Shape> {
         Shapes.shape(req)
     }
@@ -60,31 +60,20 @@ impl DataSource for SmoothShapes {
         true
     }
     fn task(&self) -> &'static str {
-        "test_smoothed"
+        self.0
     }
 }
 
+static SMOOTH_SHAPES: ShapesFor = ShapesFor("test_smoothed");
 /// A source naming a task nobody registered.
-struct Orphan;
-
-impl DataSource for Orphan {
-    fn shape(&self, req: &Request) -> Result<Shape> {
-        Shapes.shape(req)
-    }
-    fn load(&self, req: &Request) -> Result<Dataset> {
-        Shapes.load(req)
-    }
-    fn task(&self) -> &'static str {
-        "no_such_task"
-    }
-}
+static ORPHAN: ShapesFor = ShapesFor("no_such_task");
 
 fn register_once() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         task::register("test_smoothed", &Smoothed).expect("registering the task");
-        source::register("test_smooth_shapes", None, &SmoothShapes).expect("registering the source");
-        source::register("test_orphan", None, &Orphan).expect("registering the source");
+        source::register("test_smooth_shapes", None, &SMOOTH_SHAPES).expect("registering the source");
+        source::register("test_orphan", None, &ORPHAN).expect("registering the source");
     });
 }
 
