@@ -20,7 +20,9 @@ use crate::optim::Optimizer;
 use crate::plan::{self, Plan};
 use crate::seed::{rng, Stream};
 use crate::spec::{MethodKind, Precision, RunSpec, SpecError};
-use crate::train::{baseline_net, dp_step_with, loss_and_grads, sdp_step, SdpState, Step};
+use crate::train::{
+    baseline_drops, baseline_family, baseline_net, dp_step_with, loss_and_grads, sdp_step, SdpState, Step,
+};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -397,14 +399,16 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
             StepReport { build_s, ..r }
         }
         MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-            let net = baseline_net(spec, b.classes, dev)?;
+            let family = baseline_family(spec, b.classes)?;
+            let net = baseline_net(spec, family.as_ref(), dev)?;
             let build_s = t.elapsed().as_secs_f64();
+            let widths = family.block_widths();
             let mut opt = Optimizer::new(&spec.optim);
             let r = timed_steps(b, meter, net.store().num_params(), images, |i, sample| {
                 let forward = |k: usize, x: &Tensor| {
-                    net.forward_dropping(x, true, &crate::train::baseline_drops(spec, &net, i + 1, k, dev)?)
+                    net.forward_dropping(x, true, &baseline_drops(spec, &widths, i + 1, k, dev)?)
                 };
-                dp_step_with(&net, &mut opt, &batches, lr, &forward, &ctx)?;
+                dp_step_with(net.as_ref(), &mut opt, &batches, lr, &forward, &ctx)?;
                 sample()
             })?;
             StepReport { build_s, ..r }

@@ -38,7 +38,7 @@ use crate::models::{self, Builder, Net};
 use crate::plan;
 use crate::seed::{rng, Stream};
 use crate::spec::{Experiment, Method, MethodKind, RunSpec, SpecError, Workload};
-use crate::train::{baseline_net, SdpState, RECAL_BATCHES};
+use crate::train::{baseline_family, baseline_net, SdpState, RECAL_BATCHES};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -466,8 +466,8 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
             (eval, subnets, recal, fixed)
         }
         MethodKind::SmallDense => {
-            let net = baseline_net(spec, sizes.classes, dev)?;
-            (per_image(&net, &x, false, dev, true)?, 0.0, 0.0, 0.0)
+            let net = baseline_net(spec, baseline_family(spec, sizes.classes)?.as_ref(), dev)?;
+            (per_image(net.as_ref(), &x, false, dev, true)?, 0.0, 0.0, 0.0)
         }
         _ => {
             let net = models::build(&spec.workload, sizes.classes, spec.seed, dev)?;

@@ -43,16 +43,28 @@ pub fn resolve(spec: &RunSpec) -> Result<Plan, (String, String)> {
         let msg = format!("`{}` does not apply to the {} task", m.eval_mode.name(), task.name);
         return Err(("method.eval_mode".into(), msg));
     }
-    if let Err(e) = models::of(w, 1) {
+    let family = models::of(w, 1).map_err(|e| {
         // The model rejects its shape overrides, or (none given) needs them.
         let key = if w.widths.is_some() || w.depths.is_some() { "workload.widths" } else { "workload.model" };
-        return Err(err(key, e));
-    }
+        err(key, e)
+    })?;
     let strategy = masking::strategy(&m.masking).map_err(|e| err("method.masking", e))?;
-    if matches!(m.kind, MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout)
-        && crate::models::resnet::ResNetConfig::of(w, 1).is_err()
-    {
-        return Err(("method.kind".into(), "the baselines are implemented for the ResNet family only".into()));
+    // The baselines need what the family may lack: narrowing (small_dense), per-step drops (the others).
+    let drops = || "its networks do not implement per-step drops (Net::forward_dropping, Family::drops)".to_string();
+    let missing = match m.kind {
+        MethodKind::SmallDense => {
+            family.with_widths(&family.stages().0).err().map(|e| ("small_dense", format!("{e:#}")))
+        }
+        MethodKind::StochasticDepth if !family.drops() => Some(("stochastic_depth", drops())),
+        MethodKind::Dropout if !family.drops() => Some(("dropout", drops())),
+        _ => None,
+    };
+    if let Some((kind, why)) = missing {
+        let model = w.model.as_str();
+        return Err((
+            "method.kind".into(),
+            format!("{kind} is not implemented for workload.model = \"{model}\": {why}"),
+        ));
     }
     Ok(Plan { strategy, data, task })
 }

@@ -11,7 +11,6 @@ use crate::spec::{Norm, Workload};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 pub use layers::{Builder, ParamStore};
-use std::any::Any;
 
 /// A trainable network: a forward pass (train mode updates BatchNorm running statistics) and its
 /// parameters and buffers by name.
@@ -22,12 +21,37 @@ pub trait Net: Send {
     fn activation_elems(&self, _h: usize, _w: usize) -> usize {
         0
     }
+    /// The forward pass with per-step random drops (the `stochastic_depth` and `dropout` baselines):
+    /// `drops[b]` for block b in forward order (missing entries drop nothing; an empty slice is
+    /// [`Net::forward_t`]). A network that implements it says so with [`Family::drops`]; the default only
+    /// accepts drops that drop nothing.
+    fn forward_dropping(&self, xs: &Tensor, train: bool, drops: &[BlockDrop]) -> candle_core::Result<Tensor> {
+        if drops.iter().any(|d| !d.is_none()) {
+            candle_core::bail!("this model does not implement per-step drops (Net::forward_dropping)");
+        }
+        self.forward_t(xs, train)
+    }
+}
+
+/// Per-step random drops of one block, used by the stochastic-depth and dropout baselines.
+#[derive(Clone, Debug, Default)]
+pub struct BlockDrop {
+    /// Skip the residual branch this step (the block is its skip path only, as without the Block unit).
+    pub skip: bool,
+    /// Multiplier per internal channel (0 or 1/keep), shape (width,): the block's Neuron units.
+    pub channels: Option<Tensor>,
+}
+
+impl BlockDrop {
+    /// Drops nothing.
+    pub fn is_none(&self) -> bool {
+        !self.skip && self.channels.is_none()
+    }
 }
 
 /// A model family (docs/design.md §2, §7): a configured architecture whose blocks are the maskable units,
 /// which builds the full model or any worker's subnetwork from one [`BlockPlan`] per block.
-/// Code specific to one family (the ResNet baselines) downcasts it to its config, as a `dyn Any`.
-pub trait Family: Any + Send + Sync {
+pub trait Family: Send + Sync {
     /// The blocks, in forward order, with what their units own.
     fn maskable(&self) -> Vec<MaskableBlock>;
     /// The network holding `plan` (one entry per block), with values from `b`.
@@ -42,6 +66,24 @@ pub trait Family: Any + Send + Sync {
     fn param_groups(&self) -> Vec<ParamGroup>;
     /// Per-stage widths and block counts (what distinguishes configurations of the family).
     fn stages(&self) -> (Vec<usize>, Vec<usize>);
+
+    /// Parameters of the full model (what the `small_dense` baseline matches). The default counts them on
+    /// a full model built on the CPU; a family with a formula overrides it.
+    fn param_count(&self) -> candle_core::Result<usize> {
+        Ok(self.build_full(1.0, Builder::from_seed(0, &Device::Cpu))?.store().num_params())
+    }
+
+    /// The family configured as this one but with per-stage `widths` (the `small_dense` baseline's narrowed
+    /// model): what the family's registered constructor makes of [`ModelArgs::widths`]. The default: the
+    /// family cannot be narrowed (an error; specs asking for `small_dense` are rejected).
+    fn with_widths(&self, _widths: &[usize]) -> Result<Box<dyn Family>> {
+        bail!("this model family cannot be narrowed (Family::with_widths)")
+    }
+
+    /// Its networks implement [`Net::forward_dropping`] (the `stochastic_depth` and `dropout` baselines).
+    fn drops(&self) -> bool {
+        false
+    }
 
     /// Parameter-name prefix of each block, in forward order.
     fn block_names(&self) -> Vec<String> {

@@ -7,9 +7,8 @@
 //! `state_dict` keys (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.shortcut.0`, …, `linear`).
 
 use super::layers::{BatchNorm, Builder, Conv2d, Linear, ParamStore};
-use super::{BlockPlan, Family, MaskableBlock, ModelArgs, Net, ParamGroup};
+use super::{BlockDrop, BlockPlan, Family, MaskableBlock, ModelArgs, Net, ParamGroup};
 use crate::ops::Epilogue;
-use crate::spec::Workload;
 use candle_core::{DType, Result, Tensor, D};
 
 /// `resnet`: the ResNet-18 layout with the workload's own `widths` and `depths` (both required).
@@ -92,14 +91,15 @@ impl ResNetConfig {
             .collect()
     }
 
-    /// The ResNet-family configuration a workload names (an error for another family: the baselines need a
-    /// ResNet).
-    pub fn of(w: &Workload, num_classes: usize) -> anyhow::Result<Self> {
-        let family: Box<dyn std::any::Any> = super::of(w, num_classes)?;
-        family
-            .downcast_ref::<Self>()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("workload.model = \"{}\" is not a ResNet", w.model.as_str()))
+    /// Parameters of the full model: the stem, every residual branch and projection shortcut, the head.
+    pub fn num_params(&self) -> usize {
+        let blocks: usize = self.maskable().iter().map(|b| b.params).sum();
+        let bn = if self.batch_norm { 2 } else { 0 };
+        let stem = 3 * 9 * self.widths[0] + bn * self.widths[0];
+        let shortcuts: usize =
+            self.blocks().iter().filter(|b| b.has_projection()).map(|b| b.c_in * b.c_out + bn * b.c_out).sum();
+        let head = self.widths.last().copied().unwrap_or(0) * self.num_classes + self.num_classes;
+        stem + blocks + shortcuts + head
     }
 }
 
@@ -179,6 +179,25 @@ impl Family for ResNetConfig {
 
     fn stages(&self) -> (Vec<usize>, Vec<usize>) {
         (self.widths.clone(), self.depths.clone())
+    }
+
+    fn param_count(&self) -> Result<usize> {
+        Ok(self.num_params())
+    }
+
+    /// The same depths, BatchNorm and classes at `widths` (as `workload.widths` would give).
+    fn with_widths(&self, widths: &[usize]) -> anyhow::Result<Box<dyn Family>> {
+        let a = ModelArgs {
+            widths: Some(widths.to_vec()),
+            depths: None,
+            batch_norm: self.batch_norm,
+            num_classes: self.num_classes,
+        };
+        configured(self.clone(), &a)
+    }
+
+    fn drops(&self) -> bool {
+        true
     }
 }
 
@@ -283,18 +302,14 @@ fn branch_act_elems(mid: usize, c_out: usize, hw: usize) -> usize {
     (2 * mid + c_out) * hw
 }
 
-/// Per-step random drops of one block, used by the stochastic-depth and dropout baselines.
-#[derive(Clone, Debug, Default)]
-pub struct BlockDrop {
-    /// Skip the residual branch this step.
-    pub skip: bool,
-    /// Multiplier per internal channel (0 or 1/keep), shape (mid,).
-    pub channels: Option<Tensor>,
-}
+impl Net for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_dropping(xs, train, &[])
+    }
 
-impl ResNet {
-    /// Forward pass with per-block random drops (`drops[b]` for block b; empty: none).
-    pub fn forward_dropping(&self, xs: &Tensor, train: bool, drops: &[BlockDrop]) -> Result<Tensor> {
+    /// Stochastic depth skips a block's branch (its output is relu(shortcut)); channel dropout multiplies
+    /// the branch's internal channels (relu(bn1) output) by the mask.
+    fn forward_dropping(&self, xs: &Tensor, train: bool, drops: &[BlockDrop]) -> Result<Tensor> {
         let none = BlockDrop::default();
         // (B, 3, 32, 32) -> (B, widths[0], 32, 32)
         let xs = xs.to_dtype(self.compute)?;
@@ -308,12 +323,6 @@ impl ResNet {
         // has no bf16).
         let ys = ys.flatten_from(2)?.to_dtype(DType::F32)?.mean(D::Minus1)?;
         self.linear.forward(&ys)
-    }
-}
-
-impl Net for ResNet {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_dropping(xs, train, &[])
     }
 
     fn store(&self) -> &ParamStore {

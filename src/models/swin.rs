@@ -20,7 +20,7 @@
 //! physical subnetwork, docs/design.md §2).
 
 use super::layers::{Builder, Conv2d, Init, Linear, ParamStore};
-use super::{BlockPlan, Family, MaskableBlock, ModelArgs, Net, ParamGroup};
+use super::{BlockDrop, BlockPlan, Family, MaskableBlock, ModelArgs, Net, ParamGroup};
 use candle_core::{Result, Tensor, Var};
 
 /// `swin_t`: Swin-T, with `widths` as per-stage dims and `depths` as per-stage block counts when given.
@@ -271,6 +271,25 @@ impl Family for SwinConfig {
     fn stages(&self) -> (Vec<usize>, Vec<usize>) {
         (self.dims.clone(), self.depths.clone())
     }
+
+    fn param_count(&self) -> Result<usize> {
+        Ok(self.num_params())
+    }
+
+    /// The same config at per-stage dims `widths`, heads by the default rule (as `workload.widths` would
+    /// give, see [`swin_t`]).
+    fn with_widths(&self, widths: &[usize]) -> anyhow::Result<Box<dyn Family>> {
+        let heads = widths.iter().map(|&d| default_heads(d)).collect();
+        let cfg = Self { dims: widths.to_vec(), heads, ..self.clone() };
+        if let Err(e) = cfg.validate() {
+            anyhow::bail!("workload.widths for swin_t: {e}");
+        }
+        Ok(Box::new(cfg))
+    }
+
+    fn drops(&self) -> bool {
+        true
+    }
 }
 
 /// Heads for a stage of `dim` channels: dim / 32 (Swin-T's head dim), rounded down to a divisor of dim, ≥ 1.
@@ -442,12 +461,18 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `mask`: a multiplier per hidden unit, (hidden,) (the dropout baseline).
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         match self {
             // GELU in its exact erf form (PyTorch's `nn.GELU()` default).
             Self::Full { fc1, fc2, scale } => {
                 let hidden = crate::ops::gelu_erf(&linear_nd(fc1, xs)?)?;
                 let hidden = if *scale == 1.0 { hidden } else { (hidden * *scale)? };
+                // Channels-last: the mask broadcasts over (…, hidden).
+                let hidden = match mask {
+                    Some(m) => hidden.broadcast_mul(&m.to_dtype(hidden.dtype())?)?,
+                    None => hidden,
+                };
                 linear_nd(fc2, &hidden)
             }
             Self::BiasOnly(bias) => xs.zeros_like()?.broadcast_add(bias.as_tensor()),
@@ -496,9 +521,10 @@ impl SwinBlock {
         Ok(Self { branches, window: s.window, shift: s.shift, scale: plan.scale })
     }
 
-    /// `xs` is (B, H, W, C).
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let Some(br) = &self.branches else { return Ok(xs.clone()) };
+    /// `xs` is (B, H, W, C). Stochastic depth skips both branches (the block is the identity, as without its
+    /// Block unit); channel dropout multiplies the MLP hidden units by the mask.
+    fn forward(&self, xs: &Tensor, drop: &BlockDrop) -> Result<Tensor> {
+        let Some(br) = self.branches.as_ref().filter(|_| !drop.skip) else { return Ok(xs.clone()) };
         let (b, h, w, c) = xs.dims4()?;
         let (ws, sh) = (self.window, self.shift as i32);
         let ys = br.norm1.forward(xs)?;
@@ -514,7 +540,7 @@ impl SwinBlock {
         let ys = win.reshape((b, h / ws, w / ws, ws, ws, c))?.permute((0, 1, 3, 2, 4, 5))?.reshape((b, h, w, c))?;
         let ys = if sh > 0 { ys.roll(sh, 1)?.roll(sh, 2)? } else { ys };
         let xs = (xs + self.scaled(ys)?)?;
-        let ys = br.mlp.forward(&br.norm2.forward(&xs)?)?;
+        let ys = br.mlp.forward(&br.norm2.forward(&xs)?, drop.channels.as_ref())?;
         xs + self.scaled(ys)?
     }
 
@@ -618,17 +644,24 @@ impl Swin {
 
 impl Net for Swin {
     /// Swin has no batch statistics and no dropout: `train` does not change the forward pass.
-    fn forward_t(&self, xs: &Tensor, _train: bool) -> Result<Tensor> {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_dropping(xs, train, &[])
+    }
+
+    fn forward_dropping(&self, xs: &Tensor, _train: bool, drops: &[BlockDrop]) -> Result<Tensor> {
+        let none = BlockDrop::default();
         // (B, 3, 32, 32) -> (B, d0, 16, 16) -> (B, 16, 16, d0)
         let ys = self.embed.forward(xs)?.broadcast_add(&self.embed_bias.as_tensor().reshape((1, (), 1, 1))?)?;
         let mut ys = self.embed_norm.forward(&ys.permute((0, 2, 3, 1))?)?;
+        let mut k = 0;
         for stage in &self.stages {
             if let Some(ds) = &stage.downsample {
                 // (B, H, W, d) -> (B, H/2, W/2, d')
                 ys = ds.forward(&ys)?;
             }
             for block in &stage.blocks {
-                ys = block.forward(&ys)?;
+                ys = block.forward(&ys, drops.get(k).unwrap_or(&none))?;
+                k += 1;
             }
         }
         // (B, H, W, C) -> (B, C) -> (B, classes)

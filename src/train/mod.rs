@@ -33,7 +33,7 @@ mod sdp;
 mod sdp_state;
 
 pub use accounting::Accounting;
-pub use baselines::{baseline_drops, baseline_net, small_dense_widths};
+pub use baselines::{baseline_drops, baseline_family, baseline_net, small_dense_widths};
 pub use dp::{dp_step, dp_step_with, loss_and_grads, Forward, Step};
 pub use eval::{evaluate, evaluate_sdp, recalibrate_bn, RECAL_BATCHES};
 pub use sdp::sdp_step;
