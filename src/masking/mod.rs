@@ -226,17 +226,9 @@ mod tests {
     #[test]
     fn holders_rounds_and_clamps() {
         // (C, K, m); 1.5 rounds half away from zero; out-of-range C clamps to [1, K].
-        let cases = [
-            (0.5, 4, 2),
-            (0.875, 8, 7),
-            (0.01, 8, 1),
-            (1.0, 3, 3),
-            (0.5, 3, 2),
-            (2.0, 3, 3),
-            (f64::NAN, 3, 1),
-            (0.5, 0, 0),
-        ];
-        for (c, k, m) in cases {
+        let (rounded, clamped) =
+            ([(0.5, 4, 2), (0.875, 8, 7), (0.5, 3, 2)], [(0.01, 8, 1), (2.0, 3, 3), (f64::NAN, 3, 1)]);
+        for (c, k, m) in rounded.into_iter().chain(clamped).chain([(1.0, 3, 3), (0.5, 0, 0)]) {
             assert_eq!(holders(c, k), m, "C = {c}, K = {k}");
         }
     }

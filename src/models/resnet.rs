@@ -90,17 +90,6 @@ impl ResNetConfig {
             })
             .collect()
     }
-
-    /// Parameters of the full model: the stem, every residual branch and projection shortcut, the head.
-    pub fn num_params(&self) -> usize {
-        let blocks: usize = self.maskable().iter().map(|b| b.params).sum();
-        let bn = if self.batch_norm { 2 } else { 0 };
-        let stem = 3 * 9 * self.widths[0] + bn * self.widths[0];
-        let shortcuts: usize =
-            self.blocks().iter().filter(|b| b.has_projection()).map(|b| b.c_in * b.c_out + bn * b.c_out).sum();
-        let head = self.widths.last().copied().unwrap_or(0) * self.num_classes + self.num_classes;
-        stem + blocks + shortcuts + head
-    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -181,8 +170,15 @@ impl Family for ResNetConfig {
         (self.widths.clone(), self.depths.clone())
     }
 
+    /// The stem, every residual branch and projection shortcut, the head.
     fn param_count(&self) -> Result<usize> {
-        Ok(self.num_params())
+        let blocks: usize = self.maskable().iter().map(|b| b.params).sum();
+        let bn = if self.batch_norm { 2 } else { 0 };
+        let stem = 3 * 9 * self.widths[0] + bn * self.widths[0];
+        let shortcuts: usize =
+            self.blocks().iter().filter(|b| b.has_projection()).map(|b| b.c_in * b.c_out + bn * b.c_out).sum();
+        let head = self.widths.last().copied().unwrap_or(0) * self.num_classes + self.num_classes;
+        Ok(stem + blocks + shortcuts + head)
     }
 
     /// The same depths, BatchNorm and classes at `widths` (as `workload.widths` would give).
