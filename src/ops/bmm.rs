@@ -70,7 +70,7 @@ impl CpuOp<2> for Bmm {
             for ((ci, ai), bi) in cs.chunks_mut(m * n).zip(as_.chunks((m * k).max(1))).zip(bs.chunks((k * n).max(1))) {
                 let lhs = MatRef { data: ai, rs: a_rs, cs: a_cs };
                 let rhs = MatRef { data: bi, rs: b_rs, cs: b_cs };
-                sgemm(m, n, k, ci, false, lhs, rhs, gemm::Parallelism::None)?;
+                sgemm((m, n, k), ci, false, lhs, rhs, gemm::Parallelism::None)?;
             }
             Ok::<(), candle_core::Error>(())
         })?;

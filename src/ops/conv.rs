@@ -178,18 +178,17 @@ fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs:
     Ok(())
 }
 
-/// `dst (m x n) [+]= lhs (m x k) * rhs (k x n)`; `dst` is row-major with row stride `n`.
-#[allow(clippy::too_many_arguments)]
+/// `dst (m x n) [+]= lhs (m x k) * rhs (k x n)` for `mnk = (m, n, k)`; `dst` is row-major with row
+/// stride `n`.
 pub(super) fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
+    mnk: (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
     lhs: MatRef,
     rhs: MatRef,
     par: gemm::Parallelism,
 ) -> Result<()> {
+    let (m, n, k) = mnk;
     check_bounds("dst", dst.len(), m, n, n, 1)?;
     check_bounds("lhs", lhs.data.len(), m, k, lhs.rs, lhs.cs)?;
     check_bounds("rhs", rhs.data.len(), k, n, rhs.rs, rhs.cs)?;
@@ -197,7 +196,7 @@ pub(super) fn sgemm(
         return Ok(());
     }
     #[cfg(feature = "mkl")]
-    if matches!(par, gemm::Parallelism::None) && mkl::sgemm(m, n, k, dst, accumulate, lhs, rhs) {
+    if matches!(par, gemm::Parallelism::None) && mkl::sgemm(mnk, dst, accumulate, lhs, rhs) {
         return Ok(());
     }
     // SAFETY: the three views were bounds-checked above for the extents gemm reads and writes,
@@ -273,14 +272,13 @@ mod mkl {
     /// `dst (m x n) [+]= lhs * rhs` through MKL; false (nothing done) for views BLAS cannot
     /// express, which then take the `gemm` crate. Bounds were checked by the caller.
     pub(super) fn sgemm(
-        m: usize,
-        n: usize,
-        k: usize,
+        mnk: (usize, usize, usize),
         dst: &mut [f32],
         accumulate: bool,
         lhs: MatRef,
         rhs: MatRef,
     ) -> bool {
+        let (m, n, k) = mnk;
         let (Some((ta, lda)), Some((tb, ldb))) = (operand(&lhs, m, k), operand(&rhs, k, n)) else {
             return false;
         };
@@ -464,10 +462,10 @@ fn forward_group(x: &[f32], wt: &[f32], g: &Geom, y: &mut [f32], par: gemm::Para
         let col = columns(xc, g, nb, &mut col);
         let col_mat = MatRef { data: col, rs: nc, cs: 1 };
         if nb == 1 {
-            sgemm(g.cout, nc, k, yc, false, w_mat, col_mat, par)?;
+            sgemm((g.cout, nc, k), yc, false, w_mat, col_mat, par)?;
         } else {
             let out = &mut out[..g.cout * nc];
-            sgemm(g.cout, nc, k, out, false, w_mat, col_mat, par)?;
+            sgemm((g.cout, nc, k), out, false, w_mat, col_mat, par)?;
             scatter_channels(out, g.cout, p, nb, yc);
         }
     }
@@ -506,7 +504,7 @@ fn weight_grad_group(x: &[f32], dy: &[f32], g: &Geom, par: gemm::Parallelism) ->
         let dyc = output_channels(dyc, g, nb, &mut dyc_buf);
         let lhs = MatRef { data: dyc, rs: nc, cs: 1 };
         let rhs = MatRef { data: col, rs: 1, cs: nc };
-        sgemm(g.cout, k, nc, &mut dw, i > 0, lhs, rhs, par)?;
+        sgemm((g.cout, k, nc), &mut dw, i > 0, lhs, rhs, par)?;
     }
     put_scratch([col, dyc_buf]);
     Ok(dw)
@@ -538,10 +536,10 @@ fn input_grad_group(dy: &[f32], wt: &[f32], g: &Geom, dx: &mut [f32], par: gemm:
         let rhs = MatRef { data: dyc, rs: nc, cs: 1 };
         if g.pointwise() && nb == 1 {
             // The column matrix of one image is the image: write the gradient in place.
-            sgemm(k, nc, g.cout, dxc, false, w_t, rhs, par)?;
+            sgemm((k, nc, g.cout), dxc, false, w_t, rhs, par)?;
         } else {
             let dcol = &mut dcol[..k * nc];
-            sgemm(k, nc, g.cout, dcol, false, w_t, rhs, par)?;
+            sgemm((k, nc, g.cout), dcol, false, w_t, rhs, par)?;
             col2im(dcol, g, nb, dxc);
         }
     }
