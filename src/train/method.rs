@@ -7,8 +7,8 @@ use crate::comm::World;
 use crate::data::augment::AugmentCfg;
 use crate::data::loader::Batch;
 use crate::data::Dataset;
+use crate::plan::Plan;
 use crate::spec::RunSpec;
-use crate::task::Task;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
@@ -21,14 +21,14 @@ pub(super) struct Run<'a> {
     pub device: &'a Device,
     /// The processes the run is spread over (worker k on rank k mod N).
     pub world: &'a World,
-    /// What the run learns: its loss and metric.
-    pub task: &'static dyn Task,
+    /// The spec's names resolved (masking strategy, dataset, task).
+    pub plan: &'a Plan,
 }
 
 impl Run<'_> {
     /// What a training step needs besides the model and its batches.
     pub fn step_ctx(&self) -> super::Step<'_> {
-        super::Step { task: self.task, device: self.device, world: self.world }
+        super::Step { task: self.plan.task.task, device: self.device, world: self.world }
     }
 
     /// The augmentation (and normalisation) of the run's training and test batches.

@@ -123,7 +123,8 @@ pub fn train_from(
         ))
         .into());
     }
-    let run = Run { spec, data, device, world, task: crate::plan::Plan::of(spec)?.task.task };
+    let plan = crate::plan::Plan::of(spec)?;
+    let run = Run { spec, plan: &plan, data, device, world };
     let mut method: Box<dyn Method + '_> = match spec.method.kind {
         MethodKind::Dp => Box::new(dp::Dp::new(run)?),
         MethodKind::Sdp => Box::new(sdp::Sdp::new(run)?),

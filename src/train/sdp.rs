@@ -24,7 +24,7 @@ impl<'a> Sdp<'a> {
     /// The global model from the run seed and the subnetworks of the workers this process hosts from the
     /// first selection.
     pub fn new(run: Run<'a>) -> Result<Self> {
-        Ok(Self { run, st: SdpState::hosted(run.spec, run.data.num_classes(), run.device, run.world)? })
+        Ok(Self { run, st: SdpState::hosted(run.spec, run.plan, run.data.num_classes(), run.device, run.world)? })
     }
 }
 

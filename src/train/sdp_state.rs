@@ -142,13 +142,13 @@ pub struct SdpState {
 impl SdpState {
     /// Builds the global model from the run seed and every worker's subnetwork from the first selection.
     pub fn new(spec: &RunSpec, num_classes: usize, device: &Device) -> Result<Self> {
-        Self::build(spec, num_classes, device, None, &World::solo())
+        Self::build(spec, &Plan::of(spec)?, num_classes, device, None, &World::solo())
     }
 
     /// This process's share of a run spread over `world`: the workers k ≡ rank (mod N), and the averager
     /// among the processes (one process: [`SdpState::new`]).
-    pub fn hosted(spec: &RunSpec, num_classes: usize, device: &Device, world: &World) -> Result<Self> {
-        Self::build(spec, num_classes, device, None, world)
+    pub fn hosted(spec: &RunSpec, plan: &Plan, num_classes: usize, device: &Device, world: &World) -> Result<Self> {
+        Self::build(spec, plan, num_classes, device, None, world)
     }
 
     /// Builds worker `k`'s physical subnetwork alone, as a process hosting only that worker would (used by
@@ -157,12 +157,18 @@ impl SdpState {
         if k >= spec.method.workers {
             anyhow::bail!("worker {k} does not exist: the spec has {} workers", spec.method.workers);
         }
-        let mut st = Self::build(spec, num_classes, device, Some(k), &World::solo())?;
+        let mut st = Self::build(spec, &Plan::of(spec)?, num_classes, device, Some(k), &World::solo())?;
         st.workers.pop().ok_or_else(|| anyhow::anyhow!("worker {k} was not built"))
     }
 
-    fn build(spec: &RunSpec, num_classes: usize, device: &Device, only: Option<usize>, world: &World) -> Result<Self> {
-        let plan = Plan::of(spec)?;
+    fn build(
+        spec: &RunSpec,
+        plan: &Plan,
+        num_classes: usize,
+        device: &Device,
+        only: Option<usize>,
+        world: &World,
+    ) -> Result<Self> {
         let (strategy, task) = (plan.strategy, plan.task.task);
         let family = models::of(&spec.workload, num_classes)?;
         let compute = spec.workload.precision.dtype();
