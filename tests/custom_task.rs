@@ -21,7 +21,7 @@ const EPS: f64 = 0.2;
 
 impl Task for Smoothed {
     fn metric(&self) -> Metric {
-        Metric { name: "top2", label: "test top-2 accuracy" }
+        Metric { name: "top2", noun: "top-2 accuracy" }
     }
 
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
@@ -97,6 +97,22 @@ fn a_registered_task_trains_with_its_own_loss_and_metric() -> Result<()> {
     // The test metric is the task's score (top-2 hits) over the test split: a fraction.
     assert!((0.0..=1.0).contains(&smoothed.test_acc), "{smoothed:?}");
     assert_eq!(task::task("test_smoothed")?.task.metric().name, "top2");
+    Ok(())
+}
+
+#[test]
+fn figures_and_tables_name_the_tasks_metric() -> Result<()> {
+    register_once();
+    let exp = common::parse_with(common::TINY, &["workload.dataset=test_smooth_shapes", "workload.epochs=2"])?;
+    let (results, out) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let done = sdp::runner::run_all(std::slice::from_ref(&exp), &common::run_options(results.path()))?;
+    assert_eq!(done.done, 1);
+    sdp::figures::render(results.path(), out.path(), &[])?;
+    let table = std::fs::read_to_string(out.path().join("tiny/table.md"))?;
+    common::check_contains(&table, &["final test top2 (%)", "mean top-2 accuracy minus DP's"])?;
+    assert!(!table.contains("test acc"), "{table}");
+    let curve = std::fs::read_to_string(out.path().join("tiny/accuracy_vs_epoch_dp.svg"))?;
+    assert!(curve.contains("test top-2 accuracy vs epoch"), "the curve's title names the metric");
     Ok(())
 }
 

@@ -34,6 +34,7 @@ mod table;
 
 use crate::results::write_atomic;
 use crate::spec::{MethodKind, RunSpec, SpecError};
+use crate::task::{metric_of_dataset, Metric, CLASSIFY};
 use anyhow::{bail, Context, Result};
 use plot::{Axis, HLine, Line, Marker, Plot, Point, PALETTE};
 use plotters::style::{RGBColor, BLACK};
@@ -217,6 +218,8 @@ fn style(i: usize, s: &Series) -> (RGBColor, bool, Marker) {
 
 struct Ctx<'a> {
     name: &'a str,
+    /// The headline metric of the runs' task (`accuracy`), which titles and axes name.
+    metric: Metric,
     what: String,
     runs: &'a [RunData],
     series: &'a [Series],
@@ -280,8 +283,9 @@ fn accuracy_vs_coverage(cx: &Ctx) -> Option<Plot> {
     if others.is_empty() {
         return None;
     }
-    let y = accuracy_axis("final test accuracy (%), mean ± std over seeds");
-    let mut p = cx.plot("final test accuracy vs coverage", cx.coverage_axis(), y);
+    let noun = cx.metric.noun;
+    let y = accuracy_axis(&format!("final test {noun} (%), mean ± std over seeds"));
+    let mut p = cx.plot(&format!("final test {noun} vs coverage"), cx.coverage_axis(), y);
     p.hlines = cx.dps().into_iter().map(|d| cx.dp_band(d)).collect();
     for (i, s) in others {
         let points = s
@@ -301,8 +305,9 @@ fn accuracy_vs_coverage(cx: &Ctx) -> Option<Plot> {
 /// Accuracy against measured memory: only where every run of a series and its DP reference measured it.
 fn accuracy_vs_memory(cx: &Ctx) -> Option<Plot> {
     let x = ratio_axis("per-worker peak memory / DP (measured)");
-    let y = accuracy_axis("final test accuracy (%), mean ± std over seeds");
-    let mut p = cx.plot("final test accuracy vs per-worker memory", x, y);
+    let noun = cx.metric.noun;
+    let y = accuracy_axis(&format!("final test {noun} (%), mean ± std over seeds"));
+    let mut p = cx.plot(&format!("final test {noun} vs per-worker memory"), x, y);
     p.subtitle = format!("{}; marker: mean over workers, whisker: largest worker", cx.what);
     let mut dps_used: Vec<&Series> = vec![];
     for (i, s) in cx.others() {
@@ -441,8 +446,9 @@ fn comm_vs_coverage(cx: &Ctx) -> Option<Plot> {
 fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
     let mut x = Axis::new("epoch", (0.0, f64::INFINITY), 1.0);
     x.integer = true;
-    let y = accuracy_axis("test accuracy (%), mean over seeds");
-    let mut p = cx.plot(&format!("test accuracy vs epoch, {}", s.label), x, y);
+    let noun = cx.metric.noun;
+    let y = accuracy_axis(&format!("test {noun} (%), mean over seeds"));
+    let mut p = cx.plot(&format!("test {noun} vs epoch, {}", s.label), x, y);
     let curve = |idx: &[usize]| -> Vec<Point> {
         let mut by_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for &i in idx {
@@ -480,7 +486,9 @@ fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
 
 fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
     let series = series_of(&exp.runs);
-    let cx = Ctx { name: &exp.name, what: describe(&exp.runs), runs: &exp.runs, series: &series };
+    // The task of the first run's dataset (an experiment trains one task).
+    let metric = exp.runs.first().map_or(CLASSIFY.task.metric(), |r| metric_of_dataset(&r.spec.workload.dataset));
+    let cx = Ctx { name: &exp.name, metric, what: describe(&exp.runs), runs: &exp.runs, series: &series };
     let mut figures: Vec<(String, Plot)> = vec![];
     let mut add = |stem: &str, p: Option<Plot>| {
         if let Some(p) = p {
@@ -502,7 +510,10 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
         files.extend(plot::write_plot(dir, stem, p)?);
     }
     let table = dir.join("table.md");
-    write_atomic(&table, table::table_md(&exp.name, &exp.runs, &series, &cx.what, exp.skipped.len()).as_bytes())?;
+    write_atomic(
+        &table,
+        table::table_md(&exp.name, metric, &exp.runs, &series, &cx.what, exp.skipped.len()).as_bytes(),
+    )?;
     files.push(table);
     remove_stale(dir, &files)?;
     Ok(files)

@@ -9,6 +9,7 @@ use super::series::{cov_of, dp_reference, Series};
 use super::stats::{mean_std, welch_interval};
 use super::{accs, all_runs, mean_of, memory_ratio, DpRef};
 use crate::spec::MethodKind;
+use crate::task::Metric;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
@@ -43,7 +44,15 @@ fn fmt_diff(xs: &[f64], dp: &[f64]) -> String {
 }
 
 /// The markdown of `table.md`.
-pub(super) fn table_md(name: &str, runs: &[RunData], series: &[Series], what: &str, skipped: usize) -> String {
+pub(super) fn table_md(
+    name: &str,
+    metric: Metric,
+    runs: &[RunData],
+    series: &[Series],
+    what: &str,
+    skipped: usize,
+) -> String {
+    let Metric { name: short, noun } = metric;
     let mut t = String::new();
     let _ = writeln!(t, "# {name}: {what}\n");
     let _ = writeln!(
@@ -55,9 +64,9 @@ pub(super) fn table_md(name: &str, runs: &[RunData], series: &[Series], what: &s
     );
     let _ = writeln!(
         t,
-        "- **final test acc**: the headline evaluation mode at the last epoch (never the best epoch), mean ± \
+        "- **final test {short}**: the headline evaluation mode at the last epoch (never the best epoch), mean ± \
          sample std over the n seeds (`n = 1`: a single seed, no spread).\n\
-         - **Δ vs DP**: mean accuracy minus DP's on the same workload and K, in percentage points, with \
+         - **Δ vs DP**: mean {noun} minus DP's on the same workload and K, in percentage points, with \
          Welch's {:.0} % confidence interval (unequal variances, Welch–Satterthwaite degrees of freedom, \
          Student t quantile); `n/a` where either side has a single seed.\n\
          - **memory / DP**: peak bytes of one worker's training steps measured by `sdp memprobe`, relative to \
@@ -74,7 +83,7 @@ pub(super) fn table_md(name: &str, runs: &[RunData], series: &[Series], what: &s
         decimals_for(&series.iter().flat_map(|s| s.points.keys().map(|&c| cov_of(c))).collect::<Vec<_>>()).max(2);
     let _ = writeln!(
         t,
-        "| variant | C | n | final test acc (%) | Δ vs DP (pp) [95 % CI] | param fraction | memory / DP, mean \
+        "| variant | C | n | final test {short} (%) | Δ vs DP (pp) [95 % CI] | param fraction | memory / DP, mean \
          worker | memory / DP, largest worker | comm / DP | spectral gap |"
     );
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
@@ -138,7 +147,7 @@ pub(super) fn table_md(name: &str, runs: &[RunData], series: &[Series], what: &s
     let modes: BTreeSet<String> =
         runs.iter().filter_map(|r| r.curve.last()).flat_map(|e| e.modes.keys().cloned()).collect();
     if !modes.is_empty() {
-        let _ = writeln!(t, "\n## Final test accuracy by evaluation mode (%), mean over seeds\n");
+        let _ = writeln!(t, "\n## Final test {noun} by evaluation mode (%), mean over seeds\n");
         let _ = writeln!(t, "| variant | C | n | {} |", modes.iter().cloned().collect::<Vec<_>>().join(" | "));
         let _ = writeln!(t, "|---|---|---|{}", "---|".repeat(modes.len()));
         for s in series {

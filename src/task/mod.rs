@@ -16,11 +16,12 @@ use crate::spec::EvalMode;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-/// The headline metric a task reports: its name in results (`test_<name>`) and its label in figures.
+/// The headline metric a task reports: its short name (`acc`: table columns say `final test acc`) and the
+/// noun figures and tables use (`accuracy`: "final test accuracy vs coverage").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Metric {
     pub name: &'static str,
-    pub label: &'static str,
+    pub noun: &'static str,
 }
 
 /// A learning task.
@@ -73,6 +74,17 @@ pub fn register(name: &'static str, task: &'static dyn Task) -> Result<()> {
     }
     extra.push(Registered { name, task });
     Ok(())
+}
+
+/// The headline metric of the task a dataset name (`workload.dataset`) is for; classification's where the
+/// name or its task is not registered in this process (a dataset registered by another program).
+pub fn metric_of_dataset(dataset: &str) -> Metric {
+    crate::data::source::DataRef::parse(dataset)
+        .ok()
+        .and_then(|d| task(d.source().task()).ok())
+        .unwrap_or(CLASSIFY)
+        .task
+        .metric()
 }
 
 /// The task registered as `name`.
