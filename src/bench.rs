@@ -352,9 +352,9 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     }
     let build_s = t.elapsed().as_secs_f64();
     let (x, y) = random_batch(b, 0).to_tensors(dev)?;
-    let lr = b.spec.optim.lr;
+    let (lr, task) = (b.spec.optim.lr, Plan::of(&b.spec)?.task.task);
     let r = timed_steps(b, meter, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
-        let (_, grads) = loss_and_grads(Plan::of(&b.spec)?.task.task, net.as_ref(), &x, &y)?;
+        let (_, grads) = loss_and_grads(task, net.as_ref(), &x, &y)?;
         sample()?; // activations and gradients alive: the step's high point
         opt.step(&net.store().params, &grads, lr)?;
         Ok(())

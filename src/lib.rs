@@ -20,6 +20,7 @@ pub mod optim;
 pub mod peers;
 pub mod plan;
 pub mod progress;
+pub mod registry;
 pub mod results;
 pub mod runner;
 pub mod runtime;

@@ -59,8 +59,12 @@ pub struct Source {
 pub fn official(name: &str) -> Result<Source> {
     let files = super::source::DataRef::parse(name)?.source().files();
     if files.is_empty() {
-        let with: Vec<&str> =
-            super::source::REGISTRY.iter().filter(|r| !r.source.files().is_empty()).map(|r| r.name).collect();
+        let with: Vec<&str> = super::source::REGISTRY
+            .all()
+            .into_iter()
+            .filter(|r| !r.source.files().is_empty())
+            .map(|r| r.name)
+            .collect();
         bail!("no official files to fetch for dataset `{name}` (datasets with official files: {})", with.join(", "));
     }
     Ok(Source { name: name.into(), files })

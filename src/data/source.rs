@@ -1,5 +1,5 @@
 //! The dataset registry: every dataset a spec can name (`workload.dataset`) is a [`DataSource`] registered
-//! under that name. A new dataset is one file implementing the trait and one line in [`REGISTRY`] (or a
+//! under that name. A new dataset is one file implementing the trait and one line in [`BUILT_IN`] (or a
 //! [`register`] call from outside the crate).
 //!
 //! A spec names a source either plainly (`cifar10`) or with an argument after a colon (`folder:<path>`),
@@ -7,6 +7,7 @@
 
 use super::fetch::RemoteFile;
 use super::{cifar, folder, svhn, synthetic, Dataset};
+use crate::registry::{Named, Registry};
 use crate::spec::Workload;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -106,8 +107,14 @@ pub struct Registered {
     pub source: &'static dyn DataSource,
 }
 
+impl Named for Registered {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
 /// Every built-in dataset. One line per source.
-pub const REGISTRY: &[Registered] = &[
+pub const BUILT_IN: &[Registered] = &[
     Registered { name: "shapes", arg: None, source: &synthetic::Shapes },
     Registered { name: "cifar10", arg: None, source: &cifar::CIFAR10 },
     Registered { name: "cifar100", arg: None, source: &cifar::CIFAR100 },
@@ -115,28 +122,19 @@ pub const REGISTRY: &[Registered] = &[
     Registered { name: "folder", arg: Some("path"), source: &folder::Folder },
 ];
 
-/// Sources registered while the program runs ([`register`]), after the built-in ones.
-static REGISTERED: std::sync::RwLock<Vec<Registered>> = std::sync::RwLock::new(Vec::new());
+/// The built-in datasets, then those registered while the program runs ([`register`]).
+pub static REGISTRY: Registry<Registered> = Registry::new("dataset", BUILT_IN);
 
 /// Registers a source defined outside this crate (a downstream crate, a test) under `name`, after which
 /// specs may name it like a built-in one. A name already taken is an error.
 pub fn register(name: &'static str, arg: Option<&'static str>, source: &'static dyn DataSource) -> Result<()> {
-    let mut extra = REGISTERED.write().unwrap_or_else(|p| p.into_inner());
-    if REGISTRY.iter().chain(extra.iter()).any(|r| r.name == name) {
-        bail!("a dataset named `{name}` is registered already");
-    }
-    extra.push(Registered { name, arg, source });
-    Ok(())
-}
-
-fn registry() -> Vec<Registered> {
-    let extra = REGISTERED.read().unwrap_or_else(|p| p.into_inner());
-    REGISTRY.iter().chain(extra.iter()).copied().collect()
+    REGISTRY.register(Registered { name, arg, source })
 }
 
 /// How each registered dataset is written in a spec (`cifar10`, `folder:<path>` …).
 pub fn names() -> Vec<String> {
-    registry()
+    REGISTRY
+        .all()
         .iter()
         .map(|r| match r.arg {
             Some(a) => format!("{}:<{a}>", r.name),
@@ -175,7 +173,7 @@ impl DataRef {
             None => (s, None),
         };
         let expected = || format!("expected one of {}", names().join(", "));
-        let Some(entry) = registry().into_iter().find(|r| r.name == name) else {
+        let Some(entry) = REGISTRY.find(name) else {
             bail!("unknown dataset `{s}`, {}", expected());
         };
         match (entry.arg, arg) {

@@ -7,6 +7,7 @@ pub mod layers;
 pub mod resnet;
 pub mod swin;
 
+use crate::registry::{Named, Registry};
 use crate::spec::{Norm, Workload};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -200,37 +201,33 @@ impl ModelArgs {
 /// Configures a family from its arguments (the message of an error names the offending field).
 pub type Constructor = fn(&ModelArgs) -> Result<Box<dyn Family>>;
 
-/// Every model by its spec name (`workload.model`): a new family is a file and a line here.
-const REGISTRY: &[(&str, Constructor)] =
-    &[("resnet", resnet::resnet), ("resnet18", resnet::resnet18), ("wrn18", resnet::wrn18), ("swin_t", swin::swin_t)];
+impl Named for (&'static str, Constructor) {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+}
 
-/// Families registered while the program runs ([`register`]), after the built-in ones.
-static REGISTERED: std::sync::RwLock<Vec<(&'static str, Constructor)>> = std::sync::RwLock::new(Vec::new());
+/// Every model by its spec name (`workload.model`): a new family is a file and a line here; families
+/// defined outside the crate are added with [`register`].
+static REGISTRY: Registry<(&'static str, Constructor)> = Registry::new(
+    "model family",
+    &[("resnet", resnet::resnet), ("resnet18", resnet::resnet18), ("wrn18", resnet::wrn18), ("swin_t", swin::swin_t)],
+);
 
 /// Registers a family defined outside this crate (a downstream crate, a test) under `name`, after which
 /// specs may name it like a built-in one. A name already taken is an error.
 pub fn register(name: &'static str, new: Constructor) -> Result<()> {
-    let mut extra = REGISTERED.write().unwrap_or_else(|p| p.into_inner());
-    if REGISTRY.iter().chain(extra.iter()).any(|(n, _)| *n == name) {
-        bail!("a model family named `{name}` is registered already");
-    }
-    extra.push((name, new));
-    Ok(())
-}
-
-fn registry() -> Vec<(&'static str, Constructor)> {
-    let extra = REGISTERED.read().unwrap_or_else(|p| p.into_inner());
-    REGISTRY.iter().chain(extra.iter()).copied().collect()
+    REGISTRY.register((name, new))
 }
 
 /// The registered model names.
 pub fn names() -> Vec<&'static str> {
-    registry().into_iter().map(|(n, _)| n).collect()
+    REGISTRY.names()
 }
 
 /// The family registered as `name`, configured from `args`.
 pub fn family(name: &str, args: &ModelArgs) -> Result<Box<dyn Family>> {
-    match registry().into_iter().find(|(n, _)| *n == name) {
+    match REGISTRY.find(name) {
         Some((_, new)) => new(args),
         None => bail!("unknown model `{name}` (expected one of {})", names().join(", ")),
     }

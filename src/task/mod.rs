@@ -5,13 +5,14 @@
 //! (`classify.rs`). A dataset names its task ([`crate::data::source::DataSource::task`]); the run's
 //! [`crate::plan::Plan`] resolves it.
 //!
-//! A new task is one file implementing [`Task`] plus a line in [`REGISTRY`] (or a [`register`] call
+//! A new task is one file implementing [`Task`] plus a line in [`BUILT_IN`] (or a [`register`] call
 //! from outside the crate), and a dataset source that names it; `tests/custom_task.rs` registers one. What is still image-shaped outside this seam: the batches
 //! (`data::loader::Batch`, CHW floats and `u32` targets), their augmentation, and the activation estimates
 //! of `Net::activation_elems(h, w)`.
 
 mod classify;
 
+use crate::registry::{Named, Registry};
 use crate::spec::EvalMode;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -56,24 +57,25 @@ impl std::fmt::Debug for Registered {
     }
 }
 
-/// Every task. One line per task.
-pub const REGISTRY: &[Registered] = &[Registered { name: "classify", task: &classify::Classify }];
+impl Named for Registered {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// Every built-in task. One line per task.
+pub const BUILT_IN: &[Registered] = &[Registered { name: "classify", task: &classify::Classify }];
 
 /// Image classification, the task of every built-in dataset.
-pub const CLASSIFY: Registered = REGISTRY[0];
+pub const CLASSIFY: Registered = BUILT_IN[0];
 
-/// Tasks registered while the program runs ([`register`]), after the built-in ones.
-static REGISTERED: std::sync::RwLock<Vec<Registered>> = std::sync::RwLock::new(Vec::new());
+/// The built-in tasks, then those registered while the program runs ([`register`]).
+pub static REGISTRY: Registry<Registered> = Registry::new("task", BUILT_IN);
 
 /// Registers a task defined outside this crate under `name`, after which a dataset source may name it.
 /// A name already taken is an error.
 pub fn register(name: &'static str, task: &'static dyn Task) -> Result<()> {
-    let mut extra = REGISTERED.write().unwrap_or_else(|p| p.into_inner());
-    if REGISTRY.iter().chain(extra.iter()).any(|r| r.name == name) {
-        bail!("a task named `{name}` is registered already");
-    }
-    extra.push(Registered { name, task });
-    Ok(())
+    REGISTRY.register(Registered { name, task })
 }
 
 /// The headline metric of the task a dataset name (`workload.dataset`) is for; classification's where the
@@ -89,13 +91,8 @@ pub fn metric_of_dataset(dataset: &str) -> Metric {
 
 /// The task registered as `name`.
 pub fn task(name: &str) -> Result<Registered> {
-    let extra = REGISTERED.read().unwrap_or_else(|p| p.into_inner());
-    let all: Vec<Registered> = REGISTRY.iter().chain(extra.iter()).copied().collect();
-    match all.iter().find(|r| r.name == name) {
-        Some(r) => Ok(*r),
-        None => {
-            let names: Vec<&str> = all.iter().map(|r| r.name).collect();
-            bail!("unknown task `{name}`; registered tasks: {}", names.join(", "))
-        }
+    match REGISTRY.find(name) {
+        Some(r) => Ok(r),
+        None => bail!("unknown task `{name}`; registered tasks: {}", REGISTRY.names().join(", ")),
     }
 }
