@@ -14,8 +14,8 @@ CPU_FEATURES := $(if $(filter 1,$(MPI)),--features mpi,)
 build:
 	$(CARGO) build --release $(CPU_FEATURES)
 
-# Tests: tiny models on synthetic data, CPU only, a few minutes on 2 cores; no ../shared needed. In the
-# release profile, so `make test` and `make demo` share one build of the dependencies.
+# Tests: tiny models on synthetic data, CPU only, a few minutes on 2 cores; no file outside the repository
+# needed. In the release profile, so `make test` and `make demo` share one build of the dependencies.
 test:
 	$(CARGO) test --release --all-targets $(CPU_FEATURES)
 
@@ -40,7 +40,7 @@ clean-results:
 
 # Real images, offline: CIFAR-10 as JPEG (lossy, q≈75), extracted into the data directory as an ImageFolder
 # tree. Label results on it `cifar10-jpeg-q75`, never `cifar10`. Not part of `make test`.
-CIFAR10_JPEG_TGZ ?= ../shared/datasets/cifar10-jpeg-q75.tar.gz
+CIFAR10_JPEG_TGZ ?= $(DATA_DIR)/cifar10-jpeg-q75.tar.gz
 CIFAR10_JPEG_DIR := $(DATA_DIR)/cifar10-jpeg-q75
 
 .PHONY: cifar10-jpeg demo-cifar10-jpeg reproduce-mini reproduce-mini-extras
