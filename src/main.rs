@@ -272,7 +272,7 @@ fn list_runs(results_dir: &Path, stale_after: std::time::Duration) -> Result<()>
         return Ok(());
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "experiment\trun_id\tstatus\tprogress\tage\ttest_acc\tlabel")?;
+    writeln!(out, "experiment\trun_id\tstatus\tprogress\tage\tfinal\tlabel")?;
     for l in runs {
         let m = match l.manifest {
             Ok(m) => m,
@@ -299,7 +299,8 @@ fn list_runs(results_dir: &Path, stale_after: std::time::Duration) -> Result<()>
             }
             (s, None) => (s.to_string().replace('\n', " "), resumes(), age(m.ended.as_deref().unwrap_or(&m.started))),
         };
-        let acc = m.final_metrics.map(|f| format!("{:.4}", f.test_acc)).unwrap_or_else(|| "-".into());
+        let acc =
+            m.final_metrics.map(|f| format!("test_{} {:.4}", f.metric, f.test_metric)).unwrap_or_else(|| "-".into());
         writeln!(out, "{}\t{}\t{status}\t{progress}\t{since}\t{acc}\t{}", l.experiment, l.run_id, m.label)?;
     }
     Ok(out.flush()?)

@@ -49,6 +49,8 @@ pub struct Progress {
     run_dir: PathBuf,
     run_id: String,
     metrics_path: PathBuf,
+    /// The run's headline metric (`acc`): what `metrics.csv` and the lines name.
+    metric: &'static str,
     last_acc: Option<f64>,
     stop: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
@@ -83,11 +85,12 @@ impl Progress {
         Self {
             title,
             bar: None,
-            last_acc: rows.last().map(|r| r.test_acc),
+            last_acc: rows.last().map(|r| r.test_metric),
             rows,
             run_dir: rd.dir.clone(),
             run_id: run.id.clone(),
             metrics_path: rd.metrics(),
+            metric: crate::task::metric_of_dataset(&run.spec.workload.dataset).name,
             stop: opts.stop.clone(),
             lost: lock.lost.clone(),
             heartbeat: lock.progress.clone(),
@@ -147,17 +150,25 @@ impl Observer for Progress {
             b
         });
         bar.set_position(step as u64);
-        let acc = self.last_acc.map(|a| format!(" acc {a:.3}")).unwrap_or_default();
+        let acc = self.last_acc.map(|a| format!(" {} {a:.3}", self.metric)).unwrap_or_default();
         bar.set_message(format!("epoch {epoch} loss {loss:.3}{acc} ({its:.1} it/s)"));
     }
 
     fn eval(&mut self, row: &MetricsRow) -> Result<()> {
         self.rows.push(MetricsRow { run_id: self.run_id.clone(), ..row.clone() });
-        self.last_acc = Some(row.test_acc);
-        write_metrics(&self.metrics_path, &self.rows)?;
+        self.last_acc = Some(row.test_metric);
+        write_metrics(&self.metrics_path, self.metric, &self.rows)?;
         let line = format!(
-            "{}: epoch {} step {} train_loss {:.4} test_loss {:.4} test_acc {:.4} {:.0} img/s {:.1} s",
-            self.title, row.epoch, row.step, row.train_loss, row.test_loss, row.test_acc, row.img_per_s, row.wall_s
+            "{}: epoch {} step {} train_loss {:.4} test_loss {:.4} test_{} {:.4} {:.0} img/s {:.1} s",
+            self.title,
+            row.epoch,
+            row.step,
+            row.train_loss,
+            row.test_loss,
+            self.metric,
+            row.test_metric,
+            row.img_per_s,
+            row.wall_s
         );
         match &self.bar {
             Some(b) => b.println(line),

@@ -8,7 +8,7 @@
 //! [`write_metrics`]) and read back ([`read_csv`], [`read_metrics`]), so a column is added in one place.
 
 use crate::spec::{Run, RunSpec};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -36,7 +36,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Writes `rows` as CSV, atomically: a header naming `T`'s fields (also when there is no row), then one
 /// record per row.
 pub fn write_csv<T: Serialize + Default>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut w = csv_writer(path, &columns::<T>()?)?;
+    write_rows(path, &columns::<T>()?, rows)
+}
+
+/// Writes `header`, then `rows` without theirs, atomically.
+fn write_rows<T: Serialize>(path: &Path, header: &[String], rows: &[T]) -> Result<()> {
+    let mut w = csv_writer(path, header)?;
     for r in rows {
         w.serialize(r).with_context(|| format!("serialising a row of {}", path.display()))?;
     }
@@ -66,22 +71,29 @@ fn finish_csv(path: &Path, w: csv::Writer<Vec<u8>>) -> Result<()> {
 /// Reads a CSV file with a header into rows of `T`, columns matched by name (others are ignored); errors
 /// name the file, the line and the column.
 pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    read_records(path, |headers, rec, line| {
-        rec.deserialize(Some(headers)).map_err(|e| deserialize_error(path, line, headers, rec, e))
+    let (mut r, headers) = open_csv(path)?;
+    records(path, &mut r, |rec, line| {
+        rec.deserialize(Some(&headers)).map_err(|e| deserialize_error(path, line, &headers, rec, e))
     })
 }
 
-/// Reads every record of a CSV file with a header through `row(headers, record, line)`.
-fn read_records<T>(
-    path: &Path,
-    mut row: impl FnMut(&csv::StringRecord, &csv::StringRecord, u64) -> Result<T>,
-) -> Result<Vec<T>> {
+/// A CSV reader of `path` and the file's header.
+fn open_csv(path: &Path) -> Result<(csv::Reader<std::fs::File>, csv::StringRecord)> {
     let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
     let headers = r.headers().map_err(|e| csv_error(path, e))?.clone();
+    Ok((r, headers))
+}
+
+/// Every remaining record of `r` (reading `path`) through `row(record, line)`.
+fn records<T>(
+    path: &Path,
+    r: &mut csv::Reader<std::fs::File>,
+    mut row: impl FnMut(&csv::StringRecord, u64) -> Result<T>,
+) -> Result<Vec<T>> {
     let mut rows = Vec::new();
     for rec in r.records() {
         let rec = rec.map_err(|e| csv_error(path, e))?;
-        rows.push(row(&headers, &rec, rec.position().map_or(0, |p| p.line()))?);
+        rows.push(row(&rec, rec.position().map_or(0, |p| p.line()))?);
     }
     Ok(rows)
 }
@@ -166,30 +178,96 @@ impl std::fmt::Display for Status {
     }
 }
 
-/// Final figures of a finished run, copied into the manifest and the summary.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+/// Final figures of a finished run, copied into the manifest and the summary. In the manifest the
+/// headline metric is stored under `test_<metric>` (classification: `test_acc`), named by the run's task.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Final {
     pub epoch: usize,
     pub step: usize,
     pub train_loss: f64,
     pub test_loss: f64,
-    pub test_acc: f64,
+    /// The task's headline metric ([`crate::task::Metric::name`]): what `test_metric` measures.
+    pub metric: String,
+    pub test_metric: f64,
     pub wall_s: f64,
     pub img_per_s: f64,
 }
 
-impl From<&MetricsRow> for Final {
-    fn from(r: &MetricsRow) -> Self {
+impl Final {
+    /// The final figures of the evaluation `r` of a run whose headline metric is `metric`.
+    pub fn of(r: &MetricsRow, metric: &str) -> Self {
         Final {
             epoch: r.epoch,
             step: r.step,
             train_loss: r.train_loss,
             test_loss: r.test_loss,
-            test_acc: r.test_acc,
+            metric: metric.to_string(),
+            test_metric: r.test_metric,
             wall_s: r.wall_s,
             img_per_s: r.img_per_s,
         }
     }
+}
+
+impl Serialize for Final {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(7))?;
+        m.serialize_entry("epoch", &self.epoch)?;
+        m.serialize_entry("step", &self.step)?;
+        m.serialize_entry("train_loss", &self.train_loss)?;
+        m.serialize_entry("test_loss", &self.test_loss)?;
+        m.serialize_entry(&headline_column(&self.metric), &self.test_metric)?;
+        m.serialize_entry("wall_s", &self.wall_s)?;
+        m.serialize_entry("img_per_s", &self.img_per_s)?;
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Final {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            epoch: usize,
+            step: usize,
+            train_loss: f64,
+            test_loss: f64,
+            wall_s: f64,
+            img_per_s: f64,
+            #[serde(flatten)]
+            rest: BTreeMap<String, f64>,
+        }
+        let r = Raw::deserialize(d)?;
+        let mut headline = r.rest.iter().filter_map(|(k, v)| Some((metric_of_column(k)?, *v)));
+        let Some((metric, test_metric)) = headline.next() else {
+            return Err(serde::de::Error::custom("final metrics: no `test_<metric>` entry"));
+        };
+        if let Some((other, _)) = headline.next() {
+            return Err(serde::de::Error::custom(format!(
+                "final metrics: two headline entries, `test_{metric}` and `test_{other}`"
+            )));
+        }
+        Ok(Final {
+            epoch: r.epoch,
+            step: r.step,
+            train_loss: r.train_loss,
+            test_loss: r.test_loss,
+            metric: metric.to_string(),
+            test_metric,
+            wall_s: r.wall_s,
+            img_per_s: r.img_per_s,
+        })
+    }
+}
+
+/// The column (and manifest key) of the headline metric `metric`: `test_<metric>`.
+pub fn headline_column(metric: &str) -> String {
+    format!("test_{metric}")
+}
+
+/// The metric a headline column names (`test_acc` → `acc`); `None` for `test_loss` and other columns.
+fn metric_of_column(column: &str) -> Option<&str> {
+    column.strip_prefix("test_").filter(|m| !m.is_empty() && *m != "loss")
 }
 
 /// `manifest.json`: what ran, where, with what, and how it ended.
@@ -251,8 +329,9 @@ impl Manifest {
 }
 
 /// One row of `metrics.csv`: one evaluation. Its serialised fields are the file's fixed columns, in
-/// order; [`MetricsRow::modes`] adds one `test_acc_<mode>` column per evaluation mode after them
-/// ([`write_metrics`], [`read_metrics`]).
+/// order, the headline column named by the task's metric (`test_metric` is written `test_<metric>`:
+/// classification's `test_acc`); [`MetricsRow::modes`] adds one `test_<metric>_<mode>` column per
+/// evaluation mode after them ([`write_metrics`], [`read_metrics`]).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MetricsRow {
     /// The run's id (empty in the rows training reports: the runner stamps it).
@@ -263,21 +342,49 @@ pub struct MetricsRow {
     pub train_loss: f64,
     #[serde(serialize_with = "decimal")]
     pub test_loss: f64,
+    /// The task's headline metric on the test split, in the evaluation mode `method.eval_mode`.
     #[serde(serialize_with = "decimal")]
-    pub test_acc: f64,
+    pub test_metric: f64,
     #[serde(serialize_with = "decimal")]
     pub lr: f64,
     #[serde(serialize_with = "one_decimal")]
     pub img_per_s: f64,
     #[serde(serialize_with = "three_decimals")]
     pub wall_s: f64,
-    /// Test accuracy of every evaluation mode (`full`, `recal`, …): the `test_acc_<mode>` columns.
+    /// The headline metric of every evaluation mode (`full`, `recal`, …): the `test_<metric>_<mode>`
+    /// columns.
     #[serde(skip)]
     pub modes: BTreeMap<String, f64>,
 }
 
-/// What the name of an evaluation mode's accuracy column in `metrics.csv` starts with.
-const MODE_COLUMN: &str = "test_acc_";
+/// The placeholder name of the headline column in a row type's serialised fields: the files name it
+/// after the metric (`test_metric` → `test_acc`, `final_test_metric` → `final_test_acc`).
+const HEADLINE_FIELD: &str = "test_metric";
+
+/// `header` with the headline field named after `metric`.
+fn name_headline(mut header: Vec<String>, metric: &str) -> Vec<String> {
+    for h in header.iter_mut() {
+        if let Some(prefix) = h.strip_suffix(HEADLINE_FIELD) {
+            *h = format!("{prefix}{}", headline_column(metric));
+        }
+    }
+    header
+}
+
+/// The headline column of a header read from `path` (the first `<prefix>test_<metric>` column), its
+/// position and the metric it names.
+fn find_headline(path: &Path, headers: &csv::StringRecord, prefix: &str) -> Result<(usize, String)> {
+    headers
+        .iter()
+        .enumerate()
+        .find_map(|(i, h)| Some((i, metric_of_column(h.strip_prefix(prefix)?)?.to_string())))
+        .with_context(|| format!("{}: line 1: no headline metric column `{prefix}test_<metric>`", path.display()))
+}
+
+/// `headers` with the column at `i` renamed to the row type's placeholder field `name`.
+fn rename_column(headers: &csv::StringRecord, i: usize, name: &str) -> csv::StringRecord {
+    headers.iter().enumerate().map(|(j, h)| if j == i { name } else { h }).collect()
+}
 
 /// `x` in plain decimal notation, the shortest that reads back the same (Rust's `Display`).
 fn decimal<S: serde::Serializer>(x: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -292,12 +399,12 @@ fn three_decimals<S: serde::Serializer>(x: &f64, s: S) -> std::result::Result<S:
     s.collect_str(&format_args!("{x:.3}"))
 }
 
-/// Writes `metrics.csv`: the fixed columns, then one `test_acc_<mode>` column per evaluation mode of the
-/// first row (empty in a row that lacks the mode).
-pub fn write_metrics(path: &Path, rows: &[MetricsRow]) -> Result<()> {
+/// Writes `metrics.csv` of a run whose headline metric is `metric`: the fixed columns, then one
+/// `test_<metric>_<mode>` column per evaluation mode of the first row (empty in a row that lacks the mode).
+pub fn write_metrics(path: &Path, metric: &str, rows: &[MetricsRow]) -> Result<()> {
     let modes: Vec<&String> = rows.first().map(|r| r.modes.keys().collect()).unwrap_or_default();
-    let mut header = columns::<MetricsRow>()?;
-    header.extend(modes.iter().map(|m| format!("{MODE_COLUMN}{m}")));
+    let mut header = name_headline(columns::<MetricsRow>()?, metric);
+    header.extend(modes.iter().map(|m| format!("{}_{m}", headline_column(metric))));
     let mut w = csv_writer(path, &header)?;
     for r in rows {
         let accs: Vec<String> = modes.iter().map(|m| r.modes.get(*m).map(f64::to_string).unwrap_or_default()).collect();
@@ -306,21 +413,34 @@ pub fn write_metrics(path: &Path, rows: &[MetricsRow]) -> Result<()> {
     finish_csv(path, w)
 }
 
-/// Reads `metrics.csv`: the fixed columns, and every `test_acc_<mode>` column into
+/// A run's `metrics.csv`: the metric its headline columns name, and its rows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Metrics {
+    pub metric: String,
+    pub rows: Vec<MetricsRow>,
+}
+
+/// Reads `metrics.csv`: the headline column (the first `test_<metric>` but `test_loss`) names the metric,
+/// the fixed columns fill the rows, and every `test_<metric>_<mode>` column goes into
 /// [`MetricsRow::modes`] (an empty cell: the mode was not evaluated at that row).
-pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRow>> {
-    read_records(path, |headers, rec, line| {
+pub fn read_metrics(path: &Path) -> Result<Metrics> {
+    let (mut r, headers) = open_csv(path)?;
+    let (at, metric) = find_headline(path, &headers, "")?;
+    let fields = rename_column(&headers, at, HEADLINE_FIELD);
+    let mode_prefix = format!("{}_", headline_column(&metric));
+    let rows = records(path, &mut r, |rec, line| {
         let mut row: MetricsRow =
-            rec.deserialize(Some(headers)).map_err(|e| deserialize_error(path, line, headers, rec, e))?;
-        for (name, text) in headers.iter().zip(rec.iter()) {
-            let Some(mode) = name.strip_prefix(MODE_COLUMN) else { continue };
+            rec.deserialize(Some(&fields)).map_err(|e| deserialize_error(path, line, &headers, rec, e))?;
+        for (column, text) in headers.iter().zip(rec.iter()) {
+            let Some(mode) = column.strip_prefix(&mode_prefix) else { continue };
             if !text.trim().is_empty() {
-                let acc = text.trim().parse().map_err(|_| not_a_number(path, line, name, text))?;
-                row.modes.insert(mode.to_string(), acc);
+                let value = text.trim().parse().map_err(|_| not_a_number(path, line, column, text))?;
+                row.modes.insert(mode.to_string(), value);
             }
         }
         Ok(row)
-    })
+    })?;
+    Ok(Metrics { metric, rows })
 }
 
 /// One row of `workers.csv`: what one worker holds, measures and sends.
@@ -370,7 +490,8 @@ pub struct SummaryRow {
     pub method: String,
     pub workers: usize,
     pub epochs: usize,
-    pub final_test_acc: f64,
+    /// The final headline metric: the column `final_test_<metric>` (classification: `final_test_acc`).
+    pub final_test_metric: f64,
     pub final_test_loss: f64,
     pub final_train_loss: f64,
     pub img_per_s: f64,
@@ -430,7 +551,7 @@ fn summary_row(m: &Manifest) -> Result<Option<SummaryRow>> {
         method: serde_json::to_value(s.method.kind)?.as_str().unwrap_or_default().to_string(),
         workers: s.method.workers,
         epochs: s.workload.epochs,
-        final_test_acc: f.test_acc,
+        final_test_metric: f.test_metric,
         final_test_loss: f.test_loss,
         final_train_loss: f.train_loss,
         img_per_s: f.img_per_s,
@@ -445,22 +566,54 @@ fn summary_row(m: &Manifest) -> Result<Option<SummaryRow>> {
 /// Rewrites `results/<experiment>/summary.csv` from the manifests in the experiment's folder: one row
 /// per finished run, whatever command made it, sorted by label then run id; the header even when no run
 /// is done. Each writer rebuilds the whole file from the folder and renames it into place, so concurrent
-/// writers leave a complete file.
+/// writers leave a complete file. The headline column is named by the finished runs' metric
+/// (`final_test_<metric>`); runs that report different metrics cannot share one summary and are an
+/// error naming two of them.
 pub fn write_summary(results: &Path, experiment: &str) -> Result<PathBuf> {
     let exp_dir = results.join(experiment);
     clean_temp_files(&exp_dir, false);
     let mut rows = Vec::new();
+    let mut metric: Option<(String, String)> = None; // (metric, the run that named it)
+    let mut first_dataset = None;
     for entry in list_experiment(&exp_dir)? {
         // A manifest being replaced right now is complete either way (atomic rename); an unreadable
         // one is not a finished run.
-        if let Ok(m) = entry.manifest {
-            rows.extend(summary_row(&m)?);
+        let Ok(m) = entry.manifest else { continue };
+        first_dataset.get_or_insert_with(|| m.spec.workload.dataset.clone());
+        let Some(row) = summary_row(&m)? else { continue };
+        let named = &m.final_metrics.as_ref().map(|f| f.metric.clone()).unwrap_or_default();
+        match &metric {
+            Some((other, by)) if other != named => bail!(
+                "{}: run {by} reports `{other}` and run {} `{named}`: one summary has one headline metric \
+                 (put runs of different tasks in different experiments)",
+                exp_dir.display(),
+                m.run_id
+            ),
+            Some(_) => {}
+            None => metric = Some((named.clone(), m.run_id.clone())),
         }
+        rows.push(row);
     }
     rows.sort_by(|a, b| (&a.label, &a.run_id).cmp(&(&b.label, &b.run_id)));
+    // No finished run: the metric of the task its runs' dataset names.
+    let metric = match metric {
+        Some((m, _)) => m,
+        None => crate::task::metric_of_dataset(first_dataset.as_deref().unwrap_or_default()).name.to_string(),
+    };
     let path = exp_dir.join("summary.csv");
-    write_csv(&path, &rows)?;
+    write_rows(&path, &name_headline(columns::<SummaryRow>()?, &metric), &rows)?;
     Ok(path)
+}
+
+/// Reads a `summary.csv`: the metric its headline column (`final_test_<metric>`) names, and its rows.
+pub fn read_summary(path: &Path) -> Result<(String, Vec<SummaryRow>)> {
+    let (mut r, headers) = open_csv(path)?;
+    let (at, metric) = find_headline(path, &headers, "final_")?;
+    let fields = rename_column(&headers, at, &format!("final_{HEADLINE_FIELD}"));
+    let rows = records(path, &mut r, |rec, line| {
+        rec.deserialize(Some(&fields)).map_err(|e| deserialize_error(path, line, &headers, rec, e))
+    })?;
+    Ok((metric, rows))
 }
 
 /// Removes `.NAME.PID.tmp` / `.NAME.tmp-PID` files left in `dir` by writers that died mid-write: those of
@@ -616,11 +769,15 @@ mod tests {
         let mut files = 0;
         for exp in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("results/mini"))? {
             let exp = exp?.path();
-            rewrites_the_same::<SummaryRow>(&exp.join("summary.csv"), &out)?;
+            let (metric, rows) = read_summary(&exp.join("summary.csv"))?;
+            write_rows(&out, &name_headline(columns::<SummaryRow>()?, &metric), &rows)?;
+            assert_eq!(std::fs::read(exp.join("summary.csv"))?, std::fs::read(&out)?, "{}", exp.display());
             // Finished runs only: a run training in this checkout has not written all its files yet.
             let done = |r: &Listed| r.manifest.as_ref().is_ok_and(|m| m.status == Status::Done);
             for run in list_experiment(&exp)?.into_iter().filter(done) {
-                write_metrics(&out, &read_metrics(&run.dir.join("metrics.csv"))?)?;
+                let m = read_metrics(&run.dir.join("metrics.csv"))?;
+                assert_eq!(m.metric, "acc");
+                write_metrics(&out, &m.metric, &m.rows)?;
                 assert_eq!(std::fs::read(run.dir.join("metrics.csv"))?, std::fs::read(&out)?, "{}", run.run_id);
                 rewrites_the_same::<WorkerRow>(&run.dir.join("workers.csv"), &out)?;
                 if run.dir.join("alignment.csv").is_file() {
@@ -638,7 +795,7 @@ mod tests {
         let tmp = tempfile::tempdir()?;
         let path = tmp.path().join("metrics.csv");
         let row = MetricsRow { modes: BTreeMap::from([("full".to_string(), 0.5)]), ..Default::default() };
-        write_metrics(&path, &[row])?;
+        write_metrics(&path, "acc", &[row])?;
         let text = std::fs::read_to_string(&path)?;
         assert_eq!(text.lines().nth(1), Some(",0,0,0,0,0,0,0.0,0.000,0.5"));
         for (bad, column, cell) in
@@ -649,6 +806,46 @@ mod tests {
             let want = format!("{}: line 3: column `{column}`: `{cell}` is not a number", path.display());
             assert_eq!(e, want);
         }
+        Ok(())
+    }
+
+    /// A finished run of experiment `exp` under `results` whose task's metric is `metric`.
+    fn finished_run(results: &Path, exp: &str, id: &str, metric: &str) -> Result<()> {
+        let spec = crate::plan::parse(crate::spec::MIN_SPEC, Path::new("t.toml"), &[])?.runs.remove(0).spec;
+        let run = Run { id: id.into(), label: id.into(), spec };
+        let mut m = Manifest::new(&run, Path::new("e.toml"), "cpu");
+        m.status = Status::Done;
+        let row = MetricsRow { test_metric: 0.25, ..Default::default() };
+        m.final_metrics = Some(Final::of(&row, metric));
+        m.write(&RunDir::new(results, exp, id).manifest())
+    }
+
+    #[test]
+    fn the_headline_columns_are_named_by_the_task_metric() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("metrics.csv");
+        let row =
+            MetricsRow { test_metric: 0.75, modes: BTreeMap::from([("full".to_string(), 0.75)]), ..Default::default() };
+        write_metrics(&path, "top2", std::slice::from_ref(&row))?;
+        let header = std::fs::read_to_string(&path)?.lines().next().unwrap_or_default().to_string();
+        assert_eq!(header, "run_id,epoch,step,train_loss,test_loss,test_top2,lr,img_per_s,wall_s,test_top2_full");
+        assert_eq!(read_metrics(&path)?, Metrics { metric: "top2".into(), rows: vec![row.clone()] });
+        // The manifest stores the final value under the metric's name, and reads it back.
+        let f = Final::of(&row, "top2");
+        let json = serde_json::to_value(&f)?;
+        assert_eq!(json["test_top2"], 0.75, "{json}");
+        assert_eq!(serde_json::from_value::<Final>(json)?, f);
+        // The summary's headline column too; runs of two metrics cannot share one.
+        finished_run(tmp.path(), "e", "a", "top2")?;
+        let (metric, rows) = read_summary(&write_summary(tmp.path(), "e")?)?;
+        assert_eq!((metric.as_str(), rows.len(), rows[0].final_test_metric), ("top2", 1, 0.25));
+        finished_run(tmp.path(), "e", "b", "acc")?;
+        let e = write_summary(tmp.path(), "e").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("run a reports `top2` and run b `acc`"), "{e}");
+        // A file without a headline column is named as such.
+        std::fs::write(&path, "run_id,epoch,test_loss\n,1,0.5\n")?;
+        let e = read_metrics(&path).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.ends_with("line 1: no headline metric column `test_<metric>`"), "{e}");
         Ok(())
     }
 

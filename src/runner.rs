@@ -394,7 +394,7 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
             _ => {}
         }
     } else {
-        write_metrics(&rd.metrics(), &rows)?;
+        write_metrics(&rd.metrics(), crate::task::metric_of_dataset(&run.spec.workload.dataset).name, &rows)?;
     }
     let mut obs = Progress::new(title.to_string(), run, rd, opts, lock, policy, rows);
     // Spread over processes: rank 0 watches the others, to record a rank that dies.
@@ -421,8 +421,8 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
                 format!("recording the finished run (its trained state is in {}: rerun to record it)", rd.dir.display())
             })?;
             eprintln!(
-                "{title}: done: test_acc {:.4}, test_loss {:.4}, {:.0} img/s, {:.1} s",
-                f.test_acc, f.test_loss, f.img_per_s, f.wall_s
+                "{title}: done: test_{} {:.4}, test_loss {:.4}, {:.0} img/s, {:.1} s",
+                f.metric, f.test_metric, f.test_loss, f.img_per_s, f.wall_s
             );
             if !policy.keep_checkpoints {
                 checkpoint::remove(&rd.dir)?;

@@ -95,18 +95,31 @@ fn a_registered_task_trains_with_its_own_loss_and_metric() -> Result<()> {
     // Same images, same initial model and batches: only the loss differs, so the trained runs differ.
     assert!(smoothed.train_loss.is_finite() && smoothed.train_loss != plain.train_loss, "{plain:?} {smoothed:?}");
     // The test metric is the task's score (top-2 hits) over the test split: a fraction.
-    assert!((0.0..=1.0).contains(&smoothed.test_acc), "{smoothed:?}");
+    assert!((0.0..=1.0).contains(&smoothed.test_metric), "{smoothed:?}");
+    assert_eq!((plain.metric.as_str(), smoothed.metric.as_str()), ("acc", "top2"));
     assert_eq!(task::task("test_smoothed")?.task.metric().name, "top2");
     Ok(())
 }
 
 #[test]
-fn figures_and_tables_name_the_tasks_metric() -> Result<()> {
+fn results_figures_and_tables_name_the_tasks_metric() -> Result<()> {
     register_once();
     let exp = common::parse_with(common::TINY, &["workload.dataset=test_smooth_shapes", "workload.epochs=2"])?;
     let (results, out) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let done = sdp::runner::run_all(std::slice::from_ref(&exp), &common::run_options(results.path()))?;
     assert_eq!(done.done, 1);
+    // The results files name the headline columns after the metric, and read back by it.
+    let exp_dir = results.path().join("tiny");
+    let run_dir = exp_dir.join(&exp.runs[0].id);
+    let header = |p: &std::path::Path| -> Result<String> {
+        Ok(std::fs::read_to_string(p)?.lines().next().unwrap_or_default().to_string())
+    };
+    common::check_contains(&header(&run_dir.join("metrics.csv"))?, &[",test_loss,test_top2,lr,", ",test_top2_full"])?;
+    common::check_contains(&header(&exp_dir.join("summary.csv"))?, &[",final_test_top2,final_test_loss,"])?;
+    common::check_contains(&std::fs::read_to_string(run_dir.join("manifest.json"))?, &["\"test_top2\": "])?;
+    let metrics = sdp::results::read_metrics(&run_dir.join("metrics.csv"))?;
+    assert_eq!((metrics.metric.as_str(), metrics.rows.len()), ("top2", 2));
+    assert_eq!(sdp::results::read_summary(&exp_dir.join("summary.csv"))?.0, "top2");
     sdp::figures::render(results.path(), out.path(), &[])?;
     let table = std::fs::read_to_string(out.path().join("tiny/table.md"))?;
     common::check_contains(&table, &["final test top2 (%)", "mean top-2 accuracy minus DP's"])?;

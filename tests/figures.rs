@@ -252,8 +252,8 @@ fn worker_peaks(run_dir: &Path) -> Result<Vec<f64>> {
 
 /// Recomputes each table row from summary.csv and workers.csv (grouped by the runs' manifests) and compares.
 fn check_table_against_summary(results: &Path, table: &str) -> Result<()> {
-    let mut rdr = csv::Reader::from_path(results.join(EXP).join("summary.csv"))?;
-    let rows: Vec<SummaryRow> = rdr.deserialize().collect::<Result<_, _>>()?;
+    let (metric, rows) = sdp::results::read_summary(&results.join(EXP).join("summary.csv"))?;
+    assert_eq!(metric, "acc");
     assert_eq!(rows.len(), 6);
     // (variant, coverage) → summary rows, grouped by each run's resolved spec.
     let mut groups: BTreeMap<(String, String), Vec<&SummaryRow>> = BTreeMap::new();
@@ -269,7 +269,7 @@ fn check_table_against_summary(results: &Path, table: &str) -> Result<()> {
     let dp_peak = mean(&dp.iter().map(|r| r.mean_peak_bytes.unwrap_or(f64::NAN)).collect::<Vec<_>>());
     let dp_comm = mean(&dp.iter().map(|r| r.comm_bytes_per_step.unwrap_or(f64::NAN)).collect::<Vec<_>>());
     assert!(dp_peak > 0.0 && dp_comm > 0.0, "the fixture measured memory and counted bytes");
-    let dp_accs: Vec<f64> = dp.iter().map(|r| r.final_test_acc * 100.0).collect();
+    let dp_accs: Vec<f64> = dp.iter().map(|r| r.final_test_metric * 100.0).collect();
 
     let parsed = table_rows(table);
     assert_eq!(parsed.len(), 3, "{table}");
@@ -278,7 +278,7 @@ fn check_table_against_summary(results: &Path, table: &str) -> Result<()> {
         // n, acc, Δ, param fraction, memory mean, memory largest, comm, spectral gap
         assert_eq!(cells.len(), 8, "{key:?}: {cells:?}");
         assert_eq!(cells[0], runs.len().to_string(), "{key:?}: seeds");
-        let accs: Vec<f64> = runs.iter().map(|r| r.final_test_acc * 100.0).collect();
+        let accs: Vec<f64> = runs.iter().map(|r| r.final_test_metric * 100.0).collect();
         let m = mean(&accs);
         let sd = (accs.iter().map(|a| (a - m).powi(2)).sum::<f64>() / (accs.len() - 1) as f64).sqrt();
         let (tm, tsd) = cells[1].split_once(" ± ").with_context(|| format!("acc cell `{}`", cells[1]))?;

@@ -45,7 +45,7 @@ fn clockless(r: &MetricsRow) -> String {
         r.step,
         r.train_loss,
         r.test_loss,
-        r.test_acc,
+        r.test_metric,
         r.lr,
         modes.join(",")
     )
@@ -109,7 +109,7 @@ fn resuming_after_any_step_gives_the_uninterrupted_metrics() -> Result<()> {
             let f = train::train_from(&run.spec, &data, &Device::Cpu, &mut second, Some(state), &World::solo())?;
             rows.extend(second.rows);
             assert_eq!(rows.iter().map(clockless).collect::<Vec<_>>(), expected, "{sets:?}, crash at {crash_at}");
-            let strip = |f: &Final| (f.epoch, f.step, f.train_loss.to_bits(), f.test_acc.to_bits());
+            let strip = |f: &Final| (f.epoch, f.step, f.train_loss.to_bits(), f.test_metric.to_bits());
             assert_eq!(strip(&f), strip(&fin), "{sets:?}, crash at {crash_at}");
         }
     }
@@ -374,12 +374,13 @@ fn cli_list_summary_only_and_bad_specs() -> Result<()> {
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout)?;
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "experiment\trun_id\tstatus\tprogress\tage\ttest_acc\tlabel");
+    assert_eq!(lines[0], "experiment\trun_id\tstatus\tprogress\tage\tfinal\tlabel");
     assert!(lines.iter().any(|l| l.starts_with("tiny\t0000junk\tunreadable: parsing ")), "{text}");
     assert!(lines.iter().any(|l| l.starts_with("tiny\t0001stale\tstale\t")), "{text}");
     assert!(lines.iter().any(|l| l.starts_with("tiny\t0002failed\tfailed: decoding x.jpg:   truncated\t")), "{text}");
     assert_eq!(lines.len(), 5, "a header and one line per run: {text}");
-    assert!(lines.iter().any(|l| l.starts_with(&format!("tiny\t{id}\tdone\tepoch 1 step 4\t"))), "{text}");
+    let done = lines.iter().find(|l| l.starts_with(&format!("tiny\t{id}\tdone\tepoch 1 step 4\t"))).copied();
+    assert!(done.is_some_and(|l| l.split('\t').nth(5).is_some_and(|f| f.starts_with("test_acc 0."))), "{text}");
     // The summary, rebuilt, ignores what is not a finished run.
     let out = sdp_cmd(&["summary", "--results-dir", results_s]).output()?;
     assert_eq!(out.status.code(), Some(0), "{out:?}");

@@ -141,7 +141,7 @@ fn all_runs(s: &Series) -> Vec<usize> {
 
 /// Final test accuracies (%) of the runs `idx`.
 fn accs(runs: &[RunData], idx: &[usize]) -> Vec<f64> {
-    idx.iter().map(|&i| runs[i].final_acc * 100.0).collect()
+    idx.iter().map(|&i| runs[i].final_metric * 100.0).collect()
 }
 
 /// Mean over the runs `idx` of `f(run)`, where every run has it.
@@ -453,7 +453,7 @@ fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
         let mut by_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for &i in idx {
             for r in &cx.runs[i].curve {
-                by_epoch.entry(r.epoch).or_default().push(r.test_acc * 100.0);
+                by_epoch.entry(r.epoch).or_default().push(r.test_metric * 100.0);
             }
         }
         by_epoch.into_iter().map(|(e, v)| Point::new(e as f64, mean_std(&v).0)).collect()
@@ -484,10 +484,33 @@ fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
     p.lines.iter().any(|l| l.points.len() > 1).then_some(p)
 }
 
+/// The headline metric an experiment's runs report (one for all, or an error naming two that differ):
+/// named as their files name it, its noun taken from the task of their dataset where that task is
+/// registered in this process and reports the same metric.
+fn headline_metric(exp: &ExperimentData) -> Result<Metric> {
+    let Some(first) = exp.runs.first() else { return Ok(CLASSIFY.task.metric()) };
+    if let Some(other) = exp.runs.iter().find(|r| r.metric != first.metric) {
+        anyhow::bail!(
+            "experiment `{}`: runs report different headline metrics (`{}` and `{}`): one experiment's figures \
+             compare one metric",
+            exp.name,
+            first.metric,
+            other.metric
+        );
+    }
+    let known = metric_of_dataset(&first.spec.workload.dataset);
+    Ok(if known.name == first.metric {
+        known
+    } else {
+        // A task this process does not know (registered by another program): its name stands for its noun.
+        let name: &'static str = Box::leak(first.metric.clone().into_boxed_str());
+        Metric { name, noun: name }
+    })
+}
+
 fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
     let series = series_of(&exp.runs);
-    // The task of the first run's dataset (an experiment trains one task).
-    let metric = exp.runs.first().map_or(CLASSIFY.task.metric(), |r| metric_of_dataset(&r.spec.workload.dataset));
+    let metric = headline_metric(exp)?;
     let cx = Ctx { name: &exp.name, metric, what: describe(&exp.runs), runs: &exp.runs, series: &series };
     let mut figures: Vec<(String, Plot)> = vec![];
     let mut add = |stem: &str, p: Option<Plot>| {

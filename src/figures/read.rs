@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub(super) struct RunData {
     pub spec: RunSpec,
-    pub final_acc: f64,
+    /// The headline metric the run's files name (`acc`), and its final value.
+    pub metric: String,
+    pub final_metric: f64,
     /// Mean over workers of the fraction of the full model's parameters held.
     pub param_fraction: Option<f64>,
     /// Mean over workers of the parameter bytes held (workers.csv).
@@ -86,10 +88,10 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
         }
     };
     let metrics_path = rd.join("metrics.csv");
-    let curve = if metrics_path.is_file() { read_metrics(&metrics_path)? } else { vec![] };
-    let final_acc = match (&m.final_metrics, curve.last()) {
-        (Some(f), _) => f.test_acc,
-        (None, Some(last)) => last.test_acc,
+    let curve = if metrics_path.is_file() { read_metrics(&metrics_path)? } else { Default::default() };
+    let (metric, final_metric) = match (&m.final_metrics, curve.rows.last()) {
+        (Some(f), _) => (f.metric.clone(), f.test_metric),
+        (None, Some(last)) => (curve.metric.clone(), last.test_metric),
         (None, None) => {
             bail!("{}: run is done but has no final metrics and no metrics.csv", manifest_path.display())
         }
@@ -126,14 +128,15 @@ fn load_run(rd: &Path, m: Manifest) -> Result<RunData> {
         )
     };
     Ok(RunData {
-        final_acc,
+        metric,
+        final_metric,
         param_fraction,
         param_bytes,
         peak,
         est,
         comm_bytes,
         spectral_gap: extra("spectral_gap")?,
-        curve,
+        curve: curve.rows,
         spec: m.spec,
     })
 }

@@ -234,7 +234,8 @@ coverage = [0.5, 1.0]
     fn run(spec: RunSpec) -> RunData {
         RunData {
             spec,
-            final_acc: 0.5,
+            metric: "acc".into(),
+            final_metric: 0.5,
             param_fraction: None,
             param_bytes: None,
             peak: None,

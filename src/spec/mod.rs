@@ -278,7 +278,7 @@ pub struct Method {
     /// SDP: redraw the masks every this many steps (0: fixed for the run).
     #[serde(default)]
     pub resample_every: usize,
-    /// The evaluation mode reported as the headline `test_acc` (all modes are recorded).
+    /// The evaluation mode reported as the headline `test_<metric>` (all modes are recorded).
     #[serde(default)]
     pub eval_mode: EvalMode,
     /// `same_steps`, or `flop_matched` (SDP trains epochs × 1/C).

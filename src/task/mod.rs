@@ -17,8 +17,9 @@ use crate::spec::EvalMode;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-/// The headline metric a task reports: its short name (`acc`: table columns say `final test acc`) and the
-/// noun figures and tables use (`accuracy`: "final test accuracy vs coverage").
+/// The headline metric a task reports: its short name (`acc`: it names the results columns `test_acc`,
+/// `test_acc_<mode>`, `final_test_acc`; lowercase letters and digits, not `loss`) and the noun figures
+/// and tables use (`accuracy`: "final test accuracy vs coverage").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Metric {
     pub name: &'static str,
@@ -74,7 +75,13 @@ pub static REGISTRY: Registry<Registered> = Registry::new("task", BUILT_IN);
 
 /// Registers a task defined outside this crate under `name`, after which a dataset source may name it.
 /// A name already taken is an error.
+/// A metric whose name cannot name a results column (see [`Metric`]) is an error too.
 pub fn register(name: &'static str, task: &'static dyn Task) -> Result<()> {
+    let metric = task.metric().name;
+    let fits = !metric.is_empty() && metric.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !fits || metric == "loss" {
+        bail!("task `{name}`: metric name `{metric}` cannot name a results column (lowercase letters and digits, not `loss`)");
+    }
     REGISTRY.register(Registered { name, task })
 }
 

@@ -38,7 +38,8 @@ pub(super) fn run(
         method.restore(&r).context("restoring the checkpoint")?;
         pos = TrainState { tensors: Tensors::new(), method: serde_json::Value::Null, ..r };
     }
-    let mut last = pos.rows.last().map(Final::from).unwrap_or_default();
+    let metric = run.plan.task.task.metric().name;
+    let mut last = pos.rows.last().map(|r| Final::of(r, metric)).unwrap_or_default();
     let (start, wall_before) = (Instant::now(), pos.wall_s);
     let wall = |start: &Instant| wall_before + start.elapsed().as_secs_f64();
     // Steps done since the last checkpoint (an interrupt with none saves nothing).
@@ -89,14 +90,14 @@ pub(super) fn run(
                 step: pos.step,
                 train_loss: pos.epoch_loss_sum / per_epoch as f64,
                 test_loss: e.test_loss,
-                test_acc: e.test_acc,
+                test_metric: e.test_metric,
                 lr,
                 img_per_s,
                 wall_s: wall(&start),
                 modes: e.modes,
             };
             obs.eval(&row)?;
-            last = Final::from(&row);
+            last = Final::of(&row, metric);
             pos.rows.push(row);
         }
         (pos.epoch_loss_sum, pos.epoch_images, pos.epoch_secs) = (0.0, 0, 0.0);

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 /// A single-model evaluation (DP and the baselines): the `full` mode only.
 pub(super) fn single_mode(run: &Run, net: &dyn Net) -> Result<Evaluation> {
     let batch = run.spec.workload.eval_batch_size;
-    let (test_loss, test_acc) = evaluate(run.plan.task.task, net, run.data, &run.augment(), batch, run.device)?;
-    Ok(Evaluation { test_loss, test_acc, modes: BTreeMap::from([("full".to_string(), test_acc)]) })
+    let (test_loss, test_metric) = evaluate(run.plan.task.task, net, run.data, &run.augment(), batch, run.device)?;
+    Ok(Evaluation { test_loss, test_metric, modes: BTreeMap::from([("full".to_string(), test_metric)]) })
 }
 
 /// Mean test loss and headline metric (classification: accuracy, a fraction) of `net` in eval mode over

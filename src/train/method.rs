@@ -49,10 +49,10 @@ impl Run<'_> {
     }
 }
 
-/// How a method evaluates: (test loss, test accuracy) of the headline mode, and every mode's accuracy.
+/// How a method evaluates: test loss and the task's metric in the headline mode, and every mode's metric.
 pub(super) struct Evaluation {
     pub test_loss: f64,
-    pub test_acc: f64,
+    pub test_metric: f64,
     pub modes: BTreeMap<String, f64>,
 }
 

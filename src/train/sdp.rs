@@ -45,8 +45,12 @@ impl Method for Sdp<'_> {
         self.st.sync_params(true)?;
         self.st.assemble_global()?;
         let modes = evaluate_sdp(&self.st, self.run.spec, self.run.data, &self.run.augment(), self.run.device)?;
-        let (test_loss, test_acc) = modes[&self.run.spec.method.eval_mode];
-        Ok(Evaluation { test_loss, test_acc, modes: modes.iter().map(|(k, v)| (k.name().to_string(), v.1)).collect() })
+        let (test_loss, test_metric) = modes[&self.run.spec.method.eval_mode];
+        Ok(Evaluation {
+            test_loss,
+            test_metric,
+            modes: modes.iter().map(|(k, v)| (k.name().to_string(), v.1)).collect(),
+        })
     }
 
     fn save(&self, out: &mut Tensors) -> Result<serde_json::Value> {
