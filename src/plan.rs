@@ -77,7 +77,31 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
 
 /// As [`load`], from text (`path` is used in messages and recorded in the experiment).
 pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment> {
-    spec::parse_checked(text, path, overrides, &|s| resolve(s).map(|_| ()))
+    let exp = spec::parse_checked(text, path, overrides, &|s| resolve(s).map(|_| ()))?;
+    one_metric(&exp)?;
+    Ok(exp)
+}
+
+/// An experiment's runs report one headline metric: its summary has one headline column and its figures
+/// compare one quantity. A grid over datasets of different tasks is an error naming two runs.
+fn one_metric(exp: &Experiment) -> Result<()> {
+    let metric = |r: &spec::Run| Ok::<_, anyhow::Error>(Plan::of(&r.spec)?.task.task.metric().name);
+    let Some(first) = exp.runs.first() else { return Ok(()) };
+    let want = metric(first)?;
+    for r in &exp.runs[1..] {
+        let got = metric(r)?;
+        if got != want {
+            return Err(SpecError(format!(
+                "{}: key `workload.dataset`: run `{}` reports `{want}` and run `{}` `{got}`: the runs of one \
+                 experiment report one metric (put datasets of different tasks in separate spec files)",
+                exp.path.display(),
+                first.label,
+                r.label
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// The device `--device` names: `cpu`, `cuda` (device 0) or `cuda:N`.

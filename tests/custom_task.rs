@@ -134,6 +134,10 @@ fn an_unknown_task_is_a_spec_error_and_names_are_not_taken_twice() -> Result<()>
     register_once();
     let e = common::err_text(common::parse_with(common::TINY, &["workload.dataset=test_orphan"]));
     common::check_contains(&e, &["key `workload.dataset`", "unknown task `no_such_task`", "classify"])?;
+    // One experiment reports one metric: a grid over datasets of two tasks is refused before any run.
+    let mixed = common::tiny_with(&[("dataset = \"shapes\"", "dataset = [\"shapes\", \"test_smooth_shapes\"]")]);
+    let e = common::err_text(common::parse_with(&mixed, &[]));
+    common::check_contains(&e, &["key `workload.dataset`", "reports `acc`", "`top2`", "separate spec files"])?;
     let e = task::register("classify", &Smoothed).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("`classify` is registered already"), "{e}");
     Ok(())
