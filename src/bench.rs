@@ -13,7 +13,7 @@
 //! after every step's backward pass, while the gradients are alive) minus that before the model: a lower
 //! bound of the true peak, which PyTorch's allocator counts exactly (`max_memory_allocated`).
 
-use crate::data::loader::Batch;
+use crate::data::examples::{Batch, Input};
 use crate::memprobe::MemoryMeter;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
@@ -453,11 +453,10 @@ fn random_batch(b: &StepBench, k: usize) -> Batch {
     let s = b.image_size;
     let mut r = rng(b.spec.seed, Stream::Data, u64::MAX, k as u64);
     Batch {
-        x: (0..n * 3 * s * s).map(|_| r.random_range(-2.0f32..2.0)).collect(),
+        x: Input::F32((0..n * 3 * s * s).map(|_| r.random_range(-2.0f32..2.0)).collect()),
+        x_dims: vec![n, 3, s, s],
         y: (0..n).map(|_| r.random_range(0..b.classes as u32)).collect(),
-        c: 3,
-        h: s,
-        w: s,
+        y_dims: vec![n],
     }
 }
 

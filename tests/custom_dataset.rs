@@ -6,7 +6,7 @@ mod common;
 
 use anyhow::Result;
 use sdp::data::source::{self, DataRef, DataSource, Request, Shape};
-use sdp::data::{channel_stats, Dataset, ImageSet};
+use sdp::data::{channel_stats, Dataset, ImageData, ImageSet};
 use std::path::Path;
 use std::sync::Once;
 
@@ -39,7 +39,8 @@ impl DataSource for Bars {
     fn load(&self, _: &Request) -> Result<Dataset> {
         let (train, test) = (split(60, 0)?, split(20, 7)?);
         let (mean, std) = channel_stats(&train);
-        Ok(Dataset { name: "test_bars".into(), train, test, classes: vec!["h".into(), "v".into()], mean, std })
+        let classes = vec!["h".into(), "v".into()];
+        Ok(ImageData { name: "test_bars".into(), train, test, classes, mean, std }.into())
     }
 }
 
@@ -66,8 +67,8 @@ fn a_registered_dataset_trains_and_is_priced_and_reported() -> Result<()> {
 
     // A fixed source is subset to `train_samples`, class-balanced; the test split is whole.
     let data = DataRef::parse(&w.dataset)?.load(w, Path::new("unused"))?;
-    assert_eq!((data.train.len(), data.test.len(), data.train.h), (32, 20, SIDE));
-    assert_eq!(data.train.class_counts(2), vec![16, 16]);
+    assert_eq!((data.train.len(), data.test.len(), data.train.input_shape()), (32, 20, vec![3, SIDE, SIDE]));
+    assert_eq!(data.train.images().map(|t| t.class_counts(2)), Some(vec![16, 16]));
 
     // The cost model reads the shape without loading: the capped sizes, the source's classes and size.
     let sizes = sdp::cost::data_sizes(w, Path::new("unused"))?;

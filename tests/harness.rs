@@ -16,7 +16,6 @@ use sdp::runner::{run_all, RunOptions};
 use sdp::spec::{self, Experiment};
 use sdp::train::dp_step;
 use std::path::Path;
-use std::sync::Arc;
 
 fn parse(text: &str, sets: &[&str]) -> Result<Experiment> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -329,7 +328,7 @@ fn dp_with_k_workers_equals_one_worker_with_k_times_the_batch() -> Result<()> {
     let spec = &exp.runs[0].spec;
     let data = sdp::data::load(&spec.workload, Path::new("datasets"))?;
     let aug = AugmentCfg { crop_pad: 4, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
-    let train = Arc::new(data.train.clone());
+    let train = data.train.clone();
     let dev = Device::Cpu;
     let mut finals = Vec::new();
     for (k, b) in [(4, 4), (1, 16)] {

@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sdp::comm::{Averager, GroupedAverager, Layout, LocalAverager, Solo, SyncTensor};
 use sdp::data::augment::{AugmentCfg, PadMode};
+use sdp::data::examples::Examples;
 use sdp::data::loader::TrainLoader;
-use sdp::data::ImageSet;
 use sdp::models::layers::Builder;
 use sdp::models::resnet::{ResNet, ResNetConfig};
 use sdp::models::{self, BlockPlan, Family, Net, UnitKind};
@@ -52,7 +52,7 @@ fn full_coverage_sdp_equals_dp() -> Result<()> {
         let s = spec(&[&format!("method.masking={masking}")])?;
         let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
         let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
-        let train = Arc::new(data.train.clone());
+        let train = data.train.clone();
         let dev = Device::Cpu;
 
         let dp = models::build(&s.workload, 10, s.seed, &dev)?;
@@ -354,7 +354,7 @@ fn memprobe_rejects_a_bad_worker() -> Result<()> {
 
 /// Trains DP and SDP (spec `s`, three workers of batch 8) side by side over the first `steps` steps of
 /// epoch 1 (`None`: the whole epoch) and checks that they end with the same parameters.
-fn same_as_dp(s: &RunSpec, train: &Arc<ImageSet>, aug: AugmentCfg, steps: Option<usize>) -> Result<()> {
+fn same_as_dp(s: &RunSpec, train: &Arc<dyn Examples>, aug: AugmentCfg, steps: Option<usize>) -> Result<()> {
     let dev = Device::Cpu;
     let dp = models::build(&s.workload, 10, s.seed, &dev)?;
     let mut opt = Optimizer::new(&s.optim);
@@ -377,7 +377,7 @@ fn backward_regime_trains_only_held_coordinates() -> Result<()> {
     let s = spec(&["method.regime=backward"])?;
     let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
     let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
-    let train = Arc::new(data.train.clone());
+    let train = data.train.clone();
     let dev = Device::Cpu;
     same_as_dp(&s, &train, aug, None)?;
 
@@ -460,7 +460,7 @@ fn gradient_alignment_is_one_at_full_coverage_only() -> Result<()> {
         let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
         let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
         let mut st = SdpState::new(&s, 10, &dev)?;
-        for (i, batches) in TrainLoader::start(Arc::new(data.train.clone()), aug, s.seed, 1, 3, 8, 0)?.enumerate() {
+        for (i, batches) in TrainLoader::start(data.train.clone(), aug, s.seed, 1, 3, 8, 0)?.enumerate() {
             sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
         }
         assert_eq!(st.alignment.len(), 3 * 2, "4 steps, aligned at steps 2 and 4, 3 workers");
@@ -489,7 +489,7 @@ fn sdp_on_a_tiny_swin() -> Result<()> {
     let s = with(&[])?;
     let data = sdp::data::load(&s.workload, Path::new("datasets"))?;
     let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
-    let train = Arc::new(data.train.clone());
+    let train = data.train.clone();
     same_as_dp(&s, &train, aug, Some(2))?;
     for masking in ["block", "neuron"] {
         let s = with(&["method.coverage=0.5", &format!("method.masking={masking}")])?;

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::fetch::RemoteFile;
 use super::source::{Official, Shape};
-use super::{Dataset, ImageSet};
+use super::{ImageData, ImageSet};
 
 const SIDE: usize = 32;
 const PIXELS: usize = SIDE * SIDE * 3;
@@ -79,7 +79,7 @@ fn archive(name: &str, md5: &str, extracts: Vec<PathBuf>) -> RemoteFile {
 }
 
 /// Loads CIFAR-10 from `<data_dir>/cifar-10-batches-bin/`. Class names come from `batches.meta.txt` when present.
-pub fn load_cifar10(data_dir: &Path) -> Result<Dataset> {
+pub fn load_cifar10(data_dir: &Path) -> Result<ImageData> {
     let dir = data_dir.join(CIFAR10_DIR);
     let classes = class_names(&dir.join("batches.meta.txt"), &CIFAR10_CLASSES)?;
     let mut train = Vec::new();
@@ -88,7 +88,7 @@ pub fn load_cifar10(data_dir: &Path) -> Result<Dataset> {
     }
     let train = concat(train.into_iter().map(|b| b.images))?;
     let test = read_batch(&dir.join("test_batch.bin"), Layout::CIFAR10, "cifar10")?.images;
-    Ok(Dataset {
+    Ok(ImageData {
         name: "cifar10".into(),
         train,
         test,
@@ -100,7 +100,7 @@ pub fn load_cifar10(data_dir: &Path) -> Result<Dataset> {
 
 /// Loads CIFAR-100 from `<data_dir>/cifar-100-binary/`, labelled with the 100 fine classes (names from
 /// `fine_label_names.txt` when present). The 20 coarse labels are available from [`load_cifar100_coarse_labels`].
-pub fn load_cifar100(data_dir: &Path) -> Result<Dataset> {
+pub fn load_cifar100(data_dir: &Path) -> Result<ImageData> {
     Ok(load_cifar100_with_coarse(data_dir)?.0)
 }
 
@@ -119,14 +119,14 @@ pub fn load_cifar100_coarse_labels(data_dir: &Path) -> Result<CoarseLabels> {
 }
 
 /// CIFAR-100 with fine labels, plus its coarse labels, from one read of the files.
-pub fn load_cifar100_with_coarse(data_dir: &Path) -> Result<(Dataset, CoarseLabels)> {
+pub fn load_cifar100_with_coarse(data_dir: &Path) -> Result<(ImageData, CoarseLabels)> {
     let dir = data_dir.join(CIFAR100_DIR);
     let classes = class_names(&dir.join("fine_label_names.txt"), &CIFAR100_CLASSES)?;
     let coarse_classes = class_names(&dir.join("coarse_label_names.txt"), &CIFAR100_COARSE_CLASSES)?;
     let train = read_batch(&dir.join("train.bin"), Layout::CIFAR100, "cifar100")?;
     let test = read_batch(&dir.join("test.bin"), Layout::CIFAR100, "cifar100")?;
     let coarse = CoarseLabels { classes: coarse_classes, train: train.coarse, test: test.coarse };
-    let ds = Dataset {
+    let ds = ImageData {
         name: "cifar100".into(),
         train: train.images,
         test: test.images,

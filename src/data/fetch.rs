@@ -379,26 +379,37 @@ pub fn info(name: &str, data_dir: &Path) -> Result<Info> {
     };
     let loadable = loaded.is_ok();
     match loaded {
-        Ok(ds) => {
-            let t = &ds.train;
-            let _ = writeln!(
-                s,
-                "train: {} images, test: {} images, {}x{}x{} (HxWxC), {} classes",
-                ds.train.len(),
-                ds.test.len(),
-                t.h,
-                t.w,
-                t.c,
-                ds.num_classes()
-            );
-            let _ = writeln!(s, "mean {:?}, std {:?}", ds.mean, ds.std);
-            let (tr, te) = (ds.train.class_counts(ds.num_classes()), ds.test.class_counts(ds.num_classes()));
-            let width = ds.classes.iter().map(String::len).max().unwrap_or(0);
-            let _ = writeln!(s, "per class (train / test):");
-            for (i, c) in ds.classes.iter().enumerate() {
-                let _ = writeln!(s, "  {i:>3} {c:<width$}  {} / {}", tr[i], te[i]);
+        Ok(ds) => match (ds.train.images(), ds.test.images()) {
+            (Some(t), Some(test)) => {
+                let _ = writeln!(
+                    s,
+                    "train: {} images, test: {} images, {}x{}x{} (HxWxC), {} classes",
+                    t.len(),
+                    test.len(),
+                    t.h,
+                    t.w,
+                    t.c,
+                    ds.num_classes()
+                );
+                let _ = writeln!(s, "mean {:?}, std {:?}", ds.mean, ds.std);
+                let (tr, te) = (t.class_counts(ds.num_classes()), test.class_counts(ds.num_classes()));
+                let width = ds.classes.iter().map(String::len).max().unwrap_or(0);
+                let _ = writeln!(s, "per class (train / test):");
+                for (i, c) in ds.classes.iter().enumerate() {
+                    let _ = writeln!(s, "  {i:>3} {c:<width$}  {} / {}", tr[i], te[i]);
+                }
             }
-        }
+            _ => {
+                let _ = writeln!(
+                    s,
+                    "train: {} examples, test: {} examples, input shape {:?}, {} classes",
+                    ds.train.len(),
+                    ds.test.len(),
+                    ds.train.input_shape(),
+                    ds.num_classes()
+                );
+            }
+        },
         Err(e) => {
             let _ = writeln!(s, "not loadable: {e:#}");
         }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::cache::{self, Cached, Fingerprint};
 use super::source::{DataSource, Request, Shape};
-use super::{channel_stats, Dataset, ImageSet};
+use super::{channel_stats, Dataset, ImageData, ImageSet};
 
 /// The registered `folder:<path>` source (a relative path is looked up under the data directory).
 pub struct Folder;
@@ -32,7 +32,7 @@ impl DataSource for Folder {
     }
 
     fn load(&self, req: &Request) -> Result<Dataset> {
-        load_folder(&req.path())
+        Ok(load_folder(&req.path())?.into())
     }
 
     fn cache(&self, req: &Request) -> Option<PathBuf> {
@@ -41,12 +41,12 @@ impl DataSource for Folder {
 }
 
 /// Loads the ImageFolder tree at `root`, from its cache when the cache matches the files.
-pub fn load_folder(root: &Path) -> Result<Dataset> {
+pub fn load_folder(root: &Path) -> Result<ImageData> {
     let listing = list_tree(root)?;
     let fp = Fingerprint::of_files("folder", root, &listing.all_files())?;
     let cached = cache::load_or_build(&cache::cache_path(root), &fp, || decode_tree(&listing))?;
     let (mean, std) = channel_stats(&cached.train);
-    Ok(Dataset {
+    Ok(ImageData {
         name: format!("folder:{}", root.display()),
         train: cached.train,
         test: cached.test,

@@ -1,61 +1,21 @@
-//! The input pipeline: a seeded per-epoch permutation, a disjoint shard per worker, augmented batches
-//! prefetched on a background thread.
+//! The input pipeline: a seeded per-epoch permutation, a disjoint shard per worker, batches of any split
+//! ([`Examples`]: augmented images, token sequences, …) prefetched on a background thread.
 //!
 //! Sharding follows PyTorch's `DistributedSampler`: worker k takes `perm[k], perm[k+K], …`, and its step-s
 //! batch is the s-th run of `b` indices of its shard. The union of the K step-s batches is therefore
 //! `perm[s·K·b .. (s+1)·K·b]`, exactly the step-s batch of one worker with batch K·b.
 
-use super::augment::{draw, write_image_with, AugmentCfg, Normalizer};
+use super::augment::AugmentCfg;
+use super::examples::Examples;
+pub use super::examples::{make_batch, Batch};
 use super::ImageSet;
 use crate::seed::{rng, Stream};
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
-use rayon::prelude::*;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-
-/// A batch of normalised CHW images and their labels, on the host.
-#[derive(Clone, Debug)]
-pub struct Batch {
-    pub x: Vec<f32>,
-    pub y: Vec<u32>,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-}
-
-impl Batch {
-    pub fn len(&self) -> usize {
-        self.y.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.y.is_empty()
-    }
-
-    /// (images (B, C, H, W) f32, labels (B,) u32) on `device`.
-    pub fn to_tensors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
-        let x = Tensor::from_slice(&self.x, (self.len(), self.c, self.h, self.w), device)?;
-        let y = Tensor::from_slice(&self.y, self.len(), device)?;
-        Ok((x, y))
-    }
-}
-
-/// Builds the batch of `indices` from `set`; `epoch_key` = `None` disables augmentation (evaluation).
-pub fn make_batch(set: &ImageSet, indices: &[usize], cfg: &AugmentCfg, epoch_key: Option<u64>) -> Batch {
-    let per = set.c * set.h * set.w;
-    let norm = Normalizer::new(cfg, set.c);
-    let mut x = vec![0f32; indices.len() * per];
-    // An image takes a few microseconds: hand rayon runs of 16 so that scheduling does not dominate.
-    x.par_chunks_mut(per).zip(indices.par_iter()).with_min_len(16).for_each(|(out, &i)| {
-        write_image_with(set, i, cfg, &norm, epoch_key.map(|k| draw(k, i)), out);
-    });
-    let y = indices.iter().map(|&i| set.labels[i]).collect();
-    Batch { x, y, c: set.c, h: set.h, w: set.w }
-}
 
 /// The seeded permutation of `n` training samples for `epoch`.
 pub fn permutation(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
@@ -97,7 +57,7 @@ impl TrainLoader {
     /// batches as the uninterrupted epoch's from that step on, since every draw is keyed by (seed, epoch,
     /// index)).
     pub fn start(
-        set: Arc<ImageSet>,
+        set: Arc<dyn Examples>,
         cfg: AugmentCfg,
         seed: u64,
         epoch: usize,
@@ -115,7 +75,7 @@ impl TrainLoader {
             let key = epoch_key(seed, epoch);
             for step in first..steps {
                 let batches = (0..workers)
-                    .map(|k| make_batch(&set, &worker_indices(&perm, workers, batch, k, step), &cfg, Some(key)))
+                    .map(|k| set.batch(&worker_indices(&perm, workers, batch, k, step), &cfg, Some(key)))
                     .collect();
                 if tx.send(batches).is_err() {
                     return; // the consumer stopped early (interrupt or error)
@@ -144,11 +104,11 @@ impl Drop for TrainLoader {
     }
 }
 
-/// Un-augmented batches of `batch` images over the whole of `set`, in order (evaluation).
-pub fn eval_batches<'a>(set: &'a ImageSet, cfg: &'a AugmentCfg, batch: usize) -> impl Iterator<Item = Batch> + 'a {
+/// Un-augmented batches of `batch` examples over the whole of `set`, in order (evaluation).
+pub fn eval_batches<'a>(set: &'a dyn Examples, cfg: &'a AugmentCfg, batch: usize) -> impl Iterator<Item = Batch> + 'a {
     (0..set.len()).step_by(batch.max(1)).map(move |start| {
         let idx: Vec<usize> = (start..(start + batch).min(set.len())).collect();
-        make_batch(set, &idx, cfg, None)
+        set.batch(&idx, cfg, None)
     })
 }
 
@@ -164,7 +124,7 @@ pub fn random_images(seed: u64, n: usize, h: usize, w: usize, c: usize) -> Resul
 
 /// Augmented images per second that [`TrainLoader`] delivers over `epochs` epochs of `set` with `workers`
 /// workers of batch `batch`; the consumer only receives the batches (as a training loop would, minus the step).
-pub fn bench(set: Arc<ImageSet>, cfg: AugmentCfg, workers: usize, batch: usize, epochs: usize) -> Result<f64> {
+pub fn bench(set: Arc<dyn Examples>, cfg: AugmentCfg, workers: usize, batch: usize, epochs: usize) -> Result<f64> {
     let start = std::time::Instant::now();
     let mut images = 0usize;
     for epoch in 1..=epochs {

@@ -1,12 +1,14 @@
-//! Datasets as compact u8 image sets, and the loader that turns them into augmented batches.
+//! Datasets, and the loader that turns them into batches.
 //!
-//! Every dataset, whatever its source format, is decoded once into an [`ImageSet`] per split: images stored
+//! Training reads a [`Dataset`]: two splits of [`examples::Examples`]. Every built-in dataset, whatever
+//! its source format, is decoded once into an [`ImageSet`] per split ([`ImageData`]): images stored
 //! N×H×W×C (HWC, u8, the layout every reader and the augmenter share) plus one label per image. Which
 //! datasets exist, and how a spec names them, is the [`source`] registry.
 
 pub mod augment;
 pub mod cache;
 pub mod cifar;
+pub mod examples;
 pub mod fetch;
 pub mod folder;
 pub mod loader;
@@ -16,7 +18,9 @@ pub mod synthetic;
 
 use crate::spec::Workload;
 use anyhow::{bail, Result};
+use examples::Examples;
 use std::path::Path;
+use std::sync::Arc;
 
 /// One split of a dataset: `n` images of `h`×`w`×`c` u8 pixels (HWC), and their labels.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,9 +67,9 @@ impl ImageSet {
     /// stream: each class's images are shuffled, then classes are taken round-robin, so the subset keeps
     /// the class balance even when the source is stored class by class (ImageFolder). Kept images stay
     /// in their original order.
-    pub fn subset(self, n: usize, seed: u64) -> Self {
+    pub fn subset(&self, n: usize, seed: u64) -> Self {
         if n >= self.len() {
-            return self;
+            return self.clone();
         }
         let classes = self.labels.iter().max().map_or(0, |&m| m as usize + 1);
         let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
@@ -95,7 +99,7 @@ impl ImageSet {
             images.extend_from_slice(self.image(i));
         }
         let labels = keep.iter().map(|&i| self.labels[i]).collect();
-        Self { images, labels, ..self }
+        Self { images, labels, ..*self }
     }
 
     /// Number of images per class, indexed by label.
@@ -110,9 +114,10 @@ impl ImageSet {
     }
 }
 
-/// A whole dataset: train and test splits, class names, and per-channel normalisation constants.
+/// A dataset of images as the image sources decode it: train and test image sets, class names, and
+/// per-channel normalisation constants.
 #[derive(Clone, Debug)]
-pub struct Dataset {
+pub struct ImageData {
     /// Name as written in specs (`shapes`, `cifar10`, `folder:<path>` …).
     pub name: String,
     pub train: ImageSet,
@@ -123,9 +128,49 @@ pub struct Dataset {
     pub std: [f32; 3],
 }
 
+impl ImageData {
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+}
+
+/// A dataset as training and evaluation read it: its two splits (images, or examples of any other kind:
+/// [`examples::Examples`]), its classes (a token workload: its vocabulary), and the normalisation
+/// constants of image inputs (unused by other kinds).
+#[derive(Clone)]
+pub struct Dataset {
+    /// Name as written in specs (`shapes`, `cifar10`, `folder:<path>` …).
+    pub name: String,
+    pub train: Arc<dyn Examples>,
+    pub test: Arc<dyn Examples>,
+    pub classes: Vec<String>,
+    /// Per-channel mean and std of the training images, in [0,1] pixel units.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
 impl Dataset {
     pub fn num_classes(&self) -> usize {
         self.classes.len()
+    }
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dataset({}: {} train, {} test examples)", self.name, self.train.len(), self.test.len())
+    }
+}
+
+impl From<ImageData> for Dataset {
+    fn from(d: ImageData) -> Self {
+        Dataset {
+            name: d.name,
+            train: Arc::new(d.train),
+            test: Arc::new(d.test),
+            classes: d.classes,
+            mean: d.mean,
+            std: d.std,
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! where the registered line says the source takes one.
 
 use super::fetch::RemoteFile;
-use super::{cifar, folder, svhn, synthetic, Dataset};
+use super::{cifar, folder, svhn, synthetic, Dataset, ImageData};
 use crate::registry::{Named, Registry};
 use crate::spec::Workload;
 use anyhow::{bail, Result};
@@ -49,7 +49,7 @@ pub trait DataSource: Send + Sync {
     /// Split sizes, class count and image size, without decoding images (counting files is fine).
     fn shape(&self, req: &Request) -> Result<Shape>;
     /// Both splits, decoded (or generated). A fixed source returns whole splits; the caller takes the
-    /// class-stratified subset a request asks for.
+    /// subset a request asks for ([`super::examples::Examples::subset`]: class-stratified for images).
     fn load(&self, req: &Request) -> Result<Dataset>;
     /// Whether the source generates exactly the sizes a request asks for (no subset is then taken).
     fn generated(&self) -> bool {
@@ -76,7 +76,7 @@ pub struct Official {
     /// The files `sdp data fetch` downloads.
     pub files: fn() -> Vec<RemoteFile>,
     /// Reads both splits from the data directory.
-    pub load: fn(&Path) -> Result<Dataset>,
+    pub load: fn(&Path) -> Result<ImageData>,
     /// Where a decoded cache lives, given the data directory.
     pub cache: Option<fn(&Path) -> PathBuf>,
 }
@@ -87,7 +87,7 @@ impl DataSource for Official {
     }
 
     fn load(&self, req: &Request) -> Result<Dataset> {
-        (self.load)(req.data_dir)
+        Ok((self.load)(req.data_dir)?.into())
     }
 
     fn files(&self) -> Vec<RemoteFile> {
@@ -203,10 +203,10 @@ impl DataRef {
     pub fn load(&self, w: &Workload, data_dir: &Path) -> Result<Dataset> {
         let mut ds = self.source().load(&self.request(w, data_dir))?;
         if !self.source().generated() {
-            if let Some(n) = w.train_samples {
+            if let Some(n) = w.train_samples.filter(|&n| n < ds.train.len()) {
                 ds.train = ds.train.subset(n, w.data_seed);
             }
-            if let Some(n) = w.test_samples {
+            if let Some(n) = w.test_samples.filter(|&n| n < ds.test.len()) {
                 ds.test = ds.test.subset(n, w.data_seed);
             }
         }

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::cache::{self, Cached, Fingerprint};
 use super::fetch::RemoteFile;
 use super::source::{Official, Shape};
-use super::{Dataset, ImageSet};
+use super::{ImageData, ImageSet};
 
 /// Directory under the data directory that holds the SVHN files.
 pub const SVHN_DIR: &str = "svhn";
@@ -51,7 +51,7 @@ pub const SVHN: Official = Official {
 };
 
 /// Loads SVHN from `<data_dir>/svhn/{train,test}_32x32.mat`, through the cache in `<data_dir>/svhn/`.
-pub fn load_svhn(data_dir: &Path) -> Result<Dataset> {
+pub fn load_svhn(data_dir: &Path) -> Result<ImageData> {
     let dir = data_dir.join(SVHN_DIR);
     let files = svhn_files(data_dir);
     for f in &files {
@@ -72,7 +72,7 @@ pub fn load_svhn(data_dir: &Path) -> Result<Dataset> {
             classes: SVHN_CLASSES.iter().map(|s| s.to_string()).collect(),
         })
     })?;
-    Ok(Dataset {
+    Ok(ImageData {
         name: "svhn".into(),
         train: cached.train,
         test: cached.test,

@@ -6,7 +6,7 @@
 //! from its own stream `(seed, Synthetic, split, index)`, so generation is parallel and reproducible.
 
 use super::source::{DataSource, Request, Shape};
-use super::{channel_stats, Dataset, ImageSet};
+use super::{channel_stats, Dataset, ImageData, ImageSet};
 use crate::seed::{rng, Stream};
 use anyhow::Result;
 use rand::Rng;
@@ -25,11 +25,11 @@ const SIZE: usize = 32;
 const SS: usize = 2;
 
 /// Generates `shapes` with `train` and `test` images from `seed`.
-pub fn shapes(seed: u64, train: usize, test: usize) -> Result<Dataset> {
+pub fn shapes(seed: u64, train: usize, test: usize) -> Result<ImageData> {
     let train = generate(seed, 0, train)?;
     let test = generate(seed, 1, test)?;
     let (mean, std) = channel_stats(&train);
-    Ok(Dataset {
+    Ok(ImageData {
         name: "shapes".into(),
         train,
         test,
@@ -50,7 +50,7 @@ impl DataSource for Shapes {
 
     fn load(&self, req: &Request) -> Result<Dataset> {
         let s = self.shape(req)?;
-        shapes(req.seed, s.train, s.test)
+        Ok(shapes(req.seed, s.train, s.test)?.into())
     }
 
     fn generated(&self) -> bool {

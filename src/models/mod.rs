@@ -18,8 +18,9 @@ pub use layers::{Builder, ParamStore};
 pub trait Net: Send {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor>;
     fn store(&self) -> &ParamStore;
-    /// Estimated activation elements per image kept for the backward pass at input size h×w (0: unknown).
-    fn activation_elems(&self, _h: usize, _w: usize) -> usize {
+    /// Estimated activation elements per example kept for the backward pass, for one example's input of
+    /// shape `input` (images: `[c, h, w]`; 0: unknown).
+    fn activation_elems(&self, _input: &[usize]) -> usize {
         0
     }
     /// The forward pass with per-step random drops (the `stochastic_depth` and `dropout` baselines):

@@ -325,10 +325,11 @@ impl Net for ResNet {
         &self.store
     }
 
-    /// Estimated activation elements per image kept for the backward pass at input size h×w: the outputs
-    /// of every conv, BatchNorm, ReLU and residual add (an upper-bound style estimate; the measured peak
-    /// memory is the real figure).
-    fn activation_elems(&self, h: usize, w: usize) -> usize {
+    /// Estimated activation elements per image kept for the backward pass at input size c×h×w: the
+    /// outputs of every conv, BatchNorm, ReLU and residual add (an upper-bound style estimate; the
+    /// measured peak memory is the real figure).
+    fn activation_elems(&self, input: &[usize]) -> usize {
+        let &[_, h, w] = input else { return 0 };
         let c0 = self.cfg.widths[0];
         let mut n = 2 * c0 * h * w; // stem conv, fused bn+relu
         let (mut h, mut w) = (h, w);

@@ -28,8 +28,8 @@ pub struct Accounting {
 }
 
 /// The accounting of data parallelism and its baselines: K replicas of `net`, each all-reducing every
-/// gradient every step; `hw` is the training images' height and width.
-pub(super) fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, hw: (usize, usize)) -> Accounting {
+/// gradient every step; `input` is the shape of one training input.
+pub(super) fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, input: &[usize]) -> Accounting {
     let k = spec.method.workers;
     let params = net.store().num_params();
     let comm = metrics::ring_allreduce_bytes(params * 4, k);
@@ -42,7 +42,7 @@ pub(super) fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, hw: 
             param_bytes: params * 4,
             grad_bytes: params * 4,
             optim_bytes: opt.state_bytes(),
-            activation_bytes_est: net.activation_elems(hw.0, hw.1) * spec.workload.batch_size * 4,
+            activation_bytes_est: net.activation_elems(input) * spec.workload.batch_size * 4,
             peak_bytes_measured: None,
             comm_bytes_per_step: comm,
             comm_bytes_per_step_masked: comm,
@@ -52,9 +52,9 @@ pub(super) fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, hw: 
 }
 
 impl SdpState {
-    /// Memory and communication of every worker, and the spectral gap of the averaging graph; `hw` is the
-    /// training images' height and width.
-    pub fn accounting(&self, spec: &RunSpec, hw: (usize, usize)) -> Result<Accounting> {
+    /// Memory and communication of every worker, and the spectral gap of the averaging graph; `input` is the
+    /// shape of one training input.
+    pub fn accounting(&self, spec: &RunSpec, input: &[usize]) -> Result<Accounting> {
         let k = spec.method.workers;
         let total = self.global.store().num_params();
         let unit_bytes: Vec<usize> = self.units.iter().map(|u| u.params * 4).collect();
@@ -81,7 +81,7 @@ impl SdpState {
                     param_bytes: w.net.store().num_params() * 4,
                     grad_bytes: held * 4,
                     optim_bytes: w.opt.state_bytes(),
-                    activation_bytes_est: w.net.activation_elems(hw.0, hw.1) * spec.workload.batch_size * 4,
+                    activation_bytes_est: w.net.activation_elems(input) * spec.workload.batch_size * 4,
                     peak_bytes_measured: None,
                     comm_bytes_per_step: c.grouped * per_step,
                     comm_bytes_per_step_masked: c.masked_allreduce * per_step,

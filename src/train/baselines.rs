@@ -87,7 +87,7 @@ impl Method for Baseline<'_> {
     }
 
     fn accounting(&self) -> Result<Accounting> {
-        let mut acc = dp_accounting(self.net.as_ref(), self.run.spec, &self.opt, self.run.image_hw());
+        let mut acc = dp_accounting(self.net.as_ref(), self.run.spec, &self.opt, &self.run.input_shape());
         acc.extra.insert("widths".into(), serde_json::json!(self.family.stages().0));
         Ok(acc)
     }

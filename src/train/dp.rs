@@ -52,7 +52,7 @@ impl Method for Dp<'_> {
     }
 
     fn accounting(&self) -> Result<Accounting> {
-        Ok(dp_accounting(self.net.as_ref(), self.run.spec, &self.opt, self.run.image_hw()))
+        Ok(dp_accounting(self.net.as_ref(), self.run.spec, &self.opt, &self.run.input_shape()))
     }
 
     fn final_model(&mut self) -> Result<BTreeMap<String, Tensor>> {

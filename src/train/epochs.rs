@@ -8,7 +8,6 @@ use crate::data::loader::{steps_per_epoch, Batch, TrainLoader};
 use crate::optim::lr_at;
 use crate::results::{Final, MetricsRow};
 use anyhow::{Context, Result};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Trains `method` for the run's epochs: one [`Method::step`] per optimizer step (given the workers'
@@ -27,7 +26,7 @@ pub(super) fn run(
     let k = spec.method.workers;
     let epochs = spec.train_epochs();
     let aug = run.augment();
-    let train_set = Arc::new(data.train.clone());
+    let train_set = data.train.clone();
     let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
     let total = per_epoch * epochs;
     let mut pos = TrainState::default();

@@ -32,7 +32,7 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<(f64, f64)> {
     let (mut loss_sum, mut score, mut n) = (0.0, 0.0, 0usize);
-    for b in eval_batches(&data.test, aug, batch) {
+    for b in eval_batches(data.test.as_ref(), aug, batch) {
         let (x, y) = b.to_tensors(device)?;
         let out = net.forward_t(&x, false)?.detach();
         loss_sum += task.loss(&out, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
@@ -72,7 +72,7 @@ pub fn evaluate_sdp(
     let (world, k_all) = (st.world(), spec.method.workers);
     let (mut ens_loss, mut ens_score, mut n) = (0.0, 0.0, 0usize);
     let (mut sub_loss, mut sub_score) = (vec![0.0; k_all], vec![0.0; k_all]);
-    for b in eval_batches(&data.test, aug, batch) {
+    for b in eval_batches(data.test.as_ref(), aug, batch) {
         let (x, y) = b.to_tensors(device)?;
         let mut prob_sum: Option<Tensor> = None;
         for w in &st.workers {
@@ -141,7 +141,7 @@ pub fn recalibrate_bn(
             break;
         }
         store.set_buffers(&zeros)?;
-        let b = crate::data::loader::make_batch(&data.train, chunk, aug, None);
+        let b = data.train.batch(chunk, aug, None);
         let (x, _) = b.to_tensors(device)?;
         net.forward_t(&x, true)?;
         // From zero, one update leaves momentum × (batch statistic): divide it back out.

@@ -43,9 +43,9 @@ impl Run<'_> {
         }
     }
 
-    /// Height and width of the training images (for the activation estimates of the accounting).
-    pub fn image_hw(&self) -> (usize, usize) {
-        (self.data.train.h, self.data.train.w)
+    /// The shape of one training input (for the activation estimates of the accounting).
+    pub fn input_shape(&self) -> Vec<usize> {
+        self.data.train.input_shape()
     }
 }
 

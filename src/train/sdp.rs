@@ -62,7 +62,7 @@ impl Method for Sdp<'_> {
     }
 
     fn accounting(&self) -> Result<Accounting> {
-        self.st.accounting(self.run.spec, self.run.image_hw())
+        self.st.accounting(self.run.spec, &self.run.input_shape())
     }
 
     fn final_model(&mut self) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
