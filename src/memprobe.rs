@@ -21,8 +21,7 @@ use crate::plan::Plan;
 use crate::spec::{MethodKind, RunSpec};
 use crate::train::{loss_and_grads, SdpState};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
+use candle_core::Device;
 use std::path::Path;
 
 /// This process's memory on one device above a baseline taken when the meter starts: the one way `sdp
@@ -114,14 +113,9 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
     let device = device.clone();
     let plan = Plan::of(spec)?;
     let (shape, task) = (plan.data.shape(&spec.workload, data_dir)?, plan.task.task);
-    let (classes, (h, w)) = (shape.classes, shape.hw);
-    let b = spec.workload.batch_size;
+    let classes = shape.classes;
     let mut meter = MemoryMeter::start(&device)?;
-    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
-    let x: Vec<f32> = (0..b * 3 * h * w).map(|_| r.random_range(-1.0..1.0)).collect();
-    let y: Vec<u32> = (0..b).map(|_| r.random_range(0..classes as u32)).collect();
-    let x = Tensor::from_vec(x, (b, 3, h, w), &device)?;
-    let y = Tensor::from_vec(y, b, &device)?;
+    let (x, y) = plan.data.source().random_batch(&shape, spec.workload.batch_size, spec.seed).to_tensors(&device)?;
     let net: Box<dyn models::Net> = match (spec.method.kind, worker) {
         (MethodKind::Sdp, Some(k)) => SdpState::single_worker(spec, classes, k, &device)?.net,
         _ => models::build(&spec.workload, classes, spec.seed, &device)?,

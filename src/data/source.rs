@@ -5,11 +5,13 @@
 //! A spec names a source either plainly (`cifar10`) or with an argument after a colon (`folder:<path>`),
 //! where the registered line says the source takes one.
 
+use super::examples::{Batch, Input};
 use super::fetch::RemoteFile;
 use super::{cifar, folder, svhn, synthetic, Dataset, ImageData};
 use crate::registry::{Named, Registry};
 use crate::spec::Workload;
 use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
 /// What a dataset is without decoding its images.
@@ -66,6 +68,16 @@ pub trait DataSource: Send + Sync {
     /// Where the decoded images are cached, if they are (`sdp data info`).
     fn cache(&self, _req: &Request) -> Option<PathBuf> {
         None
+    }
+    /// `n` examples of random input of this source's kind, with random targets, drawn from `seed`: what
+    /// the memory probe trains on (memory does not depend on the values). Images by default: three
+    /// channels of `shape.hw` uniform in [-1, 1), labels below `shape.classes`.
+    fn random_batch(&self, shape: &Shape, n: usize, seed: u64) -> Batch {
+        let (h, w) = shape.hw;
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let x: Vec<f32> = (0..n * 3 * h * w).map(|_| r.random_range(-1.0..1.0)).collect();
+        let y: Vec<u32> = (0..n).map(|_| r.random_range(0..shape.classes as u32)).collect();
+        Batch { x: Input::F32(x), x_dims: vec![n, 3, h, w], y, y_dims: vec![n] }
     }
 }
 

@@ -35,7 +35,8 @@ pub trait Task: Send + Sync {
     /// The headline metric summed over a batch (classification: how many predictions are right); the
     /// test metric is its sum over the test split divided by the number of examples.
     fn score(&self, out: &Tensor, targets: &[u32]) -> Result<f64>;
-    /// What the ensemble mode averages over the workers for one output (classification: the softmax).
+    /// What the ensemble mode averages over the workers for one output (classification: the softmax). Its
+    /// shape is the targets' shape and one more axis of the classes (processes exchange it by that shape).
     fn ensemble_member(&self, out: &Tensor) -> candle_core::Result<Tensor>;
     /// Mean loss of the ensemble's averaged members against the targets.
     fn ensemble_loss(&self, mean: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor>;

@@ -88,15 +88,17 @@ pub fn evaluate_sdp(
         let prob_sum = match prob_sum {
             Some(p) if world.size() == 1 => p,
             local => {
-                let shape = (b.len(), data.num_classes());
+                // A member has the targets' shape and one more axis of the classes (a rank hosting no
+                // worker has none of its own to read the shape from).
+                let shape: Vec<usize> = b.y_dims.iter().copied().chain([data.num_classes()]).collect();
                 let mut v: Vec<f32> = match local {
                     Some(p) => p.flatten_all()?.to_vec1()?,
-                    None => vec![0.0; shape.0 * shape.1],
+                    None => vec![0.0; shape.iter().product()],
                 };
                 let all = crate::comm::all_ranks(world.size());
                 world.comm.prepare(&[all])?;
                 world.comm.all_reduce_sum(all, &mut v)?;
-                Tensor::from_vec(v, shape, device)?
+                Tensor::from_vec(v, shape.as_slice(), device)?
             }
         };
         let probs = (prob_sum / k_all as f64)?;
