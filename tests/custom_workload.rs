@@ -2,20 +2,20 @@
 //! next-token prediction on token sequences. Each piece is one type behind one registry call — a split of
 //! token sequences (`data::examples::Examples`) served by a dataset source (`data::source::register`), a
 //! task scoring every position's prediction (`task::register`), and a model family that embeds tokens
-//! (`models::register`). DP and SDP (block and neuron masking) then train it through the runner, with
+//! (`models::register`: the residual MLP of `tests/common/mlp.rs` with an embedding stem). DP and SDP (block and neuron masking) then train it through the runner, with
 //! every evaluation mode, and its results name its metric; nothing in the crate changed for it.
 
 mod common;
 
 use anyhow::Result;
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, D};
+use common::mlp::Stem;
 use rand::Rng;
 use sdp::data::augment::AugmentCfg;
 use sdp::data::examples::{Batch, Examples, Input};
 use sdp::data::source::{self, DataSource, Request, Shape};
 use sdp::data::Dataset;
-use sdp::models::layers::{Init, Linear};
-use sdp::models::{self, BlockPlan, Builder, Family, MaskableBlock, ModelArgs, Net, ParamGroup, ParamStore};
+use sdp::models::{self, Family, ModelArgs};
 use sdp::results::{read_csv, read_metrics, WorkerRow};
 use sdp::seed::{rng, Stream};
 use sdp::task::{self, Metric, Task};
@@ -140,107 +140,10 @@ impl Task for NextToken {
     }
 }
 
-/// Token embedding (VOCAB → d), `blocks` × per-position residual MLP (x + fc2(relu(fc1(x)))) with
-/// `hidden` internal units (the Neuron units), head (d → VOCAB) at every position.
-struct TokenMlp {
-    d: usize,
-    hidden: usize,
-    blocks: usize,
-    vocab: usize,
-}
-
+/// The residual MLP of `tests/common/mlp.rs` with an embedding stem and a head at every position: logits
+/// (batch, LEN, VOCAB).
 fn token_mlp(a: &ModelArgs) -> Result<Box<dyn Family>> {
-    let d = a.widths.as_ref().and_then(|w| w.first().copied()).unwrap_or(16);
-    let blocks = a.depths.as_ref().and_then(|w| w.first().copied()).unwrap_or(2);
-    Ok(Box::new(TokenMlp { d, hidden: 2 * d, blocks, vocab: a.num_classes }))
-}
-
-struct TokenNet {
-    embed: Var,
-    /// Per block: fc1, fc2 and the plan's scales, or `None` where the plan drops the branch.
-    blocks: Vec<Option<(Linear, Linear, f64, f64)>>,
-    head: Linear,
-    d: usize,
-    hidden: Vec<usize>,
-    vocab: usize,
-    store: ParamStore,
-}
-
-impl Net for TokenNet {
-    fn forward_t(&self, ids: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let mut x = self.embed.as_tensor().embedding(&ids.flatten_all()?)?;
-        for (fc1, fc2, mid, scale) in self.blocks.iter().flatten() {
-            let h = (fc1.forward(&x)?.relu()? * *mid)?;
-            x = (x + (fc2.forward(&h)? * *scale)?)?;
-        }
-        self.head.forward(&x)?.reshape((b, t, self.vocab))
-    }
-
-    fn store(&self) -> &ParamStore {
-        &self.store
-    }
-
-    /// Per sequence of `input[0]` tokens: the embeddings, each held block's hidden units and output, the
-    /// logits.
-    fn activation_elems(&self, input: &[usize]) -> usize {
-        let per_token = self.d + self.hidden.iter().map(|h| 2 * h + self.d).sum::<usize>() + self.vocab;
-        input.iter().product::<usize>() * per_token
-    }
-}
-
-impl Family for TokenMlp {
-    fn maskable(&self) -> Vec<MaskableBlock> {
-        let (d, h) = (self.d, self.hidden);
-        (0..self.blocks)
-            .map(|i| MaskableBlock {
-                name: format!("blocks.{i}"),
-                width: h,
-                params: h * (2 * d + 1),
-                act_elems: LEN * 2 * h,
-                neuron_params: 2 * d + 1,
-                neuron_act_elems: LEN * 2,
-            })
-            .collect()
-    }
-
-    fn build(&self, plan: &[BlockPlan], mut b: Builder) -> candle_core::Result<Box<dyn Net>> {
-        let embed = b.param("embed.weight", &[self.vocab, self.d], Init::Normal { std: 1.0 })?;
-        let (mut blocks, mut hidden) = (Vec::new(), Vec::new());
-        for (i, p) in plan.iter().enumerate() {
-            blocks.push(if p.residual {
-                let k = p.channels.len();
-                hidden.push(k);
-                let fc1 = Linear::new(&mut b, &format!("blocks.{i}.fc1"), self.d, k, true)?;
-                let w =
-                    b.param(&format!("blocks.{i}.fc2.weight"), &[self.d, k], Init::Uniform { fan_in: self.hidden })?;
-                Some((fc1, Linear { weight: w, bias: None }, p.mid_scale, p.scale))
-            } else {
-                None
-            });
-        }
-        let head = Linear::new(&mut b, "head", self.d, self.vocab, true)?;
-        Ok(Box::new(TokenNet { embed, blocks, head, d: self.d, hidden, vocab: self.vocab, store: b.store }))
-    }
-
-    fn narrowed(&self) -> &'static [(&'static str, usize)] {
-        &[("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)]
-    }
-
-    fn shared(&self) -> &'static [&'static str] {
-        &[]
-    }
-
-    fn param_groups(&self) -> Vec<ParamGroup> {
-        let mut groups = vec![("embed".to_string(), vec!["embed.".to_string()], false)];
-        groups.extend((0..self.blocks).map(|i| (format!("blocks.{i}"), vec![format!("blocks.{i}.")], true)));
-        groups.push(("head".into(), vec!["head.".into()], false));
-        groups
-    }
-
-    fn stages(&self) -> (Vec<usize>, Vec<usize>) {
-        (vec![self.d], vec![self.blocks])
-    }
+    common::mlp::family(a, Stem::Embed { positions: LEN }, 2)
 }
 
 fn register_once() {

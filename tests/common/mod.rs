@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod family;
+pub mod mlp;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::Device;
