@@ -6,9 +6,9 @@
 //! [`crate::plan::Plan`] resolves it.
 //!
 //! A new task is one file implementing [`Task`] plus a line in [`BUILT_IN`] (or a [`register`] call
-//! from outside the crate), and a dataset source that names it; `tests/custom_task.rs` registers one. What is still image-shaped outside this seam: the batches
-//! (`data::loader::Batch`, CHW floats and `u32` targets), their augmentation, and the activation estimates
-//! of `Net::activation_elems(h, w)`.
+//! from outside the crate), and a dataset source that names it; `tests/custom_task.rs` registers one. The
+//! examples a task is scored on come from `data::examples::Examples` (images, or any other kind:
+//! `tests/custom_workload.rs` registers a next-token task on token sequences).
 
 mod classify;
 
