@@ -13,7 +13,8 @@
 //! after every step's backward pass, while the gradients are alive) minus that before the model: a lower
 //! bound of the true peak, which PyTorch's allocator counts exactly (`max_memory_allocated`).
 
-use crate::data::examples::{Batch, Input};
+use crate::data::examples::Batch;
+use crate::data::source::Shape;
 use crate::memprobe::MemoryMeter;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;
@@ -165,7 +166,9 @@ pub struct StepBench {
     pub steps: usize,
     pub warmup: usize,
     pub classes: usize,
-    pub image_size: usize,
+    /// Input size: an image's height and width (what the run's dataset source makes its random inputs
+    /// of, `DataSource::random_batch`).
+    pub hw: (usize, usize),
 }
 
 /// The figures of one step benchmark.
@@ -262,7 +265,7 @@ impl StepArgs {
             steps: self.steps,
             warmup: self.warmup,
             classes: self.classes,
-            image_size: self.image_size,
+            hw: (self.image_size, self.image_size),
         })
     }
 }
@@ -287,8 +290,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             eprintln!(
                 "bench step: {what}, batch {}, {}x{} input, device {}, {} warm-up + {} timed steps, {} threads",
                 b.spec.workload.batch_size,
-                b.image_size,
-                b.image_size,
+                b.hw.0,
+                b.hw.1,
                 a.device,
                 b.warmup,
                 b.steps,
@@ -351,7 +354,7 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
         let _ = m.restart_peak();
     }
     let build_s = t.elapsed().as_secs_f64();
-    let (x, y) = random_batch(b, 0).to_tensors(dev)?;
+    let (x, y) = random_batch(b, 0)?.to_tensors(dev)?;
     let (lr, task) = (b.spec.optim.lr, Plan::of(&b.spec)?.task.task);
     let r = timed_steps(b, meter, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
         let (_, grads) = loss_and_grads(task, net.as_ref(), &x, &y)?;
@@ -372,7 +375,7 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
     let spec = &b.spec;
     let meter = MemoryMeter::start(dev).ok();
     let t = Instant::now();
-    let batches: Vec<Batch> = (0..spec.method.workers).map(|k| random_batch(b, k)).collect();
+    let batches: Vec<Batch> = (0..spec.method.workers).map(|k| random_batch(b, k)).collect::<Result<_>>()?;
     let images = spec.workload.batch_size * spec.method.workers;
     let lr = spec.optim.lr;
     let solo = crate::comm::World::solo();
@@ -447,17 +450,14 @@ fn timed_steps(
     Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, warmup_times, params, build_s: 0.0 })
 }
 
-/// Worker `k`'s random input (uniform in [-2, 2)) and uniform labels from the run seed's data stream.
-fn random_batch(b: &StepBench, k: usize) -> Batch {
-    let n = b.spec.workload.batch_size;
-    let s = b.image_size;
-    let mut r = rng(b.spec.seed, Stream::Data, u64::MAX, k as u64);
-    Batch {
-        x: Input::F32((0..n * 3 * s * s).map(|_| r.random_range(-2.0f32..2.0)).collect()),
-        x_dims: vec![n, 3, s, s],
-        y: (0..n).map(|_| r.random_range(0..b.classes as u32)).collect(),
-        y_dims: vec![n],
-    }
+/// Worker `k`'s random input of the run's dataset kind at [`StepBench::hw`] with random targets
+/// ([`DataSource::random_batch`](crate::data::source::DataSource::random_batch)), drawn from a seed of the run
+/// seed's data stream.
+fn random_batch(b: &StepBench, k: usize) -> Result<Batch> {
+    let source = Plan::of(&b.spec)?.data.source();
+    let shape = Shape { train: 0, test: 0, classes: b.classes, hw: b.hw };
+    let seed = rng(b.spec.seed, Stream::Data, u64::MAX, k as u64).random();
+    Ok(source.random_batch(&shape, b.spec.workload.batch_size, seed))
 }
 
 /// The median of `v` (the mean of the two middle values for an even count); 0 for an empty slice.

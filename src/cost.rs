@@ -31,7 +31,7 @@
 //! another), so pricing a grid measures each configuration once, in a few seconds.
 
 use crate::bench::{self, StepBench};
-use crate::data::source::DataRef;
+use crate::data::source::{DataRef, Shape};
 use crate::masking;
 use crate::models::info::thousands;
 use crate::models::{self, Builder, Net};
@@ -435,14 +435,11 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
         steps: opts.steps,
         warmup: opts.warmup,
         classes: sizes.classes,
-        image_size: sizes.hw.0,
+        hw: sizes.hw,
     };
-    if sizes.hw.0 != sizes.hw.1 {
-        bail!("images of {}x{} (HxW): the step timing assumes square images", sizes.hw.0, sizes.hw.1);
-    }
     let step = bench::whole_step(&b)?;
     let eval_batch = spec.workload.eval_batch_size.min(sizes.test).max(1);
-    let x = random_images(spec.seed, eval_batch, sizes.hw, dev)?;
+    let x = random_input(spec, sizes, eval_batch, dev)?;
     let (eval_s, subnets_s, recal_s, eval_fixed_s) = match spec.method.kind {
         MethodKind::Sdp => {
             let mut st = SdpState::new(spec, sizes.classes, dev).context("building the SDP state")?;
@@ -488,11 +485,12 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
     })
 }
 
-/// Random normalised-looking input, (n, 3, h, w), from the run seed's data stream.
-fn random_images(seed: u64, n: usize, hw: (usize, usize), dev: &Device) -> Result<Tensor> {
-    let mut r = rng(seed, Stream::Data, u64::MAX, u64::MAX);
-    let x: Vec<f32> = (0..n * 3 * hw.0 * hw.1).map(|_| r.random_range(-2.0f32..2.0)).collect();
-    Ok(Tensor::from_vec(x, (n, 3, hw.0, hw.1), dev)?)
+/// `n` examples of random input of the run's dataset kind (`DataSource::random_batch`), from the run
+/// seed's data stream.
+fn random_input(spec: &RunSpec, sizes: &DataSizes, n: usize, dev: &Device) -> Result<Tensor> {
+    let shape = Shape { train: sizes.train, test: sizes.test, classes: sizes.classes, hw: sizes.hw };
+    let seed = rng(spec.seed, Stream::Data, u64::MAX, u64::MAX).random();
+    Ok(plan::Plan::of(spec)?.data.source().random_batch(&shape, n, seed).to_tensors(dev)?.0)
 }
 
 /// The 1-minute load average (`None` where /proc/loadavg cannot be read).
