@@ -157,6 +157,8 @@ pub struct StepArgs {
 pub struct StepBench {
     /// The run whose step is timed (only its model, batch size, method and optimizer matter).
     pub spec: RunSpec,
+    /// Its names resolved (task, masking strategy, the dataset whose kind of input is drawn).
+    pub plan: Plan,
     /// The SDP worker benchmarked (with masking).
     pub worker: usize,
     /// Time whole training steps as training runs them (every one of the K workers plus the
@@ -258,6 +260,7 @@ impl StepArgs {
             return Err(usage("--all-workers needs an SDP configuration (--masking)".into()));
         }
         Ok(StepBench {
+            plan: Plan::of(&spec).map_err(|e| usage(format!("sdp bench step: {e:#}")))?,
             spec,
             worker: self.worker,
             all_workers: self.all_workers,
@@ -343,7 +346,8 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     // One SDP worker's physical subnetwork, or the full model.
     let (net, mut opt): (Box<dyn Net>, Optimizer) = if b.spec.method.kind == MethodKind::Sdp {
         // Only this worker is built: the global model it is gathered from is dropped here.
-        let w = SdpState::single_worker(&b.spec, b.classes, b.worker, dev).context("building the SDP subnetwork")?;
+        let w = SdpState::single_worker(&b.spec, &b.plan, b.classes, b.worker, dev)
+            .context("building the SDP subnetwork")?;
         (w.net, w.opt)
     } else {
         (models::build(&b.spec.workload, b.classes, b.spec.seed, dev)?, Optimizer::new(&b.spec.optim))
@@ -355,7 +359,7 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     }
     let build_s = t.elapsed().as_secs_f64();
     let (x, y) = random_batch(b, 0)?.to_tensors(dev)?;
-    let (lr, task) = (b.spec.optim.lr, Plan::of(&b.spec)?.task.task);
+    let (lr, task) = (b.spec.optim.lr, b.plan.task.task);
     let r = timed_steps(b, meter, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
         let (_, grads) = loss_and_grads(task, net.as_ref(), &x, &y)?;
         sample()?; // activations and gradients alive: the step's high point
@@ -379,10 +383,10 @@ pub fn whole_step(b: &StepBench) -> Result<StepReport> {
     let images = spec.workload.batch_size * spec.method.workers;
     let lr = spec.optim.lr;
     let solo = crate::comm::World::solo();
-    let ctx = Step { task: Plan::of(spec)?.task.task, device: dev, world: &solo };
+    let ctx = Step { task: b.plan.task.task, device: dev, world: &solo };
     let r = match spec.method.kind {
         MethodKind::Sdp => {
-            let mut st = SdpState::new(spec, b.classes, dev).context("building the SDP state")?;
+            let mut st = SdpState::hosted(spec, &b.plan, b.classes, dev, &solo).context("building the SDP state")?;
             let build_s = t.elapsed().as_secs_f64();
             let params = st.global.store().num_params();
             let r = timed_steps(b, meter, params, images, |i, sample| {
@@ -454,7 +458,7 @@ fn timed_steps(
 /// ([`DataSource::random_batch`](crate::data::source::DataSource::random_batch)), drawn from a seed of the run
 /// seed's data stream.
 fn random_batch(b: &StepBench, k: usize) -> Result<Batch> {
-    let source = Plan::of(&b.spec)?.data.source();
+    let source = b.plan.data.source();
     let shape = Shape { train: 0, test: 0, classes: b.classes, hw: b.hw };
     let seed = rng(b.spec.seed, Stream::Data, u64::MAX, k as u64).random();
     Ok(source.random_batch(&shape, b.spec.workload.batch_size, seed))

@@ -429,6 +429,7 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
     let dev = &opts.device;
     let b = StepBench {
         spec: spec.clone(),
+        plan: plan::Plan::of(spec)?,
         worker: 0,
         all_workers: true,
         device: dev.clone(),
@@ -439,10 +440,12 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
     };
     let step = bench::whole_step(&b)?;
     let eval_batch = spec.workload.eval_batch_size.min(sizes.test).max(1);
-    let x = random_input(spec, sizes, eval_batch, dev)?;
+    let x = random_input(&b, sizes, eval_batch)?;
     let (eval_s, subnets_s, recal_s, eval_fixed_s) = match spec.method.kind {
         MethodKind::Sdp => {
-            let mut st = SdpState::new(spec, sizes.classes, dev).context("building the SDP state")?;
+            let solo = crate::comm::World::solo();
+            let mut st =
+                SdpState::hosted(spec, &b.plan, sizes.classes, dev, &solo).context("building the SDP state")?;
             // As `train::evaluate_sdp` does: sync, then the recalibrated and (C < 1) the scaled copy.
             let t = Instant::now();
             st.sync_params(true)?;
@@ -487,10 +490,10 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
 
 /// `n` examples of random input of the run's dataset kind (`DataSource::random_batch`), from the run
 /// seed's data stream.
-fn random_input(spec: &RunSpec, sizes: &DataSizes, n: usize, dev: &Device) -> Result<Tensor> {
+fn random_input(b: &StepBench, sizes: &DataSizes, n: usize) -> Result<Tensor> {
     let shape = Shape { train: sizes.train, test: sizes.test, classes: sizes.classes, hw: sizes.hw };
-    let seed = rng(spec.seed, Stream::Data, u64::MAX, u64::MAX).random();
-    Ok(plan::Plan::of(spec)?.data.source().random_batch(&shape, n, seed).to_tensors(dev)?.0)
+    let seed = rng(b.spec.seed, Stream::Data, u64::MAX, u64::MAX).random();
+    Ok(b.plan.data.source().random_batch(&shape, n, seed).to_tensors(&b.device)?.0)
 }
 
 /// The 1-minute load average (`None` where /proc/loadavg cannot be read).

@@ -117,7 +117,7 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
     let mut meter = MemoryMeter::start(&device)?;
     let (x, y) = plan.data.source().random_batch(&shape, spec.workload.batch_size, spec.seed).to_tensors(&device)?;
     let net: Box<dyn models::Net> = match (spec.method.kind, worker) {
-        (MethodKind::Sdp, Some(k)) => SdpState::single_worker(spec, classes, k, &device)?.net,
+        (MethodKind::Sdp, Some(k)) => SdpState::single_worker(spec, &plan, classes, k, &device)?.net,
         _ => models::build(&spec.workload, classes, spec.seed, &device)?,
     };
     let params = net.store().num_params();

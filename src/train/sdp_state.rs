@@ -140,7 +140,9 @@ pub struct SdpState {
 }
 
 impl SdpState {
-    /// Builds the global model from the run seed and every worker's subnetwork from the first selection.
+    /// Builds the global model from the run seed and every worker's subnetwork from the first selection,
+    /// all in this process, resolving the spec's plan (tests and one-process tools; training passes the
+    /// plan it resolved to [`SdpState::hosted`]).
     pub fn new(spec: &RunSpec, num_classes: usize, device: &Device) -> Result<Self> {
         Self::build(spec, &Plan::of(spec)?, num_classes, device, None, &World::solo())
     }
@@ -153,11 +155,11 @@ impl SdpState {
 
     /// Builds worker `k`'s physical subnetwork alone, as a process hosting only that worker would (used by
     /// the memory probe): the global model is built to gather from, then dropped.
-    pub fn single_worker(spec: &RunSpec, num_classes: usize, k: usize, device: &Device) -> Result<Worker> {
+    pub fn single_worker(spec: &RunSpec, plan: &Plan, num_classes: usize, k: usize, device: &Device) -> Result<Worker> {
         if k >= spec.method.workers {
             anyhow::bail!("worker {k} does not exist: the spec has {} workers", spec.method.workers);
         }
-        let mut st = Self::build(spec, &Plan::of(spec)?, num_classes, device, Some(k), &World::solo())?;
+        let mut st = Self::build(spec, plan, num_classes, device, Some(k), &World::solo())?;
         st.workers.pop().ok_or_else(|| anyhow::anyhow!("worker {k} was not built"))
     }
 
