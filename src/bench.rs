@@ -26,7 +26,6 @@ use crate::train::{
 };
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use rand::Rng;
 use std::path::Path;
 use std::time::Instant;
 
@@ -455,13 +454,13 @@ fn timed_steps(
 }
 
 /// Worker `k`'s random input of the run's dataset kind at [`StepBench::hw`] with random targets
-/// ([`DataSource::random_batch`](crate::data::source::DataSource::random_batch)), drawn from a seed of the run
-/// seed's data stream.
+/// ([`DataSource::random_batch`](crate::data::source::DataSource::random_batch)), drawn from the run seed's
+/// data stream.
 fn random_batch(b: &StepBench, k: usize) -> Result<Batch> {
     let source = b.plan.data.source();
     let shape = Shape { train: 0, test: 0, classes: b.classes, hw: b.hw };
-    let seed = rng(b.spec.seed, Stream::Data, u64::MAX, k as u64).random();
-    Ok(source.random_batch(&shape, b.spec.workload.batch_size, seed))
+    let mut r = rng(b.spec.seed, Stream::Data, u64::MAX, k as u64);
+    Ok(source.random_batch(&shape, b.spec.workload.batch_size, &mut r))
 }
 
 /// The median of `v` (the mean of the two middle values for an even count); 0 for an empty slice.

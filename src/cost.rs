@@ -41,7 +41,6 @@ use crate::spec::{Experiment, Method, MethodKind, RunSpec, SpecError, Workload};
 use crate::train::{baseline_family, baseline_net, SdpState, RECAL_BATCHES};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -492,8 +491,8 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
 /// seed's data stream.
 fn random_input(b: &StepBench, sizes: &DataSizes, n: usize) -> Result<Tensor> {
     let shape = Shape { train: sizes.train, test: sizes.test, classes: sizes.classes, hw: sizes.hw };
-    let seed = rng(b.spec.seed, Stream::Data, u64::MAX, u64::MAX).random();
-    Ok(b.plan.data.source().random_batch(&shape, n, seed).to_tensors(&b.device)?.0)
+    let mut r = rng(b.spec.seed, Stream::Data, u64::MAX, u64::MAX);
+    Ok(b.plan.data.source().random_batch(&shape, n, &mut r).to_tensors(&b.device)?.0)
 }
 
 /// The 1-minute load average (`None` where /proc/loadavg cannot be read).

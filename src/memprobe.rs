@@ -18,6 +18,7 @@
 use crate::models;
 use crate::optim::{lr_at, Optimizer};
 use crate::plan::Plan;
+use crate::seed::{rng, Stream};
 use crate::spec::{MethodKind, RunSpec};
 use crate::train::{loss_and_grads, SdpState};
 use anyhow::{bail, Context, Result};
@@ -115,7 +116,8 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
     let (shape, task) = (plan.data.shape(&spec.workload, data_dir)?, plan.task.task);
     let classes = shape.classes;
     let mut meter = MemoryMeter::start(&device)?;
-    let (x, y) = plan.data.source().random_batch(&shape, spec.workload.batch_size, spec.seed).to_tensors(&device)?;
+    let mut r = rng(spec.seed, Stream::Data, u64::MAX, 0);
+    let (x, y) = plan.data.source().random_batch(&shape, spec.workload.batch_size, &mut r).to_tensors(&device)?;
     let net: Box<dyn models::Net> = match (spec.method.kind, worker) {
         (MethodKind::Sdp, Some(k)) => SdpState::single_worker(spec, &plan, classes, k, &device)?.net,
         _ => models::build(&spec.workload, classes, spec.seed, &device)?,

@@ -13,6 +13,7 @@ use anyhow::Result;
 use candle_core::{Tensor, D};
 use common::mlp::Stem;
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use sdp::data::augment::AugmentCfg;
 use sdp::data::examples::{Batch, Examples, Input};
 use sdp::data::source::{self, DataSource, Request, Shape};
@@ -36,8 +37,7 @@ struct Tokens {
 }
 
 impl Tokens {
-    fn generate(n: usize, seed: u64, split: u64) -> Self {
-        let mut r = rng(seed, Stream::Synthetic, split, 0);
+    fn generate(n: usize, r: &mut ChaCha8Rng) -> Self {
         let mut seqs = Vec::with_capacity(n * (LEN + 1));
         for _ in 0..n {
             let mut t = r.random_range(0..VOCAB as u32);
@@ -93,8 +93,8 @@ impl DataSource for TokenSource {
         let s = self.shape(req)?;
         Ok(Dataset {
             name: "test_tokens".into(),
-            train: Arc::new(Tokens::generate(s.train, req.seed, 0)),
-            test: Arc::new(Tokens::generate(s.test, req.seed, 1)),
+            train: Arc::new(Tokens::generate(s.train, &mut rng(req.seed, Stream::Synthetic, 0, 0))),
+            test: Arc::new(Tokens::generate(s.test, &mut rng(req.seed, Stream::Synthetic, 1, 0))),
             classes: (0..VOCAB).map(|t| format!("token{t}")).collect(),
             mean: [0.0; 3],
             std: [1.0; 3],
@@ -110,8 +110,8 @@ impl DataSource for TokenSource {
     }
 
     /// Random sequences for the memory probe.
-    fn random_batch(&self, _shape: &Shape, n: usize, seed: u64) -> Batch {
-        Tokens::generate(n, seed, 2).take(&(0..n).collect::<Vec<_>>())
+    fn random_batch(&self, _shape: &Shape, n: usize, r: &mut ChaCha8Rng) -> Batch {
+        Tokens::generate(n, r).take(&(0..n).collect::<Vec<_>>())
     }
 }
 

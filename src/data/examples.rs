@@ -76,14 +76,6 @@ impl Batch {
         let y = Tensor::from_slice(&self.y, self.y_dims.as_slice(), device)?;
         Ok((x, y))
     }
-
-    /// The float inputs (images); `None` for id inputs.
-    pub fn floats(&self) -> Option<&[f32]> {
-        match &self.x {
-            Input::F32(v) => Some(v),
-            Input::U32(_) => None,
-        }
-    }
 }
 
 impl Examples for ImageSet {

@@ -11,7 +11,8 @@ use super::{cifar, folder, svhn, synthetic, Dataset, ImageData};
 use crate::registry::{Named, Registry};
 use crate::spec::Workload;
 use anyhow::{bail, Result};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 
 /// What a dataset is without decoding its images.
@@ -69,13 +70,13 @@ pub trait DataSource: Send + Sync {
     fn cache(&self, _req: &Request) -> Option<PathBuf> {
         None
     }
-    /// `n` examples of random input of this source's kind, with random targets, drawn from `seed`: what
-    /// the memory probe trains on (memory does not depend on the values). Images by default: three
-    /// channels of `shape.hw` uniform in [-1, 1), labels below `shape.classes`.
-    fn random_batch(&self, shape: &Shape, n: usize, seed: u64) -> Batch {
+    /// `n` examples of random input of this source's kind, with random targets, drawn from `r` (a named
+    /// stream of the caller's): what the memory probe, `sdp bench step` and the cost estimate train on
+    /// (memory and time do not depend on the values). Images by default: three channels of `shape.hw`
+    /// uniform in [-2, 2), labels below `shape.classes`.
+    fn random_batch(&self, shape: &Shape, n: usize, r: &mut ChaCha8Rng) -> Batch {
         let (h, w) = shape.hw;
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let x: Vec<f32> = (0..n * 3 * h * w).map(|_| r.random_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..n * 3 * h * w).map(|_| r.random_range(-2.0..2.0)).collect();
         let y: Vec<u32> = (0..n).map(|_| r.random_range(0..shape.classes as u32)).collect();
         Batch { x: Input::F32(x), x_dims: vec![n, 3, h, w], y, y_dims: vec![n] }
     }
