@@ -216,10 +216,18 @@ fn style(i: usize, s: &Series) -> (RGBColor, bool, Marker) {
 // ---------------------------------------------------------------------------------------------------------
 // The figures of one experiment.
 
+/// The headline metric of an experiment's runs as its files name it (`acc`), and the noun titles, axes
+/// and tables use (`accuracy`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Headline<'a> {
+    pub name: &'a str,
+    pub noun: &'a str,
+}
+
 struct Ctx<'a> {
     name: &'a str,
-    /// The headline metric of the runs' task (`accuracy`), which titles and axes name.
-    metric: Metric,
+    /// The headline metric of the runs' task, which titles and axes name.
+    metric: Headline<'a>,
     what: String,
     runs: &'a [RunData],
     series: &'a [Series],
@@ -487,8 +495,11 @@ fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
 /// The headline metric an experiment's runs report (one for all, or an error naming two that differ):
 /// named as their files name it, its noun taken from the task of their dataset where that task is
 /// registered in this process and reports the same metric.
-fn headline_metric(exp: &ExperimentData) -> Result<Metric> {
-    let Some(first) = exp.runs.first() else { return Ok(CLASSIFY.task.metric()) };
+fn headline_metric(exp: &ExperimentData) -> Result<Headline<'_>> {
+    let Some(first) = exp.runs.first() else {
+        let Metric { name, noun } = CLASSIFY.task.metric();
+        return Ok(Headline { name, noun });
+    };
     if let Some(other) = exp.runs.iter().find(|r| r.metric != first.metric) {
         anyhow::bail!(
             "experiment `{}`: runs report different headline metrics (`{}` and `{}`): one experiment's figures \
@@ -499,13 +510,9 @@ fn headline_metric(exp: &ExperimentData) -> Result<Metric> {
         );
     }
     let known = metric_of_dataset(&first.spec.workload.dataset);
-    Ok(if known.name == first.metric {
-        known
-    } else {
-        // A task this process does not know (registered by another program): its name stands for its noun.
-        let name: &'static str = Box::leak(first.metric.clone().into_boxed_str());
-        Metric { name, noun: name }
-    })
+    // A task this process does not know (registered by another program): its name stands for its noun.
+    let noun = if known.name == first.metric { known.noun } else { &first.metric };
+    Ok(Headline { name: &first.metric, noun })
 }
 
 fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {

@@ -7,9 +7,9 @@ use super::plot::decimals_for;
 use super::read::RunData;
 use super::series::{cov_of, dp_reference, Series};
 use super::stats::{mean_std, welch_interval};
+use super::Headline;
 use super::{accs, all_runs, mean_of, memory_ratio, DpRef};
 use crate::spec::MethodKind;
-use crate::task::Metric;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
@@ -46,13 +46,13 @@ fn fmt_diff(xs: &[f64], dp: &[f64]) -> String {
 /// The markdown of `table.md`.
 pub(super) fn table_md(
     name: &str,
-    metric: Metric,
+    metric: Headline,
     runs: &[RunData],
     series: &[Series],
     what: &str,
     skipped: usize,
 ) -> String {
-    let Metric { name: short, noun } = metric;
+    let Headline { name: short, noun } = metric;
     let mut t = String::new();
     let _ = writeln!(t, "# {name}: {what}\n");
     let _ = writeln!(
