@@ -261,7 +261,7 @@ fn age(since: &str) -> String {
 }
 
 /// `sdp list`: one line per run with its real status (a `running` manifest whose owner is gone is
-/// `stale`), progress and age.
+/// `stale`), progress, age and final headline metric (`test_acc 0.9123`).
 fn list_runs(results_dir: &Path, stale_after: std::time::Duration) -> Result<()> {
     if !results_dir.is_dir() {
         return Err(SpecError(format!("no results folder {}", results_dir.display())).into());
