@@ -44,8 +44,31 @@ pub fn worker_indices(perm: &[usize], workers: usize, batch: usize, k: usize, st
     (0..batch).map(|j| perm[k + workers * (step * batch + j)]).collect()
 }
 
-/// One epoch of training batches — a `Vec<Batch>` with one batch per worker for each step — produced on a
-/// background thread, two steps ahead.
+/// Which workers' batches a process builds: all `workers` in one process; in a run spread over `ranks`
+/// processes, the workers `k ≡ rank (mod ranks)` it hosts (the others' entries are left empty: no process
+/// augments a batch it does not train on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shards {
+    pub workers: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Shards {
+    /// Every worker, in this process.
+    pub fn all(workers: usize, batch: usize) -> Self {
+        Self { workers, batch, rank: 0, ranks: 1 }
+    }
+
+    /// Whether this process builds worker `k`'s batches.
+    pub fn hosts(&self, k: usize) -> bool {
+        k % self.ranks.max(1) == self.rank
+    }
+}
+
+/// One epoch of training batches — a `Vec<Batch>` with one entry per worker for each step (empty for the
+/// workers another process hosts) — produced on a background thread, two steps ahead.
 pub struct TrainLoader {
     rx: Receiver<Vec<Batch>>,
     handle: Option<JoinHandle<()>>,
@@ -65,6 +88,19 @@ impl TrainLoader {
         batch: usize,
         first: usize,
     ) -> Result<Self> {
+        Self::start_for(set, cfg, seed, epoch, Shards::all(workers, batch), first)
+    }
+
+    /// [`TrainLoader::start`] building only the batches of the workers `shards` says this process hosts.
+    pub fn start_for(
+        set: Arc<dyn Examples>,
+        cfg: AugmentCfg,
+        seed: u64,
+        epoch: usize,
+        shards: Shards,
+        first: usize,
+    ) -> Result<Self> {
+        let Shards { workers, batch, .. } = shards;
         let steps = steps_per_epoch(set.len(), workers, batch)?;
         if first > steps {
             bail!("cannot start epoch {epoch} at step {first}: it has {steps} steps");
@@ -75,7 +111,10 @@ impl TrainLoader {
             let key = epoch_key(seed, epoch);
             for step in first..steps {
                 let batches = (0..workers)
-                    .map(|k| set.batch(&worker_indices(&perm, workers, batch, k, step), &cfg, Some(key)))
+                    .map(|k| match shards.hosts(k) {
+                        true => set.batch(&worker_indices(&perm, workers, batch, k, step), &cfg, Some(key)),
+                        false => Batch::default(),
+                    })
                     .collect();
                 if tx.send(batches).is_err() {
                     return; // the consumer stopped early (interrupt or error)
@@ -152,6 +191,29 @@ mod tests {
             union.dedup();
             assert_eq!(union.len(), k * b);
         }
+    }
+
+    #[test]
+    fn a_process_builds_only_the_batches_of_the_workers_it_hosts() -> Result<()> {
+        let set: Arc<dyn Examples> = Arc::new(random_images(3, 48, 4, 4, 3)?);
+        let cfg = AugmentCfg {
+            crop_pad: 1,
+            pad_mode: crate::spec::PadMode::Zero,
+            flip: true,
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        };
+        let all: Vec<Vec<Batch>> = TrainLoader::start(set.clone(), cfg, 7, 2, 3, 4, 0)?.collect();
+        let shards = Shards { workers: 3, batch: 4, rank: 1, ranks: 2 };
+        let mine: Vec<Vec<Batch>> = TrainLoader::start_for(set, cfg, 7, 2, shards, 0)?.collect();
+        assert_eq!(mine.len(), all.len());
+        for (a, m) in all.iter().zip(&mine) {
+            assert_eq!(m.len(), 3);
+            // Rank 1 of 2 hosts worker 1 only: the same batch as the one-process loader's, the others empty.
+            assert!(m[0].is_empty() && m[2].is_empty());
+            assert_eq!((format!("{:?}", m[1].x), &m[1].y), (format!("{:?}", a[1].x), &a[1].y));
+        }
+        Ok(())
     }
 
     #[test]

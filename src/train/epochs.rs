@@ -4,7 +4,7 @@
 use super::method::{Method, Run};
 use super::{At, Interrupted, Observer};
 use crate::checkpoint::{Tensors, TrainState};
-use crate::data::loader::{steps_per_epoch, Batch, TrainLoader};
+use crate::data::loader::{steps_per_epoch, Shards, TrainLoader};
 use crate::optim::lr_at;
 use crate::results::{Final, MetricsRow};
 use anyhow::{Context, Result};
@@ -54,7 +54,8 @@ pub(super) fn run(
         if done_in_epoch == 0 {
             (pos.epoch_loss_sum, pos.epoch_images, pos.epoch_secs) = (0.0, 0, 0.0);
         }
-        let loader = TrainLoader::start(train_set.clone(), aug, spec.seed, epoch, k, w.batch_size, done_in_epoch)?;
+        let shards = Shards { workers: k, batch: w.batch_size, rank: run.world.rank(), ranks: run.world.size() };
+        let loader = TrainLoader::start_for(train_set.clone(), aug, spec.seed, epoch, shards, done_in_epoch)?;
         let (t_epoch, secs_before, mut lr) = (Instant::now(), pos.epoch_secs, 0.0);
         for batches in loader {
             if obs.interrupted() {
@@ -71,7 +72,8 @@ pub(super) fn run(
             pos.step += 1;
             unsaved += 1;
             pos.epoch_loss_sum += loss;
-            pos.epoch_images += batches.iter().map(Batch::len).sum::<usize>();
+            // Every worker's batch, hosted here or not: the run's throughput, whichever process reports it.
+            pos.epoch_images += k * w.batch_size;
             obs.step(epoch, pos.step, total, loss);
             if !pos.step.is_multiple_of(per_epoch) && obs.checkpoint_due(At::Step) {
                 (pos.epoch_secs, pos.wall_s) = (secs_before + t_epoch.elapsed().as_secs_f64(), wall(&start));
