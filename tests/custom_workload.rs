@@ -210,6 +210,14 @@ fn a_token_workload_trains_under_dp_and_sdp_through_the_runner() -> Result<()> {
 }
 
 #[test]
+fn data_info_describes_a_split_that_is_not_images() -> Result<()> {
+    register_once();
+    let info = sdp::data::fetch::info("test_tokens", "unused".as_ref())?;
+    assert!(info.loadable, "{info}");
+    common::check_contains(&info.to_string(), &["train: 256 examples, test: 64 examples, input shape [8], 16 classes"])
+}
+
+#[test]
 fn the_memory_probe_trains_a_worker_on_the_sources_random_batch() -> Result<()> {
     register_once();
     let exp = common::parse_with(SPEC, &[])?;
