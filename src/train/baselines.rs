@@ -7,7 +7,7 @@ use super::eval::single_mode;
 use super::method::{Evaluation, Method, Run};
 use super::Accounting;
 use crate::checkpoint::{Tensors, TrainState};
-use crate::data::loader::Batch;
+use crate::data::examples::Batch;
 use crate::models::{self, BlockDrop, Builder, Family, Net, UnitKind};
 use crate::optim::Optimizer;
 use crate::seed::{rng, Stream};

@@ -7,7 +7,7 @@ use super::method::{Evaluation, Method, Run};
 use super::Accounting;
 use crate::checkpoint::{self, Tensors, TrainState};
 use crate::comm::World;
-use crate::data::loader::Batch;
+use crate::data::examples::Batch;
 use crate::models::layers::ParamStore;
 use crate::models::{self, Net};
 use crate::optim::Optimizer;

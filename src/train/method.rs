@@ -5,7 +5,7 @@ use super::Accounting;
 use crate::checkpoint::{Tensors, TrainState};
 use crate::comm::World;
 use crate::data::augment::AugmentCfg;
-use crate::data::loader::Batch;
+use crate::data::examples::Batch;
 use crate::data::Dataset;
 use crate::plan::Plan;
 use crate::spec::RunSpec;

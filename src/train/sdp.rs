@@ -8,7 +8,7 @@ use super::method::{Evaluation, Method, Run};
 use super::sdp_state::SdpState;
 use super::Accounting;
 use crate::checkpoint::{Tensors, TrainState};
-use crate::data::loader::Batch;
+use crate::data::examples::Batch;
 use crate::results::AlignRow;
 use crate::spec::{RunSpec, SyncMode};
 use anyhow::Result;
