@@ -19,7 +19,7 @@ build:
 test:
 	$(CARGO) test --release --all-targets $(CPU_FEATURES)
 
-# The demo: DP on the built-in `shapes` dataset with a small ResNet (~3 minutes on 2 cores).
+# The demo: DP on the built-in `shapes` dataset with a small ResNet (under 2 minutes on 2 cores once built).
 demo: build
 	$(SDP) run experiments/demo.toml
 
