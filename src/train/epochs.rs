@@ -38,7 +38,7 @@ pub(super) fn run(
         pos = TrainState { tensors: Tensors::new(), method: serde_json::Value::Null, ..r };
     }
     let metric = run.plan.task.task.metric().name;
-    let mut last = pos.rows.last().map(|r| Final::of(r, metric)).unwrap_or_default();
+    let mut last = Final::of(pos.rows.last().unwrap_or(&MetricsRow::default()), metric);
     let (start, wall_before) = (Instant::now(), pos.wall_s);
     let wall = |start: &Instant| wall_before + start.elapsed().as_secs_f64();
     // Steps done since the last checkpoint (an interrupt with none saves nothing).
