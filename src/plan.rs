@@ -83,25 +83,24 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment
 }
 
 /// An experiment's runs report one headline metric: its summary has one headline column and its figures
-/// compare one quantity. A grid over datasets of different tasks is an error naming two runs.
+/// compare one quantity. A grid over datasets of different tasks is an error naming two runs. (Every run
+/// has been resolved by now, so its dataset's task is registered.)
 fn one_metric(exp: &Experiment) -> Result<()> {
-    let metric = |r: &spec::Run| Ok::<_, anyhow::Error>(Plan::of(&r.spec)?.task.task.metric().name);
+    let metric = |r: &spec::Run| task::metric_of_dataset(&r.spec.workload.dataset).name;
     let Some(first) = exp.runs.first() else { return Ok(()) };
-    let want = metric(first)?;
-    for r in &exp.runs[1..] {
-        let got = metric(r)?;
-        if got != want {
-            return Err(SpecError(format!(
-                "{}: key `workload.dataset`: run `{}` reports `{want}` and run `{}` `{got}`: the runs of one \
-                 experiment report one metric (put datasets of different tasks in separate spec files)",
-                exp.path.display(),
-                first.label,
-                r.label
-            ))
-            .into());
-        }
+    let (want, other) = (metric(first), exp.runs.iter().find(|r| metric(r) != metric(first)));
+    match other {
+        None => Ok(()),
+        Some(r) => Err(SpecError(format!(
+            "{}: key `workload.dataset`: run `{}` reports `{want}` and run `{}` `{}`: the runs of one experiment \
+             report one metric (put datasets of different tasks in separate spec files)",
+            exp.path.display(),
+            first.label,
+            r.label,
+            metric(r)
+        ))
+        .into()),
     }
-    Ok(())
 }
 
 /// The device `--device` names: `cpu`, `cuda` (device 0) or `cuda:N`.

@@ -28,7 +28,7 @@ pub trait Examples: Send + Sync {
     /// A subset of `n` examples drawn from `seed`'s data stream (`workload.train_samples`); all of them
     /// when `n >= len`.
     fn subset(&self, n: usize, seed: u64) -> std::sync::Arc<dyn Examples>;
-    /// The images, for the tools that only apply to images (class counts in `sdp data info`, caches).
+    /// The images, for what only applies to images (`sdp data info`'s image size and class counts).
     fn images(&self) -> Option<&ImageSet> {
         None
     }

@@ -239,7 +239,7 @@ pub fn write_summary(results: &Path, experiment: &str) -> Result<PathBuf> {
         let Ok(m) = entry.manifest else { continue };
         first_dataset.get_or_insert_with(|| m.spec.workload.dataset.clone());
         let Some(row) = summary_row(&m)? else { continue };
-        let named = &m.final_metrics.as_ref().map(|f| f.metric.clone()).unwrap_or_default();
+        let named = m.final_metrics.as_ref().map_or("", |f| f.metric.as_str());
         match &metric {
             Some((other, by)) if other != named => bail!(
                 "{}: run {by} reports `{other}` and run {} `{named}`: one summary has one headline metric \
@@ -248,7 +248,7 @@ pub fn write_summary(results: &Path, experiment: &str) -> Result<PathBuf> {
                 m.run_id
             ),
             Some(_) => {}
-            None => metric = Some((named.clone(), m.run_id.clone())),
+            None => metric = Some((named.to_string(), m.run_id.clone())),
         }
         rows.push(row);
     }
