@@ -436,6 +436,7 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
         warmup: opts.warmup,
         classes: sizes.classes,
         hw: sizes.hw,
+        profile: false,
     };
     let step = bench::whole_step(&b)?;
     let eval_batch = spec.workload.eval_batch_size.min(sizes.test).max(1);

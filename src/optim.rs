@@ -60,6 +60,7 @@ impl Optimizer {
 
     /// One update of `params` with `grads` (same names; parameters without a gradient are left alone).
     pub fn step(&mut self, params: &BTreeMap<String, Var>, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        let _profiled = crate::ops::profile::scope(crate::ops::profile::Part::Optimizer);
         for (name, var) in params {
             let Some(g) = grads.get(name) else { continue };
             if self.cfg.name == OptimName::Sgd && self.sgd_in_place(name, var, g, lr)? {

@@ -7,6 +7,7 @@
 //! dgamma = sum(dy * xhat), dbeta = sum(dy).
 
 use super::cpu_op::{map2, Arg, Cpu, CpuOp, Names};
+use super::profile::Part;
 use candle_core::{bail, CustomOp3, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -171,6 +172,7 @@ struct ChannelStats;
 
 impl CpuOp<1> for ChannelStats {
     const NAMES: Names<1> = Names { op: "sdp-bn-stats", args: ["input"] };
+    const PART: Part = Part::BnForward;
 
     fn fwd(&self, [x]: [Arg; 1]) -> Result<(Vec<f32>, Shape)> {
         let (b, c, sp) = dims3(x.dims())?;
@@ -270,6 +272,7 @@ impl BnTrain {
 
 impl CpuOp<3> for BnTrain {
     const NAMES: Names<3> = Names { op: "sdp-batch-norm-train", args: ["input", "gamma", "beta"] };
+    const PART: Part = Part::BnForward;
 
     fn fwd(&self, [x, gamma, beta]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
         self.forward(x, gamma.data, beta.data, None)
@@ -285,6 +288,7 @@ struct BnTrainResidual(BnTrain);
 
 impl CpuOp<3> for BnTrainResidual {
     const NAMES: Names<3> = Names { op: "sdp-batch-norm-train-residual", args: ["input", "gamma/beta", "residual"] };
+    const PART: Part = Part::BnForward;
 
     fn fwd(&self, [x, gb, r]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
         let (gamma, beta) = gb.data.split_at(gb.data.len() / 2);
@@ -310,6 +314,7 @@ struct ReluMask;
 
 impl CpuOp<2> for ReluMask {
     const NAMES: Names<2> = Names { op: "sdp-relu-mask", args: ["output gradient", "output"] };
+    const PART: Part = Part::BnBackward;
     const SAME_SHAPE: usize = 2;
 
     fn fwd(&self, [dy, y]: [Arg; 2]) -> Result<(Vec<f32>, Shape)> {
@@ -356,6 +361,7 @@ impl BnBackward {
 
 impl CpuOp<3> for BnBackward {
     const NAMES: Names<3> = Names { op: "sdp-batch-norm-backward", args: ["input", "output gradient", "output"] };
+    const PART: Part = Part::BnBackward;
     const SAME_SHAPE: usize = 3;
 
     fn fwd(&self, [x, dy, y]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {

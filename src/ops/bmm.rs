@@ -9,6 +9,7 @@
 
 use super::conv::{sgemm, MatRef};
 use super::cpu_op::{Arg, Cpu, CpuOp, Names};
+use super::profile::{self, Part};
 use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -38,6 +39,7 @@ struct Bmm {
 
 impl CpuOp<2> for Bmm {
     const NAMES: Names<2> = Names { op: "sdp-bmm", args: ["lhs", "rhs"] };
+    const PART: Part = Part::Matmul;
 
     fn fwd(&self, [a, b]: [Arg; 2]) -> Result<(Vec<f32>, Shape)> {
         // The logical (…, M, K) and (…, K, N) dims, whatever the storage order.
@@ -52,6 +54,7 @@ impl CpuOp<2> for Bmm {
         let (da, db) = (swap(a.dims(), self.ta), swap(b.dims(), self.tb));
         let (a, b) = (a.data, b.data);
         let (batch, m, k, n) = check_shapes(&da, &db)?;
+        profile::add_flops(Self::PART, 2 * (batch * m * k * n) as u64);
         let mut out_dims = da[..da.len() - 2].to_vec();
         out_dims.extend([m, n]);
         let mut c = vec![0f32; batch * m * n];

@@ -2,6 +2,7 @@
 //! [`CpuOp`], and the [`Cpu`] adapter implements candle's `CustomOp1/2/3` for it once (storage and
 //! layout unpacking, the dtype and contiguity checks, wrapping the f32 result).
 
+use super::profile::{self, Part};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -39,6 +40,8 @@ pub(crate) trait CpuOp<const N: usize>: Send + Sync {
     const NAMES: Names<N>;
     /// How many leading arguments must have one shape (2 for a gradient and the value it belongs to).
     const SAME_SHAPE: usize = 1;
+    /// The part of a step its time counts towards in a profile.
+    const PART: Part = Part::OtherOps;
 
     /// The result and its shape.
     fn fwd(&self, args: [Arg<'_>; N]) -> Result<(Vec<f32>, Shape)>;
@@ -64,6 +67,7 @@ fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout, what: &str) -> Result<
 /// Unpacks the arguments (the first that is not contiguous f32 is the error), checks the shapes
 /// `O::SAME_SHAPE` asks for and runs `op.fwd`.
 fn cpu_fwd<O: CpuOp<N>, const N: usize>(op: &O, args: [(&CpuStorage, &Layout); N]) -> Result<(CpuStorage, Shape)> {
+    let _profiled = profile::scope(O::PART);
     let mut err = None;
     let args = std::array::from_fn(|i| {
         let (s, l) = args[i];

@@ -26,7 +26,10 @@ mod conv;
 mod cpu_op;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod gemm_abt;
 mod layernorm;
+pub mod peak;
+pub mod profile;
 
 use candle_core::{bail, DType, Result, Tensor};
 

@@ -10,6 +10,7 @@ use crate::comm::World;
 use crate::data::examples::Batch;
 use crate::models::layers::ParamStore;
 use crate::models::{self, Net};
+use crate::ops::profile::{self, Part};
 use crate::optim::Optimizer;
 use crate::task::{Task, CLASSIFY};
 use anyhow::Result;
@@ -116,13 +117,18 @@ pub fn dp_step_with(
             store.set_buffers(s)?;
         }
         let (x, y) = batch.to_tensors(device)?;
-        let (loss, grads) = grads_of(ctx.task, store, &forward(i, &x)?, &y)?;
+        let out = {
+            let _forward = profile::scope(Part::Forward);
+            forward(i, &x)?
+        };
+        let (loss, grads) = grads_of(ctx.task, store, &out, &y)?;
         loss_sum += loss;
         accumulate(&mut grad_sum, grads)?;
         if snapshot.is_some() {
             accumulate(&mut buf_sum, store.buffer_tensors()?)?;
         }
     }
+    let averaging = profile::scope(Part::Averaging);
     if world.size() > 1 {
         grad_sum = crate::comm::sum_over_ranks(world.comm.as_ref(), grad_sum)?;
         if snapshot.is_some() {
@@ -137,6 +143,7 @@ pub fn dp_step_with(
     if snapshot.is_some() {
         store.set_buffers(&scale(buf_sum, inv)?)?;
     }
+    drop(averaging);
     opt.step(&store.params, &grads, lr)?;
     Ok(loss_sum * inv)
 }
@@ -148,16 +155,25 @@ pub fn loss_and_grads(
     x: &Tensor,
     y: &Tensor,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    grads_of(task, net.store(), &net.forward_t(x, true)?, y)
+    let out = {
+        let _forward = profile::scope(Part::Forward);
+        net.forward_t(x, true)?
+    };
+    grads_of(task, net.store(), &out, y)
 }
 
 /// The task's loss of outputs `out` against `y`, and the gradient of every parameter of `store`.
 fn grads_of(task: &dyn Task, store: &ParamStore, out: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let loss = task.loss(out, y)?;
-    let value = loss.to_scalar::<f32>()? as f64;
+    let (loss, value) = {
+        let _loss = profile::scope(Part::Loss);
+        let loss = task.loss(out, y)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        (loss, value)
+    };
     if !value.is_finite() {
         anyhow::bail!("training loss is {value}: the run diverged (try a smaller optim.lr)");
     }
+    let _backward = profile::scope(Part::Backward);
     let mut gs = loss.backward()?;
     let mut grads = BTreeMap::new();
     for (name, var) in &store.params {

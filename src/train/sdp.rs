@@ -108,6 +108,7 @@ pub fn sdp_step(
         }
     }
     // Averaging among holders.
+    let _averaging = crate::ops::profile::scope(crate::ops::profile::Part::Averaging);
     match m.sync {
         SyncMode::Grads => {
             let avg = st.average_grads(&all_grads)?;

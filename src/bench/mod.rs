@@ -17,6 +17,7 @@ use crate::data::examples::Batch;
 use crate::data::source::Shape;
 use crate::memprobe::MemoryMeter;
 use crate::models::{self, Net};
+use crate::ops::profile;
 use crate::optim::Optimizer;
 use crate::plan::{self, Plan};
 use crate::seed::{rng, Stream};
@@ -28,6 +29,8 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::time::Instant;
+
+pub mod report;
 
 /// `sdp bench …`
 #[derive(clap::Args, Debug)]
@@ -43,9 +46,26 @@ pub enum BenchCommand {
     Step(StepArgs),
     /// Augmented images/s the training loader delivers (random 32×32×3 images, crop pad 4 + flip + normalise).
     Loader(LoaderArgs),
+    /// The attainable fp32 GEMM GFLOP/s of this machine at a thread count (the ceiling `bench step
+    /// --profile` compares a step with).
+    Peak(PeakArgs),
     /// Time and bytes of one parameter synchronisation across processes (under `mpirun -np N`): DP, SDP
     /// grouped by holder set, SDP as a masked full all-reduce.
     Comm(crate::comm::bench::CommArgs),
+}
+
+/// Arguments of `sdp bench peak`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PeakArgs {
+    /// Threads (0: RAYON_NUM_THREADS, else every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Square GEMM sizes tried, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512, 1024, 2048])]
+    pub sizes: Vec<usize>,
+    /// Timed products per size (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
 }
 
 /// Arguments of `sdp bench loader`: synthetic CIFAR-sized images through the real `TrainLoader`
@@ -142,6 +162,11 @@ pub struct StepArgs {
     /// --set workload.precision=P.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
+    /// Print where the step's time goes (convolutions, batch norm, the rest of the forward and backward
+    /// passes, loss, optimizer, averaging), its counted FLOPs, GFLOP/s and their fraction of the measured
+    /// GEMM peak (`sdp bench peak`, measured here first).
+    #[arg(long)]
+    pub profile: bool,
     /// Seed of the weights, the masks and the random input: --set seed=S.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -170,6 +195,8 @@ pub struct StepBench {
     /// Input size: an image's height and width (what the run's dataset source makes its random inputs
     /// of, `DataSource::random_batch`).
     pub hw: (usize, usize),
+    /// Profile the timed steps (`--profile`).
+    pub profile: bool,
 }
 
 /// The figures of one step benchmark.
@@ -188,6 +215,8 @@ pub struct StepReport {
     /// Seconds spent building the model(s) before the first step (weights drawn on the CPU, moved to
     /// the device; for SDP the global model and every worker's subnetwork).
     pub build_s: f64,
+    /// With `--profile`: every part's totals over the timed steps.
+    pub profile: Option<Vec<crate::ops::profile::PartTotals>>,
 }
 
 impl StepReport {
@@ -197,6 +226,9 @@ impl StepReport {
         format!("step_s={:.4} img_s={:.1} peak_mb={peak}", self.step_s, self.img_s)
     }
 }
+
+/// The GEMM sizes `bench step --profile` measures the peak at.
+const PEAK_SIZES: [usize; 3] = [512, 1024, 2048];
 
 fn usage(msg: String) -> anyhow::Error {
     SpecError(msg).into()
@@ -268,6 +300,7 @@ impl StepArgs {
             warmup: self.warmup,
             classes: self.classes,
             hw: (self.image_size, self.image_size),
+            profile: self.profile,
         })
     }
 }
@@ -299,11 +332,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 b.steps,
                 rayon::current_num_threads()
             );
+            // The peak first, on a quiet pool, before the step's buffers exist.
+            let peak = if b.profile { Some(crate::ops::peak::measure(0, &PEAK_SIZES, 3)?) } else { None };
             let r = step(&b)?;
             let ms: Vec<String> = r.times.iter().map(|t| format!("{:.1}", t * 1e3)).collect();
             println!("params: {}", r.params);
             println!("step times (ms): {}", ms.join(" "));
+            if let Some(parts) = &r.profile {
+                print!("{}", report::profile_table(parts, b.steps, &r.times, peak));
+            }
             println!("{}", r.line());
+            Ok(())
+        }
+        BenchCommand::Peak(a) => {
+            if a.sizes.is_empty() || a.sizes.contains(&0) {
+                return Err(usage("--sizes must list sizes of at least 1".into()));
+            }
+            let p = crate::ops::peak::measure(a.threads, &a.sizes, a.reps)?;
+            eprintln!("bench peak: fp32 GEMM (the convolutions' kernels), sizes {:?}, {} threads", a.sizes, p.threads);
+            println!("peak_gflops={:.1} size={} threads={}", p.gflops, p.size, p.threads);
             Ok(())
         }
         BenchCommand::Comm(a) => crate::comm::bench::run(a, crate::comm::World::from_env()?),
@@ -438,6 +485,10 @@ fn timed_steps(
     sample()?;
     let (mut times, mut warmup_times) = (Vec::with_capacity(b.steps), Vec::with_capacity(b.warmup));
     for i in 0..b.warmup + b.steps {
+        if b.profile && i == b.warmup {
+            profile::reset();
+            profile::enable(true);
+        }
         let t = Instant::now();
         one_step(i, &mut sample)?;
         dev.synchronize()?;
@@ -448,9 +499,22 @@ fn timed_steps(
             warmup_times.push(s);
         }
     }
+    let profile = b.profile.then(|| {
+        profile::enable(false);
+        profile::totals()
+    });
     let peak_mb = meter.map(|m| m.peak_bytes()).transpose()?.map(|p| p as f64 / (1024.0 * 1024.0));
     let step_s = median(&times);
-    Ok(StepReport { step_s, img_s: images as f64 / step_s, peak_mb, times, warmup_times, params, build_s: 0.0 })
+    Ok(StepReport {
+        step_s,
+        img_s: images as f64 / step_s,
+        peak_mb,
+        times,
+        warmup_times,
+        params,
+        build_s: 0.0,
+        profile,
+    })
 }
 
 /// Worker `k`'s random input of the run's dataset kind at [`StepBench::hw`] with random targets
