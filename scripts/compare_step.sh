@@ -1,18 +1,36 @@
 #!/usr/bin/env bash
-# The step comparison: the ResNet-18 train step of `sdp bench step` next to PyTorch's, same machine, one
-# run, median of 7 steps after 2 warm-up steps. Prints each side's last line per configuration.
-#   scripts/compare_step.sh [DEVICE]      DEVICE: cpu (default) or cuda:0
-# SDP=path/to/sdp (default target/release/sdp), PY=python with torch (default ~/.cache/sdp-torch/bin/python).
+# The step comparison: the CIFAR ResNet-18 train step of `sdp bench step` next to PyTorch's
+# (scripts/pytorch_step.py), same machine, one run, median of 7 steps after 2 warm-up steps, at 2 threads
+# and at 1 thread. Prints one row per configuration and thread count: each side's step time and peak
+# memory, and the ratio PyTorch time / sdp time (>= 1.0: sdp is at least as fast).
+#   scripts/compare_step.sh [DEVICE]      DEVICE: cpu (default) or cuda:0 (threads then do not apply)
+# SDP=path/to/sdp (default target/release/sdp), PY=python with torch (default ~/.cache/sdp-torch/bin/python),
+# THREADS="2 1" (the thread counts), STEPS=7, WARMUP=2, CONFIGS="name|flags;..." to run other rows.
 set -euo pipefail
 DEV=${1:-cpu}
 SDP=${SDP:-target/release/sdp}
 PY=${PY:-$HOME/.cache/sdp-torch/bin/python}
 HERE=$(cd "$(dirname "$0")" && pwd)
-configs=("--batch 32" "--batch 128" "--batch 128 --widths 16,32,64,128")
-for c in "${configs[@]}"; do
-  # shellcheck disable=SC2086
-  if [[ $c == *--widths* ]]; then model="--model resnet --depths 2,2,2,2"; else model="--model resnet18"; fi
-  ours=$($SDP bench step $model $c --device "$DEV" --steps 7 --warmup 2 2>/dev/null | tail -1)
-  theirs=$($PY "$HERE/pytorch_step.py" $c --device "$DEV" --steps 7 --warmup 2 2>/dev/null | tail -1)
-  printf '%-34s sdp:     %s\n%-34s pytorch: %s\n' "$c" "$ours" "" "$theirs"
+STEPS=${STEPS:-7}
+WARMUP=${WARMUP:-2}
+THREADS=${THREADS:-2 1}
+[[ $DEV == cpu ]] || THREADS=${THREADS%% *}
+DEFAULT_CONFIGS="resnet18 b32|--batch 32;resnet18 b128|--batch 128;w16 b64|--widths 16,32,64,128 --batch 64;\
+w16 b128|--widths 16,32,64,128 --batch 128;w32 b64|--widths 32,64,128,256 --batch 64"
+IFS=';' read -r -a configs <<< "${CONFIGS:-$DEFAULT_CONFIGS}"
+field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p"; }
+printf '%-14s %-7s %10s %10s %9s %9s %8s\n' config threads "sdp s" "torch s" "sdp MB" "torch MB" "torch/sdp"
+for t in $THREADS; do
+  for c in "${configs[@]}"; do
+    name=${c%%|*}; flags=${c#*|}
+    if [[ $flags == *--widths* ]]; then model="--model resnet --depths 2,2,2,2"; else model="--model resnet18"; fi
+    # shellcheck disable=SC2086
+    ours=$(RAYON_NUM_THREADS=$t $SDP bench step $model $flags --device "$DEV" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
+    # shellcheck disable=SC2086
+    theirs=$($PY "$HERE/pytorch_step.py" $flags --device "$DEV" --threads "$t" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
+    s_ours=$(field step_s <<< "$ours"); s_theirs=$(field step_s <<< "$theirs")
+    ratio=$(awk -v a="$s_theirs" -v b="$s_ours" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
+    printf '%-14s %-7s %10s %10s %9s %9s %8s\n' "$name" "$t" "$s_ours" "$s_theirs" \
+      "$(field peak_mb <<< "$ours")" "$(field peak_mb <<< "$theirs")" "$ratio"
+  done
 done

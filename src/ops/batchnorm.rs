@@ -59,23 +59,26 @@ fn plane_moments(plane: &[f32], shift: f32) -> (f64, f64) {
     (t1, t2)
 }
 
-/// Sums of `dy` and `dy * (x - mean)` over one plane.
-fn plane_grad_sums(x: &[f32], dy: &[f32], mean: f32) -> (f64, f64) {
+/// Sums of `d` and `d * (x - mean)` over one plane, `d = eff(dy, y)` the effective output gradient.
+#[inline(always)]
+fn plane_grad_sums(x: &[f32], dy: &[f32], y: &[f32], mean: f32, eff: impl Fn(f32, f32) -> f32 + Copy) -> (f64, f64) {
     let mut s1 = [0f32; 8];
     let mut s2 = [0f32; 8];
-    let (xc, dc) = (x.chunks_exact(8), dy.chunks_exact(8));
-    let (xt, dt) = (xc.remainder(), dc.remainder());
-    for (xs, ds) in xc.zip(dc) {
+    let (xc, dc, yc) = (x.chunks_exact(8), dy.chunks_exact(8), y.chunks_exact(8));
+    let (xt, dt, yt) = (xc.remainder(), dc.remainder(), yc.remainder());
+    for ((xs, ds), ys) in xc.zip(dc).zip(yc) {
         for i in 0..8 {
-            s1[i] += ds[i];
-            s2[i] += ds[i] * (xs[i] - mean);
+            let d = eff(ds[i], ys[i]);
+            s1[i] += d;
+            s2[i] += d * (xs[i] - mean);
         }
     }
     let mut t1: f64 = s1.iter().map(|&v| v as f64).sum();
     let mut t2: f64 = s2.iter().map(|&v| v as f64).sum();
-    for (&xv, &dv) in xt.iter().zip(dt) {
-        t1 += dv as f64;
-        t2 += (dv * (xv - mean)) as f64;
+    for ((&xv, &dv), &yv) in xt.iter().zip(dt).zip(yt) {
+        let d = eff(dv, yv);
+        t1 += d as f64;
+        t2 += (d * (xv - mean)) as f64;
     }
     (t1, t2)
 }
@@ -343,19 +346,53 @@ struct BnBackward {
 }
 
 impl BnBackward {
-    /// dy' of one plane into `out` (a copy only when a mask or a scale has to be applied).
-    fn effective<'a>(&self, dy: &'a [f32], y: &[f32], out: &'a mut Vec<f32>) -> &'a [f32] {
-        if !self.relu && self.scale == 1.0 {
-            return dy;
-        }
-        out.clear();
+    /// `f` monomorphised for this op's effective output gradient d(dy, y) = scale · dy · [y > 0 if relu]:
+    /// one branch-free inner loop per case (mask and scale, scale only, neither).
+    #[inline(always)]
+    fn effective<R>(&self, f: impl EffectiveFn<R>) -> R {
         let s = self.scale;
-        if self.relu {
-            out.extend(dy.iter().zip(y).map(|(&d, &y)| if y > 0.0 { s * d } else { 0.0 }));
-        } else {
-            out.extend(dy.iter().map(|&d| s * d));
+        match (self.relu, s) {
+            (true, _) => f.call(move |d: f32, y: f32| if y > 0.0 { s * d } else { 0.0 }),
+            (false, 1.0) => f.call(|d: f32, _: f32| d),
+            (false, _) => f.call(move |d: f32, _: f32| s * d),
         }
-        out
+    }
+}
+
+/// A computation generic over the effective-gradient function (a closure cannot be generic).
+trait EffectiveFn<R> {
+    fn call(self, eff: impl Fn(f32, f32) -> f32 + Copy) -> R;
+}
+
+/// Pass 1 over one channel's planes: (sum d, sum d · (x - mean)).
+struct ChannelSums<'a> {
+    planes: &'a mut dyn Iterator<Item = (&'a [f32], &'a [f32], &'a [f32])>,
+    mean: f32,
+}
+
+impl EffectiveFn<(f64, f64)> for ChannelSums<'_> {
+    fn call(self, eff: impl Fn(f32, f32) -> f32 + Copy) -> (f64, f64) {
+        self.planes
+            .map(|(x, dy, y)| plane_grad_sums(x, dy, y, self.mean, eff))
+            .fold((0.0, 0.0), |a, m| (a.0 + m.0, a.1 + m.1))
+    }
+}
+
+/// Pass 2 over one plane: dx = a · d + c1 · x + c0.
+struct PlaneDx<'a> {
+    dx: &'a mut [f32],
+    x: &'a [f32],
+    dy: &'a [f32],
+    y: &'a [f32],
+    coef: [f32; 3],
+}
+
+impl EffectiveFn<()> for PlaneDx<'_> {
+    fn call(self, eff: impl Fn(f32, f32) -> f32 + Copy) {
+        let [a, c1, c0] = self.coef;
+        for (((o, &xv), &dv), &yv) in self.dx.iter_mut().zip(self.x).zip(self.dy).zip(self.y) {
+            *o = a * eff(dv, yv) + c1 * xv + c0;
+        }
     }
 }
 
@@ -369,14 +406,12 @@ impl CpuOp<3> for BnBackward {
         let Some(sums) = &self.sums else {
             let sums: Vec<(f32, f32)> = (0..c)
                 .into_par_iter()
-                .map_init(Vec::new, |buf, ch| {
-                    let (s1, s2) = (0..b)
-                        .map(|bi| {
-                            let off = (bi * c + ch) * sp;
-                            let d = self.effective(&dy[off..][..sp], &y[off..][..sp], buf);
-                            plane_grad_sums(&x[off..][..sp], d, self.mean[ch])
-                        })
-                        .fold((0.0, 0.0), |a, m| (a.0 + m.0, a.1 + m.1));
+                .map(|ch| {
+                    let mut planes = (0..b).map(|bi| {
+                        let off = (bi * c + ch) * sp;
+                        (&x[off..][..sp], &dy[off..][..sp], &y[off..][..sp])
+                    });
+                    let (s1, s2) = self.effective(ChannelSums { planes: &mut planes, mean: self.mean[ch] });
                     (s1 as f32, (s2 * self.invstd[ch] as f64) as f32)
                 })
                 .collect();
@@ -388,16 +423,13 @@ impl CpuOp<3> for BnBackward {
             .with_min_len(min_planes(sp))
             .zip(x.par_chunks(sp).zip(dy.par_chunks(sp).zip(y.par_chunks(sp))))
             .enumerate()
-            .for_each_init(Vec::new, |buf, (idx, (dxp, (xp, (dyp, yp))))| {
+            .for_each(|(idx, (dxp, (xp, (dyp, yp))))| {
                 let ch = idx % c;
-                let dyp = self.effective(dyp, yp, buf);
                 // dx = a*dy' + c1*x + c0, the closed form rearranged to one multiply-add chain.
                 let a = sums.gamma[ch] * self.invstd[ch];
                 let c1 = -a * sums.sum_dy_xhat[ch] * self.invstd[ch] / n;
                 let c0 = -a * sums.sum_dy[ch] / n - c1 * self.mean[ch];
-                for ((o, &xv), &dv) in dxp.iter_mut().zip(xp).zip(dyp) {
-                    *o = a * dv + c1 * xv + c0;
-                }
+                self.effective(PlaneDx { dx: dxp, x: xp, dy: dyp, y: yp, coef: [a, c1, c0] });
             });
         Ok((dx, x.shape.clone()))
     }
