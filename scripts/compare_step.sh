@@ -2,7 +2,10 @@
 # The step comparison: the CIFAR ResNet-18 train step of `sdp bench step` next to PyTorch's
 # (scripts/pytorch_step.py), same machine, one run, median of 7 steps after 2 warm-up steps, at 2 threads
 # and at 1 thread. Prints one row per configuration and thread count: each side's step time and peak
-# memory, and the ratio PyTorch time / sdp time (>= 1.0: sdp is at least as fast).
+# memory, and the ratio PyTorch time / sdp time (>= 1.0: sdp is at least as fast). A run of T threads is
+# confined to the first T cores (taskset), so that "1 thread" means one core for both sides: sdp's main
+# thread hands work to rayon's worker, and unconfined the two ping-pong between cores (a width-16 step
+# at batch 64 took 0.36 s unconfined against 0.23 s on one core; PyTorch 0.19 s against 0.17 s).
 #   scripts/compare_step.sh [DEVICE]      DEVICE: cpu (default) or cuda:0 (threads then do not apply)
 # SDP=path/to/sdp (default target/release/sdp), PY=python with torch (default ~/.cache/sdp-torch/bin/python),
 # THREADS="2 1" (the thread counts), STEPS=7, WARMUP=2, CONFIGS="name|flags;..." to run other rows.
@@ -24,10 +27,11 @@ for t in $THREADS; do
   for c in "${configs[@]}"; do
     name=${c%%|*}; flags=${c#*|}
     if [[ $flags == *--widths* ]]; then model="--model resnet --depths 2,2,2,2"; else model="--model resnet18"; fi
+    pin=(); [[ $DEV == cpu ]] && command -v taskset >/dev/null && pin=(taskset -c "0-$((t - 1))")
     # shellcheck disable=SC2086
-    ours=$(RAYON_NUM_THREADS=$t $SDP bench step $model $flags --device "$DEV" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
+    ours=$(RAYON_NUM_THREADS=$t "${pin[@]}" $SDP bench step $model $flags --device "$DEV" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
     # shellcheck disable=SC2086
-    theirs=$($PY "$HERE/pytorch_step.py" $flags --device "$DEV" --threads "$t" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
+    theirs=$("${pin[@]}" $PY "$HERE/pytorch_step.py" $flags --device "$DEV" --threads "$t" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
     s_ours=$(field step_s <<< "$ours"); s_theirs=$(field step_s <<< "$theirs")
     ratio=$(awk -v a="$s_theirs" -v b="$s_ours" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
     printf '%-14s %-7s %10s %10s %9s %9s %8s\n' "$name" "$t" "$s_ours" "$s_theirs" \

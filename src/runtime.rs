@@ -1,4 +1,4 @@
-//! Process-wide tuning for training: the allocator (and why candle's CPU thread pool is left alone).
+//! Process-wide tuning for training: the allocator, and candle's CPU thread pool turned off.
 //!
 //! # Allocator
 //!
@@ -10,18 +10,25 @@
 //! resident memory is unchanged (the same buffers are live at the peak either way).
 
 //!
-//! # candle's thread pool (left alone)
+//! # candle's thread pool (one thread unless the user says otherwise)
 //!
-//! candle 0.11 runs its large element-wise ops on its own pool of spinning threads, next to rayon's
-//! (this crate's kernels and the GEMMs). On an otherwise idle machine that is the faster choice
-//! (swin_t batch 32 on 2 cores: 1.51 s with candle's pool, 1.80-1.90 s with `CANDLE_NUM_THREADS=1`;
-//! resnet18 0.76 vs 0.79 s), so it is not changed. Under CPU contention (other jobs on the cores) the
-//! pool's barrier spins waiting for descheduled threads: swin_t took 5.5 s against 2.9 s with
-//! `CANDLE_NUM_THREADS=1`. Set that variable when sharing the machine.
+//! candle 0.11 runs its large element-wise ops on its own pool of threads that spin at a barrier, next
+//! to rayon's (this crate's kernels and the GEMMs). Every op of a training step that matters runs on
+//! rayon now (the convolutions, normalisations, softmax, GELU, batched matmuls), and candle's pool only
+//! spins beside it, taking a core from rayon's workers: with one candle thread (`CANDLE_NUM_THREADS=1`)
+//! a width-16 ResNet-18 step at batch 64 took 131-135 ms against 165-178 ms with candle's default of
+//! one per core, swin_t at batch 32 0.78 s against 0.87 s, full-width ResNet-18 unchanged within noise
+//! (2 cores, `sdp bench step`, same run). So [`tune_for_training`] sets `CANDLE_NUM_THREADS=1` when the
+//! variable is unset; a value the user set is kept.
 
 /// Applies the tuning; call once at the start of `main`, before other threads start.
 /// `SDP_MALLOC=default` leaves glibc's allocator alone (for comparisons).
 pub fn tune_for_training() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Before any candle op reads it (candle builds its pool once, on first use) and before other
+        // threads start.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     if std::env::var("SDP_MALLOC").is_ok_and(|v| v == "default") {
         return;
     }
@@ -40,11 +47,10 @@ pub fn threads_per_job(jobs: usize) -> usize {
 }
 
 /// The environment that gives a CPU run `threads` threads (rayon's pool, which runs this crate's
-/// kernels and the GEMMs, and candle's element-wise pool), unless the user set them: several runs that
-/// each start a thread per core would oversubscribe the cores, and spinning pools then wait on
-/// descheduled threads (see above).
+/// kernels and the GEMMs), unless the user set it: several runs that each start a thread per core would
+/// oversubscribe the cores. candle's pool is one thread in every `sdp` process already (see above).
 pub fn cpu_share_env(threads: usize) -> Vec<(&'static str, String)> {
-    ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"]
+    ["RAYON_NUM_THREADS"]
         .into_iter()
         .filter(|k| std::env::var_os(k).is_none())
         .map(|k| (k, threads.to_string()))
