@@ -20,7 +20,7 @@ use crate::optim::{lr_at, Optimizer};
 use crate::plan::Plan;
 use crate::seed::{rng, Stream};
 use crate::spec::{MethodKind, RunSpec};
-use crate::train::{loss_and_grads, SdpState};
+use crate::train::{baseline_drops, baseline_family, baseline_net, loss_and_grads, loss_and_grads_of, SdpState};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::Path;
@@ -107,9 +107,11 @@ pub struct Probe {
     pub params: usize,
 }
 
-/// Runs `steps` training steps of worker `worker` (SDP) or of the full model (DP, or `worker = None`) of
-/// `spec` on seeded random data at the per-worker batch size, in this process, and measures its memory.
-/// Meant to run in a fresh process (`sdp memprobe`): earlier allocations of the process would blur it.
+/// Runs `steps` training steps of one worker of `spec` on seeded random data at the per-worker batch size,
+/// in this process, and measures its memory. The worker trains the network its method trains: SDP worker
+/// `worker`'s subnetwork (the full model with `worker = None`), `small_dense`'s narrowed model, the
+/// dropping baselines' model with their per-step drops, DP's model. Meant to run in a fresh process (`sdp
+/// memprobe`): earlier allocations of the process would blur it.
 pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Device, data_dir: &Path) -> Result<Probe> {
     let device = device.clone();
     let plan = Plan::of(spec)?;
@@ -118,9 +120,14 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
     let mut meter = MemoryMeter::start(&device)?;
     let mut r = rng(spec.seed, Stream::Data, u64::MAX, 0);
     let (x, y) = plan.data.source().random_batch(&shape, spec.workload.batch_size, &mut r).to_tensors(&device)?;
-    let net: Box<dyn models::Net> = match (spec.method.kind, worker) {
-        (MethodKind::Sdp, Some(k)) => SdpState::single_worker(spec, &plan, classes, k, &device)?.net,
-        _ => models::build(&spec.workload, classes, spec.seed, &device)?,
+    // The block widths the dropping baselines draw their per-step drops over.
+    let (net, drop_widths): (Box<dyn models::Net>, Option<Vec<usize>>) = match (spec.method.kind, worker) {
+        (MethodKind::Sdp, Some(k)) => (SdpState::single_worker(spec, &plan, classes, k, &device)?.net, None),
+        (MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout, _) => {
+            let family = baseline_family(spec, classes)?;
+            (baseline_net(spec, family.as_ref(), &device)?, Some(family.block_widths()))
+        }
+        _ => (models::build(&spec.workload, classes, spec.seed, &device)?, None),
     };
     let params = net.store().num_params();
     meter.restart_peak()?;
@@ -130,7 +137,13 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
         meter.sample()
     };
     for step in 0..steps.max(1) {
-        let (_, grads) = loss_and_grads(task, net.as_ref(), &x, &y)?;
+        let (_, grads) = match &drop_widths {
+            Some(widths) => {
+                let drops = baseline_drops(spec, widths, step + 1, 0, &device)?;
+                loss_and_grads_of(task, net.store(), &net.forward_dropping(&x, true, &drops)?, &y)?
+            }
+            None => loss_and_grads(task, net.as_ref(), &x, &y)?,
+        };
         sample()?;
         opt.step(&net.store().params, &grads, lr_at(&spec.optim, step, steps, steps))?;
         sample()?;

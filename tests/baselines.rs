@@ -208,3 +208,30 @@ fn baselines_a_family_lacks_are_spec_errors() -> Result<()> {
     ensure!(family.param_count()? == built && built == models::family("resnet", &small(3))?.param_count()?);
     Ok(())
 }
+
+/// The memory probe trains each baseline's own network: `small_dense` its narrowed model (the probe holds
+/// exactly the parameters training holds, fewer than the full model's), the dropping baselines the full
+/// model with their drops, DP the full model.
+#[test]
+fn the_memory_probe_trains_each_baselines_own_network() -> Result<()> {
+    let spec_of = |kind: &str| -> Result<sdp::spec::RunSpec> {
+        let text = format!(
+            "name = \"probe\"\nseed = 1\n[workload]\ndataset = \"shapes\"\nmodel = \"resnet\"\nwidths = [8, 16]\n\
+             depths = [1, 2]\nepochs = 1\nbatch_size = 4\n[method]\nkind = \"{kind}\"\ncoverage = 0.5\n"
+        );
+        Ok(sdp::plan::parse(&text, std::path::Path::new("probe.toml"), &[])?.runs.remove(0).spec)
+    };
+    let dir = tempfile::tempdir()?;
+    let probe = |kind: &str| sdp::memprobe::probe(&spec_of(kind)?, None, 1, &Device::Cpu, dir.path());
+    let full = probe("dp")?.params;
+    let spec = spec_of("small_dense")?;
+    let classes = sdp::plan::Plan::of(&spec)?.data.shape(&spec.workload, dir.path())?.classes;
+    let trained = sdp::train::baseline_net(&spec, baseline_family(&spec, classes)?.as_ref(), &Device::Cpu)?;
+    let small = probe("small_dense")?.params;
+    ensure!(small == trained.store().num_params(), "probe {small} params, training {}", trained.store().num_params());
+    ensure!(small < full, "small_dense probed {small} params, the full model has {full}");
+    for kind in ["stochastic_depth", "dropout"] {
+        ensure!(probe(kind)?.params == full, "{kind} trains the full model");
+    }
+    Ok(())
+}

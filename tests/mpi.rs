@@ -98,24 +98,34 @@ fn ranks_compute_what_the_simulation_computes() -> Result<()> {
     Ok(())
 }
 
-/// Over a whole run (2 epochs) the final metrics of 4 processes agree with the simulation's.
+/// Over a whole run (2 epochs) the metrics of 2 and of 4 processes agree with the simulation's: the losses,
+/// and the headline metric and every evaluation mode's (full, recal, scaled, ensemble, subnet_mean) to
+/// within one test image of 40.
 #[test]
 fn final_metrics_agree_over_a_run() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     for (what, method) in [METHODS[0], METHODS[1], METHODS[2]] {
         let text = spec(method, 2);
         let one = metrics(&train(1, &text, &tmp.path().join(format!("{what}-1")))?)?;
-        let four = metrics(&train(4, &text, &tmp.path().join(format!("{what}-4")))?)?;
-        assert_eq!(one[0], four[0], "{what}: headers");
-        assert_eq!(one.len(), four.len(), "{what}: rows");
         let col = |name: &str| one[0].iter().position(|c| c == name).context("column");
-        for (a, b) in one[1..].iter().zip(&four[1..]) {
-            for name in ["train_loss", "test_loss"] {
-                let (x, y): (f64, f64) = (a[col(name)?].parse()?, b[col(name)?].parse()?);
-                assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{what}: {name} {x} vs {y}");
+        let accs: Vec<&String> = one[0].iter().filter(|c| c.starts_with("test_acc")).collect();
+        if what != "dp" {
+            ensure!(accs.len() == 6, "{what}: the headline and five mode columns, got {accs:?}");
+        }
+        for np in [2, 4] {
+            let many = metrics(&train(np, &text, &tmp.path().join(format!("{what}-{np}")))?)?;
+            assert_eq!(one[0], many[0], "{what}, {np} processes: headers");
+            assert_eq!(one.len(), many.len(), "{what}, {np} processes: rows");
+            for (a, b) in one[1..].iter().zip(&many[1..]) {
+                for name in ["train_loss", "test_loss"] {
+                    let (x, y): (f64, f64) = (a[col(name)?].parse()?, b[col(name)?].parse()?);
+                    assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{what}, {np} processes: {name} {x} vs {y}");
+                }
+                for name in &accs {
+                    let (x, y): (f64, f64) = (a[col(name)?].parse()?, b[col(name)?].parse()?);
+                    assert!((x - y).abs() <= 1.0 / 40.0 + 1e-9, "{what}, {np} processes: {name} {x} vs {y}");
+                }
             }
-            let (x, y): (f64, f64) = (a[col("test_acc")?].parse()?, b[col("test_acc")?].parse()?);
-            assert!((x - y).abs() <= 0.05, "{what}: test_acc {x} vs {y}");
         }
     }
     Ok(())

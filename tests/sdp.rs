@@ -550,3 +550,51 @@ fn rescale_scales_kept_activations_by_the_inverse_keep() -> Result<()> {
     }
     Ok(())
 }
+
+/// A process that hosts some of the K workers (rank r of N hosts k ≡ r mod N) scales the `scaled`
+/// evaluation mode's model by m/K, as the one-process simulation does: not by m over the workers it hosts
+/// (which made `scaled` silently equal `full` once N·C ≥ 1).
+#[test]
+fn the_holder_fraction_counts_every_worker_not_the_hosted_ones() -> Result<()> {
+    use sdp::comm::{Collective, World};
+    /// Rank `0` of 4: enough of a world to host workers (no collective is called while building).
+    struct RankOfFour(usize);
+    impl Collective for RankOfFour {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn size(&self) -> usize {
+            4
+        }
+        fn prepare(&self, _: &[u64]) -> Result<()> {
+            Ok(())
+        }
+        fn all_reduce_sum(&self, _: u64, _: &mut [f32]) -> Result<()> {
+            anyhow::bail!("not in this test")
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<()> {
+            anyhow::bail!("not in this test")
+        }
+        fn broadcast(&self, _: usize, _: &mut Vec<u8>) -> Result<()> {
+            anyhow::bail!("not in this test")
+        }
+        fn describe(&self) -> String {
+            "rank of four".into()
+        }
+        fn abort(&self, code: i32) -> ! {
+            panic!("abort {code}")
+        }
+    }
+    let text = tiny_with(&[("[method]\nworkers = 2\n", "[method]\nkind = \"sdp\"\nworkers = 4\ncoverage = 0.5\n")]);
+    let spec = common::parse_with(&text, &[])?.runs.remove(0).spec;
+    let plan = plan::Plan::of(&spec)?;
+    let solo = SdpState::hosted(&spec, &plan, 4, &Device::Cpu, &World::solo())?;
+    assert_eq!((solo.workers.len(), solo.holder_fraction()), (4, 0.5));
+    for rank in 0..4 {
+        let world = World { comm: std::rc::Rc::new(RankOfFour(rank)), local_rank: 0 };
+        let st = SdpState::hosted(&spec, &plan, 4, &Device::Cpu, &world)?;
+        assert_eq!(st.workers.iter().map(|w| w.index).collect::<Vec<_>>(), [rank]);
+        assert_eq!(st.holder_fraction(), 0.5, "rank {rank} of 4");
+    }
+    Ok(())
+}

@@ -121,7 +121,7 @@ pub fn dp_step_with(
             let _forward = profile::scope(Part::Forward);
             forward(i, &x)?
         };
-        let (loss, grads) = grads_of(ctx.task, store, &out, &y)?;
+        let (loss, grads) = loss_and_grads_of(ctx.task, store, &out, &y)?;
         loss_sum += loss;
         accumulate(&mut grad_sum, grads)?;
         if snapshot.is_some() {
@@ -159,11 +159,16 @@ pub fn loss_and_grads(
         let _forward = profile::scope(Part::Forward);
         net.forward_t(x, true)?
     };
-    grads_of(task, net.store(), &out, y)
+    loss_and_grads_of(task, net.store(), &out, y)
 }
 
 /// The task's loss of outputs `out` against `y`, and the gradient of every parameter of `store`.
-fn grads_of(task: &dyn Task, store: &ParamStore, out: &Tensor, y: &Tensor) -> Result<(f64, BTreeMap<String, Tensor>)> {
+pub fn loss_and_grads_of(
+    task: &dyn Task,
+    store: &ParamStore,
+    out: &Tensor,
+    y: &Tensor,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
     let (loss, value) = {
         let _loss = profile::scope(Part::Loss);
         let loss = task.loss(out, y)?;

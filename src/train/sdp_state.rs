@@ -444,6 +444,7 @@ impl SdpState {
 
     /// Fraction of the workers holding each unit (m/K for uniform-representation strategies).
     pub fn holder_fraction(&self) -> f64 {
-        self.selection.m as f64 / self.workers.len().max(1) as f64
+        // K is every worker of the run, not the ones this process hosts.
+        self.selection.m as f64 / self.selection.workers().max(1) as f64
     }
 }
