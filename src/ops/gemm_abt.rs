@@ -55,7 +55,8 @@ pub(crate) fn sgemm_abt(
     // SAFETY: AVX-512F is present (checked above) and every view was bounds-checked for the extents the
     // tiles read and write.
     unsafe {
-        avx512::run(m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, accumulate);
+        let v = avx512::Views { a: a.as_ptr(), lda, b: b.as_ptr(), ldb, c: c.as_mut_ptr(), ldc };
+        avx512::run((m, n, k), v, accumulate);
     }
     true
 }
@@ -65,44 +66,53 @@ mod avx512 {
     use super::{TC, TR};
     use std::arch::x86_64::*;
 
-    #[allow(clippy::too_many_arguments)]
+    /// The three operands: row-major A (row stride lda), B (ldb) and C (ldc).
+    #[derive(Clone, Copy)]
+    pub(super) struct Views {
+        pub(super) a: *const f32,
+        pub(super) lda: usize,
+        pub(super) b: *const f32,
+        pub(super) ldb: usize,
+        pub(super) c: *mut f32,
+        pub(super) ldc: usize,
+    }
+
+    impl Views {
+        /// The views of the tile whose first row of A is `i` and first row of B is `j`.
+        ///
+        /// # Safety
+        /// `i` and `j` are rows of A and B inside the bounds checked by the caller.
+        unsafe fn at(self, i: usize, j: usize) -> Self {
+            Self { a: self.a.add(i * self.lda), b: self.b.add(j * self.ldb), c: self.c.add(i * self.ldc + j), ..self }
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn run(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        acc: bool,
-    ) {
+    pub(super) unsafe fn run((m, n, k): (usize, usize, usize), v: Views, acc: bool) {
         let mut i = 0;
         while i < m {
             let r = TR.min(m - i);
             let mut j = 0;
             while j < n {
                 let cols = TC.min(n - j);
-                let (ap, bp, cp) = (a.add(i * lda), b.add(j * ldb), c.add(i * ldc + j));
+                let t = v.at(i, j);
                 match (r, cols) {
-                    (4, 4) => tile::<4, 4>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (4, 3) => tile::<4, 3>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (4, 2) => tile::<4, 2>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (4, 1) => tile::<4, 1>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (3, 4) => tile::<3, 4>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (3, 3) => tile::<3, 3>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (3, 2) => tile::<3, 2>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (3, 1) => tile::<3, 1>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (2, 4) => tile::<2, 4>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (2, 3) => tile::<2, 3>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (2, 2) => tile::<2, 2>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (2, 1) => tile::<2, 1>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (1, 4) => tile::<1, 4>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (1, 3) => tile::<1, 3>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    (1, 2) => tile::<1, 2>(k, ap, lda, bp, ldb, cp, ldc, acc),
-                    _ => tile::<1, 1>(k, ap, lda, bp, ldb, cp, ldc, acc),
+                    (4, 4) => tile::<4, 4>(k, t, acc),
+                    (4, 3) => tile::<4, 3>(k, t, acc),
+                    (4, 2) => tile::<4, 2>(k, t, acc),
+                    (4, 1) => tile::<4, 1>(k, t, acc),
+                    (3, 4) => tile::<3, 4>(k, t, acc),
+                    (3, 3) => tile::<3, 3>(k, t, acc),
+                    (3, 2) => tile::<3, 2>(k, t, acc),
+                    (3, 1) => tile::<3, 1>(k, t, acc),
+                    (2, 4) => tile::<2, 4>(k, t, acc),
+                    (2, 3) => tile::<2, 3>(k, t, acc),
+                    (2, 2) => tile::<2, 2>(k, t, acc),
+                    (2, 1) => tile::<2, 1>(k, t, acc),
+                    (1, 4) => tile::<1, 4>(k, t, acc),
+                    (1, 3) => tile::<1, 3>(k, t, acc),
+                    (1, 2) => tile::<1, 2>(k, t, acc),
+                    _ => tile::<1, 1>(k, t, acc),
                 }
                 j += cols;
             }
@@ -122,19 +132,10 @@ mod avx512 {
     }
 
     /// One R × C tile of outputs over the whole of k.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize, const C: usize>(
-        k: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn tile<const R: usize, const C: usize>(k: usize, v: Views, accumulate: bool) {
+        let Views { a, lda, b, ldb, c, ldc } = v;
         let mut s = [[_mm512_setzero_ps(); C]; R];
         let mut p = 0;
         while p + 16 <= k {
