@@ -54,7 +54,9 @@ fn estimate_is_positive_and_scales_with_epochs() -> Result<()> {
         assert!((t2 - fixed - 16.0 * timing.step_s).abs() <= 1e-9 * t2, "training: {t2}, {timing:?}");
         assert!((t4 - t2 - 16.0 * timing.step_s).abs() <= 1e-9 * t4, "training: {t2} then {t4}");
         assert!((e4 - 2.0 * e2).abs() <= 1e-9 * e4, "evaluation: {e2} then {e4}");
-        assert_eq!(p2, p4, "the memory probe does not depend on the epochs");
+        // The second estimate reads the timing back from the cache file, and serde_json's default float
+        // parser may round the last bit differently (it is not the exact `float_roundtrip` parser).
+        assert!((p2 - p4).abs() <= 1e-9 * p2, "the memory probe does not depend on the epochs: {p2} then {p4}");
     }
     // SDP evaluates five modes: more forward passes than DP's one on the same test set.
     assert!(two.runs[1].timing.subnets_s_per_image > 0.0 && two.runs[0].timing.subnets_s_per_image == 0.0);
