@@ -1,4 +1,4 @@
-//! Process-wide tuning for training: the allocator, and candle's CPU thread pool turned off.
+//! Process-wide tuning for training: the allocator, and candle's CPU thread pool cut to one thread.
 //!
 //! # Allocator
 //!

@@ -21,9 +21,10 @@ use rayon::prelude::*;
 const COL_TARGET_FLOATS: usize = 1 << 17;
 
 /// Weight gradients of convolutions with at most this many output channels take the dot-product kernel
-/// (`gemm_abt`): it does not pack the column matrix, which the GEMM re-reads only `cout` times. At 64 and
-/// below it was faster in every layer tried (ResNet-18 batch 32: the weight gradient 223 → 172 ms; width 16
-/// batch 64: 67 → 33-39 ms); at 128-512 channels the GEMM was (full width, all layers: 223 → 341 ms).
+/// (`gemm_abt`): it does not pack the column matrix, which the GEMM re-reads only `cout` times. Thresholds
+/// tried (`sdp bench step --profile`, whole weight gradient): full-width ResNet-18 batch 32 223 ms with the
+/// GEMM everywhere, 172 ms with the kernel up to 64 channels, 191 ms up to 128, 235 ms up to 256; width 16
+/// batch 64 (widest layer 128) about equal at 64 and 128, 67 → 33-45 ms against the GEMM.
 const ABT_MAX_COUT: usize = 64;
 
 thread_local! {

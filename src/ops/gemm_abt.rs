@@ -2,8 +2,8 @@
 //! k: every output is the dot product of a row of A and a row of B. A convolution's weight gradient is
 //! this product (dW = dY · colᵀ: the output gradient and the column matrix are both contiguous along
 //! the pixels summed over). A GEMM library vectorises along m and so first copies (packs) one operand
-//! into a transposed layout; at small channel counts that copy costs as much as the arithmetic (it was
-//! 40 % of a width-16 ResNet-18 step). This kernel vectorises along k instead: a tile of R rows of A
+//! into a transposed layout; at small channel counts that copy costs as much as the arithmetic (the GEMM-based
+//! weight gradient was 40 % of a width-16 ResNet-18 step). This kernel vectorises along k instead: a tile of R rows of A
 //! and C rows of B keeps R·C accumulators of 16 lanes in registers, streams both operands once per
 //! tile and sums each accumulator's lanes at the end. AVX-512 only; [`available`] says whether the CPU
 //! has it (callers fall back to the GEMM otherwise).
