@@ -22,6 +22,7 @@ mod batchnorm;
 mod bmm;
 #[cfg(feature = "cuda")]
 mod bn_cuda;
+mod causal_softmax;
 mod conv;
 mod cpu_op;
 #[cfg(feature = "cudnn")]
@@ -30,12 +31,21 @@ mod gemm_abt;
 mod layernorm;
 pub mod peak;
 pub mod profile;
+mod rmsnorm;
+mod rotary;
 
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 
-/// The checks batch norm and layer norm share: a non-empty input `x`, two affine parameters of shape [n]
-/// (`axis` names what n counts in x), and a finite non-negative eps.
-fn check_affine(op: &str, x: &Tensor, params: [(&str, &Tensor); 2], n: usize, axis: &str, eps: f64) -> Result<()> {
+/// The checks batch norm, layer norm and RMS norm share: a non-empty input `x`, affine parameters of
+/// shape [n] (`axis` names what n counts in x), and a finite non-negative eps.
+fn check_affine<const N: usize>(
+    op: &str,
+    x: &Tensor,
+    params: [(&str, &Tensor); N],
+    n: usize,
+    axis: &str,
+    eps: f64,
+) -> Result<()> {
     if x.elem_count() == 0 {
         bail!("{op}: empty input of shape {:?}", x.dims());
     }
@@ -99,6 +109,38 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     } else {
         layernorm::layer_norm_generic(x, w, b, eps)
     }
+}
+
+/// RMS norm over the last dim, as Hugging Face's `LlamaRMSNorm`: `w * x / sqrt(mean(x²) + eps)`. `x` is
+/// (…, D), `w` is (D). Differentiable w.r.t. both (candle-nn's `rms_norm` has no backward pass).
+/// Computed in f32 for half-precision inputs, returned in x's dtype.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    rmsnorm::check_shapes(x, w, eps)?;
+    rmsnorm::rms_norm_generic(x, w, eps)
+}
+
+/// Rotary position embedding in the Hugging Face Llama convention ("rotate half"): `x` is (B, H, T, D)
+/// with D even, `cos` and `sin` are (T, D/2) (from [`rope_tables`]); with h = D/2,
+/// `out[..., i] = x[i] cos[t, i] - x[i+h] sin[t, i]` and `out[..., i+h] = x[i+h] cos[t, i] + x[i] sin[t, i]`.
+/// Differentiable w.r.t. `x` (candle-nn's `rope*` have no backward pass); the tables are constants.
+/// Non-contiguous `x` (a transposed view) is accepted.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rotary::check_shapes(x, cos, sin)?;
+    rotary::rope_generic(x, cos, sin)
+}
+
+/// The (positions, head_dim/2) f32 cos and sin tables of [`rope`] for positions 0..positions:
+/// angle[t, i] = t / theta^(2i/head_dim), computed in f32 as transformers' `LlamaRotaryEmbedding` does
+/// (its tables are these with each row repeated twice).
+pub fn rope_tables(positions: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    rotary::tables(positions, head_dim, theta, device)
+}
+
+/// Softmax over the last dim of (…, T, T) attention scores with a causal mask: in row i the columns
+/// j > i get probability exactly 0. Differentiable w.r.t. `x`.
+pub fn causal_softmax(x: &Tensor) -> Result<Tensor> {
+    let t = causal_softmax::check_shape(x)?;
+    causal_softmax::causal_softmax_generic(x, t)
 }
 
 /// Batch norm in training mode.
