@@ -92,7 +92,7 @@ reproduce-mini-extras: build $(if $(filter cifar10,$(MINI_DATA)),,cifar10-jpeg)
 	exit $$rc
 
 # The paper grid (experiments/paper/*.toml: CIFAR-10/100, SVHN x ResNet-18, WRN-18, Swin-T x DP and SDP
-# block/neuron x forward/backward x C in {0.5, 0.75, 1}, K = 8, 3 seeds; 270 runs). Prints the estimated
+# block/neuron x forward/backward x C in {0.5, 0.75, 0.875, 1}, K = 8, 3 seeds; 378 runs). Prints the estimated
 # hours (`sdp check --cost`, step times measured on DEVICE), downloads the datasets (md5-checked, resumable),
 # trains every run (finished runs are skipped and interrupted ones resume from their checkpoints, so an
 # interrupted `make reproduce` continues where it stopped), then draws the figures.

@@ -488,9 +488,17 @@ fn every_paper_spec_loads_and_the_grid_is_complete() -> Result<()> {
         assert!(text.starts_with("# Paper grid row:"), "{}: starts with its claim, expectation and cost", p.display());
         assert!(text.contains("# Cost:") && text.contains("# Expected:"), "{}", p.display());
         assert!(names.insert(exp.name.clone()), "{}: experiment name {} used twice", p.display(), exp.name);
-        // DP once + SDP {block, neuron} x {forward, backward} x C {0.5, 0.75}, and one SDP run at C = 1
-        // (full coverage: every masking and regime is the same run) = 10 runs per seed.
-        assert_eq!(exp.runs.len(), 10 * 3, "{}", p.display());
+        // DP once + SDP {block, neuron} x {forward, backward} x C {0.5, 0.75, 0.875}, and one SDP run at C = 1
+        // (full coverage: every masking and regime is the same run) = 14 runs per seed.
+        assert_eq!(exp.runs.len(), 14 * 3, "{}", p.display());
+        // The paper's 87.5 % overlap: m = 7 of K = 8 for block and neuron masking in the forward regime.
+        for masking in ["block", "neuron"] {
+            let at = |r: &&sdp::spec::Run| {
+                let m = &r.spec.method;
+                m.coverage == 0.875 && m.masking == masking && m.regime == sdp::spec::Regime::Forward
+            };
+            assert_eq!(exp.runs.iter().filter(at).count(), 3, "{}: {masking} forward C = 0.875", p.display());
+        }
         let w = &exp.runs[0].spec.workload;
         assert_eq!(w.epochs, 200, "{}", p.display());
         assert!(exp.runs.iter().all(|r| r.spec.method.workers == 8), "{}", p.display());
