@@ -191,10 +191,11 @@ enum DataCommand {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Parameters per unit group and in total (resnet18 | wrn18 | swin_t).
+    /// Parameters per unit group and in total (resnet18 | wrn18 | swin_t | llama_tiny | llama_134m).
     Info {
         name: String,
-        #[arg(long, default_value_t = 10)]
+        /// Classes of an image model; the vocabulary size of a language model (`--vocab`).
+        #[arg(long, visible_alias = "vocab", default_value_t = 10)]
         classes: usize,
     },
 }

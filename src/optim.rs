@@ -32,6 +32,21 @@ pub fn lr_at(o: &Optim, step: usize, total: usize, per_epoch: usize) -> f64 {
     }
 }
 
+/// The factor PyTorch's `clip_grad_norm_(max_norm)` scales `grads` by: max_norm / (‖g‖₂ + 1e-6) where
+/// that is below 1 (the joint L2 norm of every gradient, summed in f64), else none; none when `max_norm`
+/// is 0 (clipping off).
+pub fn clip_factor(grads: &BTreeMap<String, Tensor>, max_norm: f64) -> Result<Option<f64>> {
+    if max_norm == 0.0 {
+        return Ok(None);
+    }
+    let mut sq = 0.0f64;
+    for g in grads.values() {
+        sq += g.detach().to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    let coef = max_norm / (sq.sqrt() + 1e-6);
+    Ok((coef < 1.0).then_some(coef))
+}
+
 /// An optimizer over named parameters; its state is local to the parameters it was given.
 pub struct Optimizer {
     cfg: Optim,
@@ -58,9 +73,18 @@ impl Optimizer {
         self.state = state;
     }
 
-    /// One update of `params` with `grads` (same names; parameters without a gradient are left alone).
+    /// One update of `params` with `grads` (same names; parameters without a gradient are left alone),
+    /// clipped to `optim.clip_grad_norm` first where that is set.
     pub fn step(&mut self, params: &BTreeMap<String, Var>, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
         let _profiled = crate::ops::profile::scope(crate::ops::profile::Part::Optimizer);
+        let clipped;
+        let grads = match clip_factor(grads, self.cfg.clip_grad_norm)? {
+            Some(f) => {
+                clipped = grads.iter().map(|(k, g)| Ok((k.clone(), (g.detach() * f)?))).collect::<Result<_>>()?;
+                &clipped
+            }
+            None => grads,
+        };
         for (name, var) in params {
             let Some(g) = grads.get(name) else { continue };
             if self.cfg.name == OptimName::Sgd && self.sgd_in_place(name, var, g, lr)? {
@@ -258,6 +282,27 @@ mod tests {
         let var = Var::new(&[p], &candle_core::Device::Cpu)?;
         let grads = BTreeMap::from([("w".to_string(), Tensor::new(&[g], &candle_core::Device::Cpu)?)]);
         Ok((var.clone(), BTreeMap::from([("w".to_string(), var)]), grads))
+    }
+
+    #[test]
+    fn clipping_scales_the_joint_norm_to_the_limit_and_leaves_small_gradients_alone() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        // Two gradients of joint norm 5 (3 and 4).
+        let grads = BTreeMap::from([
+            ("a".to_string(), Tensor::new(&[3f32], &dev)?),
+            ("b".to_string(), Tensor::new(&[0f32, 4.0], &dev)?),
+        ]);
+        let f = clip_factor(&grads, 1.0)?.expect("norm 5 > 1 is clipped");
+        assert!((f - 1.0 / (5.0 + 1e-6)).abs() < 1e-12, "{f}");
+        assert_eq!(clip_factor(&grads, 10.0)?, None);
+        assert_eq!(clip_factor(&grads, 0.0)?, None);
+        // Plain SGD (no momentum): p = 1 - lr · g · f.
+        let (var, params, grads) = one_param(1.0, 4.0)?;
+        let mut opt = Optimizer::new(&Optim { momentum: 0.0, clip_grad_norm: 2.0, ..cfg() });
+        opt.step(&params, &grads, 0.1)?;
+        let p = var.as_tensor().to_vec1::<f32>()?[0];
+        assert!((p - (1.0 - 0.1 * 4.0 * 2.0 / (4.0 + 1e-6)) as f32).abs() < 1e-6, "{p}");
+        Ok(())
     }
 
     #[test]

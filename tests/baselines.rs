@@ -15,7 +15,13 @@ use std::sync::Once;
 
 /// Two stages of one and two blocks, widths 8 and 16 (as tests/common/family.rs).
 fn small(classes: usize) -> ModelArgs {
-    ModelArgs { widths: Some(vec![8, 16]), depths: Some(vec![1, 2]), batch_norm: true, num_classes: classes }
+    ModelArgs {
+        widths: Some(vec![8, 16]),
+        depths: Some(vec![1, 2]),
+        batch_norm: true,
+        num_classes: classes,
+        context: None,
+    }
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

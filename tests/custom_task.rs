@@ -21,7 +21,7 @@ const EPS: f64 = 0.2;
 
 impl Task for Smoothed {
     fn metric(&self) -> Metric {
-        Metric { name: "top2", noun: "top-2 accuracy" }
+        Metric::fraction("top2", "top-2 accuracy")
     }
 
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {

@@ -121,7 +121,7 @@ struct NextToken;
 
 impl Task for NextToken {
     fn metric(&self) -> Metric {
-        Metric { name: "tokacc", noun: "next-token accuracy" }
+        Metric::fraction("tokacc", "next-token accuracy")
     }
 
     fn loss(&self, logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {

@@ -139,9 +139,9 @@ fn all_runs(s: &Series) -> Vec<usize> {
     s.points.values().flatten().cloned().collect()
 }
 
-/// Final test accuracies (%) of the runs `idx`.
-fn accs(runs: &[RunData], idx: &[usize]) -> Vec<f64> {
-    idx.iter().map(|&i| runs[i].final_metric * 100.0).collect()
+/// Final test values of the headline metric of the runs `idx`, as shown (`scale`: 100 for a percentage).
+fn accs(runs: &[RunData], idx: &[usize], scale: f64) -> Vec<f64> {
+    idx.iter().map(|&i| runs[i].final_metric * scale).collect()
 }
 
 /// Mean over the runs `idx` of `f(run)`, where every run has it.
@@ -222,6 +222,29 @@ fn style(i: usize, s: &Series) -> (RGBColor, bool, Marker) {
 pub(super) struct Headline<'a> {
     pub name: &'a str,
     pub noun: &'a str,
+    /// Shown × 100 in percent (accuracy); otherwise as it is (a loss in nats).
+    pub percent: bool,
+    pub higher_is_better: bool,
+}
+
+impl Headline<'_> {
+    /// What a stored value is multiplied by to be shown.
+    pub fn scale(&self) -> f64 {
+        if self.percent {
+            100.0
+        } else {
+            1.0
+        }
+    }
+
+    /// The unit after a label: ` (%)` or nothing.
+    pub fn unit(&self) -> &'static str {
+        if self.percent {
+            " (%)"
+        } else {
+            ""
+        }
+    }
 }
 
 struct Ctx<'a> {
@@ -262,7 +285,7 @@ impl Ctx<'_> {
 
     /// DP as a horizontal line with its ± std band (none for a single seed).
     fn dp_band(&self, d: &Series) -> HLine {
-        let a = accs(self.runs, &all_runs(d));
+        let a = accs(self.runs, &all_runs(d), self.metric.scale());
         let (m, sd) = mean_std(&a);
         let name = if a.len() > 1 {
             format!("{}, mean ± std (n = {})", d.label, a.len())
@@ -273,8 +296,13 @@ impl Ctx<'_> {
     }
 }
 
-fn accuracy_axis(label: &str) -> Axis {
-    Axis::new(label, (0.0, 100.0), 2.0)
+/// The headline metric's axis: 0–100 for a percentage, from 0 up otherwise.
+fn accuracy_axis(metric: &Headline, label: &str) -> Axis {
+    if metric.percent {
+        Axis::new(label, (0.0, 100.0), 2.0)
+    } else {
+        Axis::new(label, (0.0, f64::INFINITY), 0.05)
+    }
 }
 
 fn ratio_axis(label: &str) -> Axis {
@@ -292,7 +320,7 @@ fn accuracy_vs_coverage(cx: &Ctx) -> Option<Plot> {
         return None;
     }
     let noun = cx.metric.noun;
-    let y = accuracy_axis(&format!("final test {noun} (%), mean ± std over seeds"));
+    let y = accuracy_axis(&cx.metric, &format!("final test {noun}{}, mean ± std over seeds", cx.metric.unit()));
     let mut p = cx.plot(&format!("final test {noun} vs coverage"), cx.coverage_axis(), y);
     p.hlines = cx.dps().into_iter().map(|d| cx.dp_band(d)).collect();
     for (i, s) in others {
@@ -300,7 +328,7 @@ fn accuracy_vs_coverage(cx: &Ctx) -> Option<Plot> {
             .points
             .iter()
             .map(|(&c, idx)| {
-                let (m, sd) = mean_std(&accs(cx.runs, idx));
+                let (m, sd) = mean_std(&accs(cx.runs, idx, cx.metric.scale()));
                 Point { y_std: sd, ..Point::new(cov_of(c), m) }
             })
             .collect();
@@ -314,7 +342,7 @@ fn accuracy_vs_coverage(cx: &Ctx) -> Option<Plot> {
 fn accuracy_vs_memory(cx: &Ctx) -> Option<Plot> {
     let x = ratio_axis("per-worker peak memory / DP (measured)");
     let noun = cx.metric.noun;
-    let y = accuracy_axis(&format!("final test {noun} (%), mean ± std over seeds"));
+    let y = accuracy_axis(&cx.metric, &format!("final test {noun}{}, mean ± std over seeds", cx.metric.unit()));
     let mut p = cx.plot(&format!("final test {noun} vs per-worker memory"), x, y);
     p.subtitle = format!("{}; marker: mean over workers, whisker: largest worker", cx.what);
     let mut dps_used: Vec<&Series> = vec![];
@@ -324,7 +352,7 @@ fn accuracy_vs_memory(cx: &Ctx) -> Option<Plot> {
         let mut points = vec![];
         for (&c, idx) in &s.points {
             let Some(mem) = memory_ratio(cx.runs, idx, dp_ref).filter(|m| m.measured) else { continue };
-            let (m, sd) = mean_std(&accs(cx.runs, idx));
+            let (m, sd) = mean_std(&accs(cx.runs, idx, cx.metric.scale()));
             let x_hi = Some(mem.largest_worker).filter(|h| *h > mem.mean_worker * (1.0 + 1e-6));
             points.push(Point {
                 y_std: sd,
@@ -347,7 +375,7 @@ fn accuracy_vs_memory(cx: &Ctx) -> Option<Plot> {
     }
     // DP: the point at 1 (first in the legend), with a faint dashed line at its accuracy to read against.
     for d in dps_used.into_iter().rev() {
-        let a = accs(cx.runs, &all_runs(d));
+        let a = accs(cx.runs, &all_runs(d), cx.metric.scale());
         let (m, sd) = mean_std(&a);
         let name =
             if a.len() > 1 { format!("{} (= 1), mean ± std", d.label) } else { format!("{} (= 1, n = 1)", d.label) };
@@ -455,13 +483,13 @@ fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
     let mut x = Axis::new("epoch", (0.0, f64::INFINITY), 1.0);
     x.integer = true;
     let noun = cx.metric.noun;
-    let y = accuracy_axis(&format!("test {noun} (%), mean over seeds"));
+    let y = accuracy_axis(&cx.metric, &format!("test {noun}{}, mean over seeds", cx.metric.unit()));
     let mut p = cx.plot(&format!("test {noun} vs epoch, {}", s.label), x, y);
     let curve = |idx: &[usize]| -> Vec<Point> {
         let mut by_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for &i in idx {
             for r in &cx.runs[i].curve {
-                by_epoch.entry(r.epoch).or_default().push(r.test_metric * 100.0);
+                by_epoch.entry(r.epoch).or_default().push(r.test_metric * cx.metric.scale());
             }
         }
         by_epoch.into_iter().map(|(e, v)| Point::new(e as f64, mean_std(&v).0)).collect()
@@ -497,8 +525,8 @@ fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
 /// registered in this process and reports the same metric.
 fn headline_metric(exp: &ExperimentData) -> Result<Headline<'_>> {
     let Some(first) = exp.runs.first() else {
-        let Metric { name, noun } = CLASSIFY.task.metric();
-        return Ok(Headline { name, noun });
+        let Metric { name, noun, percent, higher_is_better } = CLASSIFY.task.metric();
+        return Ok(Headline { name, noun, percent, higher_is_better });
     };
     if let Some(other) = exp.runs.iter().find(|r| r.metric != first.metric) {
         anyhow::bail!(
@@ -511,8 +539,13 @@ fn headline_metric(exp: &ExperimentData) -> Result<Headline<'_>> {
     }
     let known = metric_of_dataset(&first.spec.workload.dataset);
     // A task this process does not know (registered by another program): its name stands for its noun.
-    let noun = if known.name == first.metric { known.noun } else { &first.metric };
-    Ok(Headline { name: &first.metric, noun })
+    // A task this process does not know is taken for a fraction where larger is better, as accuracy.
+    let (noun, percent, higher_is_better) = if known.name == first.metric {
+        (known.noun, known.percent, known.higher_is_better)
+    } else {
+        (&first.metric[..], true, true)
+    };
+    Ok(Headline { name: &first.metric, noun, percent, higher_is_better })
 }
 
 fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {

@@ -33,8 +33,8 @@ fn fmt_mean_std(xs: &[f64]) -> String {
     }
 }
 
-/// `+0.52 [-1.10, +2.14]`: mean(xs) − mean(dp) in percentage points with Welch's interval, or the
-/// difference alone where either side has a single seed.
+/// `+0.52 [-1.10, +2.14]`: mean(xs) − mean(dp) in the shown unit (percentage points for a percentage)
+/// with Welch's interval, or the difference alone where either side has a single seed.
 fn fmt_diff(xs: &[f64], dp: &[f64]) -> String {
     let diff = mean_std(xs).0 - mean_std(dp).0;
     match welch_interval(xs, dp, LEVEL) {
@@ -52,7 +52,16 @@ pub(super) fn table_md(
     what: &str,
     skipped: usize,
 ) -> String {
-    let Headline { name: short, noun } = metric;
+    let Headline { name: short, noun, .. } = metric;
+    let (scale, unit) = (metric.scale(), metric.unit());
+    // Percentage points for a percentage; the metric's own unit otherwise, with the direction said.
+    let (diff_unit, diff_head) = if metric.percent {
+        ("in percentage points", " (pp)")
+    } else if metric.higher_is_better {
+        ("in its unit", "")
+    } else {
+        ("in its unit; lower is better, so a negative Δ is a gain", "")
+    };
     let mut t = String::new();
     let _ = writeln!(t, "# {name}: {what}\n");
     let _ = writeln!(
@@ -66,7 +75,7 @@ pub(super) fn table_md(
         t,
         "- **final test {short}**: the headline evaluation mode at the last epoch (never the best epoch), mean ± \
          sample std over the n seeds (`n = 1`: a single seed, no spread).\n\
-         - **Δ vs DP**: mean {noun} minus DP's on the same workload and K, in percentage points, with \
+         - **Δ vs DP**: mean {noun} minus DP's on the same workload and K, {diff_unit}, with \
          Welch's {:.0} % confidence interval (unequal variances, Welch–Satterthwaite degrees of freedom, \
          Student t quantile); `n/a` where either side has a single seed.\n\
          - **memory / DP**: peak bytes of one worker's training steps measured by `sdp memprobe`, relative to \
@@ -83,16 +92,16 @@ pub(super) fn table_md(
         decimals_for(&series.iter().flat_map(|s| s.points.keys().map(|&c| cov_of(c))).collect::<Vec<_>>()).max(2);
     let _ = writeln!(
         t,
-        "| variant | C | n | final test {short} (%) | Δ vs DP (pp) [95 % CI] | param fraction | memory / DP, mean \
+        "| variant | C | n | final test {short}{unit} | Δ vs DP{diff_head} [95 % CI] | param fraction | memory / DP, mean \
          worker | memory / DP, largest worker | comm / DP | spectral gap |"
     );
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
     for s in series {
         let dp = dp_reference(s, series);
         let dp_ref = DpRef::of(dp, runs);
-        let dp_accs = dp.map(|d| accs(runs, &all_runs(d)));
+        let dp_accs = dp.map(|d| accs(runs, &all_runs(d), scale));
         for (&c, idx) in &s.points {
-            let a = accs(runs, idx);
+            let a = accs(runs, idx, scale);
             let diff = match (&dp_accs, s.kind) {
                 (_, MethodKind::Dp) => "(reference)".to_string(),
                 (Some(d), _) => fmt_diff(&a, d),
@@ -147,7 +156,7 @@ pub(super) fn table_md(
     let modes: BTreeSet<String> =
         runs.iter().filter_map(|r| r.curve.last()).flat_map(|e| e.modes.keys().cloned()).collect();
     if !modes.is_empty() {
-        let _ = writeln!(t, "\n## Final test {noun} by evaluation mode (%), mean over seeds\n");
+        let _ = writeln!(t, "\n## Final test {noun} by evaluation mode{unit}, mean over seeds\n");
         let _ = writeln!(t, "| variant | C | n | {} |", modes.iter().cloned().collect::<Vec<_>>().join(" | "));
         let _ = writeln!(t, "|---|---|---|{}", "---|".repeat(modes.len()));
         for s in series {
@@ -155,7 +164,7 @@ pub(super) fn table_md(
                 let cells: Vec<String> = modes
                     .iter()
                     .map(|mode| {
-                        let last = |r: &RunData| r.curve.last().and_then(|e| e.modes.get(mode)).map(|a| a * 100.0);
+                        let last = |r: &RunData| r.curve.last().and_then(|e| e.modes.get(mode)).map(|a| a * scale);
                         fmt_opt(mean_of(runs, idx, last), 2)
                     })
                     .collect();

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod info;
 pub mod layers;
+pub mod llama;
 pub mod resnet;
 pub mod swin;
 
@@ -185,17 +186,26 @@ pub struct ModelArgs {
     /// BatchNorm layers, where the family has them (`workload.norm`).
     pub batch_norm: bool,
     pub num_classes: usize,
+    /// Tokens per sequence (`workload.context`), for families of sequence models; their activation
+    /// estimates take it (`None`: the family's own default).
+    pub context: Option<usize>,
 }
 
 impl ModelArgs {
     /// The arguments a workload gives.
     pub fn of(w: &Workload, num_classes: usize) -> Self {
-        Self { widths: w.widths.clone(), depths: w.depths.clone(), batch_norm: w.norm == Norm::Batch, num_classes }
+        Self {
+            widths: w.widths.clone(),
+            depths: w.depths.clone(),
+            batch_norm: w.norm == Norm::Batch,
+            num_classes,
+            context: None,
+        }
     }
 
     /// The named model at its own size, with BatchNorm.
     pub fn named(num_classes: usize) -> Self {
-        Self { widths: None, depths: None, batch_norm: true, num_classes }
+        Self { widths: None, depths: None, batch_norm: true, num_classes, context: None }
     }
 }
 
@@ -212,7 +222,14 @@ impl Named for (&'static str, Constructor) {
 /// defined outside the crate are added with [`register`].
 static REGISTRY: Registry<(&'static str, Constructor)> = Registry::new(
     "model family",
-    &[("resnet", resnet::resnet), ("resnet18", resnet::resnet18), ("wrn18", resnet::wrn18), ("swin_t", swin::swin_t)],
+    &[
+        ("resnet", resnet::resnet),
+        ("resnet18", resnet::resnet18),
+        ("wrn18", resnet::wrn18),
+        ("swin_t", swin::swin_t),
+        ("llama_tiny", llama::llama_tiny),
+        ("llama_134m", llama::llama_134m),
+    ],
 );
 
 /// Registers a family defined outside this crate (a downstream crate, a test) under `name`, after which

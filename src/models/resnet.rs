@@ -188,6 +188,7 @@ impl Family for ResNetConfig {
             depths: None,
             batch_norm: self.batch_norm,
             num_classes: self.num_classes,
+            context: None,
         };
         configured(self.clone(), &a)
     }

@@ -206,6 +206,16 @@ pub struct Optim {
     pub betas: Vec<f64>,
     #[serde(default = "adam_eps_default")]
     pub eps: f64,
+    /// Global-norm gradient clipping: the gradients an optimizer step takes are scaled so that their
+    /// joint L2 norm is at most this (PyTorch's `clip_grad_norm_`); 0 turns it off. Each SDP worker clips
+    /// its own gradients (docs/protocol.md). Left out of the canonical spec when 0, so run ids of runs
+    /// without clipping do not depend on the key existing.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub clip_grad_norm: f64,
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Default for Optim {
@@ -222,6 +232,7 @@ impl Default for Optim {
             gamma: gamma_default(),
             betas: betas_default(),
             eps: adam_eps_default(),
+            clip_grad_norm: 0.0,
         }
     }
 }
@@ -548,6 +559,9 @@ impl RunSpec {
         }
         if o.betas.len() != 2 || o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return err("optim.betas", "must be two numbers in [0, 1)".into());
+        }
+        if !(o.clip_grad_norm >= 0.0 && o.clip_grad_norm.is_finite()) {
+            return err("optim.clip_grad_norm", format!("must be >= 0 (0: no clipping), got {}", o.clip_grad_norm));
         }
         if m.workers == 0 {
             return err("method.workers", "must be at least 1".into());

@@ -9,7 +9,7 @@ pub struct Classify;
 
 impl Task for Classify {
     fn metric(&self) -> Metric {
-        Metric { name: "acc", noun: "accuracy" }
+        Metric::fraction("acc", "accuracy")
     }
 
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {

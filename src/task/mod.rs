@@ -11,6 +11,7 @@
 //! `tests/custom_workload.rs` registers a next-token task on token sequences).
 
 mod classify;
+mod next_token;
 
 use crate::registry::{Named, Registry};
 use crate::spec::EvalMode;
@@ -24,6 +25,22 @@ use candle_core::Tensor;
 pub struct Metric {
     pub name: &'static str,
     pub noun: &'static str,
+    /// Larger is better (accuracy); false: smaller is better (a loss). Tables sign Δ vs DP by it.
+    pub higher_is_better: bool,
+    /// A fraction shown × 100 as a percentage (accuracy); false: shown as it is (nats).
+    pub percent: bool,
+}
+
+impl Metric {
+    /// A fraction in [0, 1] where larger is better, shown in percent (accuracy).
+    pub const fn fraction(name: &'static str, noun: &'static str) -> Self {
+        Self { name, noun, higher_is_better: true, percent: true }
+    }
+
+    /// A loss, smaller is better, shown as it is (nats per token).
+    pub const fn loss(name: &'static str, noun: &'static str) -> Self {
+        Self { name, noun, higher_is_better: false, percent: false }
+    }
 }
 
 /// A learning task.
@@ -40,6 +57,11 @@ pub trait Task: Send + Sync {
     fn ensemble_member(&self, out: &Tensor) -> candle_core::Result<Tensor>;
     /// Mean loss of the ensemble's averaged members against the targets.
     fn ensemble_loss(&self, mean: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor>;
+    /// The headline metric of the ensemble's averaged members, summed over a batch (the default: [`Task::score`]
+    /// of the mean, right for a score such as the arg-max that members and outputs share).
+    fn ensemble_score(&self, mean: &Tensor, targets: &[u32]) -> Result<f64> {
+        self.score(mean, targets)
+    }
     /// The evaluation modes that apply to SDP runs of this task (single-model methods: `full` only).
     fn eval_modes(&self) -> &'static [EvalMode] {
         &EvalMode::ALL
@@ -66,7 +88,10 @@ impl Named for Registered {
 }
 
 /// Every built-in task. One line per task.
-pub const BUILT_IN: &[Registered] = &[Registered { name: "classify", task: &classify::Classify }];
+pub const BUILT_IN: &[Registered] = &[
+    Registered { name: "classify", task: &classify::Classify },
+    Registered { name: "next_token", task: &next_token::NextToken },
+];
 
 /// Image classification, the task of every built-in dataset.
 pub const CLASSIFY: Registered = BUILT_IN[0];

@@ -103,7 +103,7 @@ pub fn evaluate_sdp(
         };
         let probs = (prob_sum / k_all as f64)?;
         ens_loss += task.ensemble_loss(&probs, &y)?.to_scalar::<f32>()? as f64 * b.len() as f64;
-        ens_score += task.score(&probs, &b.y)?;
+        ens_score += task.ensemble_score(&probs, &b.y)?;
         n += b.len();
     }
     world.comm.all_reduce_sum_f64(&mut sub_loss)?;
