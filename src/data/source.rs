@@ -38,6 +38,8 @@ pub struct Request<'a> {
     pub test: Option<usize>,
     /// `workload.data_seed`.
     pub seed: u64,
+    /// `workload.context`: tokens per sequence, for sources of token sequences (`None`: the source's default).
+    pub context: Option<usize>,
 }
 
 impl Request<'_> {
@@ -199,7 +201,14 @@ impl DataRef {
 
     /// The request a workload makes of this dataset.
     pub fn request<'a>(&'a self, w: &Workload, data_dir: &'a Path) -> Request<'a> {
-        Request { data_dir, arg: self.arg.as_deref(), train: w.train_samples, test: w.test_samples, seed: w.data_seed }
+        Request {
+            data_dir,
+            arg: self.arg.as_deref(),
+            train: w.train_samples,
+            test: w.test_samples,
+            seed: w.data_seed,
+            context: w.context,
+        }
     }
 
     pub fn source(&self) -> &'static dyn DataSource {
