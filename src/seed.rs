@@ -23,6 +23,8 @@ pub enum Stream {
     Synthetic,
     /// Per-step random drops of the stochastic-depth / dropout baselines.
     Drop,
+    /// Where each training example of a token split starts in its text, per epoch key and window.
+    Windows,
 }
 
 impl Stream {
@@ -34,6 +36,7 @@ impl Stream {
             Stream::Mask => "mask",
             Stream::Synthetic => "synthetic",
             Stream::Drop => "drop",
+            Stream::Windows => "windows",
         }
     }
 }

@@ -345,7 +345,8 @@ impl std::fmt::Display for Info {
 pub fn info(name: &str, data_dir: &Path) -> Result<Info> {
     let mut s = String::new();
     let data = super::source::DataRef::parse(name)?;
-    let req = super::source::Request { data_dir, arg: data.arg.as_deref(), train: None, test: None, seed: 0 };
+    let req =
+        super::source::Request { data_dir, arg: data.arg.as_deref(), train: None, test: None, seed: 0, context: None };
     let source = data.source();
     if source.generated() {
         let _ = writeln!(s, "{name}: generated in memory (data_seed 0, the default sizes)");

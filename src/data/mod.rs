@@ -1,9 +1,10 @@
 //! Datasets, and the loader that turns them into batches.
 //!
-//! Training reads a [`Dataset`]: two splits of [`examples::Examples`]. Every built-in dataset, whatever
+//! Training reads a [`Dataset`]: two splits of [`examples::Examples`]. Every built-in image dataset, whatever
 //! its source format, is decoded once into an [`ImageSet`] per split ([`ImageData`]): images stored
-//! N×H×W×C (HWC, u8, the layout every reader and the augmenter share) plus one label per image. Which
-//! datasets exist, and how a spec names them, is the [`source`] registry.
+//! N×H×W×C (HWC, u8, the layout every reader and the augmenter share) plus one label per image. Text is
+//! read from token shards ([`tokens`]: windows of token ids, read from the files as batches need them).
+//! Which datasets exist, and how a spec names them, is the [`source`] registry.
 
 pub mod augment;
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod loader;
 pub mod source;
 pub mod svhn;
 pub mod synthetic;
+pub mod tokens;
 
 use crate::spec::Workload;
 use anyhow::{bail, Result};

@@ -7,7 +7,7 @@
 
 use super::examples::{Batch, Input};
 use super::fetch::RemoteFile;
-use super::{cifar, folder, svhn, synthetic, Dataset, ImageData};
+use super::{cifar, folder, svhn, synthetic, tokens, Dataset, ImageData};
 use crate::registry::{Named, Registry};
 use crate::spec::Workload;
 use anyhow::{bail, Result};
@@ -38,6 +38,8 @@ pub struct Request<'a> {
     pub test: Option<usize>,
     /// `workload.data_seed`.
     pub seed: u64,
+    /// `workload.context`: tokens per sequence, for sources of token sequences (`None`: the source's default).
+    pub context: Option<usize>,
 }
 
 impl Request<'_> {
@@ -133,6 +135,7 @@ pub const BUILT_IN: &[Registered] = &[
     Registered { name: "cifar100", arg: None, source: &cifar::CIFAR100 },
     Registered { name: "svhn", arg: None, source: &svhn::SVHN },
     Registered { name: "folder", arg: Some("path"), source: &folder::Folder },
+    Registered { name: "tokens", arg: Some("dir"), source: &tokens::TokenShards },
 ];
 
 /// The built-in datasets, then those registered while the program runs ([`register`]).
@@ -199,7 +202,14 @@ impl DataRef {
 
     /// The request a workload makes of this dataset.
     pub fn request<'a>(&'a self, w: &Workload, data_dir: &'a Path) -> Request<'a> {
-        Request { data_dir, arg: self.arg.as_deref(), train: w.train_samples, test: w.test_samples, seed: w.data_seed }
+        Request {
+            data_dir,
+            arg: self.arg.as_deref(),
+            train: w.train_samples,
+            test: w.test_samples,
+            seed: w.data_seed,
+            context: w.context,
+        }
     }
 
     pub fn source(&self) -> &'static dyn DataSource {
@@ -237,7 +247,7 @@ mod tests {
         let f = DataRef::parse("folder:imgs/a")?;
         assert_eq!((f.entry.name, f.arg.as_deref()), ("folder", Some("imgs/a")));
         for (bad, says) in [
-            ("mnist", "expected one of shapes, cifar10, cifar100, svhn, folder:<path>"),
+            ("mnist", "expected one of shapes, cifar10, cifar100, svhn, folder:<path>, tokens:<dir>"),
             ("folder:", "needs its path"),
             ("folder", "needs its path"),
             ("svhn:x", "takes no argument"),

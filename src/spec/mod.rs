@@ -46,7 +46,7 @@ pub struct RunSpec {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
-    /// `shapes` | `cifar10` | `cifar100` | `svhn` | `folder:<path>`.
+    /// `shapes` | `cifar10` | `cifar100` | `svhn` | `folder:<path>` | `tokens:<dir>`.
     pub dataset: String,
     /// Seed of the generated `shapes` dataset (independent of the run seed, so all runs share the data).
     #[serde(default)]
@@ -57,6 +57,11 @@ pub struct Workload {
     /// Test images to use (for `shapes`: to generate). Default: all (`shapes`: 2,000).
     #[serde(default)]
     pub test_samples: Option<usize>,
+    /// Tokens per training sequence of a token dataset (`tokens:<dir>`): an example is `context` input
+    /// tokens and the `context` tokens that follow each. Default: 128 where a token dataset is used. Left
+    /// out of the canonical spec when absent, so run ids of runs without it do not depend on the key existing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<usize>,
     /// A registered model (`crate::models::names`): `resnet18` | `wrn18` | `resnet` (the same family with
     /// explicit `widths`/`depths`) | `swin_t`.
     pub model: ModelName,
@@ -516,7 +521,11 @@ impl RunSpec {
         if w.eval_batch_size == 0 {
             return err("workload.eval_batch_size", "must be at least 1".into());
         }
-        for (k, v) in [("workload.train_samples", w.train_samples), ("workload.test_samples", w.test_samples)] {
+        for (k, v) in [
+            ("workload.train_samples", w.train_samples),
+            ("workload.test_samples", w.test_samples),
+            ("workload.context", w.context),
+        ] {
             if v == Some(0) {
                 return err(k, "must be at least 1".into());
             }
@@ -638,6 +647,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("workload.augment.pad_mode") && e.contains("mirror") && e.contains("reflect"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn context_is_optional_positive_and_absent_from_ids_when_unset() -> Result<()> {
+        let plain = &crate::plan::parse(MIN, Path::new("t.toml"), &[])?.runs[0];
+        assert!(!serde_json::to_string(&plain.spec)?.contains("context"));
+        let set = crate::plan::parse(MIN, Path::new("t.toml"), &["workload.context=64".into()])?;
+        assert_eq!(set.runs[0].spec.workload.context, Some(64));
+        assert_ne!(set.runs[0].id, plain.id);
+        let e = crate::plan::parse(MIN, Path::new("t.toml"), &["workload.context=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("workload.context") && e.contains("must be at least 1"), "{e}");
+        let typo = MIN.replace("epochs = 1", "epochs = 1\ncontxt = 64");
+        let e = crate::plan::parse(&typo, Path::new("t.toml"), &[]).unwrap_err().to_string();
+        assert!(e.contains("t.toml") && e.contains("workload.contxt"), "{e}");
         Ok(())
     }
 }
