@@ -199,7 +199,7 @@ impl ModelArgs {
             depths: w.depths.clone(),
             batch_norm: w.norm == Norm::Batch,
             num_classes,
-            context: None,
+            context: w.context,
         }
     }
 

@@ -54,12 +54,24 @@ pub fn evaluate_sdp(
     let batch = spec.workload.eval_batch_size;
     let task = st.task;
     let mut out = BTreeMap::new();
+    // The modes the task offers (a decoder's RMSNorms have no statistics to recalibrate: no `recal`).
+    let offered = task.eval_modes();
     // Recalibrated copy: BN statistics recomputed on training batches in train mode, no gradient.
-    let recal = st.scaled_global(1.0, device)?;
-    recalibrate_bn(recal.as_ref(), data, aug, batch, spec.seed, device)?;
-    let full = if spec.method.bn_stats == BnStats::Recompute { &recal } else { &st.global };
+    let recal = if offered.contains(&EvalMode::Recal) || spec.method.bn_stats == BnStats::Recompute {
+        let recal = st.scaled_global(1.0, device)?;
+        recalibrate_bn(recal.as_ref(), data, aug, batch, spec.seed, device)?;
+        Some(recal)
+    } else {
+        None
+    };
+    let full = match &recal {
+        Some(r) if spec.method.bn_stats == BnStats::Recompute => r,
+        _ => &st.global,
+    };
     out.insert(EvalMode::Full, evaluate(task, full.as_ref(), data, aug, batch, device)?);
-    out.insert(EvalMode::Recal, evaluate(task, recal.as_ref(), data, aug, batch, device)?);
+    if let Some(recal) = recal.as_ref().filter(|_| offered.contains(&EvalMode::Recal)) {
+        out.insert(EvalMode::Recal, evaluate(task, recal.as_ref(), data, aug, batch, device)?);
+    }
     let frac = st.holder_fraction();
     let scaled = if frac < 1.0 {
         evaluate(task, st.scaled_global(frac, device)?.as_ref(), data, aug, batch, device)?
@@ -112,6 +124,7 @@ pub fn evaluate_sdp(
     let kf = k_all as f64;
     out.insert(EvalMode::Ensemble, (ens_loss / n, ens_score / n));
     out.insert(EvalMode::SubnetMean, (sub_loss.iter().sum::<f64>() / n / kf, sub_score.iter().sum::<f64>() / n / kf));
+    out.retain(|m, _| offered.contains(m) || *m == EvalMode::Full);
     Ok(out)
 }
 
