@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The step comparison: the CIFAR ResNet-18 train step of `sdp bench step` next to PyTorch's
+# The step comparison: the CIFAR ResNet-18 train step (and the tiny decoder's, `llama_tiny` at a vocabulary
+# of 2,048 and 128-token sequences) of `sdp bench step` next to PyTorch's
 # (scripts/pytorch_step.py), same machine, one run, median of 7 steps after 2 warm-up steps, at 2 threads
 # and at 1 thread. Prints one row per configuration and thread count: each side's step time and peak
 # memory, and the ratio PyTorch time / sdp time (>= 1.0: sdp is at least as fast). A run of T threads is
@@ -22,21 +23,24 @@ THREADS=${THREADS:-2 1}
 REPEAT=${REPEAT:-2}
 [[ $DEV == cpu ]] || THREADS=${THREADS%% *}
 DEFAULT_CONFIGS="resnet18 b32|--batch 32;resnet18 b128|--batch 128;w16 b64|--widths 16,32,64,128 --batch 64;\
-w16 b128|--widths 16,32,64,128 --batch 128;w32 b64|--widths 32,64,128,256 --batch 64"
+w16 b128|--widths 16,32,64,128 --batch 128;w32 b64|--widths 32,64,128,256 --batch 64;\
+llama_tiny b16|--context 128 --classes 2048 --batch 16"
 IFS=';' read -r -a configs <<< "${CONFIGS:-$DEFAULT_CONFIGS}"
 field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p"; }
 printf '%-14s %-7s %10s %10s %9s %9s %8s\n' config threads "sdp s" "torch s" "sdp MB" "torch MB" "torch/sdp"
 for t in $THREADS; do
   for c in "${configs[@]}"; do
     name=${c%%|*}; flags=${c#*|}
-    if [[ $flags == *--widths* ]]; then model="--model resnet --depths 2,2,2,2"; else model="--model resnet18"; fi
+    if [[ $flags == *--context* ]]; then model="--model llama_tiny"; tmodel="--model llama_tiny"
+    elif [[ $flags == *--widths* ]]; then model="--model resnet --depths 2,2,2,2"; tmodel=""
+    else model="--model resnet18"; tmodel=""; fi
     pin=(); [[ $DEV == cpu ]] && command -v taskset >/dev/null && pin=(taskset -c "0-$((t - 1))")
     ours=""; theirs=""
     for _ in $(seq "$REPEAT"); do
       # shellcheck disable=SC2086
       o=$(RAYON_NUM_THREADS=$t "${pin[@]}" $SDP bench step $model $flags --device "$DEV" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
       # shellcheck disable=SC2086
-      p=$("${pin[@]}" $PY "$HERE/pytorch_step.py" $flags --device "$DEV" --threads "$t" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
+      p=$("${pin[@]}" $PY "$HERE/pytorch_step.py" $tmodel $flags --device "$DEV" --threads "$t" --steps "$STEPS" --warmup "$WARMUP" 2>/dev/null | tail -1)
       ours=$(printf '%s\n%s\n' "$ours" "$o" | { grep step_s || true; } | sort -t= -k2 -g | head -1)
       theirs=$(printf '%s\n%s\n' "$theirs" "$p" | { grep step_s || true; } | sort -t= -k2 -g | head -1)
     done

@@ -79,8 +79,10 @@ def ints(s):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["resnet", "swin_t"], default="resnet",
-                   help="resnet (kuangliu's CIFAR ResNet; --widths/--depths) or swin_t (timm, 32x32 as `sdp`'s)")
+    p.add_argument("--model", choices=["resnet", "swin_t", "llama_tiny"], default="resnet",
+                   help="resnet (kuangliu's CIFAR ResNet; --widths/--depths), swin_t (timm, 32x32 as `sdp`'s) or "
+                        "llama_tiny (transformers' LlamaForCausalLM as `sdp`'s preset; --context, --classes = vocab)")
+    p.add_argument("--context", type=int, default=128, help="llama_tiny: tokens per sequence")
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=7)
@@ -110,13 +112,26 @@ def main():
         # docs/design.md §7's swin_t: patch 2, window 4, dims 96..768, depths 2/2/6/2, heads 3/6/12/24.
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=a.image_size,
                                   patch_size=2, window_size=4, num_classes=a.classes).to(dev)
+    elif a.model == "llama_tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM  # only needed here
+
+        # src/models/llama.rs's llama_tiny: d 128, 8 layers, 4 heads, SwiGLU 352, tied head, eager attention.
+        cfg = LlamaConfig(vocab_size=a.classes, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
+                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                          max_position_embeddings=max(a.context, 128), rms_norm_eps=1e-6, rope_theta=10000.0)
+        cfg._attn_implementation = "eager"
+        model = LlamaForCausalLM(cfg).to(dev)
     else:
         model = ResNet(a.widths, a.depths, a.classes).to(dev, memory_format=fmt)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(a.seed)
-    x = (torch.rand(a.batch, 3, a.image_size, a.image_size, generator=g) * 4 - 2).to(dev, memory_format=fmt)
-    y = torch.randint(0, a.classes, (a.batch,), generator=g).to(dev)
+    if a.model == "llama_tiny":
+        x = torch.randint(0, a.classes, (a.batch, a.context), generator=g).to(dev)
+        y = torch.randint(0, a.classes, (a.batch, a.context), generator=g).to(dev)
+    else:
+        x = (torch.rand(a.batch, 3, a.image_size, a.image_size, generator=g) * 4 - 2).to(dev, memory_format=fmt)
+        y = torch.randint(0, a.classes, (a.batch,), generator=g).to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev)
@@ -130,7 +145,11 @@ def main():
         sync()
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        out = model(x)
+        if a.model == "llama_tiny":
+            loss = F.cross_entropy(out.logits.reshape(-1, a.classes), y.reshape(-1))
+        else:
+            loss = F.cross_entropy(out, y)
         loss.backward()
         opt.step()
         sync()

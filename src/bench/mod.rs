@@ -139,6 +139,10 @@ pub struct StepArgs {
     /// Input height and width (CIFAR: 32; swin_t needs a multiple of its patch and window sizes).
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
+    /// Tokens per sequence, for a language model (llama_tiny, llama_134m): --set workload.context=T, and
+    /// the random input is token ids of a `tokens:` dataset (--classes is then the vocabulary size).
+    #[arg(long, conflicts_with = "image_size")]
+    pub context: Option<usize>,
     /// Benchmark one SDP worker's physical subnetwork instead of the full model: a masking strategy
     /// (block, neuron, random_block): --set method.kind=sdp --set method.masking=S.
     #[arg(long)]
@@ -250,6 +254,11 @@ impl StepArgs {
         ];
         sets.extend(self.widths.as_deref().map(|w| format!("workload.widths={}", list(w))));
         sets.extend(self.depths.as_deref().map(|d| format!("workload.depths={}", list(d))));
+        if let Some(t) = self.context {
+            // Random token ids: any `tokens:` directory names the kind; nothing is read from it.
+            sets.push(format!("workload.dataset={}", text("tokens:bench")));
+            sets.push(format!("workload.context={t}"));
+        }
         if let Some(masking) = &self.masking {
             sets.push("method.kind=\"sdp\"".into());
             sets.push(format!("method.masking={}", text(masking)));
@@ -271,7 +280,13 @@ impl StepArgs {
             )));
         }
         let spec = exp.runs.remove(0).spec;
-        for (flag, v) in [("--steps", self.steps), ("--classes", self.classes), ("--image-size", self.image_size)] {
+        let context = self.context.unwrap_or(1);
+        for (flag, v) in [
+            ("--steps", self.steps),
+            ("--classes", self.classes),
+            ("--image-size", self.image_size),
+            ("--context", context),
+        ] {
             if v == 0 {
                 return Err(usage(format!("{flag} must be at least 1")));
             }
@@ -299,7 +314,10 @@ impl StepArgs {
             steps: self.steps,
             warmup: self.warmup,
             classes: self.classes,
-            hw: (self.image_size, self.image_size),
+            hw: match self.context {
+                Some(t) => (1, t),
+                None => (self.image_size, self.image_size),
+            },
             profile: self.profile,
         })
     }
@@ -322,11 +340,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 ),
                 _ => model.to_string(),
             };
+            let input = match a.context {
+                Some(t) => format!("{t}-token sequences"),
+                None => format!("{}x{} input", b.hw.0, b.hw.1),
+            };
             eprintln!(
-                "bench step: {what}, batch {}, {}x{} input, device {}, {} warm-up + {} timed steps, {} threads",
+                "bench step: {what}, batch {}, {input}, device {}, {} warm-up + {} timed steps, {} threads",
                 b.spec.workload.batch_size,
-                b.hw.0,
-                b.hw.1,
                 a.device,
                 b.warmup,
                 b.steps,
