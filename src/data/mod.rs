@@ -16,6 +16,7 @@ pub mod loader;
 pub mod source;
 pub mod svhn;
 pub mod synthetic;
+pub mod tokenize;
 pub mod tokens;
 
 use crate::spec::Workload;
