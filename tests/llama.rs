@@ -256,3 +256,43 @@ fn a_decoder_trains_on_token_shards_under_dp_and_sdp_through_the_runner() -> Res
     }
     Ok(())
 }
+
+/// max |a − b| / max(1, max |b|).
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+    Ok(max_abs_diff(a, b)? / scale)
+}
+
+#[test]
+fn the_fused_swiglu_and_cross_entropy_equal_their_compositions_forward_and_backward() -> Result<()> {
+    use candle_core::Var;
+    let dev = Device::Cpu;
+    // SwiGLU on a (3, 5, 7) gate and up, through a weighted sum.
+    let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 5, 7), &dev)?)?;
+    let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 7), &dev)?)?;
+    let r = Tensor::randn(0f32, 1.0, (3, 5, 7), &dev)?;
+    let fused = sdp::ops::swiglu(g.as_tensor(), u.as_tensor())?;
+    let composed = (g.as_tensor().silu()? * u.as_tensor())?;
+    ensure!(rel_diff(&fused, &composed)? < 1e-6, "swiglu forward");
+    let gf = (fused * &r)?.sum_all()?.backward()?;
+    let gc = (composed * &r)?.sum_all()?.backward()?;
+    for (name, v) in [("gate", &g), ("up", &u)] {
+        let d = rel_diff(gf.get(v.as_tensor()).expect("fused grad"), gc.get(v.as_tensor()).expect("grad"))?;
+        ensure!(d < 1e-5, "swiglu d{name}: {d}");
+    }
+    // Cross-entropy of (6, 11) logits.
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (6, 11), &dev)? + 50.0)?)?;
+    let t = Tensor::new(&[0u32, 10, 3, 3, 7, 1], &dev)?;
+    let fused = sdp::ops::cross_entropy(x.as_tensor(), &t)?;
+    let composed = candle_nn::loss::cross_entropy(x.as_tensor(), &t)?;
+    ensure!(rel_diff(&fused, &composed)? < 1e-6, "cross entropy forward");
+    let gf = (fused * 3.0)?.backward()?;
+    let gc = (composed * 3.0)?.backward()?;
+    let d = rel_diff(gf.get(x.as_tensor()).expect("fused grad"), gc.get(x.as_tensor()).expect("grad"))?;
+    ensure!(d < 1e-5, "cross entropy dlogits: {d}");
+    // A target outside the classes is an error naming it.
+    let bad = sdp::ops::cross_entropy(x.as_tensor(), &Tensor::new(&[0u32, 11, 3, 3, 7, 1], &dev)?);
+    let e = bad.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains("target 11 is not a class id below 11"), "{e}");
+    Ok(())
+}

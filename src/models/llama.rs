@@ -356,7 +356,7 @@ impl Mlp {
 
     /// `mask`: a multiplier per hidden unit, (hidden,) (the dropout baseline).
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden = (linear_3d(&self.gate, xs)?.silu()? * linear_3d(&self.up, xs)?)?;
+        let hidden = crate::ops::swiglu(&linear_3d(&self.gate, xs)?, &linear_3d(&self.up, xs)?)?;
         let hidden = if self.scale == 1.0 { hidden } else { (hidden * self.scale)? };
         let hidden = match mask {
             Some(m) => hidden.broadcast_mul(&m.to_dtype(hidden.dtype())?)?,

@@ -25,6 +25,7 @@ mod bn_cuda;
 mod causal_softmax;
 mod conv;
 mod cpu_op;
+mod cross_entropy;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 mod gemm_abt;
@@ -33,6 +34,7 @@ pub mod peak;
 pub mod profile;
 mod rmsnorm;
 mod rotary;
+mod swiglu;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
@@ -84,6 +86,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
 }
 
 pub use activation::{gelu_erf, softmax_last_dim};
+pub use cross_entropy::cross_entropy;
+pub use swiglu::swiglu;
 
 /// Batched matrix product (…, M, K) · (…, K, N) → (…, M, N) with equal leading dims, differentiable
 /// in both. On the CPU with f32 tensors the batch is spread over rayon threads (candle runs batches

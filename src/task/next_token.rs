@@ -24,7 +24,7 @@ impl Task for NextToken {
     }
 
     fn loss(&self, logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+        crate::ops::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
     }
 
     /// Each sequence's mean cross-entropy per token, summed over the batch.
