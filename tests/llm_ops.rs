@@ -135,7 +135,15 @@ fn rms_norm_matches_the_composition_with_gradients() -> Result<()> {
         let reference = |v: &[Tensor]| rms_reference(&v[0], &v[1], eps);
         check_op(&format!("rms_norm {dims:?}"), &ours, &reference, &[x, w], 20 + i as u64)?;
     }
-    Ok(())
+    // A constant input and a trainable weight (the backward skips dx): dw as the reference's.
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let x = rand_tensor(&mut rng, &[6, 5])?;
+    let w = Var::from_tensor(&rand_tensor(&mut rng, &[5])?)?;
+    let r = rand_tensor(&mut rng, &[6, 5])?;
+    let dw = (ops::rms_norm(&x, &w, 1e-6)? * &r)?.sum_all()?.backward()?.get(&w).context("no dw")?.clone();
+    let (x64, w64) = (x.to_dtype(DType::F64)?, Var::from_tensor(&w.to_dtype(DType::F64)?)?);
+    let grads = (rms_reference(&x64, &w64, 1e-6)? * r.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+    assert_close("rms_norm dw with a constant x", &dw, grads.get(&w64).context("no reference dw")?, GRAD_TOL)
 }
 
 /// HF Llama's rotary embedding in f64 candle ops: x * cat(cos, cos) + rotate_half(x) * cat(sin, sin),
@@ -223,6 +231,28 @@ fn causal_softmax_matches_the_composition_with_gradients() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[test]
+fn causal_softmax_backward_ignores_the_masked_output_gradient() -> Result<()> {
+    // The CPU kernel's backward only reads dy at j ≤ i: NaN above the diagonal (where y is exactly 0)
+    // must not reach dx, which is 0 there and the usual softmax gradient elsewhere.
+    let t = 5;
+    let mut rng = ChaCha8Rng::seed_from_u64(75);
+    let x = Var::from_tensor(&(rand_tensor(&mut rng, &[2, t, t])? * 4.0)?)?;
+    let r = rand_tensor(&mut rng, &[2, t, t])?;
+    let keep = Tensor::tril2(t, DType::F32, &Device::Cpu)?.broadcast_as((2, t, t))?;
+    let r_nan = keep.to_dtype(DType::U8)?.where_cond(&r, &Tensor::full(f32::NAN, (2, t, t), &Device::Cpu)?)?;
+    let dx = |r: &Tensor| -> Result<Tensor> {
+        let g = (ops::causal_softmax(&x)? * r)?.sum_all()?.backward()?;
+        Ok(g.get(&x).context("no dx")?.clone())
+    };
+    let (dx_nan, dx_clean) = (dx(&r_nan)?, dx(&(&r * &keep)?)?);
+    anyhow::ensure!(dx_nan.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()), "NaN in dx: {dx_nan}");
+    assert_close("dx with NaN above the diagonal of dy", &dx_nan, &dx_clean, 0.0)?;
+    let masked = (dx_nan * (1.0 - &keep)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    anyhow::ensure!(masked == 0.0, "dx above the diagonal is {masked}, not 0");
     Ok(())
 }
 

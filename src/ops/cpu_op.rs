@@ -162,18 +162,39 @@ pub(crate) fn rows_per_task(d: usize) -> usize {
 
 /// A row-wise kernel: `f(out_row, row)` for every row of length `d` of `x`, in parallel.
 pub(crate) fn map_rows(x: &[f32], d: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    map_rows_indexed(x, d, |_, o, r| f(o, r))
+}
+
+/// [`map_rows`] for kernels that depend on where a row is (its position in a sequence): `f(index,
+/// out_row, row)`, rows counted from 0.
+pub(crate) fn map_rows_indexed(x: &[f32], d: usize, f: impl Fn(usize, &mut [f32], &[f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(d).with_min_len(rows_per_task(d)).zip(x.par_chunks(d)).for_each(|(o, r)| f(o, r));
+    out.par_chunks_mut(d)
+        .with_min_len(rows_per_task(d))
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .for_each(|(i, (o, r))| f(i, o, r));
     out
 }
 
 /// A row-wise kernel on two inputs of one shape: `f(out_row, row_a, row_b)`, in parallel.
 pub(crate) fn map_rows2(a: &[f32], b: &[f32], d: usize, f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
+    map_rows2_indexed(a, b, d, |_, o, ra, rb| f(o, ra, rb))
+}
+
+/// [`map_rows2`] with the row's index: `f(index, out_row, row_a, row_b)`.
+pub(crate) fn map_rows2_indexed(
+    a: &[f32],
+    b: &[f32],
+    d: usize,
+    f: impl Fn(usize, &mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
     out.par_chunks_mut(d)
         .with_min_len(rows_per_task(d))
         .zip(a.par_chunks(d).zip(b.par_chunks(d)))
-        .for_each(|(o, (ra, rb))| f(o, ra, rb));
+        .enumerate()
+        .for_each(|(i, (o, (ra, rb)))| f(i, o, ra, rb));
     out
 }
 

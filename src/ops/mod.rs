@@ -14,6 +14,10 @@
 //! - on the CPU with bf16 tensors, `conv2d` emulates a GPU's bf16 convolution (f32 arithmetic);
 //! - otherwise they fall back to candle's own ops with the same semantics.
 //!
+//! The decoder ops `rms_norm`, `rope` and `causal_softmax` (candle-nn's `rms_norm` and `rope*` have no
+//! backward pass, so gradients would stop at them silently) are CPU f32 custom ops with closed-form
+//! backward passes, and candle-op compositions on other devices and dtypes.
+//!
 //! The GPU paths were written and built without a GPU at hand; `tests/cuda_ops.rs` checks them
 //! against the CPU ops on a device (`scripts/gpu_step.sh`).
 
@@ -116,21 +120,31 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 }
 
 /// RMS norm over the last dim, as Hugging Face's `LlamaRMSNorm`: `w * x / sqrt(mean(x²) + eps)`. `x` is
-/// (…, D), `w` is (D). Differentiable w.r.t. both (candle-nn's `rms_norm` has no backward pass).
-/// Computed in f32 for half-precision inputs, returned in x's dtype.
+/// (…, D), `w` is (D). Differentiable w.r.t. both (candle-nn's `rms_norm` has no backward pass). On
+/// the CPU with f32 tensors a custom op (one pass forward, a closed-form backward); elsewhere candle
+/// ops, computed in f32 for half-precision inputs and returned in x's dtype.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     rmsnorm::check_shapes(x, w, eps)?;
-    rmsnorm::rms_norm_generic(x, w, eps)
+    if x.device().is_cpu() && [x, w].iter().all(|t| t.dtype() == DType::F32) {
+        rmsnorm::rms_norm_cpu(x, w, eps)
+    } else {
+        rmsnorm::rms_norm_generic(x, w, eps)
+    }
 }
 
 /// Rotary position embedding in the Hugging Face Llama convention ("rotate half"): `x` is (B, H, T, D)
 /// with D even, `cos` and `sin` are (T, D/2) (from [`rope_tables`]); with h = D/2,
 /// `out[..., i] = x[i] cos[t, i] - x[i+h] sin[t, i]` and `out[..., i+h] = x[i+h] cos[t, i] + x[i] sin[t, i]`.
 /// Differentiable w.r.t. `x` (candle-nn's `rope*` have no backward pass); the tables are constants.
-/// Non-contiguous `x` (a transposed view) is accepted.
+/// Non-contiguous `x` (a transposed view) is accepted. On the CPU with f32 tensors a custom op (its
+/// backward rotates dy by the opposite angles); elsewhere candle ops in x's dtype.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     rotary::check_shapes(x, cos, sin)?;
-    rotary::rope_generic(x, cos, sin)
+    if x.device().is_cpu() && [x, cos, sin].iter().all(|t| t.dtype() == DType::F32) {
+        rotary::rope_cpu(x, cos, sin)
+    } else {
+        rotary::rope_generic(x, cos, sin)
+    }
 }
 
 /// The (positions, head_dim/2) f32 cos and sin tables of [`rope`] for positions 0..positions:
@@ -141,10 +155,15 @@ pub fn rope_tables(positions: usize, head_dim: usize, theta: f64, device: &Devic
 }
 
 /// Softmax over the last dim of (…, T, T) attention scores with a causal mask: in row i the columns
-/// j > i get probability exactly 0. Differentiable w.r.t. `x`.
+/// j > i get probability exactly 0. Differentiable w.r.t. `x`. On the CPU with f32 tensors a custom
+/// op that skips the masked columns; elsewhere a -inf mask and [`softmax_last_dim`].
 pub fn causal_softmax(x: &Tensor) -> Result<Tensor> {
     let t = causal_softmax::check_shape(x)?;
-    causal_softmax::causal_softmax_generic(x, t)
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        causal_softmax::causal_softmax_cpu(x)
+    } else {
+        causal_softmax::causal_softmax_generic(x, t)
+    }
 }
 
 /// Batch norm in training mode.

@@ -4,10 +4,13 @@
 //! inv_freq[i] = 1 / theta^(2i/D):
 //! out[i] = x[i] cos - x[i+h] sin, out[i+h] = x[i+h] cos + x[i] sin.
 //!
-//! candle-nn's `rope*` ops have no backward pass (gradients stop at them silently). This version is
-//! composed from candle ops that all have one. The tables are constants: they get no gradient.
+//! candle-nn's `rope*` ops have no backward pass (gradients stop at them silently). On the CPU with
+//! f32 tensors this is a custom op whose backward is the rotation by -angle applied to dy:
+//! dx[i] = dy[i] cos + dy[i+h] sin, dx[i+h] = dy[i+h] cos - dy[i] sin. Elsewhere it is composed from
+//! candle ops that all have a backward pass. The tables are constants: they get no gradient.
 
-use candle_core::{bail, Device, Result, Tensor, D};
+use super::cpu_op::{map_rows_indexed, Arg, Cpu, CpuOp, Names};
+use candle_core::{bail, Device, Result, Shape, Tensor, D};
 
 /// Validates shapes: x is (B, H, T, D) with D even, cos and sin are (T, D/2).
 pub(crate) fn check_shapes(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
@@ -56,6 +59,64 @@ pub(crate) fn tables(positions: usize, head_dim: usize, theta: f64, device: &Dev
     let cos = Tensor::from_vec(cos, (positions, half), device)?;
     let sin = Tensor::from_vec(sin, (positions, half), device)?;
     Ok((cos, sin))
+}
+
+/// Entry point of the CPU path (f32 tensors, shapes checked; x may be a non-contiguous view).
+pub(crate) fn rope_cpu(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Cpu(Rope))
+}
+
+/// Rotates every head-dim row of the contiguous (B, H, T, D) `x` by the angles of its position t
+/// (`inverse`: by their opposites).
+fn rotate(op: &str, x: Arg, cos: &[f32], sin: &[f32], inverse: bool) -> Result<Vec<f32>> {
+    let &[_, _, t, d] = x.dims() else { bail!("{op}: input must be (B, H, T, D), got shape {:?}", x.dims()) };
+    let h = d / 2;
+    if cos.len() != t * h || sin.len() != t * h {
+        bail!("{op}: tables of {} and {} values for T = {t}, D = {d}", cos.len(), sin.len());
+    }
+    let sign = if inverse { -1.0 } else { 1.0 };
+    Ok(map_rows_indexed(&x, d, |row, o, xr| {
+        let pos = row % t;
+        let (c, s) = (&cos[pos * h..][..h], &sin[pos * h..][..h]);
+        let (x1, x2) = xr.split_at(h);
+        let (o1, o2) = o.split_at_mut(h);
+        for ((((o1, o2), (&a, &b)), &c), &s) in o1.iter_mut().zip(o2).zip(x1.iter().zip(x2)).zip(c).zip(s) {
+            let s = sign * s;
+            *o1 = a * c - b * s;
+            *o2 = b * c + a * s;
+        }
+    }))
+}
+
+/// (x, cos, sin) -> the rotated x.
+struct Rope;
+
+impl CpuOp<3> for Rope {
+    const NAMES: Names<3> = Names { op: "sdp-rope", args: ["input", "cos", "sin"] };
+
+    fn fwd(&self, [x, cos, sin]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
+        Ok((rotate(Self::NAMES.op, x, &cos, &sin, false)?, x.shape.clone()))
+    }
+
+    fn bwd(&self, [x, cos, sin]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
+        let dx = if x.track_op() {
+            Some(grad.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Cpu(RopeGrad))?)
+        } else {
+            None
+        };
+        Ok([dx, None, None])
+    }
+}
+
+/// (dy, cos, sin) -> dx, dy rotated by -angle.
+struct RopeGrad;
+
+impl CpuOp<3> for RopeGrad {
+    const NAMES: Names<3> = Names { op: "sdp-rope-grad", args: ["output gradient", "cos", "sin"] };
+
+    fn fwd(&self, [dy, cos, sin]: [Arg; 3]) -> Result<(Vec<f32>, Shape)> {
+        Ok((rotate(Self::NAMES.op, dy, &cos, &sin, true)?, dy.shape.clone()))
+    }
 }
 
 /// Rotary embedding from candle ops (other devices and dtypes), in x's dtype (the tables are
