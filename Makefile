@@ -43,7 +43,7 @@ clean-results:
 CIFAR10_JPEG_TGZ ?= $(DATA_DIR)/cifar10-jpeg-q75.tar.gz
 CIFAR10_JPEG_DIR := $(DATA_DIR)/cifar10-jpeg-q75
 
-.PHONY: cifar10-jpeg demo-cifar10-jpeg reproduce-mini reproduce-mini-extras
+.PHONY: cifar10-jpeg demo-cifar10-jpeg reproduce-mini reproduce-mini-extras reproduce-llm-mini
 
 cifar10-jpeg:
 	@if [ -d $(CIFAR10_JPEG_DIR)/train ] && [ -d $(CIFAR10_JPEG_DIR)/test ]; then \
@@ -108,6 +108,21 @@ reproduce-mini-extras: build $(if $(filter cifar10,$(MINI_DATA)),,cifar10-jpeg)
 	$(SDP) figures --results $(RESULTS_DIR)/mini --out $(FIGURES_DIR)/mini || exit $$?; \
 	exit $$rc
 
+# The LLM mini tier (experiments/llm_mini/: llama_tiny on the Brown corpus, K = 4, DP and SDP block/neuron,
+# forward/backward, small_dense; `sdp check --cost` prints its hours first). Needs datasets/brown-2048
+# (`make brown-tokens`). Finished runs are skipped, interrupted ones resume. Results in results/llm_mini/,
+# figures in paper_figures/llm_mini/.
+LLM_MINI_FIRST := $(addprefix experiments/llm_mini/,sdp_forward.toml neuron.toml sdp_backward.toml baselines.toml)
+LLM_MINI_SPECS := $(LLM_MINI_FIRST) $(sort $(wildcard experiments/llm_mini/extras/*.toml))
+
+reproduce-llm-mini: build
+	@[ -d $(DATA_DIR)/brown-2048 ] || { echo "error: no $(DATA_DIR)/brown-2048: run make brown-tokens first" >&2; exit 2; }
+	$(SDP) check --cost $(LLM_MINI_SPECS) --data-dir $(DATA_DIR) | tail -n 6
+	$(SDP) run $(LLM_MINI_SPECS) --data-dir $(DATA_DIR) --results-dir $(RESULTS_DIR)/llm_mini; \
+	rc=$$?; [ $$rc -eq 130 ] && exit 130; \
+	$(SDP) figures --results $(RESULTS_DIR)/llm_mini --out $(FIGURES_DIR)/llm_mini || exit $$?; \
+	exit $$rc
+
 # The paper grid (experiments/paper/*.toml: CIFAR-10/100, SVHN x ResNet-18, WRN-18, Swin-T x DP and SDP
 # block/neuron x forward/backward x C in {0.5, 0.75, 0.875, 1}, K = 8, 3 seeds; 378 runs). Prints the estimated
 # hours (`sdp check --cost`, step times measured on DEVICE), downloads the datasets (md5-checked, resumable),
@@ -119,7 +134,11 @@ FEATURES     ?= $(if $(filter cpu,$(DEVICE)),,--features cudnn)  # cuDNN conv + 
 PAPER_DATA   := cifar10 cifar100 svhn
 # Cheapest model first, so the first complete figures arrive early; then any other file in experiments/paper/.
 PAPER_FIRST  := $(foreach m,resnet18 wrn18 swin_t,$(foreach d,$(PAPER_DATA),experiments/paper/$(d)_$(m).toml))
-PAPER_SPECS  := $(PAPER_FIRST) $(filter-out $(PAPER_FIRST),$(sort $(wildcard experiments/paper/*.toml)))
+# The language-model row (FineWeb x llama_134m) joins where llm.c's FineWeb shards are in $(DATA_DIR)/fineweb10B
+# (they cannot be downloaded by `sdp data fetch`; experiments/paper/fineweb_llama134m.toml says how to make them).
+PAPER_LLM    := experiments/paper/fineweb_llama134m.toml
+PAPER_SPECS  := $(PAPER_FIRST) $(filter-out $(PAPER_FIRST) $(PAPER_LLM),$(sort $(wildcard experiments/paper/*.toml))) \
+                $(if $(wildcard $(DATA_DIR)/fineweb10B/*val*.bin),$(PAPER_LLM),)
 
 reproduce:
 	$(CARGO) build --release $(FEATURES)
