@@ -18,7 +18,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 struct SpecArgs {
     /// Experiment spec files (TOML).
     #[arg(required = true)]
@@ -331,6 +331,26 @@ fn list_runs(results_dir: &Path, stale_after: std::time::Duration) -> Result<()>
     Ok(out.flush()?)
 }
 
+/// The flags of `sdp run` that share runs among processes, or name a process's device: a `--jobs` child is
+/// given its own device instead, and runs one job.
+const JOB_FLAGS: [&str; 3] = ["--jobs", "--devices", "--device"];
+
+/// The arguments a `--jobs` child gets after `run`: this process's own (`argv`, as typed), less
+/// [`JOB_FLAGS`] (with their values), so that every other flag of `sdp run`, present or future, reaches the
+/// child unchanged.
+fn job_args(argv: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = argv.iter().skip_while(|a| a.as_str() != "run").skip(1);
+    while let Some(a) = it.next() {
+        if JOB_FLAGS.contains(&a.as_str()) {
+            it.next(); // its value
+        } else if !JOB_FLAGS.iter().any(|f| a.starts_with(&format!("{f}="))) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
 /// `sdp run --jobs N`: N child `sdp run` processes over the same runs and folder (each takes the next run
 /// no other holds, so none trains twice), child j on `devices[j % len]`. The children get their own
 /// process group: a signal to this process is forwarded once, as SIGTERM, so each checkpoints and stops.
@@ -507,33 +527,9 @@ fn run() -> Result<ExitCode> {
             })?;
             if jobs > 1 {
                 runner::select(&exps, &only, shard)?; // --only matching nothing fails here, once
-                let mut args: Vec<String> = spec.specs.iter().map(|p| p.display().to_string()).collect();
-                for s in &spec.set {
-                    args.extend(["--set".into(), s.clone()]);
-                }
-                if let Some(o) = &only {
-                    args.extend(["--only".into(), o.clone()]);
-                }
-                if let Some(s) = shard {
-                    args.extend(["--shard".into(), format!("{}/{}", s.index, s.count)]);
-                }
-                if force {
-                    args.push("--force".into());
-                }
-                if keep_checkpoints {
-                    args.push("--keep-checkpoints".into());
-                }
-                args.extend([
-                    "--results-dir".into(),
-                    results_dir.display().to_string(),
-                    "--data-dir".into(),
-                    data_dir.display().to_string(),
-                    format!("--checkpoint-every={checkpoint_every}"),
-                    format!("--checkpoint-secs={checkpoint_secs}"),
-                    format!("--checkpoint-steps={checkpoint_steps}"),
-                    format!("--stale-after={stale_after}"),
-                    format!("--progress-secs={progress_secs}"),
-                ]);
+                                                      // Every flag as typed, so that none is lost on the way (a test holds this for every flag).
+                let argv: Vec<String> = std::env::args().collect();
+                let args = job_args(&argv);
                 let code = run_jobs(jobs, &devices, &args, &stop)?;
                 let mut names: Vec<&str> = exps.iter().map(|e| e.name.as_str()).collect();
                 names.dedup();
@@ -692,5 +688,110 @@ fn run() -> Result<ExitCode> {
             list_runs(&results_dir, std::time::Duration::from_secs(stale_after))?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag of `sdp run`, set away from its default, reaches a `--jobs` child: the child's command
+    /// line, given back the job flags the parent keeps for itself, parses to exactly the parent's. A flag added
+    /// to `sdp run` fails this test until it is listed here.
+    #[test]
+    fn every_run_flag_reaches_a_jobs_child() {
+        let flags: &[&[&str]] = &[
+            &["--set", "method.workers=2"],
+            &["--set", "seed=3"],
+            &["--only", "seed=1"],
+            &["--dry-run"],
+            &["--force"],
+            &["--results-dir", "elsewhere"],
+            &["--data-dir=/data"],
+            &["--checkpoint-every", "3"],
+            &["--checkpoint-secs", "12.5"],
+            &["--checkpoint-steps", "7"],
+            &["--keep-checkpoints"],
+            &["--stale-after", "99"],
+            &["--progress-secs", "4"],
+            &["--shard", "1/3"],
+            &["--save-model"],
+            &["--no-memprobe"],
+        ];
+        let job: &[&[&str]] = &[&["--jobs", "3"], &["--devices=cpu,cpu"], &["--device", "cuda:1"]];
+        let run = Cli::command();
+        let run = run.find_subcommand("run").expect("the run subcommand");
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long() else { continue }; // the positional spec files
+            let long = format!("--{long}");
+            let listed = flags.iter().chain(job).any(|f| f[0].split('=').next() == Some(long.as_str()));
+            assert!(listed || long == "--help", "`sdp run {long}` is not in this test's list");
+        }
+        let mut argv: Vec<String> = ["sdp", "run", "a.toml", "b.toml"].map(String::from).to_vec();
+        for f in flags.iter().chain(job) {
+            argv.extend(f.iter().map(|s| s.to_string()));
+        }
+        let parent = Cli::try_parse_from(&argv).expect("the parent's command line parses");
+        // The parsed values differ from the defaults, so a flag dropped on the way would show.
+        assert!(run_fields(Cli::try_parse_from(["sdp", "run", "a.toml", "b.toml"]).expect("parses"))
+            .iter()
+            .zip(run_fields(Cli::try_parse_from(&argv).expect("parses")))
+            .all(|(default, set)| *default != set));
+        let mut child: Vec<String> = vec!["sdp".into(), "run".into()];
+        child.extend(job_args(&argv));
+        assert!(!child.iter().any(|a| JOB_FLAGS.iter().any(|f| a.starts_with(f))), "{child:?}");
+        for f in job {
+            child.extend(f.iter().map(|s| s.to_string()));
+        }
+        let child = Cli::try_parse_from(&child).expect("the child's command line parses");
+        assert_eq!(run_fields(child), run_fields(parent));
+    }
+
+    /// Every field of a parsed `sdp run`, printed (the pattern names them all: a new one must be added here).
+    fn run_fields(cli: Cli) -> Vec<String> {
+        let Command::Run {
+            spec,
+            only,
+            dry_run,
+            force,
+            results_dir,
+            data_dir,
+            device,
+            checkpoint_every,
+            checkpoint_secs,
+            checkpoint_steps,
+            keep_checkpoints,
+            stale_after,
+            progress_secs,
+            shard,
+            jobs,
+            devices,
+            save_model,
+            no_memprobe,
+        } = cli.command
+        else {
+            panic!("not `sdp run`");
+        };
+        vec![
+            format!("{spec:?}"),
+            format!("{only:?}"),
+            format!("{dry_run:?}"),
+            format!("{force:?}"),
+            format!("{results_dir:?}"),
+            format!("{data_dir:?}"),
+            format!("{device:?}"),
+            format!("{checkpoint_every:?}"),
+            format!("{checkpoint_secs:?}"),
+            format!("{checkpoint_steps:?}"),
+            format!("{keep_checkpoints:?}"),
+            format!("{stale_after:?}"),
+            format!("{progress_secs:?}"),
+            format!("{shard:?}"),
+            format!("{jobs:?}"),
+            format!("{devices:?}"),
+            format!("{save_model:?}"),
+            format!("{no_memprobe:?}"),
+        ]
     }
 }
