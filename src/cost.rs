@@ -31,7 +31,8 @@
 //! another), so pricing a grid measures each configuration once, in a few seconds.
 
 use crate::bench::{self, StepBench};
-use crate::data::source::{DataRef, Shape};
+use crate::data::registry::DataRef;
+use crate::data::source::Shape;
 use crate::masking;
 use crate::models::info::thousands;
 use crate::models::{self, Builder, Net};

@@ -10,6 +10,7 @@ pub mod comm;
 pub mod cost;
 pub mod data;
 pub mod figures;
+pub mod io;
 pub mod lock;
 pub mod masking;
 pub mod memprobe;

@@ -49,7 +49,7 @@ impl LockInfo {
     /// Whether the owner is alive (see the module docs).
     pub fn is_live(&self, stale_after: Duration) -> bool {
         let fresh = self.age() <= stale_after.as_secs() as i64;
-        if self.host == crate::results::host() {
+        if self.host == crate::io::host() {
             fresh && pid_alive(self.pid)
         } else {
             fresh
@@ -62,20 +62,7 @@ impl LockInfo {
     }
 }
 
-/// Whether process `pid` exists on this host.
-pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks that the process exists and may be signalled.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-pub fn unix_now() -> i64 {
-    chrono::Utc::now().timestamp()
-}
+pub use crate::io::{pid_alive, unix_now};
 
 /// The lock file of a run folder.
 pub fn path(run_dir: &Path) -> PathBuf {
@@ -120,14 +107,14 @@ pub fn claim(run_dir: &Path, stale_after: Duration, beat: Duration) -> Result<Cl
     let path = path(run_dir);
     let token = format!(
         "{}:{}:{}",
-        crate::results::host(),
+        crate::io::host(),
         std::process::id(),
         chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
     );
     let info = LockInfo {
         pid: std::process::id(),
-        host: crate::results::host(),
-        started: crate::results::now(),
+        host: crate::io::host(),
+        started: crate::io::now(),
         heartbeat: unix_now(),
         token: token.clone(),
         epoch: 0,
@@ -150,7 +137,7 @@ pub fn claim(run_dir: &Path, stale_after: Duration, beat: Duration) -> Result<Cl
             if let Some(h) = held.filter(|h| h.is_live(stale_after)) {
                 return Ok(Claim::Busy(h));
             }
-            crate::results::write_atomic(&path, &bytes)?;
+            crate::io::write_atomic(&path, &bytes)?;
             std::thread::sleep(Duration::from_millis(300));
             match read(run_dir) {
                 Some(h) if h.token == token => {}
@@ -182,7 +169,7 @@ pub fn claim(run_dir: &Path, stale_after: Duration, beat: Duration) -> Result<Cl
             cur.total_steps = p.total_steps.load(Ordering::Relaxed);
             if let Ok(b) = serde_json::to_vec_pretty(&cur) {
                 // A failed beat (disk full) is retried at the next one; the run itself reports the disk.
-                let _ = crate::results::write_atomic(&file, &b);
+                let _ = crate::io::write_atomic(&file, &b);
             }
         })
         .context("starting the heartbeat thread")?;
@@ -230,8 +217,8 @@ mod tests {
         for (pid, age) in [(u32::MAX / 2, 0), (std::process::id(), 3600)] {
             let dead = LockInfo {
                 pid,
-                host: crate::results::host(),
-                started: crate::results::now(),
+                host: crate::io::host(),
+                started: crate::io::now(),
                 heartbeat: unix_now() - age,
                 token: "old".into(),
                 epoch: 1,

@@ -220,7 +220,7 @@ mod tests {
         let text =
             "name = \"t\"\n[workload]\ndataset = \"folder:imgs\"\nmodel = \"resnet18\"\nepochs = 1\nbatch_size = 2\n";
         let w = crate::plan::parse(text, Path::new("t.toml"), &[])?.runs.remove(0).spec.workload;
-        let data = crate::data::source::DataRef::parse(&w.dataset)?;
+        let data = crate::data::registry::DataRef::parse(&w.dataset)?;
         let shape = data.shape(&w, dir.path())?;
         assert_eq!((shape.classes, shape.train, shape.test, shape.hw), (3, 3, 3, (6, 4)));
         let e = data.shape(&w, Path::new("/nonexistent")).unwrap_err().to_string();

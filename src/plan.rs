@@ -6,7 +6,7 @@
 //! are loaded through [`load`] / [`parse`], which resolve every run before any is returned, so a wrong name
 //! is an error of the file (with its line) rather than of a run that has started.
 
-use crate::data::source::DataRef;
+use crate::data::registry::DataRef;
 use crate::masking;
 use crate::models;
 use crate::spec::{self, Experiment, MethodKind, RunSpec, SpecError};
@@ -86,7 +86,7 @@ pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment
 /// compare one quantity. A grid over datasets of different tasks is an error naming two runs. (Every run
 /// has been resolved by now, so its dataset's task is registered.)
 fn one_metric(exp: &Experiment) -> Result<()> {
-    let metric = |r: &spec::Run| task::metric_of_dataset(&r.spec.workload.dataset).name;
+    let metric = |r: &spec::Run| crate::data::registry::metric_of_dataset(&r.spec.workload.dataset).name;
     let Some(first) = exp.runs.first() else { return Ok(()) };
     let (want, other) = (metric(first), exp.runs.iter().find(|r| metric(r) != metric(first)));
     match other {

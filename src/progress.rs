@@ -90,7 +90,7 @@ impl Progress {
             run_dir: rd.dir.clone(),
             run_id: run.id.clone(),
             metrics_path: rd.metrics(),
-            metric: crate::task::metric_of_dataset(&run.spec.workload.dataset).name,
+            metric: crate::data::registry::metric_of_dataset(&run.spec.workload.dataset).name,
             stop: opts.stop.clone(),
             lost: lock.lost.clone(),
             heartbeat: lock.progress.clone(),

@@ -394,7 +394,7 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
             _ => {}
         }
     } else {
-        write_metrics(&rd.metrics(), crate::task::metric_of_dataset(&run.spec.workload.dataset).name, &rows)?;
+        write_metrics(&rd.metrics(), crate::data::registry::metric_of_dataset(&run.spec.workload.dataset).name, &rows)?;
     }
     let mut obs = Progress::new(title.to_string(), run, rd, opts, lock, policy, rows);
     // Spread over processes: rank 0 watches the others, to record a rank that dies.

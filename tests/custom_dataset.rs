@@ -5,7 +5,8 @@
 mod common;
 
 use anyhow::Result;
-use sdp::data::source::{self, DataRef, DataSource, Request, Shape};
+use sdp::data::registry::{self as source, DataRef};
+use sdp::data::source::{DataSource, Request, Shape};
 use sdp::data::{channel_stats, Dataset, ImageData, ImageSet};
 use std::path::Path;
 use std::sync::Once;

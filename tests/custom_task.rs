@@ -6,7 +6,8 @@ mod common;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
-use sdp::data::source::{self, DataSource, Request, Shape};
+use sdp::data::registry as source;
+use sdp::data::source::{DataSource, Request, Shape};
 use sdp::data::synthetic::Shapes;
 use sdp::data::Dataset;
 use sdp::progress::Quiet;

@@ -1,6 +1,6 @@
 //! A workload of another kind than images, added from outside the crate as a user would add one:
 //! next-token prediction on token sequences. Each piece is one type behind one registry call — a split of
-//! token sequences (`data::examples::Examples`) served by a dataset source (`data::source::register`), a
+//! token sequences (`data::examples::Examples`) served by a dataset source (`data::registry::register`), a
 //! task scoring every position's prediction (`task::register`), and a model family that embeds tokens
 //! (`models::register`: the residual MLP of `tests/common/mlp.rs` with an embedding stem). DP and SDP
 //! (block and neuron masking) then train it through the runner, with every evaluation mode, and its results
@@ -16,7 +16,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use sdp::data::augment::AugmentCfg;
 use sdp::data::examples::{Batch, Examples, Input};
-use sdp::data::source::{self, DataSource, Request, Shape};
+use sdp::data::registry as source;
+use sdp::data::source::{DataSource, Request, Shape};
 use sdp::data::Dataset;
 use sdp::models::{self, Family, ModelArgs};
 use sdp::results::{read_csv, read_metrics, WorkerRow};

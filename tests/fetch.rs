@@ -15,7 +15,8 @@ use anyhow::{ensure, Result};
 use common::{check_contains, err_text};
 use md5::{Digest, Md5};
 use sdp::data::cifar;
-use sdp::data::fetch::{self, RemoteFile, Source};
+use sdp::data::fetch::{self, Source};
+use sdp::data::remote::RemoteFile;
 
 // ---------------------------------------------------------------- test server
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
-use super::fetch::RemoteFile;
+use super::remote::RemoteFile;
 use super::source::{Official, Shape};
 use super::{ImageData, ImageSet};
 
@@ -158,13 +158,19 @@ struct Batch {
     coarse: Vec<u32>,
 }
 
+/// The URL of the official archive of `fetch_name` (`cifar10` or `cifar100`), for error messages.
+fn official_url(fetch_name: &str) -> String {
+    let source = if fetch_name == "cifar100" { &CIFAR100 } else { &CIFAR10 };
+    (source.files)().first().map(|f| f.url.clone()).unwrap_or_default()
+}
+
 /// Reads one binary batch file; `fetch_name` is the `sdp data fetch` argument that provides it.
 fn read_batch(path: &Path, layout: Layout, fetch_name: &str) -> Result<Batch> {
     if !path.exists() {
         bail!(
             "{} not found: run `sdp data fetch {fetch_name}` (or download {} by hand and extract it into {})",
             path.display(),
-            super::fetch::official_url(fetch_name).unwrap_or_default(),
+            official_url(fetch_name),
             path.parent().and_then(Path::parent).unwrap_or(Path::new(".")).display()
         );
     }

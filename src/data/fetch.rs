@@ -18,33 +18,9 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::remote::RemoteFile;
 use anyhow::{bail, Context, Result};
 use md5::{Digest, Md5};
-
-/// One file to download.
-#[derive(Clone, Debug)]
-pub struct RemoteFile {
-    /// `http://` or `https://` URL; the last path segment is the local file name.
-    pub url: String,
-    /// Expected md5, lowercase hex.
-    pub md5: String,
-    /// Directory under the data directory where the file is stored (`""` for the data directory itself).
-    pub dir: PathBuf,
-    /// Files (relative to the data directory) a `.tar.gz` archive provides; empty means "do not extract".
-    pub extracts: Vec<PathBuf>,
-}
-
-impl RemoteFile {
-    /// Local file name: the URL's last path segment.
-    pub fn file_name(&self) -> &str {
-        self.url.rsplit('/').next().unwrap_or(&self.url)
-    }
-
-    /// Where the file is stored under `data_dir`.
-    pub fn local_path(&self, data_dir: &Path) -> PathBuf {
-        data_dir.join(&self.dir).join(self.file_name())
-    }
-}
 
 /// A dataset's downloadable files.
 #[derive(Clone, Debug)]
@@ -57,9 +33,9 @@ pub struct Source {
 /// The official files of a registered dataset (`cifar10`, `cifar100`, `svhn`; URLs and md5 sums in each
 /// source's file); a dataset with none to download is an error.
 pub fn official(name: &str) -> Result<Source> {
-    let files = super::source::DataRef::parse(name)?.source().files();
+    let files = super::registry::DataRef::parse(name)?.source().files();
     if files.is_empty() {
-        let with: Vec<&str> = super::source::REGISTRY
+        let with: Vec<&str> = super::registry::REGISTRY
             .all()
             .into_iter()
             .filter(|r| !r.source.files().is_empty())
@@ -344,7 +320,7 @@ impl std::fmt::Display for Info {
 /// error; an unknown name is.
 pub fn info(name: &str, data_dir: &Path) -> Result<Info> {
     let mut s = String::new();
-    let data = super::source::DataRef::parse(name)?;
+    let data = super::registry::DataRef::parse(name)?;
     let req =
         super::source::Request { data_dir, arg: data.arg.as_deref(), train: None, test: None, seed: 0, context: None };
     let source = data.source();

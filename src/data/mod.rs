@@ -13,6 +13,8 @@ pub mod examples;
 pub mod fetch;
 pub mod folder;
 pub mod loader;
+pub mod registry;
+pub mod remote;
 pub mod source;
 pub mod svhn;
 pub mod synthetic;
@@ -200,10 +202,10 @@ pub fn channel_stats(set: &ImageSet) -> ([f32; 3], [f32; 3]) {
     (mean, std)
 }
 
-/// Loads the dataset a workload names (through the [`source`] registry), truncated to `train_samples` /
+/// Loads the dataset a workload names (through the [`registry`]), truncated to `train_samples` /
 /// `test_samples`.
 pub fn load(w: &Workload, data_dir: &Path) -> Result<Dataset> {
-    source::DataRef::parse(&w.dataset)?.load(w, data_dir)
+    registry::DataRef::parse(&w.dataset)?.load(w, data_dir)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::cache::{self, Cached, Fingerprint};
-use super::fetch::RemoteFile;
+use super::remote::RemoteFile;
 use super::source::{Official, Shape};
 use super::{ImageData, ImageSet};
 

@@ -249,7 +249,7 @@ impl Sidecar {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let mut text = serde_json::to_string_pretty(self)?;
         text.push('\n');
-        crate::results::write_atomic(&dir.join(SIDECAR), text.as_bytes())
+        crate::io::write_atomic(&dir.join(SIDECAR), text.as_bytes())
     }
 }
 

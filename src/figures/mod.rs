@@ -32,9 +32,10 @@ mod read;
 mod series;
 mod table;
 
+use crate::data::registry::metric_of_dataset;
 use crate::results::write_atomic;
 use crate::spec::{MethodKind, RunSpec, SpecError};
-use crate::task::{metric_of_dataset, Metric, CLASSIFY};
+use crate::task::{Metric, CLASSIFY};
 use anyhow::{bail, Context, Result};
 use plot::{Axis, HLine, Line, Marker, Plot, Point, PALETTE};
 use plotters::style::{RGBColor, BLACK};

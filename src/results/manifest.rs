@@ -206,16 +206,7 @@ pub fn read_resolved_spec(path: &Path) -> Result<RunSpec> {
     serde_json::from_value(spec).with_context(|| format!("{}: not a resolved run spec", path.display()))
 }
 
-pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-pub fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
+pub use crate::io::{host, now};
 
 /// The git revision of the working tree the binary runs in (`+dirty` when modified), or `unknown`.
 fn git_rev() -> String {

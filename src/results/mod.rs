@@ -62,7 +62,7 @@ pub fn clean_temp_files(dir: &Path, all: bool) {
             name.rsplit_once(".tmp-").and_then(|(_, p)| p.parse::<u32>().ok())
         };
         let Some(pid) = pid else { continue };
-        if pid != std::process::id() && (all || !crate::lock::pid_alive(pid)) {
+        if pid != std::process::id() && (all || !crate::io::pid_alive(pid)) {
             let _ = std::fs::remove_file(e.path());
         }
     }

@@ -256,7 +256,7 @@ pub fn write_summary(results: &Path, experiment: &str) -> Result<PathBuf> {
     // No finished run: the metric of the task its runs' dataset names.
     let metric = match metric {
         Some((m, _)) => m,
-        None => crate::task::metric_of_dataset(first_dataset.as_deref().unwrap_or_default()).name.to_string(),
+        None => crate::data::registry::metric_of_dataset(first_dataset.as_deref().unwrap_or_default()).name.to_string(),
     };
     let path = exp_dir.join("summary.csv");
     write_rows(&path, &name_headline(columns::<SummaryRow>()?, &metric), &rows)?;

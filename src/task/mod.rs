@@ -111,17 +111,6 @@ pub fn register(name: &'static str, task: &'static dyn Task) -> Result<()> {
     REGISTRY.register(Registered { name, task })
 }
 
-/// The headline metric of the task a dataset name (`workload.dataset`) is for; classification's where the
-/// name or its task is not registered in this process (a dataset registered by another program).
-pub fn metric_of_dataset(dataset: &str) -> Metric {
-    crate::data::source::DataRef::parse(dataset)
-        .ok()
-        .and_then(|d| task(d.source().task()).ok())
-        .unwrap_or(CLASSIFY)
-        .task
-        .metric()
-}
-
 /// The task registered as `name`.
 pub fn task(name: &str) -> Result<Registered> {
     match REGISTRY.find(name) {
