@@ -79,7 +79,7 @@ def ints(s):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["resnet", "swin_t", "llama_tiny"], default="resnet",
+    p.add_argument("--model", choices=["resnet", "swin_t", "llama_tiny", "llama_134m"], default="resnet",
                    help="resnet (kuangliu's CIFAR ResNet; --widths/--depths), swin_t (timm, 32x32 as `sdp`'s) or "
                         "llama_tiny (transformers' LlamaForCausalLM as `sdp`'s preset; --context, --classes = vocab)")
     p.add_argument("--context", type=int, default=128, help="llama_tiny: tokens per sequence")
@@ -112,12 +112,14 @@ def main():
         # docs/design.md §7's swin_t: patch 2, window 4, dims 96..768, depths 2/2/6/2, heads 3/6/12/24.
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=a.image_size,
                                   patch_size=2, window_size=4, num_classes=a.classes).to(dev)
-    elif a.model == "llama_tiny":
+    elif a.model.startswith("llama"):
         from transformers import LlamaConfig, LlamaForCausalLM  # only needed here
 
-        # src/models/llama.rs's llama_tiny: d 128, 8 layers, 4 heads, SwiGLU 352, tied head, eager attention.
-        cfg = LlamaConfig(vocab_size=a.classes, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
-                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+        # src/models/llama.rs's presets: llama_tiny d 128, 8 layers, 4 heads, SwiGLU 352, tied head; llama_134m
+        # d 768, 12 layers, 12 heads, SwiGLU 2048, untied; eager attention.
+        d, layers, heads, ffn, tied = (128, 8, 4, 352, True) if a.model == "llama_tiny" else (768, 12, 12, 2048, False)
+        cfg = LlamaConfig(vocab_size=a.classes, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=tied,
                           max_position_embeddings=max(a.context, 128), rms_norm_eps=1e-6, rope_theta=10000.0)
         cfg._attn_implementation = "eager"
         model = LlamaForCausalLM(cfg).to(dev)
@@ -126,7 +128,7 @@ def main():
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(a.seed)
-    if a.model == "llama_tiny":
+    if a.model.startswith("llama"):
         x = torch.randint(0, a.classes, (a.batch, a.context), generator=g).to(dev)
         y = torch.randint(0, a.classes, (a.batch, a.context), generator=g).to(dev)
     else:
@@ -146,7 +148,7 @@ def main():
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = model(x)
-        if a.model == "llama_tiny":
+        if a.model.startswith("llama"):
             loss = F.cross_entropy(out.logits.reshape(-1, a.classes), y.reshape(-1))
         else:
             loss = F.cross_entropy(out, y)
