@@ -1,4 +1,5 @@
-//! The mechanism behind every registry of named extensions (model families, datasets, tasks): the
+//! The mechanism behind every registry of named extensions (model families, datasets, tasks, masking
+//! strategies): the
 //! built-in entries, one line each in a const slice, then the entries registered while the program runs
 //! (a downstream crate, a test), after them. A name can be taken once.
 

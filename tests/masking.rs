@@ -5,7 +5,7 @@
 use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use sdp::masking::{holders, strategy, Registered, Selection, REGISTRY};
+use sdp::masking::{holders, strategy, MaskStrategy, Registered, Selection, REGISTRY};
 use sdp::models::{Family, Unit, UnitKind};
 use sdp::seed::{rng, Stream};
 
@@ -55,8 +55,9 @@ fn resnet18_neurons(w: usize) -> Vec<Unit> {
 /// Units of the kind `s` selects among, realistic sizes: full ResNet-18 blocks, or width-16 neurons.
 /// Every registered strategy with its name and the units it selects among (ResNet-18's blocks, or the
 /// neurons of 16-wide blocks).
-fn strategies() -> impl Iterator<Item = (&'static Registered, &'static str, Vec<Unit>)> {
-    REGISTRY.iter().map(|s| {
+fn strategies() -> impl Iterator<Item = (Registered, &'static str, Vec<Unit>)> {
+    register_once();
+    REGISTRY.all().into_iter().map(|s| {
         let units = match s.kind {
             UnitKind::Block => resnet18_blocks(),
             UnitKind::Neuron => resnet18_neurons(16),
@@ -152,7 +153,7 @@ fn bad_arguments_are_errors() -> Result<()> {
 fn unknown_strategy_lists_registered_names() {
     let e = strategy("blokc").expect_err("unknown name must be an error").to_string();
     assert!(e.contains("\"blokc\""), "{e}");
-    for s in REGISTRY {
+    for s in REGISTRY.all() {
         assert!(e.contains(s.name), "{e} does not list {}", s.name);
     }
     assert_eq!(strategy("block").unwrap().name, "block");
@@ -299,5 +300,43 @@ fn cyclic_connects_the_workers_block_can_split() -> Result<()> {
         let big: Vec<usize> = (0..4).map(|k| sel.held_by(k).into_iter().filter(|&u| u >= 6).count()).collect();
         assert_eq!(big, vec![1; 4], "seed {seed}: stage-4 blocks per worker");
     }
+    Ok(())
+}
+
+/// A strategy defined outside the crate, as a user adds one: block `u` to workers r+u, r+u+1, …, r+u+m−1
+/// (mod K) from a random start r, ignoring sizes (a ring like `cyclic`, without its balancing).
+struct Strided;
+
+impl MaskStrategy for Strided {
+    fn assign(&self, units: &[Unit], workers: usize, m: usize, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<bool>>> {
+        use rand::Rng;
+        let r = rng.random_range(0..workers);
+        let mut holds = vec![vec![false; units.len()]; workers];
+        for u in 0..units.len() {
+            for j in 0..m {
+                holds[(r + u + j) % workers][u] = true;
+            }
+        }
+        Ok(holds)
+    }
+}
+
+fn register_once() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| sdp::masking::register("test_strided", UnitKind::Block, &Strided).expect("registering"));
+}
+
+#[test]
+fn a_strategy_registered_from_outside_is_named_by_specs_and_names_are_not_taken_twice() -> Result<()> {
+    register_once();
+    let s = strategy("test_strided")?;
+    let sel = s.select(&resnet18_blocks(), 4, 0.5, &mut mask_rng(0))?;
+    sel.check_uniform(8)?;
+    assert!(sdp::masking::register("block", UnitKind::Block, &Strided).is_err(), "a built-in name is taken");
+    // A spec may name it (the plan resolves `method.masking` through the registry).
+    let spec = "name = \"x\"\n[workload]\ndataset = \"shapes\"\nmodel = \"resnet18\"\nepochs = 1\nbatch_size = 8\n[method]\nkind = \"sdp\"\nworkers = 2\n\
+                masking = \"test_strided\"\ncoverage = 0.5\n";
+    let exp = sdp::plan::parse(spec, std::path::Path::new("x.toml"), &[])?;
+    assert_eq!(exp.runs[0].spec.method.masking, "test_strided");
     Ok(())
 }

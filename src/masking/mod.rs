@@ -9,8 +9,8 @@
 //! 1. Write `src/masking/<name>.rs` with a unit struct implementing [`MaskStrategy`] (its `assign`: see
 //!    `random_block.rs`, the smallest example). Arguments arrive checked; reuse [`greedy_balance`] /
 //!    [`least_loaded`] for byte balancing.
-//! 2. Add `mod <name>;` below and one line to [`REGISTRY`]: its spec name, the unit kind it selects among
-//!    (`UnitKind::Block` or `UnitKind::Neuron`) and the struct.
+//! 2. Add `mod <name>;` below and one line to [`BUILT_IN`]: its spec name, the unit kind it selects among
+//!    (`UnitKind::Block` or `UnitKind::Neuron`) and the struct. (From outside the crate: [`register`].)
 //!
 //! `tests/masking.rs` loops over [`REGISTRY`], so the new strategy is checked against the shared invariants
 //! automatically. Every registered strategy must satisfy them:
@@ -30,6 +30,7 @@ mod neuron;
 mod random_block;
 
 use crate::models::{Unit, UnitKind};
+use crate::registry::{Named, Registry};
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -140,8 +141,14 @@ impl Registered {
     }
 }
 
-/// Every masking strategy a spec may name. One line per strategy.
-pub const REGISTRY: &[Registered] = &[
+impl Named for Registered {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// Every built-in masking strategy. One line per strategy.
+pub const BUILT_IN: &[Registered] = &[
     Registered { name: "block", kind: UnitKind::Block, strategy: &block::Block },
     Registered { name: "block_act", kind: UnitKind::Block, strategy: &block_act::BlockAct },
     Registered { name: "cyclic", kind: UnitKind::Block, strategy: &cyclic::Cyclic },
@@ -149,14 +156,20 @@ pub const REGISTRY: &[Registered] = &[
     Registered { name: "random_block", kind: UnitKind::Block, strategy: &random_block::RandomBlock },
 ];
 
+/// The built-in strategies, then those registered while the program runs ([`register`]).
+pub static REGISTRY: Registry<Registered> = Registry::new("masking strategy", BUILT_IN);
+
+/// Registers a strategy defined outside this crate under `name`, selecting among units of `kind`, after
+/// which specs may name it (`method.masking`). A name already taken is an error.
+pub fn register(name: &'static str, kind: UnitKind, strategy: &'static dyn MaskStrategy) -> Result<()> {
+    REGISTRY.register(Registered { name, kind, strategy })
+}
+
 /// The registered strategy called `name`; an unknown name is an error listing the registered names.
 pub fn strategy(name: &str) -> Result<Registered> {
-    match REGISTRY.iter().find(|r| r.name == name) {
-        Some(r) => Ok(*r),
-        None => {
-            let names: Vec<&str> = REGISTRY.iter().map(|r| r.name).collect();
-            bail!("unknown masking strategy {name:?}; registered strategies: {}", names.join(", "))
-        }
+    match REGISTRY.find(name) {
+        Some(r) => Ok(r),
+        None => bail!("unknown masking strategy {name:?}; registered strategies: {}", REGISTRY.names().join(", ")),
     }
 }
 
