@@ -110,7 +110,9 @@ sdp_state.rs, src/comm/local.rs), the same as sdp by construction besides the ab
   model with every residual branch multiplied by m/K before the addition), `ensemble` (accuracy of the mean
   softmax of the K worker subnetworks), `subnet_mean` (the mean of the K subnetworks' accuracies). Checked
   by evaluating sdp's own saved final model (`sdp run --save-model`, block C = 0.75 seed 0) with this code:
-  every mode within 0.002 of sdp's figures, test_loss within 0.001 (JPEG decoding differs).
+  every mode within 0.002 of sdp's figures, test_loss within 0.001 (JPEG decoding differs); on sdp's own
+  decoded pixels every mode is identical, and a training step redone from sdp's checkpoint matches sdp's
+  next checkpoint to float rounding (scripts/pytorch_sdp_check.py).
 
 What differs:
 - Random draws: PyTorch's generator (seeded by --seed) initialises the weights and draws the epoch
