@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
-"""The PyTorch twin of an `sdp` data-parallel (DP) training run: the same model, data subset, normalisation,
-augmentation, optimizer, schedule and K x batch, trained by PyTorch, so that sdp's DP baseline can be checked
-against the field's reference implementation.
+"""The PyTorch twin of an `sdp` training run, data parallelism (DP) or SDP with block masking in the forward
+regime: the same model, data subset, normalisation, augmentation, optimizer, schedule, K x batch, and for SDP
+the same holder assignment, averaging and evaluation modes, trained by PyTorch, so that sdp's runs can be
+checked against the field's reference implementation.
 
     python3 scripts/pytorch_train.py --data datasets/cifar10-jpeg-q75 --train-samples 8000 --test-samples 2000 \\
         --widths 16,32,64,128 --depths 2,2,2,2 --workers 4 --batch 64 --epochs 5 --lr 0.2 --warmup 0.5 \\
         --eval-every 2 --pad-mode reflect --seed 0 --csv /tmp/twin-seed0.csv
     python3 scripts/pytorch_train.py --spec experiments/mini/sdp_forward.toml --data-dir datasets --seed 1 --csv /tmp/twin-seed1.csv
+    python3 scripts/pytorch_train.py --spec experiments/mini/sdp_forward.toml --data-dir datasets --kind sdp \
+        --masking block --coverage 0.75 --seed 0 --csv /tmp/twin-sdp-c0.75-seed0.csv
 
 With --spec, the spec's scalar fields set the defaults of the flags below (a `seeds` list gives its first
-seed; a `method.kind` list must contain "dp", which is the run trained here; any other grid axis must be
-fixed with its flag), and fields this twin cannot train (another optimizer, schedule, method, model or
-norm) are errors.
+seed; a `method.kind` list trains its "dp" run unless --kind picks the other; any other grid axis must be
+fixed with its flag; the SDP-only fields are ignored for DP, as sdp ignores them), and fields this twin
+cannot train are errors: another optimizer, schedule, Nesterov, gradient clipping, norm, precision, model
+family or method kind; for SDP another masking than block, the backward regime, and any of sync, sync_every,
+bn_stats, rescale, resample_every, budget, eval_mode or align_every away from sdp's default.
 
 Prints one line per evaluation and, as its LAST line, `final_test_acc=<fraction>`; writes the evaluations
-to a CSV with the columns of sdp's metrics.csv (epoch, step, train_loss, test_loss, test_acc, lr, img_per_s,
-wall_s).
+to a CSV with the columns of sdp's metrics.csv without its run_id (epoch, step, train_loss, test_loss,
+test_acc, lr, img_per_s, wall_s; for SDP also test_acc_ensemble, test_acc_full, test_acc_recal,
+test_acc_scaled, test_acc_subnet_mean, and test_loss / test_acc are the `full` mode's, sdp's default
+headline).
 
 Flags and the spec fields they mirror (a flag given on the command line wins over --spec; every default is
 sdp's default for that field):
@@ -34,11 +41,16 @@ sdp's default for that field):
     --crop-pad P          workload.augment.crop_pad (default 4; 0 disables the crop)
     --pad-mode M          workload.augment.pad_mode: zero (default) or reflect
     --no-flip             workload.augment.flip = false
-    --workers K           method.workers with method.kind = "dp" (default 1)
+    --workers K           method.workers (default 1)
+    --kind dp|sdp         method.kind (default dp)
+    --masking block       method.masking (SDP; block only, sdp's default)
+    --regime forward      method.regime (SDP; forward only, sdp's default)
+    --coverage C          method.coverage (SDP; default 1): every block is held by m = round(C K) workers
     --lr, --momentum, --weight-decay, --warmup
                           optim.lr (0.1), optim.momentum (0.9), optim.weight_decay (5e-4),
                           optim.warmup_epochs (0); optim.name = "sgd", nesterov = false, schedule = "cosine"
-    --seed S              seed (the run seed; here it seeds PyTorch's initialisation, data order and crops)
+    --seed S              seed (the run seed; here it seeds PyTorch's initialisation, data order and crops,
+                          and, as in sdp, SDP's holder assignment and BN recalibration batches)
 
 What is the same as sdp, by construction:
 - Model: the CIFAR ResNet family of src/models/resnet.rs (3x3 stem conv + BN + ReLU, no max-pool, BasicBlocks
@@ -70,6 +82,38 @@ What is the same as sdp, by construction:
 - Evaluation: the test subset without augmentation, normalised with the training constants, eval mode,
   batches of --eval-batch; test_loss is the mean cross-entropy, test_acc a fraction.
 
+SDP (method.kind = "sdp", masking block, regime forward, sync params every step; src/train/sdp.rs,
+sdp_state.rs, src/comm/local.rs), the same as sdp by construction besides the above:
+- Units and holders: a Block unit is a BasicBlock's residual branch (conv1, bn1, conv2, bn2); the stem,
+  the projection shortcuts and the head are shared. m = round(C K) clamped to [1, K]. The assignment is
+  RECOMPUTED here, not read from sdp's workers.csv (which gives only each worker's unit count and bytes):
+  `block`'s greedy byte balancing (units shuffled by the ChaCha8 stream `seed::rng(seed, Mask, 0, 0)`, stably
+  sorted by decreasing size, each given to the m workers smallest by (load, a fresh u64 draw, index)).
+  Checked against the same code compiled with rand 0.9.5 / rand_chacha 0.9.0: identical for seeds 0-2 and
+  m = 1..4 at the mini recipe's block sizes, and it agrees with the units_held and param_bytes of the
+  committed mini runs' workers.csv. The workers' held blocks are printed at the start.
+- A dropped block: relu(shortcut(x)), the shared 1x1-conv + BN projection where the block has one, else
+  relu(x) = x (src/models/resnet.rs, `BasicBlock::forward_t`).
+- A step: each worker's forward and backward on its own batch of B images in train mode (its own BN batch
+  statistics, its own running-statistics update starting from the averaged values), its local SGD step
+  (momentum buffers on its held parameters only, never averaged; weight decay by PyTorch's rule), then every
+  parameter and BN running mean / variance is set to the mean over the workers that hold it (the sum of the
+  holders' values times 1/count, as `LocalAverager`), in the global model and in every holder. A worker is
+  simulated by a full-size copy whose dropped branches are never run, stepped or averaged, which is the
+  same arithmetic as sdp's physically smaller subnetwork.
+- Data: worker k's step-s batch is perm[k + K (s B + j)], j < B (sdp's `worker_indices`).
+- Evaluation (src/train/eval.rs `evaluate_sdp`), after every evaluated epoch: `full` (the global model, each
+  coordinate its holders' mean, averaged BN statistics), `recal` (a copy of it whose BN statistics are the
+  mean of the batch statistics, mean and unbiased variance, of 10 training batches in train mode without
+  gradient: the first 10 runs of --eval-batch indices of sdp's `permutation(seed, usize::MAX, n)`,
+  reproduced bit for bit, not augmented; the same images as sdp's up to JPEG decoding), `scaled` (the global
+  model with every residual branch multiplied by m/K before the addition), `ensemble` (accuracy of the mean
+  softmax of the K worker subnetworks), `subnet_mean` (the mean of the K subnetworks' accuracies). Checked
+  by evaluating sdp's own saved final model (`sdp run --save-model`, block C = 0.75 seed 0) with this code:
+  every mode within 0.002 of sdp's figures, test_loss within 0.001 (JPEG decoding differs); on sdp's own
+  decoded pixels every mode is identical, and a training step redone from sdp's checkpoint matches sdp's
+  next checkpoint to float rounding (scripts/pytorch_sdp_check.py).
+
 What differs:
 - Random draws: PyTorch's generator (seeded by --seed) initialises the weights and draws the epoch
   permutations, crops and flips; sdp draws them from its ChaCha8 streams. Runs agree in distribution, not
@@ -80,13 +124,15 @@ What differs:
   constants computed from them differ accordingly: on the 50,000 training images of the cifar10-jpeg-q75 tree, mean
   0.4913 0.4821 0.4465 and std 0.2452 0.2428 0.2606 here against sdp's 0.4923 0.4813 0.4479 and 0.2452 0.2428
   0.2606 (`sdp data info folder:cifar10-jpeg-q75`), a shift of at most 0.006 standard deviations.
-- Worker batches: sdp's worker k takes entries k, K+k, 2K+k, ... of the epoch's permutation; here worker
-  k takes the k-th contiguous slice of B. Both are uniformly random disjoint batches.
+- DP worker batches: sdp's worker k takes entries k, K+k, 2K+k, ... of the epoch's permutation; here DP's
+  worker k takes the k-th contiguous slice of B (SDP's take sdp's rule). Both are uniformly random disjoint
+  batches.
 - Floating point: PyTorch's kernels and summation orders.
 
 PyTorch uses --threads CPU threads (default 2, torch.set_num_threads).
 """
 import argparse
+import copy
 import csv
 import hashlib
 import math
@@ -175,6 +221,24 @@ class ChaCha8:
         self.idx += 1
         return v
 
+    def next_u64(self):
+        """rand_core 0.9's `BlockRng::next_u64`: two words, low first (across a refill: the last word of the
+        old buffer is the low half, the first of the new one the high half)."""
+        if self.idx < len(self.buf) - 1:
+            lo, hi = self.buf[self.idx], self.buf[self.idx + 1]
+            self.idx += 2
+        else:
+            lo = self.buf[-1] if self.idx == len(self.buf) - 1 else None
+            self.buf = []
+            for i in range(4):
+                self.buf += _chacha8_block(self.key, self.counter + i)
+            self.counter += 4
+            if lo is None:
+                lo, hi, self.idx = self.buf[0], self.buf[1], 2
+            else:
+                hi, self.idx = self.buf[0], 1
+        return (hi << 32) | lo
+
 
 def _range_u32(rng, bound):
     """rand 0.9's `random_range(..bound)` for u32 (Canon's method, the default non-`unbiased` variant)."""
@@ -233,6 +297,38 @@ def subset_indices(labels, n, data_seed):
                 keep.append(c[r])
         r += 1
     return sorted(keep)
+
+
+def permutation(seed, epoch, n):
+    """src/data/loader.rs's `permutation(seed, epoch, n)`: 0..n shuffled by the ChaCha8 stream
+    `seed::rng(seed, Data, epoch, 0)` (epoch = usize::MAX: the BN recalibration batches)."""
+    perm = list(range(n))
+    shuffle(perm, ChaCha8(stream_seed(seed, "data", epoch, 0)))
+    return perm
+
+
+def holders(coverage, workers):
+    """src/masking/mod.rs's `holders`: m = round(C K) (half away from zero) clamped to [1, K]."""
+    return min(max(int(math.floor(coverage * workers + 0.5)), 1), workers)
+
+
+def block_selection(sizes, workers, m, seed):
+    """`holds[k][u]` of sdp's `block` masking (src/masking/block.rs, `greedy_balance` and `least_loaded` of
+    src/masking/mod.rs) with its generator `seed::rng(seed, Mask, 0, 0)`: units shuffled, then stably sorted
+    by decreasing parameter count; each unit goes to the m workers smallest by (load, a fresh u64 draw,
+    index), one draw per worker per unit whatever the loads."""
+    rng = ChaCha8(stream_seed(seed, "mask", 0, 0))
+    order = list(range(len(sizes)))
+    shuffle(order, rng)
+    order.sort(key=lambda u: -sizes[u])  # Python's sort is stable, as Rust's sort_by
+    loads = [0] * workers
+    holds = [[False] * len(sizes) for _ in range(workers)]
+    for u in order:
+        keys = sorted((loads[k], rng.next_u64(), k) for k in range(workers))
+        for _, _, k in keys[:m]:
+            loads[k] += sizes[u]
+            holds[k][u] = True
+    return holds
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,6 +494,158 @@ def evaluate(model, aug, n, batch):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# SDP, block masking, forward regime: src/train/sdp.rs, src/train/sdp_state.rs, src/comm/local.rs,
+# src/models/resnet.rs (a dropped block), src/train/eval.rs (the evaluation modes).
+
+
+def blocks_of(model):
+    """(name, BasicBlock) in forward order: layer1.0, layer1.1, ... (sdp's `ResNetConfig::blocks`)."""
+    return [(f"layer{s + 1}.{j}", blk) for s in range(model.n_stages)
+            for j, blk in enumerate(getattr(model, f"layer{s + 1}"))]
+
+
+def branch_size(blk):
+    """Parameters of a block's residual branch (conv1, bn1, conv2, bn2; not the shared shortcut): the size
+    of its Block unit (`ResNetConfig::maskable`)."""
+    return sum(p.numel() for m in (blk.conv1, blk.bn1, blk.conv2, blk.bn2) for p in m.parameters())
+
+
+def forward_plan(model, x, keep, scale=1.0):
+    """`ResNet::forward_t` of src/models/resnet.rs for a plan: a held block is relu(scale * bn2(conv2(relu(
+    bn1(conv1(x))))) + shortcut(x)); a dropped block is relu(shortcut(x)), its projection (1x1 conv + BN) where
+    it has one, else the identity. `scale` multiplies every held branch (the `scaled` evaluation)."""
+    out = F.relu(model.bn1(model.conv1(x)))
+    for (_, blk), held in zip(blocks_of(model), keep):
+        sc = blk.shortcut(out)
+        if held:
+            r = blk.bn2(blk.conv2(F.relu(blk.bn1(blk.conv1(out)))))
+            out = F.relu((r * scale if scale != 1.0 else r) + sc)
+        else:
+            out = F.relu(sc)
+    return model.linear(out.mean(dim=(2, 3)))
+
+
+def synced_tensors(model):
+    """Parameters and BN running statistics by name (what `SdpState::sync` averages; PyTorch's
+    num_batches_tracked counter is not used with momentum 0.1 and is left alone)."""
+    out = dict(model.named_parameters())
+    out.update((n, b) for n, b in model.named_buffers() if not n.endswith("num_batches_tracked"))
+    return out
+
+
+class SdpWorker:
+    """Worker k: its subnetwork (a copy of the global model whose dropped branches are never run, stepped
+    or averaged: they take no part in anything, as if they did not exist) and its own SGD optimizer over
+    the parameters it holds (momentum buffers local, never averaged)."""
+
+    def __init__(self, global_model, keep, block_index, a):
+        self.keep, self.block_index = keep, block_index
+        self.model = copy.deepcopy(global_model)
+        self.model.train()
+        held = [p for n, p in self.model.named_parameters() if self.holds(n)]
+        self.opt = torch.optim.SGD(held, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay, nesterov=False)
+
+    def holds(self, name):
+        # A branch tensor is layerS.J.{conv1,bn1,conv2,bn2}.*; the shortcut (layerS.J.shortcut.*), the stem and
+        # the head are shared.
+        parts = name.split(".")
+        if parts[0].startswith("layer") and parts[2] != "shortcut":
+            return self.keep[self.block_index[f"{parts[0]}.{parts[1]}"]]
+        return True
+
+
+class Sdp:
+    """The global (assembled) model and the K workers; every coordinate of the global model is the mean of
+    its holders' values after each step."""
+
+    def __init__(self, model, holds, m, a):
+        self.model, self.m, self.k = model, m, len(holds)
+        self.names = [n for n, _ in blocks_of(model)]
+        index = {n: i for i, n in enumerate(self.names)}
+        self.workers = [SdpWorker(model, keep, index, a) for keep in holds]
+        # Holders of every synced tensor (`LocalAverager`: the sum of the holders' values times 1/count).
+        self.holders = {n: [k for k, w in enumerate(self.workers) if w.holds(n)] for n in synced_tensors(model)}
+
+    def step(self, batches, lr):
+        """`sdp_step` with sync = params, sync_every = 1: each worker's forward and backward on its own batch
+        in train mode (its own BN batch statistics and running-statistics update), its local SGD step, then
+        every parameter and BN running statistic set to the mean over its holders. Returns the mean loss."""
+        loss_sum = 0.0
+        for w, (x, y) in zip(self.workers, batches):
+            for g in w.opt.param_groups:
+                g["lr"] = lr
+            w.opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(forward_plan(w.model, x, w.keep), y)
+            loss.backward()
+            w.opt.step()
+            loss_sum += loss.item()
+        self.sync()
+        return loss_sum / len(batches)
+
+    @torch.no_grad()
+    def sync(self):
+        glob = synced_tensors(self.model)
+        local = [synced_tensors(w.model) for w in self.workers]
+        for name, hs in self.holders.items():
+            total = local[hs[0]][name].clone()
+            for k in hs[1:]:
+                total += local[k][name]
+            mean = total * (1.0 / len(hs))
+            glob[name].copy_(mean)
+            for k in hs:
+                local[k][name].copy_(mean)
+
+    @torch.no_grad()
+    def recalibrated(self, train_aug, idx_batches):
+        """`recalibrate_bn`: a copy of the global model whose BN statistics are the mean of the batch
+        statistics (mean, unbiased variance) of the given training batches, in train mode, no gradient
+        (PyTorch's momentum=None cumulative average from reset statistics is exactly that mean)."""
+        net = copy.deepcopy(self.model)
+        for bn in bn_buffers(net):
+            bn.reset_running_stats()
+            bn.momentum = None
+        net.train()
+        for idx in idx_batches:
+            forward_plan(net, train_aug.plain(idx), [True] * len(self.names))
+        net.eval()
+        return net
+
+    @torch.no_grad()
+    def evaluate(self, test_aug, n, batch, train_aug, recal_batches):
+        """`evaluate_sdp`: (test loss of `full`, {mode: accuracy}) for full, recal, scaled, ensemble,
+        subnet_mean."""
+        full_keep = [True] * len(self.names)
+        recal = self.recalibrated(train_aug, recal_batches)
+        frac = self.m / self.k
+        self.model.eval()
+        for w in self.workers:
+            w.model.eval()
+        correct = {"full": 0, "recal": 0, "scaled": 0, "ensemble": 0}
+        sub_correct, loss_sum = [0] * self.k, 0.0
+        for s in range(0, n, batch):
+            idx = list(range(s, min(s + batch, n)))
+            x, y = test_aug.plain(idx), test_aug.labels[idx]
+            logits = forward_plan(self.model, x, full_keep)
+            loss_sum += F.cross_entropy(logits, y).item() * len(idx)
+            correct["full"] += (logits.argmax(1) == y).sum().item()
+            correct["recal"] += (forward_plan(recal, x, full_keep).argmax(1) == y).sum().item()
+            scaled = forward_plan(self.model, x, full_keep, frac) if frac < 1.0 else logits
+            correct["scaled"] += (scaled.argmax(1) == y).sum().item()
+            probs = 0.0
+            for k, w in enumerate(self.workers):
+                out = forward_plan(w.model, x, w.keep)
+                sub_correct[k] += (out.argmax(1) == y).sum().item()
+                probs = probs + F.softmax(out, dim=1)
+            correct["ensemble"] += ((probs / self.k).argmax(1) == y).sum().item()
+        self.model.train()
+        for w in self.workers:
+            w.model.train()
+        modes = {mode: c / n for mode, c in correct.items()}
+        modes["subnet_mean"] = sum(sub_correct) / n / self.k
+        return loss_sum / n, modes
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line.
 
 DEFAULTS = {
@@ -412,6 +660,10 @@ DEFAULTS = {
     "pad_mode": "zero",
     "flip": True,
     "workers": 1,
+    "kind": "dp",
+    "masking": "block",
+    "regime": "forward",
+    "coverage": 1.0,
     "lr": 0.1,
     "momentum": 0.9,
     "weight_decay": 5e-4,
@@ -435,12 +687,21 @@ SPEC_FIELDS = {
     ("optim", "weight_decay"): "weight_decay",
     ("optim", "warmup_epochs"): "warmup",
     ("method", "workers"): "workers",
+    ("method", "kind"): "kind",
+    ("method", "masking"): "masking",
+    ("method", "regime"): "regime",
+    ("method", "coverage"): "coverage",
 }
 
+# SDP fields this twin trains at one value only (sdp's defaults), checked when the run is SDP.
+SDP_FIXED = [("sync", "params"), ("sync_every", 1), ("bn_stats", "average"), ("rescale", False),
+             ("resample_every", 0), ("budget", "same_steps"), ("eval_mode", "full"), ("align_every", 0)]
 
-def from_spec(path, data_dir):
+
+def from_spec(path, data_dir, kind=None):
     """Scalar fields of an sdp spec as flag values; a grid (a list where a scalar belongs) is an error unless
-    it is overridden on the command line, so it is returned as such and checked after parsing."""
+    it is overridden on the command line, so it is returned as such and checked after parsing. `kind` is
+    --kind where given: the SDP-only fields are checked for an SDP run only (they do not apply to DP)."""
     import tomllib
 
     with open(path, "rb") as f:
@@ -456,6 +717,8 @@ def from_spec(path, data_dir):
     ds = spec.get("workload", {}).get("dataset", "")
     if isinstance(ds, str) and ds.startswith("folder:"):
         out["data"] = os.path.join(data_dir, ds[len("folder:"):])
+    if isinstance(out.get("kind"), list) and kind is None and "dp" in out["kind"]:
+        out["kind"] = "dp"  # a method.kind grid holding dp trains its DP run unless --kind picks another
     seeds = spec.get("seeds", spec.get("seed"))
     if isinstance(seeds, list) and seeds:
         out["seed"] = seeds[0]
@@ -465,8 +728,11 @@ def from_spec(path, data_dir):
     work = spec.get("workload", {})
     if work.get("model") == "wrn18" and "widths" not in work:
         out["widths"] = [128, 256, 512, 1024]  # ResNetConfig::wrn18: resnet18 at twice the width
-    for sec, key, want in [("optim", "name", "sgd"), ("optim", "schedule", "cosine"), ("optim", "nesterov", False),
-                           ("method", "kind", "dp"), ("workload", "norm", "batch")]:
+    fixed = [("optim", "name", "sgd"), ("optim", "schedule", "cosine"), ("optim", "nesterov", False),
+             ("optim", "clip_grad_norm", 0), ("workload", "norm", "batch"), ("workload", "precision", "f32")]
+    if (kind or method.get("kind", "dp")) == "sdp":
+        fixed += [("method", key, want) for key, want in SDP_FIXED]
+    for sec, key, want in fixed:
         v = {"optim": opt, "method": method, "workload": work}[sec].get(key, want)
         if v != want and not (isinstance(v, list) and want in v):
             sys.exit(f"error: {path}: {sec}.{key} = {v!r}; this twin trains {sec}.{key} = {want!r} only")
@@ -498,6 +764,10 @@ def parse_args(argv):
     p.add_argument("--pad-mode", choices=["zero", "reflect"])
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None)
     p.add_argument("--workers", type=int, help="K (method.workers)")
+    p.add_argument("--kind", choices=["dp", "sdp"], help="method.kind")
+    p.add_argument("--masking", help="method.masking (SDP): block only")
+    p.add_argument("--regime", help="method.regime (SDP): forward only")
+    p.add_argument("--coverage", type=float, help="method.coverage C (SDP), in (0, 1]")
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
@@ -510,13 +780,15 @@ def parse_args(argv):
     a = p.parse_args(argv)
     vals = dict(DEFAULTS)
     if a.spec:
-        vals.update(from_spec(a.spec, a.data_dir))
+        vals.update(from_spec(a.spec, a.data_dir, a.kind))
     for k, v in vars(a).items():
         if v is not None or k not in vals:  # a flag given wins; an absent one leaves the spec's or the default
             vals[k] = v
     for k in ["data", "epochs", "batch"]:
         if vals.get(k) is None:
             p.error(f"--{k} is required (or a --spec that sets it)")
+    if vals["kind"] == "dp":  # the SDP-only fields do not apply to DP (a grid over them included)
+        vals.update(masking=DEFAULTS["masking"], regime=DEFAULTS["regime"], coverage=DEFAULTS["coverage"])
     for k, v in vals.items():
         grid = isinstance(v, list) and (k not in ("widths", "depths") or any(isinstance(e, list) for e in v))
         if grid:
@@ -524,6 +796,14 @@ def parse_args(argv):
     for k in ["epochs", "batch", "workers", "eval_every", "eval_batch"]:
         if vals[k] < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1, got {vals[k]}")
+    if vals["kind"] not in ("dp", "sdp"):
+        p.error(f"method.kind = {vals['kind']!r}: this twin trains dp and sdp only")
+    if vals["kind"] == "sdp":
+        for k, want in [("masking", "block"), ("regime", "forward")]:
+            if vals[k] != want:
+                p.error(f"method.{k} = {vals[k]!r}: this twin trains SDP with method.{k} = {want!r} only")
+        if not 0 < vals["coverage"] <= 1:
+            p.error(f"--coverage must be in (0, 1], got {vals['coverage']}")
     if len(vals["widths"]) != len(vals["depths"]):
         p.error(f"--widths has {len(vals['widths'])} stages but --depths has {len(vals['depths'])}")
     if not 0 <= vals["warmup"] <= vals["epochs"]:
@@ -564,15 +844,29 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(a.seed + 1_000_003)
     model = ResNet(a.widths, a.depths, len(classes))
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-                          nesterov=False)
     k, b = a.workers, a.batch
     n = len(train_keep)
     per_epoch = n // (k * b)
     if per_epoch == 0:
         sys.exit(f"error: {n} training samples are fewer than one step of {k} workers x batch {b}")
     total = per_epoch * a.epochs
-    print(f"pytorch {torch.__version__}, {torch.get_num_threads()} threads; DP K={k} x batch {b}, "
+    if a.kind == "dp":
+        opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+                              nesterov=False)
+        what = "DP"
+    else:
+        m = holders(a.coverage, k)
+        holds = block_selection([branch_size(blk) for _, blk in blocks_of(model)], k, m, a.seed)
+        sdp = Sdp(model, holds, m, a)
+        # The BN recalibration batches: the first 10 runs of --eval-batch indices of permutation(seed, usize::MAX).
+        recal_perm = permutation(a.seed, 2**64 - 1, n)
+        eb = min(a.eval_batch, n)
+        recal_batches = [recal_perm[i:i + eb] for i in range(0, n, eb)][:10]
+        recal_batches = [r for r in recal_batches if len(r) >= 2]
+        what = f"SDP block forward C={a.coverage} (m={m})"
+        for w, keep in enumerate(holds):
+            print(f"worker {w} holds {' '.join(nm for nm, h in zip(sdp.names, keep) if h)}", file=sys.stderr)
+    print(f"pytorch {torch.__version__}, {torch.get_num_threads()} threads; {what} K={k} x batch {b}, "
           f"{per_epoch} steps/epoch x {a.epochs} epochs, lr {a.lr} warm-up {a.warmup} epochs, pad {a.crop_pad} "
           f"{a.pad_mode}, flip {a.flip}, seed {a.seed}, params {sum(p.numel() for p in model.parameters())}",
           file=sys.stderr)
@@ -582,24 +876,33 @@ def main(argv=None):
         loss_sum, t_epoch, lr = 0.0, time.time(), 0.0
         for s in range(per_epoch):
             lr = lr_at(a.lr, a.warmup, step, total, per_epoch)
-            chunk = perm[s * k * b:(s + 1) * k * b]
             batches = []
             for w in range(k):
-                idx = chunk[w * b:(w + 1) * b]
+                if a.kind == "dp":  # the w-th contiguous run of b in this step's K b entries
+                    idx = perm[s * k * b + w * b:s * k * b + (w + 1) * b]
+                else:  # sdp's rule (src/data/loader.rs `worker_indices`): perm[w + K (s b + j)], j < b
+                    idx = perm[w + k * s * b:w + k * (s + 1) * b:k]
                 batches.append((train_aug.batch(idx, gen), train_y[idx]))
-            loss = dp_step(model, opt, batches, lr)
+            loss = dp_step(model, opt, batches, lr) if a.kind == "dp" else sdp.step(batches, lr)
             if not math.isfinite(loss):
                 sys.exit(f"error: training loss is {loss} at step {step + 1}: the run diverged")
             loss_sum += loss
             step += 1
         img_per_s = per_epoch * k * b / max(time.time() - t_epoch, 1e-9)
         if epoch % a.eval_every == 0 or epoch == a.epochs:
-            test_loss, test_acc = evaluate(model, test_aug, len(test_keep), a.eval_batch)
+            if a.kind == "dp":
+                test_loss, test_acc = evaluate(model, test_aug, len(test_keep), a.eval_batch)
+                modes = {}
+            else:
+                test_loss, modes = sdp.evaluate(test_aug, len(test_keep), a.eval_batch, train_aug, recal_batches)
+                test_acc = modes["full"]  # method.eval_mode = "full", sdp's default headline
             row = {"epoch": epoch, "step": step, "train_loss": loss_sum / per_epoch, "test_loss": test_loss,
                    "test_acc": test_acc, "lr": lr, "img_per_s": img_per_s, "wall_s": time.time() - start}
+            row.update((f"test_acc_{mode}", modes[mode]) for mode in sorted(modes))  # metrics.csv's order
             rows.append(row)
+            shown = "".join(f" {mode} {v:.4f}" for mode, v in sorted(modes.items()))
             print(f"epoch {epoch} step {step} train_loss {row['train_loss']:.4f} test_loss {test_loss:.4f} "
-                  f"test_acc {test_acc:.4f} {img_per_s:.0f} img/s {row['wall_s']:.1f} s", flush=True)
+                  f"test_acc {test_acc:.4f}{shown} {img_per_s:.0f} img/s {row['wall_s']:.1f} s", flush=True)
     out = a.csv or f"pytorch_train_seed{a.seed}.csv"
     with open(out, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
