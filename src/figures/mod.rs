@@ -116,14 +116,19 @@ fn describe(runs: &[RunData]) -> String {
         uniq(&|s| s.method.workers.to_string())
     )
 }
-/// Removes figures in `dir` named as this module names them (any other file is left alone) that this
-/// rendering did not write: they would show what the results no longer say.
-fn remove_stale(dir: &Path, written: &[PathBuf]) -> Result<()> {
-    const STEMS: [&str; 4] = ["accuracy_vs_coverage", "accuracy_vs_memory", "memory_vs_coverage", "comm_vs_coverage"];
+/// Removes figures in `dir` named as this module names them for the headline `metric` (any other file is
+/// left alone) that this rendering did not write: they would show what the results no longer say.
+fn remove_stale(dir: &Path, written: &[PathBuf], metric: &str) -> Result<()> {
+    let stems = [
+        format!("{metric}_vs_coverage"),
+        format!("{metric}_vs_memory"),
+        "memory_vs_coverage".into(),
+        "comm_vs_coverage".into(),
+    ];
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = e.with_context(|| format!("reading {}", dir.display()))?.path();
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-        let ours = STEMS.contains(&stem) || stem.starts_with("accuracy_vs_epoch_");
+        let ours = stems.iter().any(|s| s == stem) || stem.starts_with(&format!("{metric}_vs_epoch_"));
         let figure = ours && path.extension().is_some_and(|x| x == "svg" || x == "png");
         if figure && path.is_file() && !written.contains(&path) {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -235,6 +240,25 @@ impl Headline<'_> {
             100.0
         } else {
             1.0
+        }
+    }
+
+    /// What figure names call the metric: `accuracy` for a percentage (the names of the image tiers), the
+    /// metric's own name otherwise (`nll_vs_coverage`).
+    pub fn stem(&self) -> &str {
+        if self.percent {
+            "accuracy"
+        } else {
+            self.name
+        }
+    }
+
+    /// Decimals of a shown value: 2 for a percentage, 3 otherwise (a loss in nats moves by hundredths).
+    pub fn decimals(&self) -> usize {
+        if self.percent {
+            2
+        } else {
+            3
         }
     }
 
@@ -559,15 +583,16 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
             figures.push((stem.to_string(), p));
         }
     };
-    add("accuracy_vs_coverage", accuracy_vs_coverage(&cx));
-    add("accuracy_vs_memory", accuracy_vs_memory(&cx));
+    let m = metric.stem();
+    add(&format!("{m}_vs_coverage"), accuracy_vs_coverage(&cx));
+    add(&format!("{m}_vs_memory"), accuracy_vs_memory(&cx));
     add("memory_vs_coverage", memory_vs_coverage(&cx));
     add("comm_vs_coverage", comm_vs_coverage(&cx));
     // One curve figure per variant; DP's own only when there is nothing else (it is dashed in the others).
     let others = cx.others();
     let curves: Vec<&Series> = if others.is_empty() { cx.dps() } else { others.iter().map(|(_, s)| *s).collect() };
     for s in curves {
-        add(&format!("accuracy_vs_epoch_{}", s.slug), accuracy_vs_epoch(&cx, s));
+        add(&format!("{m}_vs_epoch_{}", s.slug), accuracy_vs_epoch(&cx, s));
     }
     let mut files = Vec::new();
     for (stem, p) in &figures {
@@ -579,6 +604,6 @@ fn write_experiment(exp: &ExperimentData, dir: &Path) -> Result<Vec<PathBuf>> {
         table::table_md(&exp.name, metric, &exp.runs, &series, &cx.what, exp.skipped.len()).as_bytes(),
     )?;
     files.push(table);
-    remove_stale(dir, &files)?;
+    remove_stale(dir, &files, metric.stem())?;
     Ok(files)
 }

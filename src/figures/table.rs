@@ -23,23 +23,23 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     }
 }
 
-/// `97.10 ± 0.31`, or `97.10 (n = 1)`: a single seed has no spread to report.
-fn fmt_mean_std(xs: &[f64]) -> String {
+/// `97.10 ± 0.31`, or `97.10 (n = 1)` (with `d` = 2 decimals): a single seed has no spread to report.
+fn fmt_mean_std(xs: &[f64], d: usize) -> String {
     let (m, sd) = mean_std(xs);
     if xs.len() > 1 {
-        format!("{m:.2} ± {sd:.2}")
+        format!("{m:.d$} ± {sd:.d$}")
     } else {
-        format!("{m:.2} (n = 1)")
+        format!("{m:.d$} (n = 1)")
     }
 }
 
 /// `+0.52 [-1.10, +2.14]`: mean(xs) − mean(dp) in the shown unit (percentage points for a percentage)
 /// with Welch's interval, or the difference alone where either side has a single seed.
-fn fmt_diff(xs: &[f64], dp: &[f64]) -> String {
+fn fmt_diff(xs: &[f64], dp: &[f64], d: usize) -> String {
     let diff = mean_std(xs).0 - mean_std(dp).0;
     match welch_interval(xs, dp, LEVEL) {
-        Some(w) => format!("{diff:+.2} [{:+.2}, {:+.2}]", w.diff - w.half_width, w.diff + w.half_width),
-        None => format!("{diff:+.2} (CI n/a: n = 1)"),
+        Some(w) => format!("{diff:+.d$} [{:+.d$}, {:+.d$}]", w.diff - w.half_width, w.diff + w.half_width),
+        None => format!("{diff:+.d$} (CI n/a: n = 1)"),
     }
 }
 
@@ -53,7 +53,7 @@ pub(super) fn table_md(
     skipped: usize,
 ) -> String {
     let Headline { name: short, noun, .. } = metric;
-    let (scale, unit) = (metric.scale(), metric.unit());
+    let (scale, unit, digits) = (metric.scale(), metric.unit(), metric.decimals());
     // Percentage points for a percentage; the metric's own unit otherwise, with the direction said.
     let (diff_unit, diff_head) = if metric.percent {
         ("in percentage points", " (pp)")
@@ -104,7 +104,7 @@ pub(super) fn table_md(
             let a = accs(runs, idx, scale);
             let diff = match (&dp_accs, s.kind) {
                 (_, MethodKind::Dp) => "(reference)".to_string(),
-                (Some(d), _) => fmt_diff(&a, d),
+                (Some(d), _) => fmt_diff(&a, d, digits),
                 (None, _) => "– (no DP run)".to_string(),
             };
             let (mem_mean, mem_max) = match memory_ratio(runs, idx, dp_ref) {
@@ -131,7 +131,7 @@ pub(super) fn table_md(
                 s.label,
                 cov_of(c),
                 idx.len(),
-                fmt_mean_std(&a),
+                fmt_mean_std(&a, digits),
                 fmt_opt(params, 3),
                 fmt_opt(comm, 3),
                 fmt_opt(mean_of(runs, idx, |r| r.spectral_gap), 3),
@@ -165,7 +165,7 @@ pub(super) fn table_md(
                     .iter()
                     .map(|mode| {
                         let last = |r: &RunData| r.curve.last().and_then(|e| e.modes.get(mode)).map(|a| a * scale);
-                        fmt_opt(mean_of(runs, idx, last), 2)
+                        fmt_opt(mean_of(runs, idx, last), digits)
                     })
                     .collect();
                 let _ = writeln!(
@@ -188,11 +188,12 @@ mod tests {
 
     #[test]
     fn a_single_seed_has_no_fake_spread_and_no_interval() {
-        assert_eq!(fmt_mean_std(&[97.1]), "97.10 (n = 1)");
-        assert_eq!(fmt_mean_std(&[97.0, 98.0]), "97.50 ± 0.71");
-        assert_eq!(fmt_diff(&[96.0], &[97.0, 98.0]), "-1.50 (CI n/a: n = 1)");
-        assert_eq!(fmt_diff(&[96.0, 97.0], &[97.0]), "-0.50 (CI n/a: n = 1)");
+        assert_eq!(fmt_mean_std(&[97.1], 2), "97.10 (n = 1)");
+        assert_eq!(fmt_mean_std(&[97.0, 98.0], 2), "97.50 ± 0.71");
+        assert_eq!(fmt_mean_std(&[4.3, 4.35], 3), "4.325 ± 0.035");
+        assert_eq!(fmt_diff(&[96.0], &[97.0, 98.0], 2), "-1.50 (CI n/a: n = 1)");
+        assert_eq!(fmt_diff(&[96.0, 97.0], &[97.0], 2), "-0.50 (CI n/a: n = 1)");
         // n = 2 each with equal spread: df = 2, half width t_{0.975,2} · sqrt(0.5²·2/2 + ...) = 4.303 · 0.7071.
-        assert_eq!(fmt_diff(&[96.0, 97.0], &[97.0, 98.0]), "-1.00 [-4.04, +2.04]");
+        assert_eq!(fmt_diff(&[96.0, 97.0], &[97.0, 98.0], 2), "-1.00 [-4.04, +2.04]");
     }
 }

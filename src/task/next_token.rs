@@ -20,7 +20,7 @@ fn nll_per_sequence_sum(logp: &Tensor, targets: &[u32], positions: usize) -> Res
 
 impl Task for NextToken {
     fn metric(&self) -> Metric {
-        Metric::loss("nll", "validation loss per token (nats)")
+        Metric::loss("nll", "loss per token (nats)")
     }
 
     fn loss(&self, logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
