@@ -573,6 +573,17 @@ mod tests {
     }
 
     #[test]
+    fn worker_tensors_are_told_from_shared_ones_by_name() {
+        assert_eq!(worker_of("worker12/opt/layer1.0.conv1.weight/0"), Some(12));
+        assert_eq!(worker_of("worker0/align"), Some(0));
+        for shared in
+            ["global/model/fc.weight", "net/model/worker3/x", "workers/x", "worker/x", "worker1x/y", "worker2"]
+        {
+            assert_eq!(worker_of(shared), None, "{shared}");
+        }
+    }
+
+    #[test]
     fn save_then_load_gives_the_same_state_and_keeps_one_tensor_file() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let dev = Device::Cpu;

@@ -324,7 +324,7 @@ fn train_rank(job: &Job, data: &Dataset, opts: &RunOptions) -> Result<Status> {
         run_id: run.id.clone(),
         world: opts.world.clone(),
     };
-    let watching = crate::peers::watch(&opts.world, PathBuf::new())?;
+    let watching = crate::peers::watch(&opts.world, &rd.dir)?;
     let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
     watching.end(together(&result))?;
     match result {
@@ -419,7 +419,7 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
     }
     let mut obs = Progress::new(title.to_string(), run, rd, opts, lock, policy, rows);
     // Spread over processes: rank 0 watches the others, to record a rank that dies.
-    let watching = if opts.world.size() > 1 { Some(crate::peers::watch(&opts.world, rd.manifest())?) } else { None };
+    let watching = if opts.world.size() > 1 { Some(crate::peers::watch(&opts.world, &rd.dir)?) } else { None };
     let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
     if let Some(w) = watching {
         w.end(together(&result))?;

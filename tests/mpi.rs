@@ -2,8 +2,8 @@
 //! computes what the one-process simulation computes, for DP and for SDP block and neuron masking at C = 0.5
 //! in both regimes; `sdp bench comm` measures what the model predicts; a rank that cannot load its data
 //! fails the run on every rank, naming it; a spread run interrupted by a signal to one rank or to the
-//! launcher resumes at 4, 2 or 1 process(es) (and a one-process checkpoint at 4); a rank that dies is
-//! recorded. Needs Open MPI's `mpirun` (`.ci/run` installs it).
+//! launcher resumes at 4, 2 or 1 process(es) (and a one-process checkpoint at 4); a rank that dies, on
+//! rank 0's node or on another, is recorded. Needs Open MPI's `mpirun` (`.ci/run` installs it).
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -528,5 +528,130 @@ fn a_checkpoint_without_a_rank_part_or_of_another_worker_count_is_refused_naming
     }
     assert!(!log.contains("resuming from its checkpoint"), "{log}");
     agree(&want.join("metrics.csv"), &run.join("metrics.csv"), 0.0, "started afresh")?;
+    Ok(())
+}
+
+/// A rank that cannot write its part of a checkpoint (rank 2: a folder stands where its file goes) fails
+/// the checkpoint on every rank together: rank 0 records the run failed, naming the step and rank 2 (whose
+/// log names the file), no rank aborts the job, and the checkpoint before stays; with the folder gone,
+/// the next run resumes from it.
+#[test]
+fn a_rank_that_cannot_write_its_part_fails_the_run_on_every_rank() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let spec = dir.join("exp.toml");
+    std::fs::write(&spec, resumable(METHODS[1].1, 4))?;
+    let out = sdp(1, &["check", &spec.to_string_lossy()])?;
+    let id = String::from_utf8(out.stdout)?.split('\t').nth(1).context("a run id")?.to_string();
+    let results = dir.join("results");
+    let run = results.join("tiny").join(&id);
+    let blocked = run.join("checkpoint/state-000000003.rank2of4.safetensors");
+    std::fs::create_dir_all(&blocked)?;
+    let out = sdp_command(4, &run_args(&spec, &results, &["--checkpoint-steps", "1"])).output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains(&format!("writing {}", blocked.display())), "{log}");
+    assert!(!log.contains("MPI_ABORT"), "{log}");
+    let m = sdp::results::Manifest::read(&run.join("manifest.json"))?;
+    let want = "checkpoint at step 3 not written: rank 2 could not write its part of the checkpoint (its log says why)";
+    assert_eq!(m.status, sdp::results::Status::Failed(want.into()));
+    assert_eq!(sdp::checkpoint::peek(&run).map(|c| c.step), Some(2));
+    std::fs::remove_dir(&blocked)?;
+    let log = finish(4, &spec, &results)?;
+    assert!(log.contains("resuming from its checkpoint at step 2"), "{log}");
+    Ok(())
+}
+
+/// A rank on another node than rank 0's (rank 3, told so by `SDP_PEER_HOST`) killed with SIGKILL: rank 0
+/// sees its heartbeat stop and records the run failed, naming the rank and its host, before the launcher
+/// ends the job (mpirun signals the other ranks about 1 s after the death and kills them 1 s later); a
+/// SIGTERM to the launcher while every rank lives leaves the run `interrupted`, not failed. With a launcher
+/// that leaves the other ranks running (`--mca orte_enable_recovery 1`), rank 0 records the death once the
+/// heartbeat has stood still for `SDP_PEER_TIMEOUT_S` (3 s here; 30 by default), and exits; the other
+/// ranks are then the launcher's to end.
+#[test]
+fn a_rank_dying_on_another_node_is_recorded_naming_it() -> Result<()> {
+    for recovery in [false, true] {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path();
+        std::fs::write(dir.join("exp.toml"), spec(METHODS[1].1, 400))?;
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        let (spec_path, results) = (s(&dir.join("exp.toml")), s(&dir.join("r")));
+        let exe = env!("CARGO_BIN_EXE_sdp");
+        let args = ["run", &spec_path, "--results-dir", &results, "--no-memprobe"];
+        // Ranks 0-2 on this node, rank 3 "elsewhere"; their log in a file.
+        let start = |n: usize| -> Result<std::process::Child> {
+            let mut launch = Command::new("mpirun");
+            launch.arg("--oversubscribe");
+            if recovery {
+                launch.args(["--mca", "orte_enable_recovery", "1"]);
+            }
+            launch.args(["-np", "3", exe]).args(args).args([":", "-np", "1", "env", "SDP_PEER_HOST=elsewhere", exe]);
+            Ok(launch
+                .args(args)
+                .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+                .env("RAYON_NUM_THREADS", "1")
+                .env("SDP_PEER_TIMEOUT_S", "3")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("log{n}")))?)
+                .spawn()?)
+        };
+        // Training once rank 3's heartbeat is there; returns the run folder.
+        let training = || -> Result<std::path::PathBuf> {
+            let t = std::time::Instant::now();
+            loop {
+                let found = std::fs::read_dir(dir.join("r/tiny")).ok().and_then(|d| {
+                    d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.join("ranks/rank3.beat").exists())
+                });
+                if let Some(run) = found {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    return Ok(run);
+                }
+                ensure!(t.elapsed().as_secs() < 60, "no heartbeat of rank 3 after 60 s");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        };
+        if !recovery {
+            let mut job = start(0)?;
+            let run = training()?;
+            // SAFETY: signalling the mpirun this test started.
+            unsafe { libc::kill(job.id() as i32, libc::SIGTERM) };
+            job.wait()?;
+            let m = sdp::results::Manifest::read(&run.join("manifest.json"))?;
+            let log = std::fs::read_to_string(dir.join("log0"))?;
+            assert_eq!(m.status, sdp::results::Status::Interrupted, "{log}");
+        }
+        let mut job = start(1)?;
+        let run = training()?;
+        let rank3 = child_with_env(job.id(), "OMPI_COMM_WORLD_RANK=3").context("rank 3 not found")?;
+        let killed = std::time::Instant::now();
+        // SAFETY: signalling a process this test started (a child of its mpirun).
+        unsafe { libc::kill(rank3 as i32, libc::SIGKILL) };
+        let failed =
+            |m: &str| m.contains(&format!("failed: rank 3 (pid {rank3} on elsewhere) died while the run trained"));
+        loop {
+            let manifest = std::fs::read_to_string(run.join("manifest.json"))?;
+            if failed(&manifest) {
+                break;
+            }
+            let ended = job.try_wait()?.is_some();
+            let log = std::fs::read_to_string(dir.join("log1"))?;
+            ensure!(!ended && killed.elapsed().as_secs() < 60, "recovery {recovery}: not recorded: {manifest}\n{log}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let secs = killed.elapsed().as_secs_f64();
+        eprintln!("recovery {recovery}: rank 3's death recorded {secs:.1} s after the kill");
+        assert!(secs < if recovery { 20.0 } else { 2.5 }, "recovery {recovery}: recorded after {secs:.1} s");
+        // Rank 0 has exited; mpirun ends the other ranks, unless told to recover (then the test ends them).
+        if recovery {
+            // SAFETY: signalling the mpirun this test started.
+            unsafe { libc::kill(job.id() as i32, libc::SIGTERM) };
+        }
+        while job.try_wait()?.is_none() {
+            ensure!(killed.elapsed().as_secs() < 60, "recovery {recovery}: the job outlived rank 0's record");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
     Ok(())
 }
