@@ -486,6 +486,34 @@ fn a_spread_run_resumes_at_any_process_count() -> Result<()> {
     Ok(())
 }
 
+/// DP spread over 4 ranks: every rank holds the same model, so rank 0's file alone is the checkpoint; a
+/// run stopped by SIGTERM to rank 3 resumes at 4 ranks to the uninterrupted run's metrics bit for bit, and
+/// at 2 ranks to within float rounding.
+#[test]
+fn a_spread_dp_run_resumes_from_rank_0s_file() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let spec = dir.join("exp.toml");
+    std::fs::write(&spec, resumable(METHODS[0].1, 6))?;
+    let reference = dir.join("reference");
+    finish(4, &spec, &reference)?;
+    let want = run_folder(&reference)?;
+    let id = want.file_name().context("run id")?.to_string_lossy().into_owned();
+    let results = dir.join("results");
+    let run = results.join("tiny").join(&id);
+    interrupt(4, &spec, &results, &run, 3, libc::SIGTERM, Target::Rank(3))?;
+    let files = tensor_files(&run)?;
+    assert!(files.len() == 1 && !files[0].contains(".rank"), "{files:?}");
+    copy_results(&results, &dir.join("at2"))?;
+    let log = finish(4, &spec, &results)?;
+    assert!(log.contains("resuming from its checkpoint at step"), "{log}");
+    agree(&want.join("metrics.csv"), &run.join("metrics.csv"), 0.0, "dp 4 -> 4")?;
+    let log = finish(2, &spec, &dir.join("at2"))?;
+    assert!(log.contains("resuming from its checkpoint at step"), "{log}");
+    agree(&want.join("metrics.csv"), &dir.join("at2/tiny").join(&id).join("metrics.csv"), 1e-5, "dp 4 -> 2")?;
+    Ok(())
+}
+
 /// A checkpoint that does not fit is refused with an error naming its file: a 4-rank checkpoint without
 /// rank 2's file, resumed at 4 ranks (rank 2 names the file, rank 0 names rank 2, and the run starts
 /// afresh on every rank, ending in the uninterrupted run's metrics); the same read in one process; one read
