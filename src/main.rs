@@ -518,12 +518,15 @@ fn run() -> Result<ExitCode> {
             let flag = stop.clone();
             // SIGINT, SIGTERM (Slurm, `timeout`) and SIGHUP all stop the same way.
             ctrlc::set_handler(move || {
+                let again = flag.swap(true, Ordering::SeqCst);
+                if !again {
+                    eprintln!("\ninterrupt: finishing the current step, checkpointing, then stopping (again to abort)");
+                }
                 // Under mpirun, a SIGTERM usually means a rank died: rank 0 records which, if it can see it.
-                sdp::peers::check_now();
-                if flag.swap(true, Ordering::SeqCst) {
+                sdp::peers::on_signal();
+                if again {
                     std::process::exit(130); // a second signal: stop now (the run resumes from its checkpoint)
                 }
-                eprintln!("\ninterrupt: finishing the current step, checkpointing, then stopping (again to abort)");
             })?;
             if jobs > 1 {
                 runner::select(&exps, &only, shard)?; // --only matching nothing fails here, once

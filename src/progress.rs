@@ -1,7 +1,7 @@
 //! What a run reports as it trains: [`Progress`] (an indicatif bar on a terminal, otherwise plain lines;
 //! `metrics.csv` after every evaluation; the lock's heartbeat; checkpoints as the policy says; the final
-//! model) for the process that records the run, and [`Quiet`] for the other ranks of a run spread over
-//! processes.
+//! model) for the process that records the run, [`RankPart`] for the other ranks of a run spread over
+//! processes (their part of each checkpoint), and [`Quiet`] (nothing) for tools and tests.
 
 use crate::checkpoint::{self, TrainState};
 use crate::lock::{self, RunLock};
@@ -29,6 +29,29 @@ impl Observer for Quiet {
     }
     fn interrupted(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// The observer of a rank other than 0 of a run spread over processes: it writes the part of every
+/// checkpoint that holds its workers (rank 0 decides when, and commits it) and passes on an interrupt;
+/// everything else is rank 0's.
+pub struct RankPart {
+    pub stop: Arc<AtomicBool>,
+    pub run_dir: PathBuf,
+    pub run_id: String,
+    pub world: crate::comm::World,
+}
+
+impl Observer for RankPart {
+    fn step(&mut self, _epoch: usize, _step: usize, _total: usize, _loss: f64) {}
+    fn eval(&mut self, _row: &MetricsRow) -> Result<()> {
+        Ok(())
+    }
+    fn interrupted(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+    fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
+        checkpoint::save_collective(&self.world, &self.run_dir, &self.run_id, state, true)
     }
 }
 
@@ -65,8 +88,8 @@ pub struct Progress {
     images_per_step: usize,
     /// Write the final model to `<run>/model.safetensors`.
     save_model: bool,
-    /// The run is spread over processes: this one holds only its workers, so it writes no checkpoint.
-    spread: bool,
+    /// The processes the run is spread over: each writes its workers' part of a checkpoint.
+    world: crate::comm::World,
 }
 
 impl Progress {
@@ -102,7 +125,7 @@ impl Progress {
             last_checkpoint: Instant::now(),
             images_per_step,
             save_model: opts.save_model,
-            spread: opts.world.size() > 1,
+            world: opts.world.clone(),
         }
     }
 
@@ -206,10 +229,9 @@ impl Observer for Progress {
     }
 
     fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
-        if self.lost.load(Ordering::SeqCst) || self.spread {
-            return Ok(()); // no longer ours to write, or this process holds only some of the workers
-        }
-        checkpoint::save(&self.run_dir, &self.run_id, state)?;
+        // Not when the run is no longer ours to write (the other ranks are told so).
+        let ours = !self.lost.load(Ordering::SeqCst);
+        checkpoint::save_collective(&self.world, &self.run_dir, &self.run_id, state, ours)?;
         self.last_checkpoint = Instant::now();
         Ok(())
     }

@@ -7,7 +7,7 @@ use crate::checkpoint;
 use crate::data::{self, Dataset};
 use crate::lock::{self, Claim, RunLock};
 use crate::memprobe::probe_subprocess;
-use crate::progress::{Progress, Quiet};
+use crate::progress::{Progress, RankPart};
 use crate::results::{write_csv, write_metrics, write_summary, Manifest, RunDir, Status, WorkerRow};
 use crate::spec::{Experiment, MethodKind, Run, SpecError};
 use crate::train::{self, Accounting, Interrupted};
@@ -149,17 +149,12 @@ pub fn run_all(experiments: &[Experiment], opts: &RunOptions) -> Result<Outcome>
 /// Trains every selected run that is not done. Under `mpirun`/`srun` (`opts.world` of N > 1 processes) every
 /// process calls this with the same arguments and the processes train each run together: rank 0 decides
 /// which runs to train (the same skip and lock rules) and tells the others, every rank loads the data and
-/// the run fails on all of them, naming the rank, if one cannot, and only rank 0 writes result files. A
-/// run spread over processes is not checkpointed: an interrupted or failed one is trained again from the
-/// start.
+/// the run fails on all of them, naming the rank, if one cannot, and only rank 0 writes result files
+/// besides the checkpoint, of which each rank writes its workers' part (`checkpoint.rs`). A spread run
+/// resumes from a checkpoint written by any number of processes.
 pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Policy) -> Result<Outcome> {
     let world = &opts.world;
     let spread = world.size() > 1;
-    let policy = &if spread {
-        Policy { checkpoint_every: 0, checkpoint_interval: None, checkpoint_steps: 0, ..policy.clone() }
-    } else {
-        policy.clone()
-    };
     let todo = select(experiments, &opts.only, policy.shard)?;
     if let (Some(sh), true) = (policy.shard, todo.is_empty()) {
         eprintln!("shard {}/{}: no runs", sh.index, sh.count);
@@ -220,12 +215,17 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
         let data = &datasets[&key];
         let Some(lock) = lock else {
             // Another rank: train this process's workers; rank 0 records the run.
-            match train_rank(run, data, opts) {
+            match train_rank(&Job { exp, run, rd: &rd, title: &title }, data, opts) {
                 Ok(Status::Interrupted) => {
                     outcome.interrupted = true;
                     break;
                 }
                 Ok(_) => outcome.done += 1,
+                Err(e) if crate::comm::agreed(&e) => {
+                    // Every rank met it at the same point, and rank 0 records it: on to the next run.
+                    eprintln!("{title}: failed: {e:#}");
+                    outcome.failed += 1;
+                }
                 Err(e) => {
                     // The other ranks wait in a collective for this one: end the job, naming this rank.
                     eprintln!("{title}: failed: {e:#}");
@@ -234,9 +234,9 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
             }
             continue;
         };
-        let status = run_one(&Job { exp, run, rd: &rd, title: &title }, data, opts, policy, &lock)?;
+        let (status, agreed) = run_one(&Job { exp, run, rd: &rd, title: &title }, data, opts, policy, &lock)?;
         drop(lock);
-        if let (true, Status::Failed(_)) = (spread, &status) {
+        if let (true, Status::Failed(_), false) = (spread, &status, agreed) {
             // Recorded as failed; the other ranks wait in a collective for this one: end the job.
             world.comm.abort(1);
         }
@@ -314,16 +314,49 @@ fn ranks_failed(world: &crate::comm::World, failure: Option<String>) -> Result<O
     }))
 }
 
-/// A rank other than 0 trains its workers of `run`; it writes nothing.
-fn train_rank(run: &Run, data: &Dataset, opts: &RunOptions) -> Result<Status> {
-    let mut obs = Quiet { stop: opts.stop.clone() };
-    let watching = crate::peers::watch(&opts.world, PathBuf::new())?;
-    let result = train::train_from(&run.spec, data, &opts.device, &mut obs, None, &opts.world);
-    watching.end(result.is_ok())?;
+/// A rank other than 0 trains its workers of `run`; it writes only its part of the checkpoints.
+fn train_rank(job: &Job, data: &Dataset, opts: &RunOptions) -> Result<Status> {
+    let Job { run, rd, title, .. } = *job;
+    let resume = resume_from(rd, run, opts, title)?;
+    let mut obs = RankPart {
+        stop: opts.stop.clone(),
+        run_dir: rd.dir.clone(),
+        run_id: run.id.clone(),
+        world: opts.world.clone(),
+    };
+    let watching = crate::peers::watch(&opts.world, &rd.dir)?;
+    let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
+    watching.end(together(&result))?;
     match result {
         Ok(_) => Ok(Status::Done),
         Err(e) if e.is::<Interrupted>() => Ok(Status::Interrupted),
         Err(e) => Err(e),
+    }
+}
+
+/// Whether every process of a run ended training at the same point: done, interrupted (the processes agree
+/// on a stop) or failed with an [`crate::comm::Agreed`] error; otherwise one process failed on its own.
+fn together(result: &Result<crate::results::Final>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(e) => e.is::<Interrupted>() || crate::comm::agreed(e),
+    }
+}
+
+/// The checkpoint run `run` resumes from: a collective call of every process of the run (rank 0's
+/// `checkpoint.json` decides; each process reads its workers' share). `--force` removes it first. One that
+/// cannot be read is reported (naming the file) and ignored: the run starts afresh, on every process.
+fn resume_from(rd: &RunDir, run: &Run, opts: &RunOptions, title: &str) -> Result<Option<checkpoint::TrainState>> {
+    if opts.force && opts.world.is_root() {
+        checkpoint::remove(&rd.dir)?;
+    }
+    let workers = run.spec.method.workers;
+    match checkpoint::load_collective(&opts.world, &rd.dir, &run.id, workers, &opts.device) {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            eprintln!("{title}: ignoring its checkpoint and starting afresh: {e:#}");
+            Ok(None)
+        }
     }
 }
 
@@ -344,24 +377,12 @@ struct Job<'a> {
     title: &'a str,
 }
 
-/// Trains one claimed run. Returns its status; `Status::Running` when another process took the run over
-/// (its lock went stale), in which case nothing of this process's is recorded.
-fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: &RunLock) -> Result<Status> {
+/// Trains one claimed run. Returns its status, and whether a failure is one every process of the run met
+/// together (then no process waits for this one); `Status::Running` when another process took the run
+/// over (its lock went stale), in which case nothing of this process's is recorded.
+fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: &RunLock) -> Result<(Status, bool)> {
     let Job { exp, run, rd, title } = *job;
-    let resume = if opts.world.size() > 1 {
-        None // not checkpointed when spread over processes (a one-process checkpoint stays for a one-process run)
-    } else if opts.force {
-        checkpoint::remove(&rd.dir)?;
-        None
-    } else {
-        match checkpoint::load(&rd.dir, &run.id, &opts.device) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("{title}: ignoring its checkpoint and starting afresh: {e:#}");
-                None
-            }
-        }
-    };
+    let resume = resume_from(rd, run, opts, title)?;
     let mut manifest = Manifest::new(run, &exp.path, &opts.device_name);
     if opts.device.is_cpu() {
         // The thread count sets the order of floating-point sums: a bit-for-bit rerun needs the same.
@@ -398,15 +419,16 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
     }
     let mut obs = Progress::new(title.to_string(), run, rd, opts, lock, policy, rows);
     // Spread over processes: rank 0 watches the others, to record a rank that dies.
-    let watching = if opts.world.size() > 1 { Some(crate::peers::watch(&opts.world, rd.manifest())?) } else { None };
+    let watching = if opts.world.size() > 1 { Some(crate::peers::watch(&opts.world, &rd.dir)?) } else { None };
     let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
     if let Some(w) = watching {
-        w.end(result.is_ok())?;
+        w.end(together(&result))?;
     }
     obs.finish();
+    let agreed = result.as_ref().err().is_some_and(crate::comm::agreed);
     if lock.lost.load(Ordering::SeqCst) {
         eprintln!("{title}: another process took this run over (its lock looked stale); left to it");
-        return Ok(Status::Running);
+        return Ok((Status::Running, agreed));
     }
     manifest.ended = Some(crate::results::now());
     let status = match result {
@@ -445,7 +467,7 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
                     eprintln!("{title}: the memory figures were not recorded: {e:#}");
                 }
             }
-            return Ok(Status::Done);
+            return Ok((Status::Done, false));
         }
         Err(e) if e.is::<Interrupted>() => {
             eprintln!(
@@ -466,7 +488,7 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
     };
     manifest.status = status.clone();
     manifest.write(&rd.manifest())?;
-    Ok(status)
+    Ok((status, agreed))
 }
 
 /// Measures each worker's memory in a fresh process (`sdp memprobe`) into `acc`.

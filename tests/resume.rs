@@ -140,6 +140,57 @@ fn a_checkpoint_of_another_shape_is_refused_naming_the_tensor() -> Result<()> {
     Ok(())
 }
 
+/// A checkpoint read for a run of another worker count, or whose JSON names a tensor file that is not
+/// there (a rank's part of a run spread over processes), is refused naming the file; a checkpoint of
+/// format 1 (one tensor file, no worker count) still resumes to the uninterrupted metrics.
+#[test]
+fn checkpoints_of_another_worker_count_or_missing_a_file_are_refused_and_format_1_resumes() -> Result<()> {
+    let run = parse(SDP)?.runs.remove(0);
+    let data = sdp::data::load(&run.spec.workload, Path::new("datasets"))?;
+    let tmp = tempfile::tempdir()?;
+    let mut whole = Crashing { dir: tmp.path().join("whole"), run_id: run.id.clone(), crash_at: None, rows: vec![] };
+    train::train(&run.spec, &data, &Device::Cpu, &mut whole)?;
+    let rd = tmp.path().join("run");
+    let mut first = Crashing { dir: rd.clone(), run_id: run.id.clone(), crash_at: Some(5), rows: vec![] };
+    assert!(train::train(&run.spec, &data, &Device::Cpu, &mut first).is_err());
+    let json = checkpoint::dir(&rd).join("checkpoint.json");
+    let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    assert_eq!((stored["format"].as_u64(), stored["workers"].as_u64()), (Some(2), Some(2)), "{stored}");
+    let solo = World::solo();
+
+    let e = checkpoint::load_collective(&solo, &rd, &run.id, 4, &Device::Cpu).err().context("accepted")?;
+    let e = format!("{e:#}");
+    assert!(e.contains(&format!("{}: a checkpoint of 2 workers, but the run has 4", json.display())), "{e}");
+
+    // Worker 1 said to be in a file of its own (rank 1's of 2), which is not there.
+    let mut split = stored.clone();
+    split["parts"] = serde_json::json!([
+        { "file": "state-000000005.safetensors", "workers": [0] },
+        { "file": "state-000000005.rank1of2.safetensors", "workers": [1] },
+    ]);
+    std::fs::write(&json, serde_json::to_string(&split)?)?;
+    let e = checkpoint::load_collective(&solo, &rd, &run.id, 2, &Device::Cpu).err().context("accepted")?;
+    let missing = checkpoint::dir(&rd).join("state-000000005.rank1of2.safetensors");
+    assert!(format!("{e:#}").contains(&format!("reading checkpoint {}", missing.display())), "{e:#}");
+
+    // Format 1.
+    let mut old = stored.clone();
+    let o = old.as_object_mut().context("an object")?;
+    o.insert("format".into(), 1.into());
+    for key in ["workers", "ranks", "parts"] {
+        o.remove(key);
+    }
+    std::fs::write(&json, serde_json::to_string(&old)?)?;
+    let state = checkpoint::load_collective(&solo, &rd, &run.id, 2, &Device::Cpu)?.context("no checkpoint")?;
+    let mut rows = state.rows.clone();
+    let mut second = Crashing { dir: rd, run_id: run.id.clone(), crash_at: None, rows: vec![] };
+    train::train_from(&run.spec, &data, &Device::Cpu, &mut second, Some(state), &solo)?;
+    rows.extend(second.rows);
+    let expected: Vec<String> = whole.rows.iter().map(clockless).collect();
+    assert_eq!(rows.iter().map(clockless).collect::<Vec<_>>(), expected);
+    Ok(())
+}
+
 // ----- the binary: SIGKILL, SIGTERM -----
 
 fn sdp_cmd(args: &[&str]) -> Command {

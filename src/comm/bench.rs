@@ -183,6 +183,7 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
         }
     }
     checks.push(check_collective(&world, &params)?);
+    checks.push(time_agreement(&world)?);
     if world.is_root() {
         println!("exchange\trank\tms_per_sync\twire_MB_per_sync\tmodel_MB_per_sync\tmeasured/model");
         for (name, r, s, wire, model) in table {
@@ -198,6 +199,35 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the training loop's agreement at every step costs (a stop asked on any rank, a checkpoint rank 0's
+/// clock makes due: one all-reduce of two numbers over every rank): the median of 1000, after 50 untimed.
+fn time_agreement(world: &World) -> Result<String> {
+    let mut times = Vec::with_capacity(1000);
+    for i in 0..1050 {
+        let mut flags = [0.0, f64::from(u8::from(world.is_root()))];
+        let t = Instant::now();
+        world.comm.all_reduce_sum_f64(&mut flags)?;
+        if i >= 50 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let (median, p90) = (times[times.len() / 2], times[times.len() * 9 / 10]);
+    // Every rank's median; rank 0 reports the largest.
+    let mut all = vec![0.0; world.size()];
+    all[world.rank()] = median;
+    world.comm.all_reduce_sum_f64(&mut all)?;
+    let worst = all.iter().copied().fold(0.0, f64::max);
+    Ok(format!(
+        "agreement per training step (stop / checkpoint flags, all-reduce of 2 numbers over {} rank(s)): median \
+         {:.1} us (rank 0; largest rank median {:.1} us), 90th percentile {:.1} us",
+        world.size(),
+        median * 1e6,
+        worst * 1e6,
+        p90 * 1e6
+    ))
 }
 
 /// The collective itself, checked: every rank sums the same buffer (the model's parameters) among all

@@ -119,6 +119,23 @@ impl Collective for Solo {
     }
 }
 
+/// Marks an error that every process of a run met at the same collective call (a checkpoint file a rank
+/// could not write): every rank knows of it and none waits for another in a collective, so no rank needs
+/// to end the job; rank 0 records the run as failed and every rank goes on to the next run.
+#[derive(Debug)]
+pub struct Agreed(pub String);
+
+impl std::fmt::Display for Agreed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether `e` is an [`Agreed`] error.
+pub fn agreed(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Agreed>().is_some()
+}
+
 /// The bitmask of every rank of a world of `size` processes.
 pub fn all_ranks(size: usize) -> u64 {
     if size >= 64 {

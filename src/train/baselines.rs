@@ -74,7 +74,7 @@ impl Method for Baseline<'_> {
         single_mode(&self.run, eval_net.as_ref())
     }
 
-    fn save(&self, out: &mut Tensors) -> Result<serde_json::Value> {
+    fn save(&mut self, out: &mut Tensors) -> Result<serde_json::Value> {
         save_single(self.net.as_ref(), &self.opt, out)
     }
 

@@ -4,6 +4,7 @@
 use super::method::{Method, Run};
 use super::{At, Interrupted, Observer};
 use crate::checkpoint::{Tensors, TrainState};
+use crate::comm::World;
 use crate::data::loader::{steps_per_epoch, Shards, TrainLoader};
 use crate::optim::lr_at;
 use crate::results::{Final, MetricsRow};
@@ -29,13 +30,13 @@ pub(super) fn run(
     let train_set = data.train.clone();
     let per_epoch = steps_per_epoch(train_set.len(), k, w.batch_size)?;
     let total = per_epoch * epochs;
-    let mut pos = TrainState::default();
+    let mut pos = TrainState { workers: k, ..TrainState::default() };
     if let Some(r) = resume {
         if r.step > total {
             anyhow::bail!("the checkpoint is at step {}, past this run's {total} steps", r.step);
         }
         method.restore(&r).context("restoring the checkpoint")?;
-        pos = TrainState { tensors: Tensors::new(), method: serde_json::Value::Null, ..r };
+        pos = TrainState { tensors: Tensors::new(), method: serde_json::Value::Null, workers: k, ..r };
     }
     let metric = run.plan.task.task.metric().name;
     let mut last = Final::of(pos.rows.last().unwrap_or(&MetricsRow::default()), metric);
@@ -43,7 +44,7 @@ pub(super) fn run(
     let wall = |start: &Instant| wall_before + start.elapsed().as_secs_f64();
     // Steps done since the last checkpoint (an interrupt with none saves nothing).
     let mut unsaved = 0usize;
-    let save = |method: &dyn Method, pos: &TrainState, obs: &mut dyn Observer| -> Result<()> {
+    let save = |method: &mut dyn Method, pos: &TrainState, obs: &mut dyn Observer| -> Result<()> {
         let mut tensors = Tensors::new();
         let state = method.save(&mut tensors)?;
         obs.checkpoint(&TrainState { tensors, method: state, ..pos.clone() })
@@ -58,12 +59,23 @@ pub(super) fn run(
         let loader = TrainLoader::start_for(train_set.clone(), aug, spec.seed, epoch, shards, done_in_epoch)?;
         let (t_epoch, secs_before, mut lr) = (Instant::now(), pos.epoch_secs, 0.0);
         for batches in loader {
-            if obs.interrupted() {
+            // Before each step: stop (a signal, on any process), or checkpoint after the step just done
+            // (mid-epoch; epoch ends are below), as every process of the run agrees.
+            let mid = unsaved > 0 && !pos.step.is_multiple_of(per_epoch);
+            let due = mid && obs.checkpoint_due(At::Step);
+            let (stop, due) = agree(run.world, obs.interrupted(), due)?;
+            if stop || due {
+                (pos.epoch_secs, pos.wall_s) = (secs_before + t_epoch.elapsed().as_secs_f64(), wall(&start));
+            }
+            if stop {
                 if unsaved > 0 {
-                    (pos.epoch_secs, pos.wall_s) = (secs_before + t_epoch.elapsed().as_secs_f64(), wall(&start));
                     save(method, &pos, obs).context("saving a checkpoint on interrupt")?;
                 }
                 return Err(Interrupted.into());
+            }
+            if due {
+                save(method, &pos, obs)?;
+                unsaved = 0;
             }
             lr = lr_at(&spec.optim, pos.step, total, per_epoch);
             let loss = method
@@ -75,11 +87,6 @@ pub(super) fn run(
             // Every worker's batch, hosted here or not: the run's throughput, whichever process reports it.
             pos.epoch_images += k * w.batch_size;
             obs.step(epoch, pos.step, total, loss);
-            if !pos.step.is_multiple_of(per_epoch) && obs.checkpoint_due(At::Step) {
-                (pos.epoch_secs, pos.wall_s) = (secs_before + t_epoch.elapsed().as_secs_f64(), wall(&start));
-                save(method, &pos, obs)?;
-                unsaved = 0;
-            }
         }
         pos.epoch_secs = secs_before + t_epoch.elapsed().as_secs_f64();
         let img_per_s = pos.epoch_images as f64 / pos.epoch_secs.max(1e-9);
@@ -102,11 +109,24 @@ pub(super) fn run(
             pos.rows.push(row);
         }
         (pos.epoch_loss_sum, pos.epoch_images, pos.epoch_secs) = (0.0, 0, 0.0);
-        if obs.checkpoint_due(At::EpochEnd { epoch, last: epoch == epochs }) {
+        let due = obs.checkpoint_due(At::EpochEnd { epoch, last: epoch == epochs });
+        if agree(run.world, false, due)?.1 {
             pos.wall_s = wall(&start);
             save(method, &pos, obs)?;
             unsaved = 0;
         }
     }
     Ok(last)
+}
+
+/// What every process of a run decides at a step boundary: whether to stop (`stop`: asked on any process,
+/// e.g. a signal that reached one rank) and whether to checkpoint (`due`: rank 0's observer says, whose
+/// clock times the checkpoints). One all-reduce of two numbers over the processes; nothing in one process.
+fn agree(world: &World, stop: bool, due: bool) -> Result<(bool, bool)> {
+    if world.size() == 1 {
+        return Ok((stop, due));
+    }
+    let mut flags = [f64::from(u8::from(stop)), f64::from(u8::from(due && world.is_root()))];
+    world.comm.all_reduce_sum_f64(&mut flags)?;
+    Ok((flags[0] > 0.0, flags[1] > 0.0))
 }

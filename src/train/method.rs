@@ -63,8 +63,9 @@ pub(super) trait Method {
     fn step(&mut self, batches: &[Batch], lr: f64, step: usize) -> Result<f64>;
     /// Test loss and accuracy of the headline mode, and every mode's accuracy.
     fn evaluate(&mut self) -> Result<Evaluation>;
-    /// Adds the method's tensors to a checkpoint; returns its other state.
-    fn save(&self, out: &mut Tensors) -> Result<serde_json::Value>;
+    /// Adds the method's tensors to a checkpoint (a worker's as `worker<k>/…`, the others shared by every
+    /// process); returns its other state. A collective call in a run spread over processes.
+    fn save(&mut self, out: &mut Tensors) -> Result<serde_json::Value>;
     /// Restores what [`Method::save`] saved (at step `r.step`).
     fn restore(&mut self, r: &TrainState) -> Result<()>;
     /// Memory and communication of every worker, and method-level facts, once trained.

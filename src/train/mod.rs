@@ -84,11 +84,14 @@ pub trait Observer {
     fn accounting(&mut self, _acc: &Accounting) -> Result<()> {
         Ok(())
     }
-    /// Whether to save a checkpoint now (never, unless the observer writes them).
+    /// Whether to save a checkpoint now (never, unless the observer writes them). In a run spread over
+    /// processes rank 0's observer decides for every process.
     fn checkpoint_due(&mut self, _at: At) -> bool {
         false
     }
-    /// Writes a checkpoint (asked for by [`Observer::checkpoint_due`], or on an interrupt).
+    /// Writes a checkpoint (asked for by [`Observer::checkpoint_due`], or on an interrupt). In a run spread
+    /// over processes every process's observer is called at the same step, with that process's share of
+    /// the state, and writes its part (a collective call).
     fn checkpoint(&mut self, _state: &TrainState) -> Result<()> {
         Ok(())
     }

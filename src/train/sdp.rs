@@ -53,7 +53,7 @@ impl Method for Sdp<'_> {
         })
     }
 
-    fn save(&self, out: &mut Tensors) -> Result<serde_json::Value> {
+    fn save(&mut self, out: &mut Tensors) -> Result<serde_json::Value> {
         self.st.save(out)
     }
 

@@ -370,21 +370,43 @@ impl SdpState {
         Ok(v[0])
     }
 
-    /// Adds the global model and every worker's subnetwork and optimizer state to a checkpoint; returns
-    /// the alignment records so far.
-    pub(super) fn save(&self, out: &mut Tensors) -> Result<serde_json::Value> {
-        checkpoint::save_store("global", self.global.store(), out)?;
-        for (k, w) in self.workers.iter().enumerate() {
-            checkpoint::save_store(&format!("worker{k}"), w.net.store(), out)?;
-            checkpoint::save_optimizer(&format!("worker{k}"), &w.opt, out)?;
+    /// Adds the global model (assembled: current on every coordinate, a collective call in a run spread
+    /// over processes), and each hosted worker's subnetwork, optimizer state and gradient alignment
+    /// records, as `worker<k>/…` (k its index among all K workers, so that a checkpoint resumes with the
+    /// workers hosted by any number of processes). The live state is left as it is.
+    pub(super) fn save(&mut self, out: &mut Tensors) -> Result<serde_json::Value> {
+        let store = self.global.store().clone();
+        let vars: Vec<(&String, &Var)> = store.params.iter().chain(&store.buffers).collect();
+        let items: Vec<(&str, Tensor)> = vars.iter().map(|(n, v)| (n.as_str(), v.as_tensor().detach())).collect();
+        let values = if self.averager.complete() {
+            items.iter().map(|(_, t)| t.clone()).collect()
+        } else {
+            self.averager.assemble(&items)?
+        };
+        for ((name, _), value) in items.iter().zip(values) {
+            out.insert(format!("global/model/{name}"), value);
         }
-        let align: Vec<(usize, usize, String)> =
-            self.alignment.iter().map(|a| (a.step, a.worker, checkpoint::exact(a.cosine_to_full_grad))).collect();
-        Ok(serde_json::json!({ "alignment": align }))
+        for w in &self.workers {
+            let prefix = format!("worker{}", w.index);
+            checkpoint::save_store(&prefix, w.net.store(), out)?;
+            checkpoint::save_optimizer(&prefix, &w.opt, out)?;
+            // (step, cosine) rows, exact in f64.
+            let rows: Vec<f64> = self
+                .alignment
+                .iter()
+                .filter(|a| a.worker == w.index)
+                .flat_map(|a| [a.step as f64, a.cosine_to_full_grad])
+                .collect();
+            if !rows.is_empty() {
+                let n = rows.len() / 2;
+                out.insert(format!("{prefix}/align"), Tensor::from_vec(rows, (n, 2), &Device::Cpu)?);
+            }
+        }
+        Ok(serde_json::Value::Null)
     }
 
     /// Restores the state saved by [`Self::save`] at step `r.step`: the selection in force then (a pure
-    /// function of the seed and the draw number), then every tensor.
+    /// function of the seed and the draw number), then every tensor of the workers hosted here.
     pub(super) fn restore(&mut self, spec: &RunSpec, r: &TrainState, device: &Device) -> Result<()> {
         let every = spec.method.resample_every;
         let draw = if every > 0 && r.step > 0 { (r.step - 1) / every } else { 0 };
@@ -392,20 +414,34 @@ impl SdpState {
             self.redraw(spec, draw as u64, device)?;
         }
         checkpoint::restore_store("global", self.global.store(), &r.tensors)?;
-        for (k, w) in self.workers.iter_mut().enumerate() {
-            checkpoint::restore_store(&format!("worker{k}"), w.net.store(), &r.tensors)?;
-            checkpoint::restore_optimizer(&format!("worker{k}"), &mut w.opt, &r.tensors, device)?;
+        let mut alignment = Vec::new();
+        for w in self.workers.iter_mut() {
+            let prefix = format!("worker{}", w.index);
+            checkpoint::restore_store(&prefix, w.net.store(), &r.tensors)?;
+            checkpoint::restore_optimizer(&prefix, &mut w.opt, &r.tensors, device)?;
+            if let Some(t) = r.tensors.get(&format!("{prefix}/align")) {
+                for row in t.to_dtype(DType::F64)?.to_vec2::<f64>()? {
+                    alignment.push(AlignRow {
+                        run_id: String::new(),
+                        step: row[0] as usize,
+                        worker: w.index,
+                        cosine_to_full_grad: row[1],
+                    });
+                }
+            }
         }
-        let align: Vec<(usize, usize, String)> = match r.method.get("alignment") {
-            Some(v) => serde_json::from_value(v.clone()).context("checkpoint: alignment records")?,
-            None => Vec::new(),
-        };
-        self.alignment = align
-            .into_iter()
-            .map(|(step, worker, c)| {
-                Ok(AlignRow { run_id: String::new(), step, worker, cosine_to_full_grad: checkpoint::parse_exact(&c)? })
-            })
-            .collect::<Result<_>>()?;
+        // Format 1 kept the (one-process) records in the JSON.
+        if let Some(v) = r.method.get("alignment") {
+            let rows: Vec<(usize, usize, String)> =
+                serde_json::from_value(v.clone()).context("checkpoint: alignment records")?;
+            for (step, worker, c) in rows {
+                let cosine_to_full_grad = checkpoint::parse_exact(&c)?;
+                alignment.push(AlignRow { run_id: String::new(), step, worker, cosine_to_full_grad });
+            }
+        }
+        // The order they were recorded in: by step, then by worker.
+        alignment.sort_by_key(|a| (a.step, a.worker));
+        self.alignment = alignment;
         Ok(())
     }
 
