@@ -4,29 +4,28 @@
 //! `ops`) on datasets (`data`) with a method (`train`, `optim`, `comm`), and write results (`results`),
 //! from which `figures` draws figures and tables.
 
-pub mod bench;
-pub mod checkpoint;
 pub mod comm;
-pub mod cost;
 pub mod data;
 pub mod figures;
 pub mod io;
-pub mod lock;
 pub mod masking;
-pub mod memprobe;
 pub mod metrics;
 pub mod models;
 pub mod ops;
 pub mod optim;
-pub mod peers;
 pub mod plan;
-pub mod progress;
 pub mod registry;
 pub mod results;
-pub mod runner;
+pub mod run;
 pub mod runtime;
 pub mod seed;
 pub mod spec;
 pub mod subnet;
 pub mod task;
+pub mod tools;
 pub mod train;
+
+// The run room's modules keep their crate-level paths (`sdp::runner::run_all`, `crate::checkpoint`, …).
+pub use run::{checkpoint, lock, peers, progress, runner};
+// The tools room's modules keep their crate-level paths too (`sdp::cost::estimate`, `crate::memprobe`, …).
+pub use tools::{bench, cost, memprobe};

@@ -1,14 +1,14 @@
 //! Data parallelism: K per-worker gradients of one shared model, averaged, then one optimizer step; BatchNorm
-//! running statistics averaged over the workers. Also the loss and gradients every method computes.
+//! running statistics averaged over the workers.
 
 use super::accounting::dp_accounting;
 use super::eval::single_mode;
+use super::grads::{accumulate, loss_and_grads_of, scale};
 use super::method::{Evaluation, Method, Run};
 use super::Accounting;
 use crate::checkpoint::{self, Tensors, TrainState};
 use crate::comm::World;
 use crate::data::examples::Batch;
-use crate::models::layers::ParamStore;
 use crate::models::{self, Net};
 use crate::ops::profile::{self, Part};
 use crate::optim::Optimizer;
@@ -146,62 +146,4 @@ pub fn dp_step_with(
     drop(averaging);
     opt.step(&store.params, &grads, lr)?;
     Ok(loss_sum * inv)
-}
-
-/// The task's loss of a training-mode forward pass on (x, y), and the gradient of every parameter.
-pub fn loss_and_grads(
-    task: &dyn Task,
-    net: &dyn Net,
-    x: &Tensor,
-    y: &Tensor,
-) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let out = {
-        let _forward = profile::scope(Part::Forward);
-        net.forward_t(x, true)?
-    };
-    loss_and_grads_of(task, net.store(), &out, y)
-}
-
-/// The task's loss of outputs `out` against `y`, and the gradient of every parameter of `store`.
-pub fn loss_and_grads_of(
-    task: &dyn Task,
-    store: &ParamStore,
-    out: &Tensor,
-    y: &Tensor,
-) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let (loss, value) = {
-        let _loss = profile::scope(Part::Loss);
-        let loss = task.loss(out, y)?;
-        let value = loss.to_scalar::<f32>()? as f64;
-        (loss, value)
-    };
-    if !value.is_finite() {
-        anyhow::bail!("training loss is {value}: the run diverged (try a smaller optim.lr)");
-    }
-    let _backward = profile::scope(Part::Backward);
-    let mut gs = loss.backward()?;
-    let mut grads = BTreeMap::new();
-    for (name, var) in &store.params {
-        if let Some(g) = gs.remove(var.as_tensor()) {
-            grads.insert(name.clone(), g.detach());
-        }
-    }
-    Ok((value, grads))
-}
-
-/// Adds every tensor of `add` to the one of the same name in `sum` (or inserts it).
-pub(super) fn accumulate(sum: &mut BTreeMap<String, Tensor>, add: BTreeMap<String, Tensor>) -> Result<()> {
-    for (k, v) in add {
-        let next = match sum.remove(&k) {
-            Some(s) => (s + v)?,
-            None => v,
-        };
-        sum.insert(k, next);
-    }
-    Ok(())
-}
-
-/// Every tensor of `map` times `s`.
-pub(super) fn scale(map: BTreeMap<String, Tensor>, s: f64) -> Result<BTreeMap<String, Tensor>> {
-    map.into_iter().map(|(k, v)| Ok((k, (v * s)?))).collect()
 }

@@ -1,7 +1,7 @@
 //! Evaluation (docs/design.md §1 "Evaluation"): test loss and accuracy of a single model, SDP's evaluation
 //! modes (full, recalibrated, scaled, ensemble, subnetwork mean), and BatchNorm recalibration.
 
-use super::dp::{accumulate, scale};
+use super::grads::{accumulate, scale};
 use super::method::{Evaluation, Run};
 use super::sdp_state::SdpState;
 use crate::data::augment::AugmentCfg;

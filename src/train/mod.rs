@@ -28,14 +28,16 @@ mod baselines;
 mod dp;
 mod epochs;
 mod eval;
+mod grads;
 mod method;
 mod sdp;
 mod sdp_state;
 
 pub use accounting::Accounting;
 pub use baselines::{baseline_drops, baseline_family, baseline_net, small_dense_widths};
-pub use dp::{dp_step, dp_step_with, loss_and_grads, loss_and_grads_of, Forward, Step};
+pub use dp::{dp_step, dp_step_with, Forward, Step};
 pub use eval::{evaluate, evaluate_sdp, recalibrate_bn, RECAL_BATCHES};
+pub use grads::{loss_and_grads, loss_and_grads_of};
 pub use sdp::sdp_step;
 pub use sdp_state::{SdpState, Worker};
 

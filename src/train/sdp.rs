@@ -2,8 +2,8 @@
 //! on its own batch and its local optimizer step, then averaging among holders. The workers and the averaging
 //! itself are in `sdp_state.rs`, the evaluation modes in `eval.rs`.
 
-use super::dp::loss_and_grads;
 use super::eval::evaluate_sdp;
+use super::grads::loss_and_grads;
 use super::method::{Evaluation, Method, Run};
 use super::sdp_state::SdpState;
 use super::Accounting;

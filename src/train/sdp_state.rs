@@ -4,7 +4,7 @@
 //! selection, averages among holders ([`SdpState::sync`], [`SdpState::average_grads`]) and saves its
 //! state in a checkpoint.
 
-use super::dp::loss_and_grads;
+use super::grads::loss_and_grads;
 use crate::checkpoint::{self, Tensors, TrainState};
 use crate::comm::{Averager, GroupedAverager, Layout, LocalAverager, SyncTensor, World};
 use crate::masking::{self, Selection};

@@ -3,10 +3,10 @@
 //! model) for the process that records the run, [`RankPart`] for the other ranks of a run spread over
 //! processes (their part of each checkpoint), and [`Quiet`] (nothing) for tools and tests.
 
+use super::options::{Policy, RunOptions};
 use crate::checkpoint::{self, TrainState};
 use crate::lock::{self, RunLock};
 use crate::results::{write_metrics, MetricsRow, RunDir};
-use crate::runner::{Policy, RunOptions};
 use crate::spec::Run;
 use crate::train::{Accounting, At, Observer};
 use anyhow::Result;

@@ -11,7 +11,7 @@
 //! actually all-reduced, under the ring all-reduce model 2(g-1)/g × payload among g ranks), next to the
 //! model that workers.csv reports (`comm_bytes_per_step`, one worker per rank when N = K).
 
-use super::{Averager, GroupedAverager, IndexMap, Layout, SyncTensor, World};
+use crate::comm::{Averager, GroupedAverager, IndexMap, Layout, SyncTensor, World};
 use crate::metrics;
 use crate::plan;
 use crate::train::SdpState;
@@ -139,7 +139,7 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
         av.average(&sync)?;
         if n == 1 && name == "sdp-grouped" {
             // One process hosts every worker: the grouped averager must give what the simulation's gives.
-            let mut local = super::LocalAverager::new();
+            let mut local = crate::comm::LocalAverager::new();
             local.set_selection(&maps)?;
             let want = local.average(&sync)?;
             let largest = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> Result<f32> {
@@ -240,7 +240,7 @@ fn check_collective(world: &World, params: &[(String, candle_core::Tensor)]) -> 
         buf.extend(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     }
     let want: Vec<f32> = buf.iter().map(|x| x * n as f32).collect();
-    let all = super::all_ranks(n);
+    let all = crate::comm::all_ranks(n);
     world.comm.prepare(&[all])?;
     let t = Instant::now();
     world.comm.all_reduce_sum(all, &mut buf)?;
