@@ -32,22 +32,33 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `yr` = softmax(`xr`): exp(x − max) / sum.
+pub(super) fn softmax_row(yr: &mut [f32], xr: &[f32]) {
+    let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for (o, &v) in yr.iter_mut().zip(xr) {
+        *o = (v - max).exp();
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    yr.iter_mut().for_each(|o| *o *= inv);
+}
+
+/// `o` = y (dy − sum(dy y)): the softmax's input gradient for its output `yr` and output gradient `gr`.
+pub(super) fn softmax_grad_row(o: &mut [f32], yr: &[f32], gr: &[f32]) {
+    let dot: f32 = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
+    for ((o, &yv), &g) in o.iter_mut().zip(yr).zip(gr) {
+        *o = yv * (g - dot);
+    }
+}
+
 struct Softmax;
 
 impl CpuOp<1> for Softmax {
     const NAMES: Names<1> = Names { op: "sdp-softmax-last-dim", args: ["input"] };
 
     fn fwd(&self, [x]: [Arg; 1]) -> Result<(Vec<f32>, Shape)> {
-        let y = map_rows(&x, last_dim(&x), |yr, xr| {
-            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|o| *o *= inv);
-        });
+        let y = map_rows(&x, last_dim(&x), softmax_row);
         Ok((y, x.shape.clone()))
     }
 
@@ -64,12 +75,7 @@ impl CpuOp<2> for SoftmaxGrad {
     const SAME_SHAPE: usize = 2;
 
     fn fwd(&self, [y, dy]: [Arg; 2]) -> Result<(Vec<f32>, Shape)> {
-        let dx = map_rows2(&y, &dy, last_dim(&y), |o, yr, gr| {
-            let dot: f32 = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
-            for ((o, &yv), &g) in o.iter_mut().zip(yr).zip(gr) {
-                *o = yv * (g - dot);
-            }
-        });
+        let dx = map_rows2(&y, &dy, last_dim(&y), softmax_grad_row);
         Ok((dx, y.shape.clone()))
     }
 }

@@ -7,6 +7,7 @@
 //! Elsewhere composed from candle ops: a (T, T) mask of -inf above the diagonal added to the scores,
 //! then [`super::softmax_last_dim`] (which has a backward pass on every device).
 
+use super::activation::{softmax_grad_row, softmax_row};
 use super::cpu_op::{map_rows2_indexed, map_rows_indexed, Arg, Cpu, CpuOp, Names};
 use candle_core::{bail, Result, Shape, Tensor};
 
@@ -38,15 +39,7 @@ impl CpuOp<1> for CausalSoftmax {
         // The masked columns keep the zeros the output starts with.
         let y = map_rows_indexed(&x, t, |row, yr, xr| {
             let seen = row % t + 1;
-            let (yr, xr) = (&mut yr[..seen], &xr[..seen]);
-            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|o| *o *= inv);
+            softmax_row(&mut yr[..seen], &xr[..seen]);
         });
         Ok((y, x.shape.clone()))
     }
@@ -68,11 +61,7 @@ impl CpuOp<2> for CausalSoftmaxGrad {
         let t = row_len(&y);
         let dx = map_rows2_indexed(&y, &dy, t, |row, o, yr, gr| {
             let seen = row % t + 1;
-            let (o, yr, gr) = (&mut o[..seen], &yr[..seen], &gr[..seen]);
-            let dot: f32 = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
-            for ((o, &yv), &g) in o.iter_mut().zip(yr).zip(gr) {
-                *o = yv * (g - dot);
-            }
+            softmax_grad_row(&mut o[..seen], &yr[..seen], &gr[..seen]);
         });
         Ok((dx, y.shape.clone()))
     }
