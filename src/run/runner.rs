@@ -102,7 +102,7 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
             match data::load(&run.spec.workload, &opts.data_dir) {
                 Ok(d) => {
                     eprintln!(
-                        "dataset {}: {} train / {} test images, {} classes ({:.1} s)",
+                        "dataset {}: {} train / {} test examples, {} classes ({:.1} s)",
                         d.name,
                         d.train.len(),
                         d.test.len(),

@@ -214,7 +214,7 @@ pub fn data_sizes(w: &Workload, data_dir: &Path) -> Result<DataSizes> {
                 .map(|(k, _)| *k)
                 .collect();
             Some(format!(
-                "{}: workload.{} absent, assuming {what}: {} train / {} test images",
+                "{}: workload.{} absent, assuming {what}: {} train / {} test examples",
                 w.dataset,
                 absent.join(" and "),
                 thousands(train),
