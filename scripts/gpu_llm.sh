@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The decoder on a GPU (issue: language models): one training step of llama_134m (vocabulary 32,000, 256-token
+# The decoder on a GPU: one training step of llama_134m (vocabulary 32,000, 256-token
 # sequences, 64 per worker: the paper spec's per-worker batch) for DP and for one SDP worker of block masking at
 # C = 0.5 (K = 8), each step's time and peak device memory, beside PyTorch's (transformers' LlamaForCausalLM,
 # eager attention, scripts/pytorch_step.py --model llama_134m) on the same card in the same run.

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::family::small;
+
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 use common::{check_contains, err_text, run_options, tiny_with};
@@ -12,17 +14,6 @@ use sdp::subnet;
 use sdp::train::{baseline_family, small_dense_widths};
 use std::collections::BTreeMap;
 use std::sync::Once;
-
-/// Two stages of one and two blocks, widths 8 and 16 (as tests/common/family.rs).
-fn small(classes: usize) -> ModelArgs {
-    ModelArgs {
-        widths: Some(vec![8, 16]),
-        depths: Some(vec![1, 2]),
-        batch_norm: true,
-        num_classes: classes,
-        context: None,
-    }
-}
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)

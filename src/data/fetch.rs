@@ -46,11 +46,6 @@ pub fn official(name: &str) -> Result<Source> {
     Ok(Source { name: name.into(), files })
 }
 
-/// The URL of a dataset's first official file, for error messages elsewhere.
-pub fn official_url(name: &str) -> Option<String> {
-    official(name).ok().and_then(|s| s.files.first().map(|f| f.url.clone()))
-}
-
 /// Downloads, verifies and unpacks the official files of `name` (`cifar10`, `cifar100`, `svhn`) into `data_dir`.
 pub fn fetch(name: &str, data_dir: &Path) -> Result<()> {
     fetch_from(&official(name)?, data_dir)
