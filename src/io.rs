@@ -50,3 +50,19 @@ pub fn pid_alive(pid: u32) -> bool {
 pub fn unix_now() -> i64 {
     chrono::Utc::now().timestamp()
 }
+
+/// Writes one line to stderr in a single `write`: lines of processes that share a stderr (the `--jobs`
+/// children, the ranks under `mpirun`) never interleave within a line (a pipe write of up to `PIPE_BUF`
+/// bytes is atomic), which `eprintln!` (one write per formatted piece) does not promise.
+pub fn say_line(line: &str) {
+    let mut b = String::with_capacity(line.len() + 1);
+    b.push_str(line);
+    b.push('\n');
+    let _ = std::io::stderr().lock().write_all(b.as_bytes());
+}
+
+/// `eprintln!` whose line reaches stderr in one write (see [`say_line`]).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => { $crate::io::say_line(&format!($($arg)*)) };
+}

@@ -231,7 +231,7 @@ fn main() -> ExitCode {
         // The reader went away (`sdp check … | head -1`): nothing left to say.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            sdp::say!("error: {e:#}");
             if e.is::<SpecError>() {
                 ExitCode::from(2)
             } else {
@@ -293,7 +293,7 @@ fn list_runs(results_dir: &Path, stale_after: std::time::Duration) -> Result<()>
     }
     let runs = sdp::results::list(results_dir)?;
     if runs.is_empty() {
-        eprintln!("no runs under {}", results_dir.display());
+        sdp::say!("no runs under {}", results_dir.display());
         return Ok(());
     }
     let mut out = std::io::stdout().lock();
@@ -378,7 +378,7 @@ fn run_jobs(
             cmd.envs(env);
         }
         let child = cmd.spawn().with_context(|| format!("starting job {j} ({})", exe.display()))?;
-        eprintln!("job {j}: pid {} on {device}{threads}", child.id());
+        sdp::say!("job {j}: pid {} on {device}{threads}", child.id());
         children.push(child);
     }
     let mut codes: Vec<Option<i32>> = vec![None; jobs];
@@ -403,7 +403,7 @@ fn run_jobs(
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let codes: Vec<i32> = codes.into_iter().flatten().collect();
-    eprintln!("jobs ended with exit codes {codes:?}");
+    sdp::say!("jobs ended with exit codes {codes:?}");
     Ok(if codes.contains(&130) || forwarded {
         ExitCode::from(130)
     } else if let Some(&c) = codes.iter().find(|&&c| c != 0) {
@@ -445,7 +445,7 @@ fn run() -> Result<ExitCode> {
                 None => print_runs(&exps)?,
             }
             let n: usize = exps.iter().map(|e| e.runs.len()).sum();
-            eprintln!("{} spec(s) valid, {n} run(s)", exps.len());
+            sdp::say!("{} spec(s) valid, {n} run(s)", exps.len());
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
@@ -520,7 +520,7 @@ fn run() -> Result<ExitCode> {
             ctrlc::set_handler(move || {
                 let again = flag.swap(true, Ordering::SeqCst);
                 if !again {
-                    eprintln!("\ninterrupt: finishing the current step, checkpointing, then stopping (again to abort)");
+                    sdp::say!("\ninterrupt: finishing the current step, checkpointing, then stopping (again to abort)");
                 }
                 // Under mpirun, a SIGTERM usually means a rank died: rank 0 records which, if it can see it.
                 sdp::peers::on_signal();
@@ -537,7 +537,7 @@ fn run() -> Result<ExitCode> {
                 let mut names: Vec<&str> = exps.iter().map(|e| e.name.as_str()).collect();
                 names.dedup();
                 for name in names {
-                    eprintln!("summary: {}", sdp::results::write_summary(&results_dir, name)?.display());
+                    sdp::say!("summary: {}", sdp::results::write_summary(&results_dir, name)?.display());
                 }
                 return Ok(code);
             }
@@ -557,9 +557,12 @@ fn run() -> Result<ExitCode> {
                 world,
             };
             let out = runner::run_all_with(&exps, &opts, &policy)?;
-            eprintln!(
+            sdp::say!(
                 "{} done, {} skipped, {} held by other processes, {} failed",
-                out.done, out.skipped, out.busy, out.failed
+                out.done,
+                out.skipped,
+                out.busy,
+                out.failed
             );
             Ok(if out.interrupted {
                 ExitCode::from(130)
@@ -673,7 +676,7 @@ fn run() -> Result<ExitCode> {
                 for f in &w.files {
                     println!("{}", f.display());
                 }
-                eprintln!(
+                sdp::say!(
                     "{}: {} file(s) in {}{}",
                     w.experiment,
                     w.files.len(),

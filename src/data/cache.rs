@@ -83,12 +83,12 @@ pub fn load_or_build(path: &Path, fp: &Fingerprint, build: impl FnOnce() -> Resu
     if path.exists() {
         match read(path, fp) {
             Ok(c) => return Ok(c),
-            Err(e) => eprintln!("note: rebuilding cache: {e:#}"),
+            Err(e) => crate::say!("note: rebuilding cache: {e:#}"),
         }
     }
     let data = build()?;
     if let Err(e) = write(path, fp, &data) {
-        eprintln!("warning: could not write cache (data decoded again next run): {e:#}");
+        crate::say!("warning: could not write cache (data decoded again next run): {e:#}");
     }
     Ok(data)
 }

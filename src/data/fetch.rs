@@ -68,13 +68,13 @@ fn fetch_file(name: &str, f: &RemoteFile, data_dir: &Path) -> Result<()> {
             if !f.extracts.is_empty() && !extracted {
                 extract_tar_gz(&dest, data_dir)?;
             }
-            eprintln!("{}: present, md5 ok", dest.display());
+            crate::say!("{}: present, md5 ok", dest.display());
             return Ok(());
         }
-        eprintln!("{}: md5 {sum} but expected {}; downloading it again", dest.display(), f.md5);
+        crate::say!("{}: md5 {sum} but expected {}; downloading it again", dest.display(), f.md5);
         std::fs::remove_file(&dest).with_context(|| format!("removing {}", dest.display()))?;
     } else if extracted {
-        eprintln!("{}: already extracted (archive not kept), nothing to do", data_dir.display());
+        crate::say!("{}: already extracted (archive not kept), nothing to do", data_dir.display());
         return Ok(());
     }
     let dir = dest.parent().unwrap_or(data_dir);
@@ -101,7 +101,7 @@ fn fetch_file(name: &str, f: &RemoteFile, data_dir: &Path) -> Result<()> {
         );
     }
     std::fs::rename(&part, &dest).with_context(|| format!("renaming {} to {}", part.display(), dest.display()))?;
-    eprintln!("{}: downloaded, md5 ok", dest.display());
+    crate::say!("{}: downloaded, md5 ok", dest.display());
     if !f.extracts.is_empty() {
         extract_tar_gz(&dest, data_dir)?;
     }
@@ -126,7 +126,7 @@ fn download(url: &str, part: &Path) -> Result<()> {
                 if after <= before {
                     return Err(e);
                 }
-                eprintln!("{url}: connection lost after {after} bytes ({e:#}); resuming");
+                crate::say!("{url}: connection lost after {after} bytes ({e:#}); resuming");
                 last_err = Some(e);
             }
         }
@@ -227,7 +227,7 @@ impl Progress {
         if bar.is_none() {
             let size = total.map(|t| format!(" ({t} bytes)")).unwrap_or_default();
             let from = if start > 0 { format!(", resuming at byte {start}") } else { String::new() };
-            eprintln!("downloading {url}{size}{from}");
+            crate::say!("downloading {url}{size}{from}");
         }
         let step = total.map(|t| t / 10).unwrap_or(u64::MAX).max(1);
         Self { bar, url: url.into(), total, next_report: (start / step + 1) * step }
@@ -238,7 +238,7 @@ impl Progress {
             bar.set_position(done);
         } else if let Some(t) = self.total.filter(|&t| t > 0) {
             if done >= self.next_report && done < t {
-                eprintln!("{}: {}% ({done} of {t} bytes)", self.url, done * 100 / t);
+                crate::say!("{}: {}% ({done} of {t} bytes)", self.url, done * 100 / t);
                 let step = (t / 10).max(1);
                 self.next_report = (done / step + 1) * step;
             }
@@ -292,7 +292,7 @@ fn extract_tar_gz(archive: &Path, data_dir: &Path) -> Result<()> {
             .with_context(|| format!("moving {} to {}", entry.path().display(), target.display()))?;
     }
     std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    eprintln!("{}: extracted into {}", archive.display(), data_dir.display());
+    crate::say!("{}: extracted into {}", archive.display(), data_dir.display());
     Ok(())
 }
 

@@ -83,10 +83,10 @@ pub fn render(results: &Path, out: &Path, experiments: &[String]) -> Result<Vec<
     for name in names {
         let exp = load_experiment(&results.join(&name), &name)?;
         for (id, status) in &exp.skipped {
-            eprintln!("figures: {name}/{id}: status `{status}`, not done: skipped");
+            crate::say!("figures: {name}/{id}: status `{status}`, not done: skipped");
         }
         if exp.runs.is_empty() {
-            eprintln!("figures: {name}: no finished runs, nothing to plot");
+            crate::say!("figures: {name}: no finished runs, nothing to plot");
             written.push(Written { experiment: name, files: vec![], skipped: exp.skipped });
             continue;
         }
@@ -132,7 +132,7 @@ fn remove_stale(dir: &Path, written: &[PathBuf], metric: &str) -> Result<()> {
         let figure = ours && path.extension().is_some_and(|x| x == "svg" || x == "png");
         if figure && path.is_file() && !written.contains(&path) {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            eprintln!("figures: removed {} (nothing to show any more)", path.display());
+            crate::say!("figures: removed {} (nothing to show any more)", path.display());
         }
     }
     Ok(())

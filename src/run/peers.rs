@@ -175,7 +175,7 @@ impl Beat {
                     .and_then(|()| std::fs::write(&file, line(seq)));
                 if let (Err(e), false) = (wrote, said) {
                     said = true;
-                    eprintln!(
+                    crate::say!(
                         "cannot write the heartbeat {} ({e}): rank 0 would not see this rank die",
                         file.display()
                     );
@@ -281,7 +281,7 @@ fn check() {
     if w.started.elapsed() >= NOTE_AFTER {
         for r in w.remote.iter_mut().filter(|r| r.last.is_none() && !r.noted) {
             r.noted = true;
-            eprintln!(
+            crate::say!(
                 "rank 0: no heartbeat of rank {} in {}: is the results folder shared by the nodes? If that rank \
                  dies, the run cannot be recorded as failed",
                 r.peer.rank,
@@ -324,12 +324,12 @@ pub fn on_signal() {
 
 /// Records the run failed for `reason` and ends this process.
 fn fail(w: &Watch, reason: String) -> ! {
-    eprintln!("rank 0: {reason}: recording the run as failed and ending the job");
+    crate::say!("rank 0: {reason}: recording the run as failed and ending the job");
     if let Ok(mut m) = Manifest::read(&w.manifest) {
         m.status = Status::Failed(reason);
         m.ended = Some(crate::results::now());
         if let Err(e) = m.write(&w.manifest) {
-            eprintln!("rank 0: could not record the failure in {}: {e:#}", w.manifest.display());
+            crate::say!("rank 0: could not record the failure in {}: {e:#}", w.manifest.display());
         }
     }
     std::process::exit(1);

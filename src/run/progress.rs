@@ -154,7 +154,7 @@ impl Observer for Progress {
         if !std::io::stderr().is_terminal() {
             if self.last_line.elapsed() >= self.policy.progress_every {
                 self.last_line = Instant::now();
-                eprintln!(
+                crate::say!(
                     "{}: epoch {epoch} step {step}/{total} loss {loss:.4} {:.0} img/s ETA {}",
                     self.title,
                     its * self.images_per_step as f64,
@@ -195,7 +195,7 @@ impl Observer for Progress {
         );
         match &self.bar {
             Some(b) => b.println(line),
-            None => eprintln!("{line}"),
+            None => crate::say!("{line}"),
         }
         Ok(())
     }

@@ -71,7 +71,7 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
     let spread = world.size() > 1;
     let todo = select(experiments, &opts.only, policy.shard)?;
     if let (Some(sh), true) = (policy.shard, todo.is_empty()) {
-        eprintln!("shard {}/{}: no runs", sh.index, sh.count);
+        crate::say!("shard {}/{}: no runs", sh.index, sh.count);
     }
     let mut outcome = Outcome::default();
     let mut datasets: HashMap<String, Dataset> = HashMap::new();
@@ -101,7 +101,7 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
             let t = Instant::now();
             match data::load(&run.spec.workload, &opts.data_dir) {
                 Ok(d) => {
-                    eprintln!(
+                    crate::say!(
                         "dataset {}: {} train / {} test examples, {} classes ({:.1} s)",
                         d.name,
                         d.train.len(),
@@ -116,7 +116,7 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
         }
         // Every rank must have the data; the first that has not is named.
         if let Some(reason) = ranks_failed(world, failure)? {
-            eprintln!("{title}: failed: {reason}");
+            crate::say!("{title}: failed: {reason}");
             if world.is_root() {
                 let mut m = Manifest::new(run, &exp.path, &opts.device_name);
                 m.status = Status::Failed(reason);
@@ -137,12 +137,12 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
                 Ok(_) => outcome.done += 1,
                 Err(e) if crate::comm::agreed(&e) => {
                     // Every rank met it at the same point, and rank 0 records it: on to the next run.
-                    eprintln!("{title}: failed: {e:#}");
+                    crate::say!("{title}: failed: {e:#}");
                     outcome.failed += 1;
                 }
                 Err(e) => {
                     // The other ranks wait in a collective for this one: end the job, naming this rank.
-                    eprintln!("{title}: failed: {e:#}");
+                    crate::say!("{title}: failed: {e:#}");
                     world.comm.abort(1);
                 }
             }
@@ -178,7 +178,7 @@ pub fn run_all_with(experiments: &[Experiment], opts: &RunOptions, policy: &Poli
     }
     for name in names {
         let path = write_summary(&opts.results_dir, name)?;
-        eprintln!("summary: {}", path.display());
+        crate::say!("summary: {}", path.display());
     }
     Ok(outcome)
 }
@@ -192,21 +192,21 @@ fn claim(
     outcome: &mut Outcome,
 ) -> Result<Option<RunLock>> {
     if !opts.force && rd.status() == Some(Status::Done) {
-        eprintln!("{title}: done, skipped (--force reruns it)");
+        crate::say!("{title}: done, skipped (--force reruns it)");
         outcome.skipped += 1;
         return Ok(None);
     }
     let lock = match lock::claim(&rd.dir, policy.stale_after, policy.beat())? {
         Claim::Acquired(l) => l,
         Claim::Busy(owner) => {
-            eprintln!("{title}: held by another process ({}), skipped", owner.describe());
+            crate::say!("{title}: held by another process ({}), skipped", owner.describe());
             outcome.busy += 1;
             return Ok(None);
         }
     };
     // Another process may have finished it between the status check and the claim.
     if !opts.force && rd.status() == Some(Status::Done) {
-        eprintln!("{title}: done, skipped (--force reruns it)");
+        crate::say!("{title}: done, skipped (--force reruns it)");
         outcome.skipped += 1;
         return Ok(None);
     }
@@ -268,7 +268,7 @@ fn resume_from(rd: &RunDir, run: &Run, opts: &RunOptions, title: &str) -> Result
     match checkpoint::load_collective(&opts.world, &rd.dir, &run.id, workers, &opts.device) {
         Ok(r) => Ok(r),
         Err(e) => {
-            eprintln!("{title}: ignoring its checkpoint and starting afresh: {e:#}");
+            crate::say!("{title}: ignoring its checkpoint and starting afresh: {e:#}");
             Ok(None)
         }
     }
@@ -316,7 +316,7 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
             old.and_then(|o| o.extra.get("resumed_at_steps").and_then(|v| v.as_array().cloned())).unwrap_or_default();
         steps.push(r.step.into());
         manifest.extra.insert("resumed_at_steps".into(), steps.into());
-        eprintln!("{title}: resuming from its checkpoint at step {} ({} evaluation(s) done)", r.step, r.rows.len());
+        crate::say!("{title}: resuming from its checkpoint at step {} ({} evaluation(s) done)", r.step, r.rows.len());
     }
     manifest.write(&rd.manifest())?;
     // metrics.csv restarts from the checkpoint's rows: a row written after the checkpoint is redone.
@@ -341,7 +341,7 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
     obs.finish();
     let agreed = result.as_ref().err().is_some_and(crate::comm::agreed);
     if lock.lost.load(Ordering::SeqCst) {
-        eprintln!("{title}: another process took this run over (its lock looked stale); left to it");
+        crate::say!("{title}: another process took this run over (its lock looked stale); left to it");
         return Ok((Status::Running, agreed));
     }
     manifest.ended = Some(crate::results::now());
@@ -356,9 +356,13 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
             manifest.write(&rd.manifest()).with_context(|| {
                 format!("recording the finished run (its trained state is in {}: rerun to record it)", rd.dir.display())
             })?;
-            eprintln!(
+            crate::say!(
                 "{title}: done: test_{} {:.4}, test_loss {:.4}, {:.0} img/s, {:.1} s",
-                f.metric, f.test_metric, f.test_loss, f.img_per_s, f.wall_s
+                f.metric,
+                f.test_metric,
+                f.test_loss,
+                f.img_per_s,
+                f.wall_s
             );
             if !policy.keep_checkpoints {
                 checkpoint::remove(&rd.dir)?;
@@ -374,17 +378,17 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
                     }
                 };
                 if let Some(n) = note {
-                    eprintln!("{title}: note: {n}");
+                    crate::say!("{title}: note: {n}");
                     manifest.extra.insert("note".into(), n.into());
                 }
                 if let Err(e) = manifest.write(&rd.manifest()) {
-                    eprintln!("{title}: the memory figures were not recorded: {e:#}");
+                    crate::say!("{title}: the memory figures were not recorded: {e:#}");
                 }
             }
             return Ok((Status::Done, false));
         }
         Err(e) if e.is::<Interrupted>() => {
-            eprintln!(
+            crate::say!(
                 "{title}: interrupted{}",
                 if policy.checkpoints() { " (resumes from its checkpoint)" } else { "" }
             );
@@ -392,11 +396,11 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
         }
         Err(e) if disk_full(&e) => {
             let reason = format!("the disk is full ({e:#}); free space and rerun: it resumes from its last checkpoint");
-            eprintln!("{title}: failed: {reason}");
+            crate::say!("{title}: failed: {reason}");
             Status::Failed(reason)
         }
         Err(e) => {
-            eprintln!("{title}: failed: {e:#}");
+            crate::say!("{title}: failed: {e:#}");
             Status::Failed(format!("{e:#}"))
         }
     };

@@ -94,7 +94,7 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
     let hosted: Vec<usize> = (0..k).filter(|w| w % n == rank).collect();
     let model_bytes: usize = params.iter().map(|(_, t)| t.elem_count() * 4).sum();
     if world.is_root() {
-        eprintln!(
+        crate::say!(
             "bench comm: {} ({:.1} MB of parameters), K = {k} workers over {n} process(es) ({}), masking {}, \
              coverage {}, {} timed syncs",
             args.model,
@@ -195,7 +195,7 @@ pub fn run(args: &CommArgs, world: World) -> Result<()> {
             println!("{name}\t{r}\t{:.3}\t{:.3}\t{m}\t{ratio}", s * 1e3, wire / 1e6);
         }
         for c in checks {
-            eprintln!("{c}");
+            crate::say!("{c}");
         }
     }
     Ok(())

@@ -326,7 +326,7 @@ pub fn estimate(exps: &[Experiment], opts: &CostOptions) -> Result<CostReport> {
                     (t.clone(), Source::Cached)
                 }
                 None => {
-                    eprintln!("cost: measuring {} {} ({}) on {}", exp.name, run.id, run.label, opts.device_name);
+                    crate::say!("cost: measuring {} {} ({}) on {}", exp.name, run.id, run.label, opts.device_name);
                     let t0 = Instant::now();
                     let t = measure(spec, &sizes, opts)
                         .with_context(|| format!("measuring the step time of {} run {}", exp.name, run.id))?;

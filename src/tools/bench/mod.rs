@@ -344,7 +344,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 Some(t) => format!("{t}-token sequences"),
                 None => format!("{}x{} input", b.hw.0, b.hw.1),
             };
-            eprintln!(
+            crate::say!(
                 "bench step: {what}, batch {}, {input}, device {}, {} warm-up + {} timed steps, {} threads",
                 b.spec.workload.batch_size,
                 a.device,
@@ -369,7 +369,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 return Err(usage("--sizes must list sizes of at least 1".into()));
             }
             let p = crate::ops::peak::measure(a.threads, &a.sizes, a.reps)?;
-            eprintln!("bench peak: fp32 GEMM (the convolutions' kernels), sizes {:?}, {} threads", a.sizes, p.threads);
+            crate::say!(
+                "bench peak: fp32 GEMM (the convolutions' kernels), sizes {:?}, {} threads",
+                a.sizes,
+                p.threads
+            );
             println!("peak_gflops={:.1} size={} threads={}", p.gflops, p.size, p.threads);
             Ok(())
         }
@@ -385,7 +389,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 mean: [0.4914, 0.4822, 0.4465],
                 std: [0.2470, 0.2435, 0.2616],
             };
-            eprintln!(
+            crate::say!(
                 "bench loader: {} random 32x32x3 images, {} worker(s) x batch {}, crop pad 4 + flip + normalise, \
                  {} epochs, {} threads",
                 a.images,
