@@ -199,6 +199,8 @@ fn toy_tokens(dir: &std::path::Path) -> Result<()> {
         source: "tests/llama.rs".into(),
         train_tokens: 6000,
         val_tokens: 900,
+        train_bytes: 0,
+        val_bytes: 0,
         shards: vec![],
     };
     sidecar.write(dir)

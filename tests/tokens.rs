@@ -47,6 +47,8 @@ fn token_dir(dir: &Path, train: &[Vec<u16>], val: &[Vec<u16>], vocab: Option<usi
         source: "tests/tokens.rs".into(),
         train_tokens: count(train),
         val_tokens: count(val),
+        train_bytes: 0,
+        val_bytes: 0,
         shards,
     };
     if vocab.is_some() {
@@ -395,6 +397,17 @@ fn tokenize_writes_shards_the_source_reads_back() -> Result<()> {
     assert_eq!(bpe.decode(&stream(Split::Train)?)?, expected);
     assert_eq!(bpe.decode(&stream(Split::Val)?)?, format!("{eot}The held-out one.\n"));
     assert_eq!(std::fs::read_dir(root.path())?.count(), 1, "no .part directory is left");
+    // The text's bytes per split (separators not counted), and what `sdp data info` derives from them.
+    assert_eq!((s.train_bytes, s.val_bytes), (16 + 35, 18));
+    assert_eq!(Sidecar::read(&out)?.as_ref(), Some(&s));
+    let info = sdp::data::fetch::info(&format!("tokens:{}", out.display()), root.path())?.text;
+    let per_token = 18.0 / s.val_tokens as f64;
+    for line in [
+        format!("val: {} tokens from 18 bytes of text, {per_token:.4} bytes per token", s.val_tokens),
+        format!("validation bits per byte = validation nats per token x {:.5}", 1.0 / (2f64.ln() * per_token)),
+    ] {
+        assert!(info.contains(&line), "{line:?} not in {info}");
+    }
 
     check_contains(&err_text(tokenize::tokenize(&corpus, &bpe, &out, "t", 8)), &["already exists"])?;
     let empty = Corpus { val: vec![], ..corpus.clone() };

@@ -386,6 +386,9 @@ pub fn info(name: &str, data_dir: &Path) -> Result<Info> {
             let _ = writeln!(s, "not loadable: {e:#}");
         }
     }
+    for note in source.notes(&req) {
+        let _ = writeln!(s, "{note}");
+    }
     let _ = writeln!(s, "cache: {cache_note}");
     Ok(Info { text: s, loadable })
 }

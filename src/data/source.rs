@@ -64,6 +64,10 @@ pub trait DataSource: Send + Sync {
     fn task(&self) -> &'static str {
         "classify"
     }
+    /// Further facts `sdp data info` prints, a line each (none by default).
+    fn notes(&self, _req: &Request) -> Vec<String> {
+        Vec::new()
+    }
     /// Where the decoded images are cached, if they are (`sdp data info`).
     fn cache(&self, _req: &Request) -> Option<PathBuf> {
         None

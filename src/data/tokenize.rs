@@ -238,10 +238,12 @@ pub fn tokenize(corpus: &Corpus, bpe: &Bpe, out: &Path, name: &str, shard_tokens
     std::fs::create_dir_all(&part).with_context(|| format!("creating {}", part.display()))?;
     let mut shards = Vec::new();
     let mut counts = [0u64; 2];
+    let mut bytes = [0u64; 2];
     for (k, (split, docs)) in [("train", &corpus.train), ("val", &corpus.val)].into_iter().enumerate() {
         let mut w = ShardWriter::new(&part, format!("{name}_{split}"), shard_tokens);
         // Documents are encoded in parallel, a bounded batch at a time, and written in order.
         for batch in docs.chunks(64) {
+            bytes[k] += batch.iter().map(|d| d.len() as u64).sum::<u64>();
             let ids: Vec<Vec<u32>> = batch.par_iter().map(|d| bpe.encode(d)).collect();
             for doc in ids {
                 w.push(&[bpe.eot()])?;
@@ -259,6 +261,8 @@ pub fn tokenize(corpus: &Corpus, bpe: &Bpe, out: &Path, name: &str, shard_tokens
         source: corpus.source.clone(),
         train_tokens: counts[0],
         val_tokens: counts[1],
+        train_bytes: bytes[0],
+        val_bytes: bytes[1],
         shards,
     };
     sidecar.write(&part)?;

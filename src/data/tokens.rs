@@ -212,9 +212,19 @@ pub struct Sidecar {
     pub train_tokens: u64,
     #[serde(default)]
     pub val_tokens: u64,
+    /// UTF-8 bytes of the text each split was made from (`<|endoftext|>` separators not counted; 0: not
+    /// recorded): bits per byte = nats per token / (ln 2 · bytes per token).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub train_bytes: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub val_bytes: u64,
     /// Every shard of the directory (none: a sidecar that only gives the vocabulary).
     #[serde(default)]
     pub shards: Vec<ShardEntry>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One shard as the sidecar records it.
@@ -243,6 +253,11 @@ impl Sidecar {
             s.vocab_size
         );
         Ok(Some(s))
+    }
+
+    /// Bytes of text per token of the validation split, where the sidecar records its bytes.
+    pub fn val_bytes_per_token(&self) -> Option<f64> {
+        (self.val_bytes > 0 && self.val_tokens > 0).then(|| self.val_bytes as f64 / self.val_tokens as f64)
     }
 
     /// Writes `<dir>/tokens.json` atomically.
@@ -576,6 +591,32 @@ impl DataSource for TokenShards {
 
     fn task(&self) -> &'static str {
         "next_token"
+    }
+
+    /// The sidecar's tokenizer, source, tokens and bytes per split, and the factor that turns a validation
+    /// loss in nats per token into bits per byte.
+    fn notes(&self, req: &Request) -> Vec<String> {
+        let dir = req.path();
+        let s = match Sidecar::read(&dir) {
+            Ok(Some(s)) => s,
+            Ok(None) => return vec![format!("no {SIDECAR}: GPT-2's vocabulary of {GPT2_VOCAB} assumed")],
+            Err(e) => return vec![format!("{e:#}")],
+        };
+        let mut out = vec![format!("tokenizer {} (vocabulary {}), from: {}", s.tokenizer, s.vocab_size, s.source)];
+        for (split, tokens, bytes) in [("train", s.train_tokens, s.train_bytes), ("val", s.val_tokens, s.val_bytes)] {
+            out.push(match bytes {
+                0 => format!("{split}: {tokens} tokens (bytes of text not recorded)"),
+                b => format!(
+                    "{split}: {tokens} tokens from {b} bytes of text, {:.4} bytes per token",
+                    b as f64 / tokens as f64
+                ),
+            });
+        }
+        if let Some(bpt) = s.val_bytes_per_token() {
+            let f = 1.0 / (std::f64::consts::LN_2 * bpt);
+            out.push(format!("validation bits per byte = validation nats per token x {f:.5}"));
+        }
+        out
     }
 
     /// Random tokens below the vocabulary, inputs and targets of (n, context).
