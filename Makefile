@@ -43,7 +43,7 @@ clean-results:
 CIFAR10_JPEG_TGZ ?= $(DATA_DIR)/cifar10-jpeg-q75.tar.gz
 CIFAR10_JPEG_DIR := $(DATA_DIR)/cifar10-jpeg-q75
 
-.PHONY: cifar10-jpeg demo-cifar10-jpeg reproduce-mini reproduce-mini-extras reproduce-llm-mini
+.PHONY: cifar10-jpeg demo-cifar10-jpeg reproduce-mini reproduce-mini-extras reproduce-llm-mini medium-pilot
 
 cifar10-jpeg:
 	@if [ -d $(CIFAR10_JPEG_DIR)/train ] && [ -d $(CIFAR10_JPEG_DIR)/test ]; then \
@@ -122,6 +122,12 @@ reproduce-llm-mini: build
 	rc=$$?; [ $$rc -eq 130 ] && exit 130; \
 	$(SDP) figures --results $(RESULTS_DIR)/llm_mini --out $(FIGURES_DIR)/llm_mini || exit $$?; \
 	exit $$rc
+
+# The medium tier's DP pilot (experiments/medium/pilot/dp.toml: DP, K = 8 x 64 on all of cifar10-jpeg-q75, 15 and
+# 30 epochs, evaluated every epoch): the curves that fix the tier's epoch count. Resumable; results in
+# results/medium_pilot/.
+medium-pilot: build cifar10-jpeg
+	$(SDP) run experiments/medium/pilot/dp.toml --data-dir $(DATA_DIR) --results-dir $(RESULTS_DIR)/medium_pilot
 
 # The paper grid (experiments/paper/*.toml: CIFAR-10/100, SVHN x ResNet-18, WRN-18, Swin-T x DP and SDP
 # block/neuron x forward/backward x C in {0.5, 0.75, 0.875, 1}, K = 8, 3 seeds; 378 runs). Prints the estimated
