@@ -427,31 +427,28 @@ fn tensor_files(run: &Path) -> Result<Vec<String>> {
 }
 
 /// A 4-rank SDP run stopped by SIGTERM to rank 2 checkpoints every rank's workers at one step (a file per
-/// rank) and ends `interrupted`. Resumed at 4 ranks, and after a Ctrl-C to the launcher resumed again, it
-/// ends in the uninterrupted 4-rank run's metrics.csv bit for bit (clock columns aside). The same
-/// checkpoint resumed at 2 ranks and in one process (workers re-hosted) ends equal to within float
-/// rounding: N processes sum each coordinate's holders in another order (each rank sums its own workers,
-/// then the ranks' sums are added), so the steps after the resumption round differently (seen: losses
-/// within 1e-6 relative, accuracies equal; checked to 1e-5). A one-process checkpoint resumes at 4 ranks
-/// the same way.
+/// rank) and ends `interrupted`. Resumed at 4 ranks it ends in the uninterrupted 4-rank run's metrics.csv
+/// bit for bit (clock columns aside). The same checkpoint resumed at 2 ranks and in one process (workers
+/// re-hosted) ends equal to within float rounding: N processes sum each coordinate's holders in another
+/// order (each rank sums its own workers, then the ranks' sums are added), so the steps after the
+/// resumption round differently (seen over 19 steps: losses within 3e-5 relative, accuracies equal; checked
+/// to 1e-4; the difference grows with the steps trained after the resumption). A one-process checkpoint
+/// resumes at 4 ranks the same way.
 #[test]
 fn a_spread_run_resumes_at_any_process_count() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    // 60 steps: the Ctrl-C to the launcher at step 12 reaches the ranks only after mpirun forwards it, which
-    // on a loaded machine took over a second (a 24-step run once ended first).
-    let text = resumable(METHODS[1].1, 30);
     let spec = dir.join("exp.toml");
-    std::fs::write(&spec, &text)?;
+    std::fs::write(&spec, resumable(METHODS[1].1, 12))?;
     let reference = dir.join("reference");
     finish(4, &spec, &reference)?;
     let want = run_folder(&reference)?.join("metrics.csv");
-
-    let first = dir.join("first");
     let run_dir = |results: &Path| -> Result<std::path::PathBuf> {
         let id = want.parent().and_then(|p| p.file_name()).context("run id")?;
         Ok(results.join("tiny").join(id))
     };
+
+    let first = dir.join("first");
     interrupt(4, &spec, &first, &run_dir(&first)?, 5, libc::SIGTERM, Target::Rank(2))?;
     let m = sdp::results::Manifest::read(&run_dir(&first)?.join("manifest.json"))?;
     assert_eq!(m.status, sdp::results::Status::Interrupted);
@@ -461,21 +458,15 @@ fn a_spread_run_resumes_at_any_process_count() -> Result<()> {
     for name in ["at2", "at1"] {
         copy_results(&first, &dir.join(name))?;
     }
-
-    // Resumed at 4, interrupted again through the launcher, resumed again: bit for bit.
-    interrupt(4, &spec, &first, &run_dir(&first)?, 12, libc::SIGINT, Target::Launcher)?;
     let log = finish(4, &spec, &first)?;
     assert!(log.contains("resuming from its checkpoint at step"), "{log}");
-    agree(&want, &run_dir(&first)?.join("metrics.csv"), 0.0, "4 -> 4 -> 4")?;
-    let m = sdp::results::Manifest::read(&run_dir(&first)?.join("manifest.json"))?;
-    let resumed = m.extra.get("resumed_at_steps").and_then(|v| v.as_array()).map_or(0, Vec::len);
-    assert_eq!((m.status, resumed), (sdp::results::Status::Done, 2));
+    agree(&want, &run_dir(&first)?.join("metrics.csv"), 0.0, "4 -> 4")?;
 
     // Re-hosted: at 2 processes, and in one.
     for (name, np) in [("at2", 2), ("at1", 1)] {
         let log = finish(np, &spec, &dir.join(name))?;
         assert!(log.contains("resuming from its checkpoint at step"), "{log}");
-        agree(&want, &run_dir(&dir.join(name))?.join("metrics.csv"), 1e-5, &format!("4 -> {np}"))?;
+        agree(&want, &run_dir(&dir.join(name))?.join("metrics.csv"), 1e-4, &format!("4 -> {np}"))?;
     }
 
     // A one-process checkpoint resumed at 4 processes.
@@ -484,7 +475,33 @@ fn a_spread_run_resumes_at_any_process_count() -> Result<()> {
     assert_eq!(tensor_files(&run_dir(&solo)?)?.len(), 1);
     let log = finish(4, &spec, &solo)?;
     assert!(log.contains("resuming from its checkpoint at step"), "{log}");
-    agree(&want, &run_dir(&solo)?.join("metrics.csv"), 1e-5, "1 -> 4")?;
+    agree(&want, &run_dir(&solo)?.join("metrics.csv"), 1e-4, "1 -> 4")?;
+    Ok(())
+}
+
+/// A Ctrl-C to `mpirun` (which forwards it to every rank) checkpoints a spread run like a SIGTERM to one
+/// rank does: stopped once each way, resumed twice at 4 ranks, the run ends in the uninterrupted run's
+/// metrics.csv bit for bit, its manifest listing both resumptions. 60 steps: on a loaded machine mpirun
+/// took over a second to forward the signal, and a 24-step run once ended first.
+#[test]
+fn a_ctrl_c_to_the_launcher_checkpoints_a_spread_run_that_resumes_bit_for_bit() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let spec = dir.join("exp.toml");
+    std::fs::write(&spec, resumable(METHODS[1].1, 30))?;
+    let reference = dir.join("reference");
+    finish(4, &spec, &reference)?;
+    let want = run_folder(&reference)?.join("metrics.csv");
+    let results = dir.join("results");
+    let run = results.join("tiny").join(want.parent().and_then(|p| p.file_name()).context("run id")?);
+    interrupt(4, &spec, &results, &run, 5, libc::SIGTERM, Target::Rank(2))?;
+    interrupt(4, &spec, &results, &run, 12, libc::SIGINT, Target::Launcher)?;
+    let log = finish(4, &spec, &results)?;
+    assert!(log.contains("resuming from its checkpoint at step"), "{log}");
+    agree(&want, &run.join("metrics.csv"), 0.0, "4 -> 4 -> 4")?;
+    let m = sdp::results::Manifest::read(&run.join("manifest.json"))?;
+    let resumed = m.extra.get("resumed_at_steps").and_then(|v| v.as_array()).map_or(0, Vec::len);
+    assert_eq!((m.status, resumed), (sdp::results::Status::Done, 2));
     Ok(())
 }
 

@@ -125,6 +125,11 @@ fn conv2d_matches_candle_on_varied_shapes() -> Result<()> {
         case(2, 3, 4, (6, 9), (3, 2), 2, 1),
         case(2, 2, 3, (3, 3), (3, 3), 1, 0),
         case(2, 2, 3, (2, 2), (3, 3), 2, 1),
+        // 3x3, stride 1, pad 1 on planes of at least 8x8: nine GEMMs over shifted padded planes (its
+        // weight gradient by dot products up to 64 output channels, by the GEMM above).
+        case(3, 5, 6, (9, 11), (3, 3), 1, 1),
+        case(2, 3, 70, (8, 8), (3, 3), 1, 1),
+        case(1, 70, 3, (8, 10), (3, 3), 1, 1),
     ];
     for (i, c) in cases.into_iter().enumerate() {
         check_conv_case(c, InputView::Contiguous, 100 + i as u64)?;

@@ -1,5 +1,6 @@
 //! CPU conv2d (f32, no bias, dilation 1, groups 1) as candle custom ops: im2col + GEMM forward,
-//! im2col + GEMM weight gradient, GEMM + col2im input gradient.
+//! im2col + GEMM weight gradient, GEMM + col2im input gradient; 3×3 stride-1 convolutions on planes of at
+//! least 8×8 instead as nine GEMMs over shifted views of a padded copy (`conv/shifted.rs`).
 //!
 //! The batch is split into one contiguous group of images per rayon thread; each group is
 //! processed in chunks whose column buffer stays under [`COL_TARGET_FLOATS`] (never larger than
@@ -13,6 +14,8 @@ use super::gemm_abt;
 use super::profile::{self, Part};
 use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+mod shifted;
 
 /// Target size (in f32 elements) of the per-chunk column buffer: 512 KiB, so that the chunk im2col
 /// writes is still in the core's L2 cache when the GEMM reads it (8 MiB before: a width-16 ResNet-18 step
@@ -587,7 +590,12 @@ impl CpuOp<2> for Conv2d {
         let g = &self.geom;
         g.check_args(&args, [g.x_dims(), g.w_dims()])?;
         profile::add_flops(Self::PART, g.flops());
-        Ok((forward(&args[0], &args[1], g)?, Shape::from(&g.y_dims())))
+        let y = if shifted::applies(g) {
+            shifted::forward(&args[0], &args[1], g)?
+        } else {
+            forward(&args[0], &args[1], g)?
+        };
+        Ok((y, Shape::from(&g.y_dims())))
     }
 
     fn bwd(&self, [x, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
@@ -618,10 +626,20 @@ impl<const INPUT: bool> CpuOp<2> for Conv2dGrad<INPUT> {
         profile::add_flops(Self::PART, g.flops());
         if INPUT {
             g.check_args(&args, [g.y_dims(), g.w_dims()])?;
-            Ok((input_grad(&args[0], &args[1], g)?, Shape::from(&g.x_dims())))
+            let dx = if shifted::applies(g) {
+                shifted::input_grad(&args[0], &args[1], g)?
+            } else {
+                input_grad(&args[0], &args[1], g)?
+            };
+            Ok((dx, Shape::from(&g.x_dims())))
         } else {
             g.check_args(&args, [g.x_dims(), g.y_dims()])?;
-            Ok((weight_grad(&args[0], &args[1], g)?, Shape::from(&g.w_dims())))
+            let dw = if shifted::applies(g) {
+                shifted::weight_grad(&args[0], &args[1], g)?
+            } else {
+                weight_grad(&args[0], &args[1], g)?
+            };
+            Ok((dw, Shape::from(&g.w_dims())))
         }
     }
 }
