@@ -374,6 +374,16 @@ fn interrupt(
     Ok(())
 }
 
+/// Writes `text` as `dir/exp.toml` and trains it uninterrupted over 4 processes into `dir/reference`:
+/// the spec's path and the reference run's folder (named by its run id).
+fn reference(dir: &Path, text: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let spec = dir.join("exp.toml");
+    std::fs::write(&spec, text)?;
+    let reference = dir.join("reference");
+    finish(4, &spec, &reference)?;
+    Ok((spec, run_folder(&reference)?))
+}
+
 /// The run folder of the one run in `results`.
 fn run_folder(results: &Path) -> Result<std::path::PathBuf> {
     let exp = results.join("tiny");
@@ -438,11 +448,8 @@ fn tensor_files(run: &Path) -> Result<Vec<String>> {
 fn a_spread_run_resumes_at_any_process_count() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let spec = dir.join("exp.toml");
-    std::fs::write(&spec, resumable(METHODS[1].1, 12))?;
-    let reference = dir.join("reference");
-    finish(4, &spec, &reference)?;
-    let want = run_folder(&reference)?.join("metrics.csv");
+    let (spec, reference) = reference(dir, &resumable(METHODS[1].1, 12))?;
+    let want = reference.join("metrics.csv");
     let run_dir = |results: &Path| -> Result<std::path::PathBuf> {
         let id = want.parent().and_then(|p| p.file_name()).context("run id")?;
         Ok(results.join("tiny").join(id))
@@ -487,13 +494,10 @@ fn a_spread_run_resumes_at_any_process_count() -> Result<()> {
 fn a_ctrl_c_to_the_launcher_checkpoints_a_spread_run_that_resumes_bit_for_bit() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let spec = dir.join("exp.toml");
-    std::fs::write(&spec, resumable(METHODS[1].1, 30))?;
-    let reference = dir.join("reference");
-    finish(4, &spec, &reference)?;
-    let want = run_folder(&reference)?.join("metrics.csv");
+    let (spec, reference) = reference(dir, &resumable(METHODS[1].1, 30))?;
+    let want = reference.join("metrics.csv");
     let results = dir.join("results");
-    let run = results.join("tiny").join(want.parent().and_then(|p| p.file_name()).context("run id")?);
+    let run = results.join("tiny").join(reference.file_name().context("run id")?);
     interrupt(4, &spec, &results, &run, 5, libc::SIGTERM, Target::Rank(2))?;
     interrupt(4, &spec, &results, &run, 12, libc::SIGINT, Target::Launcher)?;
     let log = finish(4, &spec, &results)?;
@@ -512,11 +516,7 @@ fn a_ctrl_c_to_the_launcher_checkpoints_a_spread_run_that_resumes_bit_for_bit() 
 fn a_spread_dp_run_resumes_from_rank_0s_file() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let spec = dir.join("exp.toml");
-    std::fs::write(&spec, resumable(METHODS[0].1, 6))?;
-    let reference = dir.join("reference");
-    finish(4, &spec, &reference)?;
-    let want = run_folder(&reference)?;
+    let (spec, want) = reference(dir, &resumable(METHODS[0].1, 6))?;
     let id = want.file_name().context("run id")?.to_string_lossy().into_owned();
     let results = dir.join("results");
     let run = results.join("tiny").join(&id);
@@ -541,11 +541,7 @@ fn a_spread_dp_run_resumes_from_rank_0s_file() -> Result<()> {
 fn a_checkpoint_without_a_rank_part_or_of_another_worker_count_is_refused_naming_the_file() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let spec = dir.join("exp.toml");
-    std::fs::write(&spec, resumable(METHODS[2].1, 4))?;
-    let reference = dir.join("reference");
-    finish(4, &spec, &reference)?;
-    let want = run_folder(&reference)?;
+    let (spec, want) = reference(dir, &resumable(METHODS[2].1, 4))?;
     let id = want.file_name().context("run id")?.to_string_lossy().into_owned();
     let results = dir.join("results");
     let run = results.join("tiny").join(&id);
