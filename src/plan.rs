@@ -9,7 +9,7 @@
 use crate::data::registry::DataRef;
 use crate::masking;
 use crate::models;
-use crate::spec::{self, Experiment, MethodKind, RunSpec, SpecError};
+use crate::spec::{self, Experiment, RunSpec, SpecError};
 use crate::task;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -49,17 +49,17 @@ pub fn resolve(spec: &RunSpec) -> Result<Plan, (String, String)> {
         err(key, e)
     })?;
     let strategy = masking::strategy(&m.masking).map_err(|e| err("method.masking", e))?;
-    // The baselines need what the family may lack: narrowing (small_dense), per-step drops (the others).
-    let drops = || "its networks do not implement per-step drops (Net::forward_dropping, Family::drops)".to_string();
-    let missing = match m.kind {
-        MethodKind::SmallDense => {
-            family.with_widths(&family.stages().0).err().map(|e| ("small_dense", format!("{e:#}")))
-        }
-        MethodKind::StochasticDepth if !family.drops() => Some(("stochastic_depth", drops())),
-        MethodKind::Dropout if !family.drops() => Some(("dropout", drops())),
-        _ => None,
-    };
-    if let Some((kind, why)) = missing {
+    // A method may need what the family lacks: narrowing (small_dense), per-step drops (the dropping
+    // baselines).
+    let rules = m.kind.rules().map_err(|e| ("method.kind".to_string(), e))?;
+    let (needs, kind) = (rules.needs(), rules.name());
+    let missing =
+        if needs.narrowing { family.with_widths(&family.stages().0).err().map(|e| format!("{e:#}")) } else { None };
+    let missing = missing.or_else(|| {
+        (needs.drops && !family.drops())
+            .then(|| "its networks do not implement per-step drops (Net::forward_dropping, Family::drops)".into())
+    });
+    if let Some(why) = missing {
         let model = w.model.as_str();
         return Err((
             "method.kind".into(),

@@ -206,7 +206,7 @@ fn summary_row(m: &Manifest) -> Result<Option<SummaryRow>> {
         seed: m.seed,
         dataset: s.workload.dataset.clone(),
         model: s.workload.model.as_str().to_string(),
-        method: serde_json::to_value(s.method.kind)?.as_str().unwrap_or_default().to_string(),
+        method: s.method.kind.to_string(),
         workers: s.method.workers,
         epochs: s.workload.epochs,
         final_test_metric: f.test_metric,

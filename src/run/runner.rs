@@ -9,7 +9,7 @@ use crate::lock::{self, Claim, RunLock};
 use crate::memprobe::probe_subprocess;
 use crate::progress::{Progress, RankPart};
 use crate::results::{write_csv, write_metrics, write_summary, Manifest, RunDir, Status, WorkerRow};
-use crate::spec::{Experiment, MethodKind, Run, SpecError};
+use crate::spec::{Experiment, Run, SpecError};
 use crate::train::{self, Accounting, Interrupted};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -412,18 +412,15 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
 /// Measures each worker's memory in a fresh process (`sdp memprobe`) into `acc`.
 fn probe_memory(run: &Run, rd: &RunDir, acc: &mut Accounting, exe: &std::path::Path, opts: &RunOptions) -> Result<()> {
     let steps = 3;
-    match run.spec.method.kind {
-        MethodKind::Dp | MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-            let peak = probe_subprocess(exe, &rd.manifest(), None, steps, &opts.device_name, &opts.data_dir)?;
-            acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
+    if train::methods::of(&run.spec.method.kind)?.probes_each_worker() {
+        for w in acc.workers.iter_mut() {
+            let probe =
+                probe_subprocess(exe, &rd.manifest(), Some(w.worker), steps, &opts.device_name, &opts.data_dir)?;
+            w.peak_bytes_measured = Some(probe);
         }
-        MethodKind::Sdp => {
-            for w in acc.workers.iter_mut() {
-                let probe =
-                    probe_subprocess(exe, &rd.manifest(), Some(w.worker), steps, &opts.device_name, &opts.data_dir)?;
-                w.peak_bytes_measured = Some(probe);
-            }
-        }
+    } else {
+        let peak = probe_subprocess(exe, &rd.manifest(), None, steps, &opts.device_name, &opts.data_dir)?;
+        acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
     }
     Ok(())
 }

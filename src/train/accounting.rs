@@ -29,7 +29,7 @@ pub struct Accounting {
 
 /// The accounting of data parallelism and its baselines: K replicas of `net`, each all-reducing every
 /// gradient every step; `input` is the shape of one training input.
-pub(super) fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, input: &[usize]) -> Accounting {
+pub fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, input: &[usize]) -> Accounting {
     let k = spec.method.workers;
     let params = net.store().num_params();
     let comm = metrics::ring_allreduce_bytes(params * 4, k);

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 
 /// A single-model evaluation (DP and the baselines): the `full` mode only.
-pub(super) fn single_mode(run: &Run, net: &dyn Net) -> Result<Evaluation> {
+pub fn single_mode(run: &Run, net: &dyn Net) -> Result<Evaluation> {
     let batch = run.spec.workload.eval_batch_size;
     let (test_loss, test_metric) = evaluate(run.plan.task.task, net, run.data, &run.augment(), batch, run.device)?;
     Ok(Evaluation { test_loss, test_metric, modes: BTreeMap::from([("full".to_string(), test_metric)]) })
