@@ -54,7 +54,8 @@ pub fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, input: &[us
 impl SdpState {
     /// Memory and communication of every worker, and the spectral gap of the averaging graph; `input` is the
     /// shape of one training input.
-    pub fn accounting(&self, spec: &RunSpec, input: &[usize]) -> Result<Accounting> {
+    pub fn accounting(&self, input: &[usize]) -> Result<Accounting> {
+        let spec = &self.spec;
         let k = spec.method.workers;
         let total = self.global.store().num_params();
         let unit_bytes: Vec<usize> = self.units.iter().map(|u| u.params * 4).collect();

@@ -8,7 +8,7 @@ use crate::data::augment::AugmentCfg;
 use crate::data::loader::eval_batches;
 use crate::data::Dataset;
 use crate::models::Net;
-use crate::spec::{BnStats, EvalMode, RunSpec};
+use crate::spec::{BnStats, EvalMode};
 use crate::task::Task;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -44,13 +44,8 @@ pub fn evaluate(
 }
 
 /// Test loss and accuracy of every evaluation mode.
-pub fn evaluate_sdp(
-    st: &SdpState,
-    spec: &RunSpec,
-    data: &Dataset,
-    aug: &AugmentCfg,
-    device: &Device,
-) -> Result<BTreeMap<EvalMode, (f64, f64)>> {
+pub fn evaluate_sdp(st: &SdpState, data: &Dataset, aug: &AugmentCfg) -> Result<BTreeMap<EvalMode, (f64, f64)>> {
+    let (spec, device) = (&st.spec, &st.device);
     let batch = spec.workload.eval_batch_size;
     let task = st.task;
     let mut out = BTreeMap::new();

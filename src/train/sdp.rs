@@ -16,7 +16,6 @@ use crate::models::{self, Builder, Net};
 use crate::results::AlignRow;
 use crate::spec::{self, Budget, MethodRules, RunSpec, SyncMode};
 use anyhow::{Context, Result};
-use candle_core::Device;
 use std::time::Instant;
 
 /// SDP (`method.kind = "sdp"`) in either regime, with its masks redrawn every `resample_every` steps.
@@ -86,7 +85,7 @@ impl Method for spec::Sdp {
         let mut st = SdpState::hosted(spec, plan, classes, device, world).context("building the SDP state")?;
         let params = st.global.store().num_params();
         let step = Box::new(move |batches: &[Batch], lr: f64, i: usize| -> Result<()> {
-            sdp_step(&mut st, spec, batches, lr, i, device)?;
+            sdp_step(&mut st, batches, lr, i)?;
             Ok(())
         });
         Ok(WholeStep { params, step })
@@ -138,21 +137,13 @@ impl Method for spec::Sdp {
 
 impl Trainer for Sdp<'_> {
     fn step(&mut self, batches: &[Batch], lr: f64, step: usize) -> Result<f64> {
-        let Run { spec, device, .. } = self.run;
-        let every = spec.method.resample_every;
-        if every > 0 && step > 1 && (step - 1).is_multiple_of(every) {
-            // A new selection: the global model takes the holders' mean, then the workers are rebuilt from it.
-            self.st.sync_params(true)?;
-            self.st.assemble_global()?;
-            self.st.redraw(spec, ((step - 1) / every) as u64, device)?;
-        }
-        sdp_step(&mut self.st, spec, batches, lr, step, device)
+        sdp_step(&mut self.st, batches, lr, step)
     }
 
     fn evaluate(&mut self) -> Result<Evaluation> {
         self.st.sync_params(true)?;
         self.st.assemble_global()?;
-        let modes = evaluate_sdp(&self.st, self.run.spec, self.run.data, &self.run.augment(), self.run.device)?;
+        let modes = evaluate_sdp(&self.st, self.run.data, &self.run.augment())?;
         let (test_loss, test_metric) = modes[&self.run.spec.method.eval_mode];
         Ok(Evaluation {
             test_loss,
@@ -166,11 +157,11 @@ impl Trainer for Sdp<'_> {
     }
 
     fn restore(&mut self, r: &TrainState) -> Result<()> {
-        self.st.restore(self.run.spec, r, self.run.device)
+        self.st.restore(r)
     }
 
     fn accounting(&self) -> Result<Accounting> {
-        self.st.accounting(self.run.spec, &self.run.input_shape())
+        self.st.accounting(&self.run.input_shape())
     }
 
     fn final_model(&mut self) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
@@ -181,19 +172,21 @@ impl Trainer for Sdp<'_> {
 
 /// One SDP step (docs/design.md §1 "Synchronisation"), in either regime: each worker's model is its physical
 /// subnetwork in the forward regime, the full model with its held coordinates trained in the backward
-/// regime. `step` counts from 1. Returns the mean loss over the workers.
-pub fn sdp_step(
-    st: &mut SdpState,
-    spec: &RunSpec,
-    batches: &[Batch],
-    lr: f64,
-    step: usize,
-    device: &Device,
-) -> Result<f64> {
-    let m = &spec.method;
+/// regime. `step` counts from 1. A step that starts a new selection (`method.resample_every`) redraws the
+/// masks first, so the bench times what training runs. Returns the mean loss over the workers.
+pub fn sdp_step(st: &mut SdpState, batches: &[Batch], lr: f64, step: usize) -> Result<f64> {
+    let m = &st.spec.method;
+    let (sync, sync_every, align_every, every) = (m.sync, m.sync_every, m.align_every, m.resample_every);
+    if every > 0 && step > 1 && (step - 1).is_multiple_of(every) {
+        // A new selection: the global model takes the holders' mean, then the workers are rebuilt from it.
+        st.sync_params(true)?;
+        st.assemble_global()?;
+        st.redraw(((step - 1) / every) as u64)?;
+    }
+    let device = &st.device.clone();
     let mut loss_sum = 0.0;
     let mut all_grads = Vec::with_capacity(st.workers.len());
-    let align = m.align_every > 0 && step.is_multiple_of(m.align_every);
+    let align = align_every > 0 && step.is_multiple_of(align_every);
     let sent_before = st.bytes_sent();
     // Local: each worker this process hosts (all K in the one-process simulation) runs its forward and
     // backward pass on its own batch, keeps its gradients on the coordinates it holds, and (sync = params)
@@ -210,14 +203,14 @@ pub fn sdp_step(
         }
         let worker = &mut st.workers[pos];
         loss_sum += loss;
-        match m.sync {
+        match sync {
             SyncMode::Params => worker.step(&grads, lr)?,
             SyncMode::Grads => all_grads.push(grads),
         }
     }
     // Averaging among holders.
     let _averaging = crate::ops::profile::scope(crate::ops::profile::Part::Averaging);
-    match m.sync {
+    match sync {
         SyncMode::Grads => {
             let avg = st.average_grads(&all_grads)?;
             for (worker, g) in st.workers.iter_mut().zip(&avg) {
@@ -229,7 +222,7 @@ pub fn sdp_step(
             st.sync(params, true)?;
         }
         SyncMode::Params => {
-            if step.is_multiple_of(m.sync_every) {
+            if step.is_multiple_of(sync_every) {
                 st.sync_params(true)?;
             }
         }
