@@ -13,6 +13,8 @@ use crate::spec::{self, Experiment, RunSpec, SpecError};
 use crate::task;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// What a run's names resolve to.
@@ -30,6 +32,11 @@ impl Plan {
     /// Resolves `spec`; the error names the offending key (`method.masking: unknown masking strategy …`).
     pub fn of(spec: &RunSpec) -> Result<Self> {
         resolve(spec).map_err(|(key, msg)| SpecError(format!("{key}: {msg}")).into())
+    }
+
+    /// The name of the run's headline metric (its task's), which names the results' headline columns.
+    pub fn metric(&self) -> &'static str {
+        self.task.task.metric().name
     }
 }
 
@@ -77,16 +84,22 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
 
 /// As [`load`], from text (`path` is used in messages and recorded in the experiment).
 pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment> {
-    let exp = spec::parse_checked(text, path, overrides, &|s| resolve(s).map(|_| ()))?;
-    one_metric(&exp)?;
+    // The headline metric of each dataset's task, as resolving every run found it.
+    let metrics = RefCell::new(BTreeMap::new());
+    let exp = spec::parse_checked(text, path, overrides, &|s| {
+        let plan = resolve(s)?;
+        metrics.borrow_mut().insert(s.workload.dataset.clone(), plan.metric());
+        Ok(())
+    })?;
+    one_metric(&exp, &metrics.into_inner())?;
     Ok(exp)
 }
 
 /// An experiment's runs report one headline metric: its summary has one headline column and its figures
 /// compare one quantity. A grid over datasets of different tasks is an error naming two runs. (Every run
-/// has been resolved by now, so its dataset's task is registered.)
-fn one_metric(exp: &Experiment) -> Result<()> {
-    let metric = |r: &spec::Run| crate::data::registry::metric_of_dataset(&r.spec.workload.dataset).name;
+/// has been resolved by now: `metrics` maps its dataset to its task's metric.)
+fn one_metric(exp: &Experiment, metrics: &BTreeMap<String, &'static str>) -> Result<()> {
+    let metric = |r: &spec::Run| metrics.get(&r.spec.workload.dataset).copied().unwrap_or_default();
     let Some(first) = exp.runs.first() else { return Ok(()) };
     let (want, other) = (metric(first), exp.runs.iter().find(|r| metric(r) != metric(first)));
     match other {

@@ -32,7 +32,6 @@ mod read;
 mod series;
 mod table;
 
-use crate::data::registry::metric_of_dataset;
 use crate::results::write_atomic;
 use crate::spec::{RunSpec, SpecError};
 use crate::task::{Metric, CLASSIFY};
@@ -568,13 +567,12 @@ fn headline_metric(exp: &ExperimentData) -> Result<Headline<'_>> {
             other.metric
         );
     }
-    let known = metric_of_dataset(&first.spec.workload.dataset);
-    // A task this process does not know (registered by another program): its name stands for its noun.
-    // A task this process does not know is taken for a fraction where larger is better, as accuracy.
-    let (noun, percent, higher_is_better) = if known.name == first.metric {
-        (known.noun, known.percent, known.higher_is_better)
-    } else {
-        (&first.metric[..], true, true)
+    // The task that reports the recorded metric. A task this process does not know (registered by another
+    // program): its name stands for its noun, and it is taken for a fraction where larger is better, as
+    // accuracy.
+    let (noun, percent, higher_is_better) = match crate::task::metric_named(&first.metric) {
+        Some(known) => (known.noun, known.percent, known.higher_is_better),
+        None => (&first.metric[..], true, true),
     };
     Ok(Headline { name: &first.metric, noun, percent, higher_is_better })
 }

@@ -566,7 +566,7 @@ impl RunSpec {
 }
 
 /// A judgement of one run that `spec` cannot make itself (what its names mean): `Err((key, why))`.
-pub type Check = dyn Fn(&RunSpec) -> Result<(), (String, String)>;
+pub type Check<'a> = dyn Fn(&RunSpec) -> Result<(), (String, String)> + 'a;
 
 mod load;
 mod method;

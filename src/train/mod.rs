@@ -46,6 +46,7 @@ use crate::checkpoint::TrainState;
 use crate::comm::World;
 use crate::data::loader::steps_per_epoch;
 use crate::data::Dataset;
+use crate::plan::Plan;
 use crate::results::{Final, MetricsRow};
 use crate::spec::RunSpec;
 use anyhow::Result;
@@ -106,13 +107,14 @@ pub trait Observer {
 
 /// Trains the run `spec` on `data` and returns its final figures.
 pub fn train(spec: &RunSpec, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
-    train_from(spec, data, device, obs, None, &World::solo())
+    train_from(spec, &Plan::of(spec)?, data, device, obs, None, &World::solo())
 }
 
-/// [`train`], continuing from a checkpoint's state where one is given, as this process's share of a run
-/// spread over `world` (worker k on rank k mod N; one process: all of them).
+/// [`train`] of `spec` resolved as `plan`, continuing from a checkpoint's state where one is given, as this
+/// process's share of a run spread over `world` (worker k on rank k mod N; one process: all of them).
 pub fn train_from(
     spec: &RunSpec,
+    plan: &Plan,
     data: &Dataset,
     device: &Device,
     obs: &mut dyn Observer,
@@ -129,8 +131,7 @@ pub fn train_from(
         ))
         .into());
     }
-    let plan = crate::plan::Plan::of(spec)?;
-    let run = Run { spec, plan: &plan, data, device, world };
+    let run = Run { spec, plan, data, device, world };
     let mut method = methods::of(&spec.method.kind)?.trainer(run)?;
     let last = epochs::run(&run, method.as_mut(), obs, resume)?;
     obs.accounting(&method.accounting()?)?;
