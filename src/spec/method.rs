@@ -4,8 +4,9 @@
 //! it trains, what the memory probe, the bench and the figures do with it) lives in `train::methods`, whose
 //! `Method` trait extends [`MethodRules`]; `spec` stays below the layers that train.
 //!
-//! The built-in methods are named here ([`BUILT_IN`]) by unit structs whose [`MethodRules`] (and `Method`)
-//! impls live in `src/train/`; a method defined outside the crate is registered with
+//! The built-in methods are named here ([`BUILT_IN`]) by types ([`Dp`], [`Sdp`], the [`Baseline`]s) whose
+//! [`MethodRules`] (and `Method`) impls live in their files in `src/train/`, so that this module imports
+//! nothing above `spec`; a method defined outside the crate is registered with
 //! `sdp::train::methods::register`, which registers its rules here too.
 
 use super::RunSpec;
@@ -114,5 +115,26 @@ impl Default for MethodName {
 impl fmt::Display for MethodName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run ids hash the serialized spec: a name must serialize as the bare string the enum it replaced did.
+    #[test]
+    fn names_serialize_as_bare_strings_default_to_dp_and_resolve() -> Result<()> {
+        assert_eq!(serde_json::to_string(&MethodName::default())?, "\"dp\"");
+        let built_in = ["dp", "sdp", "small_dense", "stochastic_depth", "dropout"];
+        for name in built_in {
+            let n: MethodName = serde_json::from_str(&format!("\"{name}\""))?;
+            assert_eq!(serde_json::to_string(&n)?, format!("\"{name}\""));
+            assert_eq!(n.rules().map(|r| r.name()), Ok(name));
+        }
+        assert_eq!(RULES.names()[..built_in.len()], built_in);
+        let e = MethodName::new("nope").rules().err().unwrap_or_default();
+        assert!(e.contains("unknown method `nope` (registered: dp, sdp, small_dense"), "{e}");
+        Ok(())
     }
 }
