@@ -9,10 +9,12 @@
 use crate::data::registry::DataRef;
 use crate::masking;
 use crate::models;
-use crate::spec::{self, Experiment, MethodKind, RunSpec, SpecError};
+use crate::spec::{self, Experiment, RunSpec, SpecError};
 use crate::task;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// What a run's names resolve to.
@@ -30,6 +32,11 @@ impl Plan {
     /// Resolves `spec`; the error names the offending key (`method.masking: unknown masking strategy …`).
     pub fn of(spec: &RunSpec) -> Result<Self> {
         resolve(spec).map_err(|(key, msg)| SpecError(format!("{key}: {msg}")).into())
+    }
+
+    /// The name of the run's headline metric (its task's), which names the results' headline columns.
+    pub fn metric(&self) -> &'static str {
+        self.task.task.metric().name
     }
 }
 
@@ -49,17 +56,17 @@ pub fn resolve(spec: &RunSpec) -> Result<Plan, (String, String)> {
         err(key, e)
     })?;
     let strategy = masking::strategy(&m.masking).map_err(|e| err("method.masking", e))?;
-    // The baselines need what the family may lack: narrowing (small_dense), per-step drops (the others).
-    let drops = || "its networks do not implement per-step drops (Net::forward_dropping, Family::drops)".to_string();
-    let missing = match m.kind {
-        MethodKind::SmallDense => {
-            family.with_widths(&family.stages().0).err().map(|e| ("small_dense", format!("{e:#}")))
-        }
-        MethodKind::StochasticDepth if !family.drops() => Some(("stochastic_depth", drops())),
-        MethodKind::Dropout if !family.drops() => Some(("dropout", drops())),
-        _ => None,
-    };
-    if let Some((kind, why)) = missing {
+    // A method may need what the family lacks: narrowing (small_dense), per-step drops (the dropping
+    // baselines).
+    let rules = m.kind.rules().map_err(|e| ("method.kind".to_string(), e))?;
+    let (needs, kind) = (rules.needs(), rules.name());
+    let missing =
+        if needs.narrowing { family.with_widths(&family.stages().0).err().map(|e| format!("{e:#}")) } else { None };
+    let missing = missing.or_else(|| {
+        (needs.drops && !family.drops())
+            .then(|| "its networks do not implement per-step drops (Net::forward_dropping, Family::drops)".into())
+    });
+    if let Some(why) = missing {
         let model = w.model.as_str();
         return Err((
             "method.kind".into(),
@@ -77,16 +84,22 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment> {
 
 /// As [`load`], from text (`path` is used in messages and recorded in the experiment).
 pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Experiment> {
-    let exp = spec::parse_checked(text, path, overrides, &|s| resolve(s).map(|_| ()))?;
-    one_metric(&exp)?;
+    // The headline metric of each dataset's task, as resolving every run found it.
+    let metrics = RefCell::new(BTreeMap::new());
+    let exp = spec::parse_checked(text, path, overrides, &|s| {
+        let plan = resolve(s)?;
+        metrics.borrow_mut().insert(s.workload.dataset.clone(), plan.metric());
+        Ok(())
+    })?;
+    one_metric(&exp, &metrics.into_inner())?;
     Ok(exp)
 }
 
 /// An experiment's runs report one headline metric: its summary has one headline column and its figures
 /// compare one quantity. A grid over datasets of different tasks is an error naming two runs. (Every run
-/// has been resolved by now, so its dataset's task is registered.)
-fn one_metric(exp: &Experiment) -> Result<()> {
-    let metric = |r: &spec::Run| crate::data::registry::metric_of_dataset(&r.spec.workload.dataset).name;
+/// has been resolved by now: `metrics` maps its dataset to its task's metric.)
+fn one_metric(exp: &Experiment, metrics: &BTreeMap<String, &'static str>) -> Result<()> {
+    let metric = |r: &spec::Run| metrics.get(&r.spec.workload.dataset).copied().unwrap_or_default();
     let Some(first) = exp.runs.first() else { return Ok(()) };
     let (want, other) = (metric(first), exp.runs.iter().find(|r| metric(r) != metric(first)));
     match other {

@@ -128,21 +128,21 @@ fn baselines_train_a_tiny_swin() -> Result<()> {
             let mut csv = csv::Reader::from_path(run_dir.join("metrics.csv"))?;
             let rows: Vec<BTreeMap<String, String>> = csv.deserialize().collect::<std::result::Result<_, _>>()?;
             let loss = rows.last().map(|r| r["test_loss"].clone()).unwrap_or_default();
-            ensure!(loss.parse::<f64>()?.is_finite(), "{:?}: test loss {loss}", r.spec.method.kind);
+            ensure!(loss.parse::<f64>()?.is_finite(), "{}: test loss {loss}", r.spec.method.kind);
             let manifest: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(run_dir.join("manifest.json"))?)?;
-            out.insert(format!("{:?}", r.spec.method.kind), (loss, manifest));
+            out.insert(r.spec.method.kind.to_string(), (loss, manifest));
         }
         Ok(out)
     };
     let full = run("1.0")?;
-    let dp = &full["Dp"].0;
-    ensure!(&full["StochasticDepth"].0 == dp && &full["Dropout"].0 == dp, "C = 1: {full:?}");
+    let dp = &full["dp"].0;
+    ensure!(&full["stochastic_depth"].0 == dp && &full["dropout"].0 == dp, "C = 1: {full:?}");
     let half = run("0.5")?;
-    for kind in ["StochasticDepth", "Dropout", "SmallDense"] {
+    for kind in ["stochastic_depth", "dropout", "small_dense"] {
         ensure!(&half[kind].0 != dp, "{kind} at C = 0.5 should train differently from DP");
     }
-    let widths = half["SmallDense"].1.to_string();
+    let widths = half["small_dense"].1.to_string();
     ensure!(widths.contains("\"widths\":["), "small_dense manifest records no widths: {widths}");
 
     // The narrowed Swin: every stage narrower, at most (and close to) an SDP worker's parameter count.

@@ -84,9 +84,7 @@ fn run_dir(results: &Path, kind: &str, coverage: f64, seed: u64) -> Result<PathB
         .iter()
         .find(|r| {
             let s = &r.spec;
-            serde_json::to_value(s.method.kind).ok().and_then(|v| v.as_str().map(String::from)).as_deref() == Some(kind)
-                && (s.method.coverage - coverage).abs() < 1e-9
-                && s.seed == seed
+            s.method.kind.as_str() == kind && (s.method.coverage - coverage).abs() < 1e-9 && s.seed == seed
         })
         .with_context(|| format!("no {kind} run at C = {coverage}, seed {seed}"))?;
     Ok(results.join(EXP).join(&run.id))

@@ -296,6 +296,19 @@ fn check_exits_2_naming_an_unknown_key() -> Result<()> {
 }
 
 #[test]
+fn check_exits_2_naming_an_unknown_method() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, TINY.replace("workers = 2", "workers = 2\nkind = \"local_adam\""))?;
+    let out = sdp(&["check", path.to_str().unwrap_or_default()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bad.toml:20: key `method.kind`: unknown method `local_adam`"), "{err}");
+    assert!(err.contains("registered: dp, sdp, small_dense, stochastic_depth, dropout") && !err.contains("panicked"));
+    Ok(())
+}
+
+#[test]
 fn cli_usage_errors_exit_2() -> Result<()> {
     assert_eq!(sdp(&["run"])?.status.code(), Some(2));
     assert_eq!(sdp(&["frobnicate"])?.status.code(), Some(2));

@@ -106,7 +106,15 @@ fn resuming_after_any_step_gives_the_uninterrupted_metrics() -> Result<()> {
             assert_eq!(state.step, crash_at);
             let mut rows = state.rows.clone();
             let mut second = Crashing { dir: rd, run_id: run.id.clone(), crash_at: None, rows: vec![] };
-            let f = train::train_from(&run.spec, &data, &Device::Cpu, &mut second, Some(state), &World::solo())?;
+            let f = train::train_from(
+                &run.spec,
+                &sdp::plan::Plan::of(&run.spec)?,
+                &data,
+                &Device::Cpu,
+                &mut second,
+                Some(state),
+                &World::solo(),
+            )?;
             rows.extend(second.rows);
             assert_eq!(rows.iter().map(clockless).collect::<Vec<_>>(), expected, "{sets:?}, crash at {crash_at}");
             let strip = |f: &Final| (f.epoch, f.step, f.train_loss.to_bits(), f.test_metric.to_bits());
@@ -129,9 +137,17 @@ fn a_checkpoint_of_another_shape_is_refused_naming_the_tensor() -> Result<()> {
     let w = state.tensors.get(&key).context("fc.weight in the checkpoint")?;
     state.tensors.insert(key, w.narrow(0, 0, 3)?);
     let mut obs = Crashing { dir: dir.path().to_path_buf(), run_id: run.id.clone(), crash_at: None, rows: vec![] };
-    let e = train::train_from(&run.spec, &data, &Device::Cpu, &mut obs, Some(state), &World::solo())
-        .err()
-        .context("accepted")?;
+    let e = train::train_from(
+        &run.spec,
+        &sdp::plan::Plan::of(&run.spec)?,
+        &data,
+        &Device::Cpu,
+        &mut obs,
+        Some(state),
+        &World::solo(),
+    )
+    .err()
+    .context("accepted")?;
     let e = format!("{e:#}");
     assert!(
         e.contains("checkpoint tensor `net/model/linear.weight` has shape [3, 8], the model expects [10, 8]"),
@@ -184,7 +200,15 @@ fn checkpoints_of_another_worker_count_or_missing_a_file_are_refused_and_format_
     let state = checkpoint::load_collective(&solo, &rd, &run.id, 2, &Device::Cpu)?.context("no checkpoint")?;
     let mut rows = state.rows.clone();
     let mut second = Crashing { dir: rd, run_id: run.id.clone(), crash_at: None, rows: vec![] };
-    train::train_from(&run.spec, &data, &Device::Cpu, &mut second, Some(state), &solo)?;
+    train::train_from(
+        &run.spec,
+        &sdp::plan::Plan::of(&run.spec)?,
+        &data,
+        &Device::Cpu,
+        &mut second,
+        Some(state),
+        &solo,
+    )?;
     rows.extend(second.rows);
     let expected: Vec<String> = whole.rows.iter().map(clockless).collect();
     assert_eq!(rows.iter().map(clockless).collect::<Vec<_>>(), expected);

@@ -63,7 +63,7 @@ fn full_coverage_sdp_equals_dp() -> Result<()> {
 
         let mut st = SdpState::new(&s, 10, &dev)?;
         for (i, batches) in TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?.enumerate() {
-            sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
+            sdp_step(&mut st, &batches, 0.05, i + 1)?;
         }
         let sdp_store = st.global.store();
         for (name, v) in dp.store().params.iter().chain(&dp.store().buffers) {
@@ -362,7 +362,7 @@ fn same_as_dp(s: &RunSpec, train: &Arc<dyn Examples>, aug: AugmentCfg, steps: Op
     let loader = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?;
     for (i, batches) in loader.take(steps.unwrap_or(usize::MAX)).enumerate() {
         dp_step(dp.as_ref(), &mut opt, &batches, 0.05, &dev)?;
-        sdp_step(&mut st, s, &batches, 0.05, i + 1, &dev)?;
+        sdp_step(&mut st, &batches, 0.05, i + 1)?;
     }
     for (name, v) in &dp.store().params {
         let d = max_diff(v.as_tensor(), st.global.store().params[name].as_tensor())?;
@@ -383,12 +383,12 @@ fn backward_regime_trains_only_held_coordinates() -> Result<()> {
 
     for masking in ["block", "neuron"] {
         let s = spec(&["method.regime=backward", "method.coverage=0.34", &format!("method.masking={masking}")])?;
-        let mut st = SdpState::new(&s, 10, &dev)?;
-        let before = st.global.store().param_tensors();
-        let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?.next().unwrap_or_default();
         // sync_every = 2: after one step the workers have stepped locally but not averaged yet.
         let s2 = RunSpec { method: sdp::spec::Method { sync_every: 2, ..s.method.clone() }, ..s.clone() };
-        sdp_step(&mut st, &s2, &batches, 0.05, 1, &dev)?;
+        let mut st = SdpState::new(&s2, 10, &dev)?;
+        let before = st.global.store().param_tensors();
+        let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?.next().unwrap_or_default();
+        sdp_step(&mut st, &batches, 0.05, 1)?;
         for w in &st.workers {
             let mut moved = 0.0;
             assert_eq!(w.net.store().num_params(), st.global.store().num_params(), "a full model per worker");
@@ -461,7 +461,7 @@ fn gradient_alignment_is_one_at_full_coverage_only() -> Result<()> {
         let aug = AugmentCfg { crop_pad: 2, pad_mode: PadMode::Zero, flip: true, mean: data.mean, std: data.std };
         let mut st = SdpState::new(&s, 10, &dev)?;
         for (i, batches) in TrainLoader::start(data.train.clone(), aug, s.seed, 1, 3, 8, 0)?.enumerate() {
-            sdp_step(&mut st, &s, &batches, 0.05, i + 1, &dev)?;
+            sdp_step(&mut st, &batches, 0.05, i + 1)?;
         }
         assert_eq!(st.alignment.len(), 3 * 2, "4 steps, aligned at steps 2 and 4, 3 workers");
         for a in &st.alignment {
@@ -502,7 +502,7 @@ fn sdp_on_a_tiny_swin() -> Result<()> {
             assert_eq!(n, from_maps);
         }
         let batches = TrainLoader::start(train.clone(), aug, s.seed, 1, 3, 8, 0)?.next().unwrap_or_default();
-        let loss = sdp_step(&mut st, &s, &batches, 0.05, 1, &dev)?;
+        let loss = sdp_step(&mut st, &batches, 0.05, 1)?;
         assert!(loss.is_finite());
     }
     Ok(())

@@ -9,20 +9,8 @@ use super::source::{DataSource, Request, Shape};
 use super::{cifar, folder, svhn, synthetic, tokens, Dataset};
 use crate::registry::{Named, Registry};
 use crate::spec::Workload;
-use crate::task::{self, Metric};
 use anyhow::{bail, Result};
 use std::path::Path;
-
-/// The headline metric of the task a dataset name (`workload.dataset`) is for; classification's where the
-/// name or its task is not registered in this process (a dataset registered by another program).
-pub fn metric_of_dataset(dataset: &str) -> Metric {
-    DataRef::parse(dataset)
-        .ok()
-        .and_then(|d| task::task(d.source().task()).ok())
-        .unwrap_or(task::CLASSIFY)
-        .task
-        .metric()
-}
 
 /// A registered source: its spec name, the argument it takes after `name:` (`None`: none), and the source.
 #[derive(Clone, Copy)]

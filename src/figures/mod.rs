@@ -32,10 +32,10 @@ mod read;
 mod series;
 mod table;
 
-use crate::data::registry::metric_of_dataset;
 use crate::results::write_atomic;
-use crate::spec::{MethodKind, RunSpec, SpecError};
+use crate::spec::{RunSpec, SpecError};
 use crate::task::{Metric, CLASSIFY};
+use crate::train::methods;
 use anyhow::{bail, Context, Result};
 use plot::{Axis, HLine, Line, Marker, Plot, Point, PALETTE};
 use plotters::style::{RGBColor, BLACK};
@@ -207,15 +207,20 @@ fn fmt_cov(c: f64) -> String {
     plot::tick_label(c, plot::decimals_for(&[c]))
 }
 
-/// Colour, dash and marker of a series: DP black; the others by their index among non-DP series, SDP
-/// solid with circles, each baseline dashed with its own marker.
+/// Colour, dash and marker of a series: the reference (DP) black; the others by their index among the
+/// other series, dashed and marked as their method's [`methods::Look`] says (SDP solid with circles, each
+/// baseline dashed with its own marker).
 fn style(i: usize, s: &Series) -> (RGBColor, bool, Marker) {
-    match s.kind {
-        MethodKind::Dp => (BLACK, false, Marker::Circle),
-        MethodKind::Sdp => (PALETTE[i % PALETTE.len()], false, Marker::Circle),
-        MethodKind::SmallDense => (PALETTE[i % PALETTE.len()], true, Marker::Square),
-        MethodKind::StochasticDepth => (PALETTE[i % PALETTE.len()], true, Marker::Triangle),
-        MethodKind::Dropout => (PALETTE[i % PALETTE.len()], true, Marker::Cross),
+    let marker = match s.look.marker {
+        methods::Marker::Circle => Marker::Circle,
+        methods::Marker::Square => Marker::Square,
+        methods::Marker::Triangle => Marker::Triangle,
+        methods::Marker::Cross => Marker::Cross,
+    };
+    if s.look.reference {
+        (BLACK, false, marker)
+    } else {
+        (PALETTE[i % PALETTE.len()], s.look.dashed, marker)
     }
 }
 
@@ -284,11 +289,11 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// Every series but DP, with its index (for its colour).
     fn others(&self) -> Vec<(usize, &Series)> {
-        self.series.iter().filter(|s| s.kind != MethodKind::Dp).enumerate().collect()
+        self.series.iter().filter(|s| !s.look.reference).enumerate().collect()
     }
 
     fn dps(&self) -> Vec<&Series> {
-        self.series.iter().filter(|s| s.kind == MethodKind::Dp).collect()
+        self.series.iter().filter(|s| s.look.reference).collect()
     }
 
     fn plot(&self, what: &str, x: Axis, y: Axis) -> Plot {
@@ -462,7 +467,7 @@ fn memory_vs_coverage(cx: &Ctx) -> Option<Plot> {
         let maskings: BTreeSet<&str> = shared.iter().map(|s| s.spec.method.masking.as_str()).collect();
         let name = if let [one] = shared.as_slice() {
             format!("{}: parameters", one.label)
-        } else if shared.iter().all(|s| s.kind == MethodKind::Sdp) {
+        } else if shared.iter().all(|s| s.look.masked) {
             format!("SDP {}: parameters", maskings.into_iter().collect::<Vec<_>>().join("/"))
         } else {
             format!("{} and {} more: parameters", shared[0].label, shared.len() - 1)
@@ -524,7 +529,7 @@ fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
         if points.is_empty() {
             continue;
         }
-        let (name, color) = if s.kind == MethodKind::Dp {
+        let (name, color) = if s.look.reference {
             (s.label.clone(), BLACK)
         } else {
             // The variant is in the title.
@@ -533,7 +538,7 @@ fn accuracy_vs_epoch(cx: &Ctx, s: &Series) -> Option<Plot> {
         p.lines.push(Line { name, color, dashed: false, marker: Marker::Circle, points });
     }
     // DP dashed, drawn last so that it stays visible where SDP at C = 1 coincides with it.
-    if s.kind != MethodKind::Dp {
+    if !s.look.reference {
         if let Some(d) = dp_reference(s, cx.series) {
             let points = curve(&all_runs(d));
             if !points.is_empty() {
@@ -562,13 +567,12 @@ fn headline_metric(exp: &ExperimentData) -> Result<Headline<'_>> {
             other.metric
         );
     }
-    let known = metric_of_dataset(&first.spec.workload.dataset);
-    // A task this process does not know (registered by another program): its name stands for its noun.
-    // A task this process does not know is taken for a fraction where larger is better, as accuracy.
-    let (noun, percent, higher_is_better) = if known.name == first.metric {
-        (known.noun, known.percent, known.higher_is_better)
-    } else {
-        (&first.metric[..], true, true)
+    // The task that reports the recorded metric. A task this process does not know (registered by another
+    // program): its name stands for its noun, and it is taken for a fraction where larger is better, as
+    // accuracy.
+    let (noun, percent, higher_is_better) = match crate::task::metric_named(&first.metric) {
+        Some(known) => (known.noun, known.percent, known.higher_is_better),
+        None => (&first.metric[..], true, true),
     };
     Ok(Headline { name: &first.metric, noun, percent, higher_is_better })
 }

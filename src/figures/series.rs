@@ -4,7 +4,8 @@
 //! experiment varies, and compared with the DP series trained on the same workload and K.
 
 use super::read::RunData;
-use crate::spec::{Method, MethodKind, RunSpec};
+use crate::spec::{Method, MethodName, RunSpec, RULES};
+use crate::train::methods::{self, Look};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
@@ -12,7 +13,9 @@ use std::fmt::Write as _;
 pub(super) struct Series {
     pub label: String,
     pub slug: String,
-    pub kind: MethodKind,
+    pub kind: MethodName,
+    /// How its method is drawn (the registry's; an unregistered method's runs get the default look).
+    pub look: Look,
     /// A representative spec (the first run's).
     pub spec: RunSpec,
     /// Coverage (in 1/10000) → indices into the experiment's runs.
@@ -53,10 +56,6 @@ fn flat_spec(spec: &RunSpec) -> BTreeMap<String, String> {
     out
 }
 
-fn kind_name(k: MethodKind) -> String {
-    serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
-}
-
 pub(super) fn series_of(runs: &[RunData]) -> Vec<Series> {
     let flats: Vec<BTreeMap<String, String>> = runs.iter().map(|r| flat_spec(&r.spec)).collect();
     let mut order: Vec<BTreeMap<String, String>> = Vec::new();
@@ -92,27 +91,16 @@ pub(super) fn series_of(runs: &[RunData]) -> Vec<Series> {
         .map(|(f, idx)| {
             let spec = runs[idx[0]].spec.clone();
             let m = &spec.method;
-            let mut label = match m.kind {
-                MethodKind::Dp => "DP".to_string(),
-                MethodKind::Sdp => {
-                    format!(
-                        "SDP {} {}",
-                        m.masking,
-                        serde_json::to_value(m.regime)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default()
-                    )
-                }
-                // Baselines: `small dense`, `stochastic depth`, `dropout`.
-                k => kind_name(k).replace('_', " "),
-            };
+            let method = methods::of(&m.kind).ok();
+            let look = method.map(|m| m.look()).unwrap_or_default();
+            // `DP`, `SDP block forward`, `small dense`, … (an unregistered method: its name).
+            let mut label = method.map_or_else(|| m.kind.to_string(), |method| method.legend(&spec));
             // Method fields at their default are left out (`SDP block forward` next to `SDP block forward
             // budget=flop_matched`); other fields are always named (`lr=0.1` next to `lr=0.05`).
             let defaults = flat_spec(&RunSpec { method: Method::default(), ..spec.clone() });
             for k in &varying {
                 let sdp_only = k.starts_with("method.") && k != "method.workers";
-                if sdp_only && (m.kind != MethodKind::Sdp || f.get(k) == defaults.get(k)) {
+                if sdp_only && (!look.masked || f.get(k) == defaults.get(k)) {
                     continue;
                 }
                 let short = k.rsplit('.').next().unwrap_or(k);
@@ -122,7 +110,7 @@ pub(super) fn series_of(runs: &[RunData]) -> Vec<Series> {
             for &i in &idx {
                 points.entry(cov_key(runs[i].spec.method.coverage)).or_default().push(i);
             }
-            Series { slug: slug(&label), label, kind: m.kind, spec, points }
+            Series { slug: slug(&label), label, kind: m.kind.clone(), look, spec, points }
         })
         .collect();
     share_full_coverage_runs(runs, &mut out);
@@ -130,14 +118,10 @@ pub(super) fn series_of(runs: &[RunData]) -> Vec<Series> {
     out
 }
 
-/// Table and legend order: DP (the reference), SDP, then the baselines in the order the spec lists kinds;
-/// within a kind by masking, then forward before backward, then by label.
+/// Table and legend order: the methods in registry order (DP, the reference, then SDP, then the
+/// baselines); within a method by masking, then forward before backward, then by label.
 fn order_key(s: &Series) -> (usize, String, usize, String) {
-    let kind =
-        [MethodKind::Dp, MethodKind::Sdp, MethodKind::SmallDense, MethodKind::StochasticDepth, MethodKind::Dropout]
-            .iter()
-            .position(|k| *k == s.kind)
-            .unwrap_or(usize::MAX);
+    let kind = RULES.names().iter().position(|k| *k == s.kind.as_str()).unwrap_or(usize::MAX);
     let regime = match s.spec.method.regime {
         crate::spec::Regime::Forward => 0,
         crate::spec::Regime::Backward => 1,
@@ -157,14 +141,15 @@ fn share_full_coverage_runs(runs: &[RunData], series: &mut Vec<Series>) {
         }
         f
     };
-    let is_full = |i: usize| runs[i].spec.method.kind == MethodKind::Sdp && runs[i].spec.full_coverage();
+    let masked = |spec: &RunSpec| methods::of(&spec.method.kind).is_ok_and(|m| m.look().masked);
+    let is_full = |i: usize| masked(&runs[i].spec) && runs[i].spec.full_coverage();
     let full: Vec<usize> = (0..runs.len()).filter(|&i| is_full(i)).collect();
     if full.is_empty() {
         return;
     }
     let only_full = |s: &Series| s.points.values().flatten().all(|&i| is_full(i));
     let mut absorbed = BTreeSet::new();
-    for s in series.iter_mut().filter(|s| s.kind == MethodKind::Sdp && !only_full(s)) {
+    for s in series.iter_mut().filter(|s| s.look.masked && !only_full(s)) {
         let key = loose(&s.spec);
         for &i in full.iter().filter(|&&i| loose(&runs[i].spec) == key) {
             let point = s.points.entry(cov_key(runs[i].spec.method.coverage)).or_default();
@@ -174,9 +159,7 @@ fn share_full_coverage_runs(runs: &[RunData], series: &mut Vec<Series>) {
             absorbed.insert(i);
         }
     }
-    series.retain(|s| {
-        !(s.kind == MethodKind::Sdp && only_full(s) && s.points.values().flatten().all(|i| absorbed.contains(i)))
-    });
+    series.retain(|s| !(s.look.masked && only_full(s) && s.points.values().flatten().all(|i| absorbed.contains(i))));
 }
 
 pub(super) fn slug(s: &str) -> String {
@@ -194,7 +177,7 @@ pub(super) fn slug(s: &str) -> String {
 /// The DP series a series' ratios are relative to: the same workload, optimizer and K; else the same
 /// workload and K; else the same workload.
 pub(super) fn dp_reference<'a>(s: &Series, series: &'a [Series]) -> Option<&'a Series> {
-    let dps = || series.iter().filter(|d| d.kind == MethodKind::Dp && d.spec.workload == s.spec.workload);
+    let dps = || series.iter().filter(|d| d.look.reference && d.spec.workload == s.spec.workload);
     let same_k = |d: &&Series| d.spec.method.workers == s.spec.method.workers;
     dps().find(|d| same_k(d) && d.spec.optim == s.spec.optim).or_else(|| dps().find(same_k)).or_else(|| dps().next())
 }
@@ -282,7 +265,7 @@ coverage = [0.5, 1.0]
         // Each SDP series has both coverages with both seeds; DP one point with both seeds.
         for s in &series {
             let sizes: Vec<usize> = s.points.values().map(Vec::len).collect();
-            assert_eq!(sizes, if s.kind == MethodKind::Dp { vec![2] } else { vec![2, 2] }, "{}", s.label);
+            assert_eq!(sizes, if s.look.reference { vec![2] } else { vec![2, 2] }, "{}", s.label);
         }
         // The DP reference trained with the same optimizer settings.
         assert_eq!(dp_reference(&series[5], &series).map(|d| d.label.as_str()), Some("DP lr=0.1"));

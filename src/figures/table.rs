@@ -9,7 +9,6 @@ use super::series::{cov_of, dp_reference, Series};
 use super::stats::{mean_std, welch_interval};
 use super::Headline;
 use super::{accs, all_runs, mean_of, memory_ratio, DpRef};
-use crate::spec::MethodKind;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
@@ -102,10 +101,10 @@ pub(super) fn table_md(
         let dp_accs = dp.map(|d| accs(runs, &all_runs(d), scale));
         for (&c, idx) in &s.points {
             let a = accs(runs, idx, scale);
-            let diff = match (&dp_accs, s.kind) {
-                (_, MethodKind::Dp) => "(reference)".to_string(),
-                (Some(d), _) => fmt_diff(&a, d, digits),
-                (None, _) => "– (no DP run)".to_string(),
+            let diff = match (&dp_accs, s.look.reference) {
+                (_, true) => "(reference)".to_string(),
+                (Some(d), false) => fmt_diff(&a, d, digits),
+                (None, false) => "– (no DP run)".to_string(),
             };
             let (mem_mean, mem_max) = match memory_ratio(runs, idx, dp_ref) {
                 Some(m) => {
@@ -139,7 +138,7 @@ pub(super) fn table_md(
         }
     }
     // Absolute DP references, so that ratios can be turned back into bytes.
-    for d in series.iter().filter(|s| s.kind == MethodKind::Dp) {
+    for d in series.iter().filter(|s| s.look.reference) {
         let mib = |v: Option<f64>| fmt_opt(v.map(|b| b / 1048576.0), 2);
         let idx = all_runs(d);
         let _ = writeln!(

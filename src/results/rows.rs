@@ -206,7 +206,7 @@ fn summary_row(m: &Manifest) -> Result<Option<SummaryRow>> {
         seed: m.seed,
         dataset: s.workload.dataset.clone(),
         model: s.workload.model.as_str().to_string(),
-        method: serde_json::to_value(s.method.kind)?.as_str().unwrap_or_default().to_string(),
+        method: s.method.kind.to_string(),
         workers: s.method.workers,
         epochs: s.workload.epochs,
         final_test_metric: f.test_metric,
@@ -232,12 +232,12 @@ pub fn write_summary(results: &Path, experiment: &str) -> Result<PathBuf> {
     clean_temp_files(&exp_dir, false);
     let mut rows = Vec::new();
     let mut metric: Option<(String, String)> = None; // (metric, the run that named it)
-    let mut first_dataset = None;
+    let mut first_spec = None;
     for entry in list_experiment(&exp_dir)? {
         // A manifest being replaced right now is complete either way (atomic rename); an unreadable
         // one is not a finished run.
         let Ok(m) = entry.manifest else { continue };
-        first_dataset.get_or_insert_with(|| m.spec.workload.dataset.clone());
+        first_spec.get_or_insert_with(|| m.spec.clone());
         let Some(row) = summary_row(&m)? else { continue };
         let named = m.final_metrics.as_ref().map_or("", |f| f.metric.as_str());
         match &metric {
@@ -253,10 +253,14 @@ pub fn write_summary(results: &Path, experiment: &str) -> Result<PathBuf> {
         rows.push(row);
     }
     rows.sort_by(|a, b| (&a.label, &a.run_id).cmp(&(&b.label, &b.run_id)));
-    // No finished run: the metric of the task its runs' dataset names.
+    // No finished run: the metric of the task its first run's dataset names (resolving a spec reads no
+    // data), else classification's.
     let metric = match metric {
         Some((m, _)) => m,
-        None => crate::data::registry::metric_of_dataset(first_dataset.as_deref().unwrap_or_default()).name.to_string(),
+        None => first_spec
+            .and_then(|s| crate::plan::Plan::of(&s).ok())
+            .map_or(crate::task::CLASSIFY.task.metric().name, |p| p.metric())
+            .to_string(),
     };
     let path = exp_dir.join("summary.csv");
     write_rows(&path, &name_headline(columns::<SummaryRow>()?, &metric), &rows)?;

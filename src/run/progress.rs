@@ -93,11 +93,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// The observer of `run` (recorded in `rd`, claimed with `lock`), continuing after `rows` (a resumed
-    /// run's metrics so far).
+    /// The observer of `run` (recorded in `rd`, claimed with `lock`; its headline metric `metric`),
+    /// continuing after `rows` (a resumed run's metrics so far).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         title: String,
         run: &Run,
+        metric: &'static str,
         rd: &RunDir,
         opts: &RunOptions,
         lock: &RunLock,
@@ -113,7 +115,7 @@ impl Progress {
             run_dir: rd.dir.clone(),
             run_id: run.id.clone(),
             metrics_path: rd.metrics(),
-            metric: crate::data::registry::metric_of_dataset(&run.spec.workload.dataset).name,
+            metric,
             stop: opts.stop.clone(),
             lost: lock.lost.clone(),
             heartbeat: lock.progress.clone(),

@@ -7,9 +7,10 @@ use crate::checkpoint;
 use crate::data::{self, Dataset};
 use crate::lock::{self, Claim, RunLock};
 use crate::memprobe::probe_subprocess;
+use crate::plan::Plan;
 use crate::progress::{Progress, RankPart};
 use crate::results::{write_csv, write_metrics, write_summary, Manifest, RunDir, Status, WorkerRow};
-use crate::spec::{Experiment, MethodKind, Run, SpecError};
+use crate::spec::{Experiment, Run, SpecError};
 use crate::train::{self, Accounting, Interrupted};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -231,6 +232,7 @@ fn ranks_failed(world: &crate::comm::World, failure: Option<String>) -> Result<O
 /// A rank other than 0 trains its workers of `run`; it writes only its part of the checkpoints.
 fn train_rank(job: &Job, data: &Dataset, opts: &RunOptions) -> Result<Status> {
     let Job { run, rd, title, .. } = *job;
+    let plan = Plan::of(&run.spec)?;
     let resume = resume_from(rd, run, opts, title)?;
     let mut obs = RankPart {
         stop: opts.stop.clone(),
@@ -239,7 +241,7 @@ fn train_rank(job: &Job, data: &Dataset, opts: &RunOptions) -> Result<Status> {
         world: opts.world.clone(),
     };
     let watching = crate::peers::watch(&opts.world, &rd.dir)?;
-    let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
+    let result = train::train_from(&run.spec, &plan, data, &opts.device, &mut obs, resume, &opts.world);
     watching.end(together(&result))?;
     match result {
         Ok(_) => Ok(Status::Done),
@@ -296,6 +298,9 @@ struct Job<'a> {
 /// over (its lock went stale), in which case nothing of this process's is recorded.
 fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: &RunLock) -> Result<(Status, bool)> {
     let Job { exp, run, rd, title } = *job;
+    // The run's names resolved once: its method, task (whose metric names the headline columns), masking.
+    let plan = Plan::of(&run.spec)?;
+    let metric = plan.metric();
     let resume = resume_from(rd, run, opts, title)?;
     let mut manifest = Manifest::new(run, &exp.path, &opts.device_name);
     if opts.device.is_cpu() {
@@ -329,12 +334,12 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
             _ => {}
         }
     } else {
-        write_metrics(&rd.metrics(), crate::data::registry::metric_of_dataset(&run.spec.workload.dataset).name, &rows)?;
+        write_metrics(&rd.metrics(), metric, &rows)?;
     }
-    let mut obs = Progress::new(title.to_string(), run, rd, opts, lock, policy, rows);
+    let mut obs = Progress::new(title.to_string(), run, metric, rd, opts, lock, policy, rows);
     // Spread over processes: rank 0 watches the others, to record a rank that dies.
     let watching = if opts.world.size() > 1 { Some(crate::peers::watch(&opts.world, &rd.dir)?) } else { None };
-    let result = train::train_from(&run.spec, data, &opts.device, &mut obs, resume, &opts.world);
+    let result = train::train_from(&run.spec, &plan, data, &opts.device, &mut obs, resume, &opts.world);
     if let Some(w) = watching {
         w.end(together(&result))?;
     }
@@ -412,18 +417,15 @@ fn run_one(job: &Job, data: &Dataset, opts: &RunOptions, policy: &Policy, lock: 
 /// Measures each worker's memory in a fresh process (`sdp memprobe`) into `acc`.
 fn probe_memory(run: &Run, rd: &RunDir, acc: &mut Accounting, exe: &std::path::Path, opts: &RunOptions) -> Result<()> {
     let steps = 3;
-    match run.spec.method.kind {
-        MethodKind::Dp | MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-            let peak = probe_subprocess(exe, &rd.manifest(), None, steps, &opts.device_name, &opts.data_dir)?;
-            acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
+    if train::methods::of(&run.spec.method.kind)?.probes_each_worker() {
+        for w in acc.workers.iter_mut() {
+            let probe =
+                probe_subprocess(exe, &rd.manifest(), Some(w.worker), steps, &opts.device_name, &opts.data_dir)?;
+            w.peak_bytes_measured = Some(probe);
         }
-        MethodKind::Sdp => {
-            for w in acc.workers.iter_mut() {
-                let probe =
-                    probe_subprocess(exe, &rd.manifest(), Some(w.worker), steps, &opts.device_name, &opts.data_dir)?;
-                w.peak_bytes_measured = Some(probe);
-            }
-        }
+    } else {
+        let peak = probe_subprocess(exe, &rd.manifest(), None, steps, &opts.device_name, &opts.data_dir)?;
+        acc.workers.iter_mut().for_each(|w| w.peak_bytes_measured = Some(peak));
     }
     Ok(())
 }

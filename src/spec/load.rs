@@ -24,7 +24,7 @@ pub struct Experiment {
 /// Parses, overrides, expands and validates spec text (`path` is used in messages and recorded in the
 /// experiment); `check` then judges each run's names (`crate::plan::parse` passes the resolver, which this
 /// module does not know), its error naming the key.
-pub fn parse_checked(text: &str, path: &Path, overrides: &[String], check: &Check) -> Result<Experiment> {
+pub fn parse_checked(text: &str, path: &Path, overrides: &[String], check: &Check<'_>) -> Result<Experiment> {
     let file = path.display().to_string();
     let doc =
         toml_edit::ImDocument::parse(text.to_string()).map_err(|e| SpecError(format!("{file}: invalid TOML: {e}")))?;

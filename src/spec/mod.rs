@@ -264,7 +264,8 @@ pub enum ScheduleName {
 #[serde(deny_unknown_fields)]
 pub struct Method {
     #[serde(default)]
-    pub kind: MethodKind,
+    /// The method under test: a name in the registry of `src/train/methods.rs` (dp, sdp, small_dense, …).
+    pub kind: MethodName,
     /// Number of workers K (simulated on one device, or one process per GPU).
     #[serde(default = "one")]
     pub workers: usize,
@@ -309,7 +310,7 @@ pub struct Method {
 impl Default for Method {
     fn default() -> Self {
         Self {
-            kind: MethodKind::Dp,
+            kind: MethodName::default(),
             workers: 1,
             masking: block(),
             regime: Regime::Forward,
@@ -324,20 +325,6 @@ impl Default for Method {
             align_every: 0,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum MethodKind {
-    #[default]
-    Dp,
-    Sdp,
-    /// DP on a dense model narrowed to an SDP worker's parameter count at `coverage`.
-    SmallDense,
-    /// DP on the full model; each worker skips each residual branch with probability 1 − coverage per step.
-    StochasticDepth,
-    /// DP on the full model; each worker drops each internal channel with probability 1 − coverage per step.
-    Dropout,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -472,28 +459,14 @@ impl RunSpec {
     /// Whether `method.<field>` can change what this run computes; [`RunSpec::canonical`] resets the
     /// fields that cannot, and labels leave them out.
     fn method_field_matters(&self, field: &str) -> bool {
-        match self.method.kind {
-            MethodKind::Dp => ["kind", "workers"].contains(&field),
-            MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-                ["kind", "workers", "coverage"].contains(&field)
-            }
-            // Every worker holds every unit: the strategy, the regime, rescaling (factors K/m = 1) and
-            // mask resampling change nothing, so one run stands for all of them.
-            MethodKind::Sdp if self.full_coverage() => {
-                !["masking", "regime", "rescale", "resample_every"].contains(&field)
-            }
-            MethodKind::Sdp => true,
-        }
+        // An unknown method (an error of `validate`) keeps every field.
+        self.method.kind.rules().map_or(true, |r| r.field_matters(self, field))
     }
 
-    /// Epochs actually trained: `flop_matched` SDP trains epochs × 1/C (rounded).
+    /// Epochs actually trained (the method's [`MethodRules::train_epochs`]: `flop_matched` SDP trains
+    /// epochs × 1/C).
     pub fn train_epochs(&self) -> usize {
-        match (self.method.kind, self.method.budget) {
-            (MethodKind::Sdp, Budget::FlopMatched) => {
-                ((self.workload.epochs as f64 / self.method.coverage).round() as usize).max(1)
-            }
-            _ => self.workload.epochs,
-        }
+        self.method.kind.rules().map_or(self.workload.epochs, |r| r.train_epochs(self))
     }
 
     /// The stable run id: a hash of the resolved spec (every default filled in).
@@ -584,7 +557,8 @@ impl RunSpec {
         if m.sync_every == 0 {
             return err("method.sync_every", "must be at least 1".into());
         }
-        if m.kind != MethodKind::Sdp && m.eval_mode != EvalMode::Full {
+        let rules = m.kind.rules().map_err(|e| ("method.kind".to_string(), e))?;
+        if !rules.many_models() && m.eval_mode != EvalMode::Full {
             return err("method.eval_mode", "this method has one model: only `full` applies".into());
         }
         Ok(())
@@ -592,10 +566,12 @@ impl RunSpec {
 }
 
 /// A judgement of one run that `spec` cannot make itself (what its names mean): `Err((key, why))`.
-pub type Check = dyn Fn(&RunSpec) -> Result<(), (String, String)>;
+pub type Check<'a> = dyn Fn(&RunSpec) -> Result<(), (String, String)> + 'a;
 
 mod load;
+mod method;
 pub use load::{parse_checked, Experiment, Run};
+pub use method::{Baseline, Dp, MethodName, MethodRules, Needs, Rules, Sdp, RULES};
 
 /// The smallest valid spec (a ResNet-18 on `shapes` for one epoch), which unit tests extend.
 #[cfg(test)]

@@ -111,6 +111,11 @@ pub fn register(name: &'static str, task: &'static dyn Task) -> Result<()> {
     REGISTRY.register(Registered { name, task })
 }
 
+/// The metric called `name` that a registered task reports (`None`: no task of this process reports it).
+pub fn metric_named(name: &str) -> Option<Metric> {
+    REGISTRY.all().into_iter().map(|r| r.task.metric()).find(|m| m.name == name)
+}
+
 /// The task registered as `name`.
 pub fn task(name: &str) -> Result<Registered> {
     match REGISTRY.find(name) {

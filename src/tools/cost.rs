@@ -33,13 +33,13 @@
 use crate::bench::{self, StepBench};
 use crate::data::registry::DataRef;
 use crate::data::source::Shape;
-use crate::masking;
 use crate::models::info::thousands;
-use crate::models::{self, Builder, Net};
+use crate::models::{self, Net};
 use crate::plan;
 use crate::seed::{rng, Stream};
-use crate::spec::{Experiment, Method, MethodKind, RunSpec, SpecError, Workload};
-use crate::train::{baseline_family, baseline_net, SdpState, RECAL_BATCHES};
+use crate::spec::{Experiment, Method, RunSpec, SpecError, Workload};
+use crate::train::methods::{self, Site};
+use crate::train::RECAL_BATCHES;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -370,19 +370,17 @@ pub fn run_cost(
     let epochs = spec.train_epochs();
     let steps = steps_per_epoch * epochs;
     let evals = (1..=epochs).filter(|e| e % w.eval_every == 0 || *e == epochs).count();
-    let one_eval = match spec.method.kind {
-        MethodKind::Sdp => {
-            // The assembled model and the copies (recalibrated, and scaled unless every worker holds every unit).
-            let full_passes = 1.0 + sdp_copies(spec) as f64;
-            let batch = w.eval_batch_size.min(sizes.train).max(1);
-            let recal_images = (RECAL_BATCHES * batch).min(sizes.train);
-            timing.eval_fixed_s
-                + sizes.test as f64 * (full_passes * timing.eval_s_per_image + timing.subnets_s_per_image)
-                + recal_images as f64 * timing.recal_s_per_image
-        }
-        _ => sizes.test as f64 * timing.eval_s_per_image,
-    };
-    let probes = if spec.method.kind == MethodKind::Sdp { k } else { 1 };
+    let method = methods::of(&spec.method.kind)?;
+    // The evaluated model and its copies (SDP: recalibrated, and scaled unless every worker holds every
+    // unit), the subnetworks and the recalibration passes; a single-model method times none of the last
+    // three, so its evaluation is one pass of its model.
+    let full_passes = 1.0 + method.eval_copies(spec) as f64;
+    let batch = w.eval_batch_size.min(sizes.train).max(1);
+    let recal_images = (RECAL_BATCHES * batch).min(sizes.train);
+    let one_eval = timing.eval_fixed_s
+        + sizes.test as f64 * (full_passes * timing.eval_s_per_image + timing.subnets_s_per_image)
+        + recal_images as f64 * timing.recal_s_per_image;
+    let probes = if method.probes_each_worker() { k } else { 1 };
     // A probe builds its model and takes single-worker steps, the first of them cold.
     let probe_s =
         probes as f64 * (timing.build_s + (timing.warmup_extra_s + PROBE_STEPS as f64 * timing.step_s) / k as f64);
@@ -400,16 +398,6 @@ pub fn run_cost(
         timing,
         source,
     })
-}
-
-/// The copies of the global model an SDP evaluation builds: the recalibrated one, and the scaled one
-/// unless every worker holds every unit (m = K).
-fn sdp_copies(spec: &RunSpec) -> usize {
-    if masking::holders(spec.method.coverage, spec.method.workers) < spec.method.workers {
-        2
-    } else {
-        1
-    }
 }
 
 /// `⌊train / (K·B)⌋`, the loader's steps an epoch; an error naming the run when it is 0.
@@ -442,39 +430,10 @@ fn measure(spec: &RunSpec, sizes: &DataSizes, opts: &CostOptions) -> Result<Timi
     let step = bench::whole_step(&b)?;
     let eval_batch = spec.workload.eval_batch_size.min(sizes.test).max(1);
     let x = random_input(&b, sizes, eval_batch)?;
-    let (eval_s, subnets_s, recal_s, eval_fixed_s) = match spec.method.kind {
-        MethodKind::Sdp => {
-            let solo = crate::comm::World::solo();
-            let mut st =
-                SdpState::hosted(spec, &b.plan, sizes.classes, dev, &solo).context("building the SDP state")?;
-            // As `train::evaluate_sdp` does: sync, then the recalibrated and (C < 1) the scaled copy.
-            let t = Instant::now();
-            st.sync_params(true)?;
-            for _ in 0..sdp_copies(spec) {
-                let values = st.global.store().values();
-                let b = Builder::from_tensors(&values, dev).with_compute_dtype(spec.workload.precision.dtype());
-                st.family.build_full(1.0, b)?;
-            }
-            dev.synchronize()?;
-            let fixed = t.elapsed().as_secs_f64();
-            let eval = per_image(st.global.as_ref(), &x, false, dev, true)?;
-            // The allocator and kernels are warm now: one timed pass each.
-            let recal = per_image(st.global.as_ref(), &x, true, dev, false)?;
-            let mut subnets = 0.0;
-            for w in &st.workers {
-                subnets += per_image(w.net.as_ref(), &x, false, dev, false)?;
-            }
-            (eval, subnets, recal, fixed)
-        }
-        MethodKind::SmallDense => {
-            let net = baseline_net(spec, baseline_family(spec, sizes.classes)?.as_ref(), dev)?;
-            (per_image(net.as_ref(), &x, false, dev, true)?, 0.0, 0.0, 0.0)
-        }
-        _ => {
-            let net = models::build(&spec.workload, sizes.classes, spec.seed, dev)?;
-            (per_image(net.as_ref(), &x, false, dev, true)?, 0.0, 0.0, 0.0)
-        }
-    };
+    let site = Site { spec, plan: &b.plan, classes: sizes.classes, device: dev };
+    let time = |net: &dyn Net, train: bool, warm_up: bool| per_image(net, &x, train, dev, warm_up);
+    let e = methods::of(&spec.method.kind)?.eval_timing(site, &time)?;
+    let (eval_s, subnets_s, recal_s, eval_fixed_s) = (e.per_image, e.subnets_per_image, e.recal_per_image, e.fixed_s);
     Ok(Timing {
         step_s: step.step_s,
         build_s: step.build_s,

@@ -15,12 +15,12 @@
 //!
 //! [`MemoryMeter`] is that measurement, on either device; `sdp bench step` measures with it too.
 
-use crate::models;
-use crate::optim::{lr_at, Optimizer};
+use crate::optim::lr_at;
 use crate::plan::Plan;
 use crate::seed::{rng, Stream};
-use crate::spec::{MethodKind, RunSpec};
-use crate::train::{baseline_drops, baseline_family, baseline_net, loss_and_grads, loss_and_grads_of, SdpState};
+use crate::spec::RunSpec;
+use crate::train::loss_and_grads_of;
+use crate::train::methods::{self, Site};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::Path;
@@ -120,32 +120,18 @@ pub fn probe(spec: &RunSpec, worker: Option<usize>, steps: usize, device: &Devic
     let mut meter = MemoryMeter::start(&device)?;
     let mut r = rng(spec.seed, Stream::Data, u64::MAX, 0);
     let (x, y) = plan.data.source().random_batch(&shape, spec.workload.batch_size, &mut r).to_tensors(&device)?;
-    // The block widths the dropping baselines draw their per-step drops over.
-    let (net, drop_widths): (Box<dyn models::Net>, Option<Vec<usize>>) = match (spec.method.kind, worker) {
-        (MethodKind::Sdp, Some(k)) => (SdpState::single_worker(spec, &plan, classes, k, &device)?.net, None),
-        (MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout, _) => {
-            let family = baseline_family(spec, classes)?;
-            (baseline_net(spec, family.as_ref(), &device)?, Some(family.block_widths()))
-        }
-        _ => (models::build(&spec.workload, classes, spec.seed, &device)?, None),
-    };
-    let params = net.store().num_params();
+    let site = Site { spec, plan: &plan, classes, device: &device };
+    let mut w = methods::of(&spec.method.kind)?.worker_net(site, worker)?;
+    let params = w.net.store().num_params();
     meter.restart_peak()?;
-    let mut opt = Optimizer::new(&spec.optim);
     let mut sample = || -> Result<()> {
         device.synchronize()?;
         meter.sample()
     };
     for step in 0..steps.max(1) {
-        let (_, grads) = match &drop_widths {
-            Some(widths) => {
-                let drops = baseline_drops(spec, widths, step + 1, 0, &device)?;
-                loss_and_grads_of(task, net.store(), &net.forward_dropping(&x, true, &drops)?, &y)?
-            }
-            None => loss_and_grads(task, net.as_ref(), &x, &y)?,
-        };
+        let (_, grads) = loss_and_grads_of(task, w.net.store(), &w.forward(&x, step + 1, 0)?, &y)?;
         sample()?;
-        opt.step(&net.store().params, &grads, lr_at(&spec.optim, step, steps, steps))?;
+        w.opt.step(&w.net.store().params, &grads, lr_at(&spec.optim, step, steps, steps))?;
         sample()?;
     }
     let peak_bytes = meter.peak_bytes()?;

@@ -29,7 +29,7 @@ pub struct Accounting {
 
 /// The accounting of data parallelism and its baselines: K replicas of `net`, each all-reducing every
 /// gradient every step; `input` is the shape of one training input.
-pub(super) fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, input: &[usize]) -> Accounting {
+pub fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, input: &[usize]) -> Accounting {
     let k = spec.method.workers;
     let params = net.store().num_params();
     let comm = metrics::ring_allreduce_bytes(params * 4, k);
@@ -54,7 +54,8 @@ pub(super) fn dp_accounting(net: &dyn Net, spec: &RunSpec, opt: &Optimizer, inpu
 impl SdpState {
     /// Memory and communication of every worker, and the spectral gap of the averaging graph; `input` is the
     /// shape of one training input.
-    pub fn accounting(&self, spec: &RunSpec, input: &[usize]) -> Result<Accounting> {
+    pub fn accounting(&self, input: &[usize]) -> Result<Accounting> {
+        let spec = &self.spec;
         let k = spec.method.workers;
         let total = self.global.store().num_params();
         let unit_bytes: Vec<usize> = self.units.iter().map(|u| u.params * 4).collect();

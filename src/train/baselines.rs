@@ -4,14 +4,15 @@
 use super::accounting::dp_accounting;
 use super::dp::{dp_step_with, restore_single, save_single};
 use super::eval::single_mode;
-use super::method::{Evaluation, Method, Run};
+use super::method::{Evaluation, Run, Trainer};
+use super::methods::{Look, Marker, Method, Site, WorkerNet};
 use super::Accounting;
 use crate::checkpoint::{Tensors, TrainState};
 use crate::data::examples::Batch;
 use crate::models::{self, BlockDrop, Builder, Family, Net, UnitKind};
 use crate::optim::Optimizer;
 use crate::seed::{rng, Stream};
-use crate::spec::{MethodKind, RunSpec};
+use crate::spec::{Baseline as Kind, MethodRules, Needs, RunSpec};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::Rng;
@@ -20,6 +21,7 @@ use rand::Rng;
 /// worker.
 pub(super) struct Baseline<'a> {
     run: Run<'a>,
+    kind: Kind,
     family: Box<dyn Family>,
     net: Box<dyn Net>,
     /// Internal width of each block: what the per-step drops are drawn over.
@@ -32,20 +34,67 @@ pub(super) struct Baseline<'a> {
 
 impl<'a> Baseline<'a> {
     /// The (narrowed) model from the run seed, and a fresh optimizer.
-    pub fn new(run: Run<'a>) -> Result<Self> {
+    pub fn new(kind: Kind, run: Run<'a>) -> Result<Self> {
         let spec = run.spec;
         let family = baseline_family(spec, run.data.num_classes())?;
         let net = baseline_net(spec, family.as_ref(), run.device)?;
         let widths = family.block_widths();
-        let eval_scale = if spec.method.kind == MethodKind::StochasticDepth { spec.method.coverage } else { 1.0 };
-        Ok(Self { run, family, net, widths, opt: Optimizer::new(&spec.optim), eval_scale })
+        let eval_scale = if kind == Kind::StochasticDepth { spec.method.coverage } else { 1.0 };
+        Ok(Self { run, kind, family, net, widths, opt: Optimizer::new(&spec.optim), eval_scale })
     }
 }
 
-/// A baseline's family: the workload's, narrowed for `small_dense` to [`small_dense_widths`].
+impl MethodRules for Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::SmallDense => "small_dense",
+            Kind::StochasticDepth => "stochastic_depth",
+            Kind::Dropout => "dropout",
+        }
+    }
+
+    fn field_matters(&self, _spec: &RunSpec, field: &str) -> bool {
+        ["kind", "workers", "coverage"].contains(&field)
+    }
+
+    /// `small_dense` narrows the model; the others drop per step.
+    fn needs(&self) -> Needs {
+        let narrowing = *self == Kind::SmallDense;
+        Needs { narrowing, drops: !narrowing }
+    }
+}
+
+impl Method for Kind {
+    fn trainer<'a>(&self, run: Run<'a>) -> Result<Box<dyn Trainer + 'a>> {
+        Ok(Box::new(Baseline::new(*self, run)?))
+    }
+
+    /// The (narrowed) model every worker trains, with worker k's per-step drops.
+    fn worker_net(&self, site: Site, _worker: Option<usize>) -> Result<WorkerNet> {
+        let Site { spec, classes, device, .. } = site;
+        let family = baseline_family(spec, classes)?;
+        let net = baseline_net(spec, family.as_ref(), device)?;
+        let (kind, widths, seed, keep, device) =
+            (*self, family.block_widths(), spec.seed, spec.method.coverage, device.clone());
+        let drops = Box::new(move |step, k| baseline_drops(kind, seed, keep, &widths, step, k, &device));
+        Ok(WorkerNet { drops: Some(drops), ..WorkerNet::plain(net, spec) })
+    }
+
+    fn look(&self) -> Look {
+        let marker = match self {
+            Kind::SmallDense => Marker::Square,
+            Kind::StochasticDepth => Marker::Triangle,
+            Kind::Dropout => Marker::Cross,
+        };
+        Look { marker, ..Look::default() }
+    }
+}
+
+/// A baseline's family: the workload's, narrowed to [`small_dense_widths`] for a method that narrows
+/// (`small_dense`: its [`Needs::narrowing`]).
 pub fn baseline_family(spec: &RunSpec, num_classes: usize) -> Result<Box<dyn Family>> {
     let family = models::of(&spec.workload, num_classes)?;
-    if spec.method.kind != MethodKind::SmallDense {
+    if !spec.method.kind.rules().map_err(anyhow::Error::msg)?.needs().narrowing {
         return Ok(family);
     }
     family.with_widths(&small_dense_widths(family.as_ref(), spec.method.coverage))
@@ -57,12 +106,14 @@ pub fn baseline_net(spec: &RunSpec, family: &dyn Family, device: &Device) -> Res
     Ok(family.build_full(1.0, b)?)
 }
 
-impl Method for Baseline<'_> {
+impl Trainer for Baseline<'_> {
     fn step(&mut self, batches: &[Batch], lr: f64, step: usize) -> Result<f64> {
         let Run { spec, device, .. } = self.run;
         let (net, widths) = (self.net.as_ref(), &self.widths);
-        let forward =
-            |i: usize, x: &Tensor| net.forward_dropping(x, true, &baseline_drops(spec, widths, step, i, device)?);
+        let (kind, keep) = (self.kind, spec.method.coverage);
+        let forward = |i: usize, x: &Tensor| {
+            net.forward_dropping(x, true, &baseline_drops(kind, spec.seed, keep, widths, step, i, device)?)
+        };
         dp_step_with(net, &mut self.opt, batches, lr, &forward, &self.run.step_ctx())
     }
 
@@ -123,30 +174,32 @@ pub fn small_dense_widths(family: &dyn Family, coverage: f64) -> Vec<usize> {
     at(lo.max(1e-3))
 }
 
-/// The per-step random drops of worker `k` at `step` over blocks of internal `widths` (the family's
-/// [`Family::block_widths`]; stochastic depth: skip each branch with probability 1 − C; dropout: drop each
-/// internal channel with probability 1 − C, survivors scaled by 1/C). The bench makes the same draws, so
-/// a timed baseline step does the training's work.
+/// The per-step random drops of `kind` for worker `k` at `step` of a run of seed `seed`, over blocks of
+/// internal `widths` (the family's [`Family::block_widths`]; stochastic depth: skip each branch with
+/// probability 1 − `keep`; dropout: drop each internal channel with probability 1 − `keep`, survivors
+/// scaled by 1/`keep`; small dense: none). The bench and the memory probe make the same draws
+/// ([`Method::worker_net`]), so a timed baseline step does the training's work.
 pub fn baseline_drops(
-    spec: &RunSpec,
+    kind: Kind,
+    seed: u64,
+    keep: f64,
     widths: &[usize],
     step: usize,
     k: usize,
     device: &Device,
 ) -> candle_core::Result<Vec<BlockDrop>> {
-    let keep = spec.method.coverage;
-    let mut r = rng(spec.seed, Stream::Drop, step as u64, k as u64);
+    let mut r = rng(seed, Stream::Drop, step as u64, k as u64);
     widths
         .iter()
         .map(|&width| {
-            Ok(match spec.method.kind {
-                MethodKind::StochasticDepth => BlockDrop { skip: !r.random_bool(keep), channels: None },
-                MethodKind::Dropout => {
+            Ok(match kind {
+                Kind::StochasticDepth => BlockDrop { skip: !r.random_bool(keep), channels: None },
+                Kind::Dropout => {
                     let m: Vec<f32> =
                         (0..width).map(|_| if r.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
                     BlockDrop { skip: false, channels: Some(Tensor::new(m.as_slice(), device)?) }
                 }
-                _ => BlockDrop::default(),
+                Kind::SmallDense => BlockDrop::default(),
             })
         })
         .collect()

@@ -4,7 +4,8 @@
 use super::accounting::dp_accounting;
 use super::eval::single_mode;
 use super::grads::{accumulate, loss_and_grads_of, scale};
-use super::method::{Evaluation, Method, Run};
+use super::method::{Evaluation, Run, Trainer};
+use super::methods::{Look, Method, Site, WorkerNet};
 use super::Accounting;
 use crate::checkpoint::{self, Tensors, TrainState};
 use crate::comm::World;
@@ -12,6 +13,7 @@ use crate::data::examples::Batch;
 use crate::models::{self, Net};
 use crate::ops::profile::{self, Part};
 use crate::optim::Optimizer;
+use crate::spec::{self, MethodRules, RunSpec};
 use crate::task::{Task, CLASSIFY};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -33,7 +35,36 @@ impl<'a> Dp<'a> {
     }
 }
 
-impl Method for Dp<'_> {
+impl MethodRules for spec::Dp {
+    fn name(&self) -> &'static str {
+        "dp"
+    }
+
+    fn field_matters(&self, _spec: &RunSpec, field: &str) -> bool {
+        ["kind", "workers"].contains(&field)
+    }
+}
+
+impl Method for spec::Dp {
+    fn trainer<'a>(&self, run: Run<'a>) -> Result<Box<dyn Trainer + 'a>> {
+        Ok(Box::new(Dp::new(run)?))
+    }
+
+    fn worker_net(&self, site: Site, _worker: Option<usize>) -> Result<WorkerNet> {
+        let spec = site.spec;
+        Ok(WorkerNet::plain(models::build(&spec.workload, site.classes, spec.seed, site.device)?, spec))
+    }
+
+    fn look(&self) -> Look {
+        Look { reference: true, dashed: false, ..Look::default() }
+    }
+
+    fn legend(&self, _spec: &RunSpec) -> String {
+        "DP".into()
+    }
+}
+
+impl Trainer for Dp<'_> {
     fn step(&mut self, batches: &[Batch], lr: f64, _step: usize) -> Result<f64> {
         let net = self.net.as_ref();
         let forward = |_: usize, x: &Tensor| net.forward_t(x, true);
@@ -62,14 +93,14 @@ impl Method for Dp<'_> {
 }
 
 /// Adds a single model and its optimizer state to a checkpoint (DP and its baselines).
-pub(super) fn save_single(net: &dyn Net, opt: &Optimizer, out: &mut Tensors) -> Result<serde_json::Value> {
+pub fn save_single(net: &dyn Net, opt: &Optimizer, out: &mut Tensors) -> Result<serde_json::Value> {
     checkpoint::save_store("net", net.store(), out)?;
     checkpoint::save_optimizer("net", opt, out)?;
     Ok(serde_json::Value::Null)
 }
 
 /// Restores what [`save_single`] saved.
-pub(super) fn restore_single(net: &dyn Net, opt: &mut Optimizer, r: &TrainState, device: &Device) -> Result<()> {
+pub fn restore_single(net: &dyn Net, opt: &mut Optimizer, r: &TrainState, device: &Device) -> Result<()> {
     checkpoint::restore_store("net", net.store(), &r.tensors)?;
     checkpoint::restore_optimizer("net", opt, &r.tensors, device)
 }

@@ -1,7 +1,7 @@
 //! The epoch loop every method shares: batches from the loader, the learning rate of every step, the
 //! evaluation cadence, checkpoints and interrupts, and a start from a checkpoint's position.
 
-use super::method::{Method, Run};
+use super::method::{Run, Trainer};
 use super::{At, Interrupted, Observer};
 use crate::checkpoint::{Tensors, TrainState};
 use crate::comm::World;
@@ -11,14 +11,14 @@ use crate::results::{Final, MetricsRow};
 use anyhow::{Context, Result};
 use std::time::Instant;
 
-/// Trains `method` for the run's epochs: one [`Method::step`] per optimizer step (given the workers'
-/// batches, the learning rate and the 1-based step number), a [`Method::evaluate`] every `eval_every`
+/// Trains `method` for the run's epochs: one [`Trainer::step`] per optimizer step (given the workers'
+/// batches, the learning rate and the 1-based step number), a [`Trainer::evaluate`] every `eval_every`
 /// epochs and at the end, progress and metrics through `obs` (rows with an empty `run_id`), checkpoints
 /// where `obs` asks for them (and on an interrupt), and a start from `resume`'s position where given.
 /// Returns the last evaluation's figures.
 pub(super) fn run(
     run: &Run,
-    method: &mut dyn Method,
+    method: &mut dyn Trainer,
     obs: &mut dyn Observer,
     resume: Option<TrainState>,
 ) -> Result<Final> {
@@ -44,7 +44,7 @@ pub(super) fn run(
     let wall = |start: &Instant| wall_before + start.elapsed().as_secs_f64();
     // Steps done since the last checkpoint (an interrupt with none saves nothing).
     let mut unsaved = 0usize;
-    let save = |method: &mut dyn Method, pos: &TrainState, obs: &mut dyn Observer| -> Result<()> {
+    let save = |method: &mut dyn Trainer, pos: &TrainState, obs: &mut dyn Observer| -> Result<()> {
         let mut tensors = Tensors::new();
         let state = method.save(&mut tensors)?;
         obs.checkpoint(&TrainState { tensors, method: state, ..pos.clone() })

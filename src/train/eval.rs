@@ -8,14 +8,14 @@ use crate::data::augment::AugmentCfg;
 use crate::data::loader::eval_batches;
 use crate::data::Dataset;
 use crate::models::Net;
-use crate::spec::{BnStats, EvalMode, RunSpec};
+use crate::spec::{BnStats, EvalMode};
 use crate::task::Task;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 
 /// A single-model evaluation (DP and the baselines): the `full` mode only.
-pub(super) fn single_mode(run: &Run, net: &dyn Net) -> Result<Evaluation> {
+pub fn single_mode(run: &Run, net: &dyn Net) -> Result<Evaluation> {
     let batch = run.spec.workload.eval_batch_size;
     let (test_loss, test_metric) = evaluate(run.plan.task.task, net, run.data, &run.augment(), batch, run.device)?;
     Ok(Evaluation { test_loss, test_metric, modes: BTreeMap::from([("full".to_string(), test_metric)]) })
@@ -44,13 +44,8 @@ pub fn evaluate(
 }
 
 /// Test loss and accuracy of every evaluation mode.
-pub fn evaluate_sdp(
-    st: &SdpState,
-    spec: &RunSpec,
-    data: &Dataset,
-    aug: &AugmentCfg,
-    device: &Device,
-) -> Result<BTreeMap<EvalMode, (f64, f64)>> {
+pub fn evaluate_sdp(st: &SdpState, data: &Dataset, aug: &AugmentCfg) -> Result<BTreeMap<EvalMode, (f64, f64)>> {
+    let (spec, device) = (&st.spec, &st.device);
     let batch = spec.workload.eval_batch_size;
     let task = st.task;
     let mut out = BTreeMap::new();

@@ -1,5 +1,6 @@
-//! What a training method is to the epoch loop: one optimizer step of the K workers, an evaluation, its
-//! state in a checkpoint, and its accounting once trained.
+//! What a training method's trained state is to the epoch loop (a [`Trainer`]): one optimizer step of the K
+//! workers, an evaluation, its state in a checkpoint, and its accounting once trained. A method
+//! (`train::methods::Method`) builds one for each run.
 
 use super::Accounting;
 use crate::checkpoint::{Tensors, TrainState};
@@ -15,7 +16,7 @@ use std::collections::BTreeMap;
 
 /// What every method's training takes: the run, its data and its device.
 #[derive(Clone, Copy)]
-pub(super) struct Run<'a> {
+pub struct Run<'a> {
     pub spec: &'a RunSpec,
     pub data: &'a Dataset,
     pub device: &'a Device,
@@ -50,14 +51,14 @@ impl Run<'_> {
 }
 
 /// How a method evaluates: test loss and the task's metric in the headline mode, and every mode's metric.
-pub(super) struct Evaluation {
+pub struct Evaluation {
     pub test_loss: f64,
     pub test_metric: f64,
     pub modes: BTreeMap<String, f64>,
 }
 
-/// A training method (DP, SDP, a baseline) as the epoch loop drives it.
-pub(super) trait Method {
+/// A training method's state (DP's model, SDP's workers, …) as the epoch loop drives it.
+pub trait Trainer {
     /// One optimizer step: worker k trains on `batches[k]` at learning rate `lr`; `step` counts from 1 over
     /// the whole run. Returns the mean training loss over the workers.
     fn step(&mut self, batches: &[Batch], lr: f64, step: usize) -> Result<f64>;
@@ -66,7 +67,7 @@ pub(super) trait Method {
     /// Adds the method's tensors to a checkpoint (a worker's as `worker<k>/…`, the others shared by every
     /// process); returns its other state. A collective call in a run spread over processes.
     fn save(&mut self, out: &mut Tensors) -> Result<serde_json::Value>;
-    /// Restores what [`Method::save`] saved (at step `r.step`).
+    /// Restores what [`Trainer::save`] saved (at step `r.step`).
     fn restore(&mut self, r: &TrainState) -> Result<()>;
     /// Memory and communication of every worker, and method-level facts, once trained.
     fn accounting(&self) -> Result<Accounting>;

@@ -17,8 +17,8 @@
 //! BN buffers:   averaged among holders at every sync
 //! ```
 //!
-//! Every method is a `Method` (`method.rs`) that the one epoch loop (`epochs.rs`) drives; [`train_from`]
-//! is the one place that maps a `method.kind` to its implementation. One file per concern: `dp.rs` (data
+//! Every method is a [`methods::Method`] in the registry of `methods.rs`; it builds its trained state, a
+//! [`Trainer`] (`method.rs`), which the one epoch loop (`epochs.rs`) drives. One file per concern: `dp.rs` (data
 //! parallelism and the loss), `baselines.rs` (small dense, stochastic depth, dropout), `sdp.rs` (the SDP
 //! step), `sdp_state.rs` (SDP's workers and averaging among holders), `eval.rs` (evaluation modes) and
 //! `accounting.rs` (memory and communication per worker).
@@ -29,14 +29,15 @@ mod dp;
 mod epochs;
 mod eval;
 mod grads;
-mod method;
+pub mod method;
+pub mod methods;
 mod sdp;
 mod sdp_state;
 
-pub use accounting::Accounting;
+pub use accounting::{dp_accounting, Accounting};
 pub use baselines::{baseline_drops, baseline_family, baseline_net, small_dense_widths};
-pub use dp::{dp_step, dp_step_with, Forward, Step};
-pub use eval::{evaluate, evaluate_sdp, recalibrate_bn, RECAL_BATCHES};
+pub use dp::{dp_step, dp_step_with, restore_single, save_single, Forward, Step};
+pub use eval::{evaluate, evaluate_sdp, recalibrate_bn, single_mode, RECAL_BATCHES};
 pub use grads::{loss_and_grads, loss_and_grads_of};
 pub use sdp::sdp_step;
 pub use sdp_state::{SdpState, Worker};
@@ -45,11 +46,12 @@ use crate::checkpoint::TrainState;
 use crate::comm::World;
 use crate::data::loader::steps_per_epoch;
 use crate::data::Dataset;
+use crate::plan::Plan;
 use crate::results::{Final, MetricsRow};
-use crate::spec::{MethodKind, RunSpec};
+use crate::spec::RunSpec;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use method::{Method, Run};
+pub use method::{Evaluation, Run, Trainer};
 use std::collections::BTreeMap;
 
 /// The run was stopped by the user (Ctrl-C); its results are marked `interrupted`.
@@ -105,13 +107,14 @@ pub trait Observer {
 
 /// Trains the run `spec` on `data` and returns its final figures.
 pub fn train(spec: &RunSpec, data: &Dataset, device: &Device, obs: &mut dyn Observer) -> Result<Final> {
-    train_from(spec, data, device, obs, None, &World::solo())
+    train_from(spec, &Plan::of(spec)?, data, device, obs, None, &World::solo())
 }
 
-/// [`train`], continuing from a checkpoint's state where one is given, as this process's share of a run
-/// spread over `world` (worker k on rank k mod N; one process: all of them).
+/// [`train`] of `spec` resolved as `plan`, continuing from a checkpoint's state where one is given, as this
+/// process's share of a run spread over `world` (worker k on rank k mod N; one process: all of them).
 pub fn train_from(
     spec: &RunSpec,
+    plan: &Plan,
     data: &Dataset,
     device: &Device,
     obs: &mut dyn Observer,
@@ -128,15 +131,8 @@ pub fn train_from(
         ))
         .into());
     }
-    let plan = crate::plan::Plan::of(spec)?;
-    let run = Run { spec, plan: &plan, data, device, world };
-    let mut method: Box<dyn Method + '_> = match spec.method.kind {
-        MethodKind::Dp => Box::new(dp::Dp::new(run)?),
-        MethodKind::Sdp => Box::new(sdp::Sdp::new(run)?),
-        MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-            Box::new(baselines::Baseline::new(run)?)
-        }
-    };
+    let run = Run { spec, plan, data, device, world };
+    let mut method = methods::of(&spec.method.kind)?.trainer(run)?;
     let last = epochs::run(&run, method.as_mut(), obs, resume)?;
     obs.accounting(&method.accounting()?)?;
     obs.model(&method.final_model()?)?;

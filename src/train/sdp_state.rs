@@ -137,6 +137,11 @@ pub struct SdpState {
     steps: usize,
     /// Activation dtype of every model built (`workload.precision`).
     compute: DType,
+    /// The run the state was built for: its seed, method, optimizer and precision are what the draws, the
+    /// steps, a restore and the accounting read.
+    pub spec: RunSpec,
+    /// Where every model lives.
+    pub device: Device,
 }
 
 impl SdpState {
@@ -198,18 +203,21 @@ impl SdpState {
             step_bytes: 0.0,
             steps: 0,
             compute,
+            spec: spec.clone(),
+            device: device.clone(),
         };
-        st.draw(spec, 0, device, only)?;
+        st.draw(0, only)?;
         Ok(st)
     }
 
     /// Draws selection number `draw` and rebuilds the workers from the global model's current values.
     /// Optimizer state starts afresh for the new subnetworks.
-    pub fn redraw(&mut self, spec: &RunSpec, draw: u64, device: &Device) -> Result<()> {
-        self.draw(spec, draw, device, None)
+    pub fn redraw(&mut self, draw: u64) -> Result<()> {
+        self.draw(draw, None)
     }
 
-    fn draw(&mut self, spec: &RunSpec, draw: u64, device: &Device, only: Option<usize>) -> Result<()> {
+    fn draw(&mut self, draw: u64, only: Option<usize>) -> Result<()> {
+        let (spec, device) = (&self.spec, &self.device);
         let m = &spec.method;
         let mut r = rng(spec.seed, Stream::Mask, draw, 0);
         self.selection = self.strategy.select(&self.units, m.workers, m.coverage, &mut r)?;
@@ -407,12 +415,13 @@ impl SdpState {
 
     /// Restores the state saved by [`Self::save`] at step `r.step`: the selection in force then (a pure
     /// function of the seed and the draw number), then every tensor of the workers hosted here.
-    pub(super) fn restore(&mut self, spec: &RunSpec, r: &TrainState, device: &Device) -> Result<()> {
-        let every = spec.method.resample_every;
+    pub(super) fn restore(&mut self, r: &TrainState) -> Result<()> {
+        let every = self.spec.method.resample_every;
         let draw = if every > 0 && r.step > 0 { (r.step - 1) / every } else { 0 };
         if draw > 0 {
-            self.redraw(spec, draw as u64, device)?;
+            self.redraw(draw as u64)?;
         }
+        let device = &self.device.clone();
         checkpoint::restore_store("global", self.global.store(), &r.tensors)?;
         let mut alignment = Vec::new();
         for w in self.workers.iter_mut() {

@@ -16,17 +16,14 @@
 use crate::data::examples::Batch;
 use crate::data::source::Shape;
 use crate::memprobe::MemoryMeter;
-use crate::models::{self, Net};
 use crate::ops::profile;
-use crate::optim::Optimizer;
 use crate::plan::{self, Plan};
 use crate::seed::{rng, Stream};
-use crate::spec::{MethodKind, Precision, RunSpec, SpecError};
-use crate::train::{
-    baseline_drops, baseline_family, baseline_net, dp_step_with, loss_and_grads, sdp_step, SdpState, Step,
-};
-use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use crate::spec::{Precision, RunSpec, SpecError};
+use crate::train::loss_and_grads_of;
+use crate::train::methods::{self, Site};
+use anyhow::Result;
+use candle_core::Device;
 use std::path::Path;
 use std::time::Instant;
 
@@ -292,18 +289,11 @@ impl StepArgs {
             }
         }
         let device = plan::device(&self.device).map_err(|e| usage(format!("{e:#}")))?;
-        match spec.method.kind {
-            MethodKind::Sdp if self.worker >= spec.method.workers => {
-                return Err(usage(format!(
-                    "--worker {} does not exist with method.workers = {}",
-                    self.worker, spec.method.workers
-                )))
-            }
-            MethodKind::Sdp | MethodKind::Dp => {}
-            _ => return Err(usage("sdp bench step: key `method.kind`: times `dp` or `sdp` only".into())),
-        }
-        if self.all_workers && spec.method.kind != MethodKind::Sdp {
-            return Err(usage("--all-workers needs an SDP configuration (--masking)".into()));
+        if self.worker >= spec.method.workers {
+            return Err(usage(format!(
+                "--worker {} does not exist with method.workers = {}",
+                self.worker, spec.method.workers
+            )));
         }
         Ok(StepBench {
             plan: Plan::of(&spec).map_err(|e| usage(format!("sdp bench step: {e:#}")))?,
@@ -329,16 +319,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchCommand::Step(a) => {
             let b = a.validate()?;
             let (model, m) = (b.spec.workload.model.as_str(), &b.spec.method);
-            let what = match m.kind {
-                MethodKind::Sdp if b.all_workers => format!(
-                    "{model} (a whole SDP step: all K={} workers + averaging, masking {}, coverage {})",
-                    m.workers, m.masking, m.coverage
-                ),
-                MethodKind::Sdp => format!(
-                    "{model} (SDP worker {} of K={}, masking {}, coverage {})",
-                    b.worker, m.workers, m.masking, m.coverage
-                ),
-                _ => model.to_string(),
+            let method = methods::of(&m.kind)?;
+            let name = method.legend(&b.spec);
+            let what = if b.all_workers {
+                format!("{model} (a whole {name} step: all K={} workers, coverage {})", m.workers, m.coverage)
+            } else if method.probes_each_worker() {
+                format!("{model} ({name} worker {} of K={}, coverage {})", b.worker, m.workers, m.coverage)
+            } else {
+                format!("{model} ({name}: one worker's model)")
             };
             let input = match a.context {
                 Some(t) => format!("{t}-token sequences"),
@@ -413,15 +401,8 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     let dev = &b.device;
     let mut meter = MemoryMeter::start(dev).ok();
     let t = Instant::now();
-    // One SDP worker's physical subnetwork, or the full model.
-    let (net, mut opt): (Box<dyn Net>, Optimizer) = if b.spec.method.kind == MethodKind::Sdp {
-        // Only this worker is built: the global model it is gathered from is dropped here.
-        let w = SdpState::single_worker(&b.spec, &b.plan, b.classes, b.worker, dev)
-            .context("building the SDP subnetwork")?;
-        (w.net, w.opt)
-    } else {
-        (models::build(&b.spec.workload, b.classes, b.spec.seed, dev)?, Optimizer::new(&b.spec.optim))
-    };
+    // The network worker `b.worker` trains (an SDP worker's physical subnetwork, DP's full model, …).
+    let mut w = methods::of(&b.spec.method.kind)?.worker_net(site(b), Some(b.worker))?;
     // Building the SDP state held the global model and every worker at once: restart the peak so that
     // it is the benchmarked worker's. Where the kernel refuses, the peak includes the construction.
     if let Some(m) = meter.as_mut() {
@@ -430,68 +411,47 @@ pub fn step(b: &StepBench) -> Result<StepReport> {
     let build_s = t.elapsed().as_secs_f64();
     let (x, y) = random_batch(b, 0)?.to_tensors(dev)?;
     let (lr, task) = (b.spec.optim.lr, b.plan.task.task);
-    let r = timed_steps(b, meter, net.store().num_params(), b.spec.workload.batch_size, |_, sample| {
-        let (_, grads) = loss_and_grads(task, net.as_ref(), &x, &y)?;
+    let params = w.net.store().num_params();
+    let r = timed_steps(b, meter, params, b.spec.workload.batch_size, |i, sample| {
+        let (_, grads) = {
+            let out = {
+                let _forward = profile::scope(profile::Part::Forward);
+                w.forward(&x, i + 1, b.worker)?
+            };
+            loss_and_grads_of(task, w.net.store(), &out, &y)?
+        };
         sample()?; // activations and gradients alive: the step's high point
-        opt.step(&net.store().params, &grads, lr)?;
+        w.opt.step(&w.net.store().params, &grads, lr)?;
         Ok(())
     })?;
     Ok(StepReport { build_s, ..r })
 }
 
-/// Whole simulated training steps of `b.spec`, computed by the step functions training itself uses,
-/// on K random batches: SDP (`train::sdp_step`: every worker's step one after another, then the averaging
-/// among holders), DP (`train::dp_step`: K forward/backward passes, gradients and BatchNorm statistics
-/// averaged, one update) and the DP baselines (the same, on the narrowed model or with per-step drops).
-/// `sdp check --cost` builds its estimates from this.
+/// Where `b`'s networks are built.
+fn site(b: &StepBench) -> Site<'_> {
+    Site { spec: &b.spec, plan: &b.plan, classes: b.classes, device: &b.device }
+}
+
+/// Whole simulated training steps of `b.spec`, computed by the step functions training itself uses
+/// ([`methods::Method::whole_step`]: SDP's `train::sdp_step`, every worker's step one after another, then
+/// the averaging among holders; DP's `train::dp_step_with`, K forward/backward passes, gradients and
+/// BatchNorm statistics averaged, one update; the DP baselines the same, on the narrowed model or with
+/// per-step drops), on K random batches. `sdp check --cost` builds its estimates from this.
 pub fn whole_step(b: &StepBench) -> Result<StepReport> {
-    let dev = &b.device;
     let spec = &b.spec;
-    let meter = MemoryMeter::start(dev).ok();
+    let meter = MemoryMeter::start(&b.device).ok();
     let t = Instant::now();
     let batches: Vec<Batch> = (0..spec.method.workers).map(|k| random_batch(b, k)).collect::<Result<_>>()?;
     let images = spec.workload.batch_size * spec.method.workers;
     let lr = spec.optim.lr;
     let solo = crate::comm::World::solo();
-    let ctx = Step { task: b.plan.task.task, device: dev, world: &solo };
-    let r = match spec.method.kind {
-        MethodKind::Sdp => {
-            let mut st = SdpState::hosted(spec, &b.plan, b.classes, dev, &solo).context("building the SDP state")?;
-            let build_s = t.elapsed().as_secs_f64();
-            let params = st.global.store().num_params();
-            let r = timed_steps(b, meter, params, images, |i, sample| {
-                sdp_step(&mut st, spec, &batches, lr, i + 1, dev)?;
-                sample()
-            })?;
-            StepReport { build_s, ..r }
-        }
-        MethodKind::Dp => {
-            let net = models::build(&spec.workload, b.classes, spec.seed, dev)?;
-            let build_s = t.elapsed().as_secs_f64();
-            let mut opt = Optimizer::new(&spec.optim);
-            let r = timed_steps(b, meter, net.store().num_params(), images, |_, sample| {
-                dp_step_with(net.as_ref(), &mut opt, &batches, lr, &|_, x| net.forward_t(x, true), &ctx)?;
-                sample()
-            })?;
-            StepReport { build_s, ..r }
-        }
-        MethodKind::SmallDense | MethodKind::StochasticDepth | MethodKind::Dropout => {
-            let family = baseline_family(spec, b.classes)?;
-            let net = baseline_net(spec, family.as_ref(), dev)?;
-            let build_s = t.elapsed().as_secs_f64();
-            let widths = family.block_widths();
-            let mut opt = Optimizer::new(&spec.optim);
-            let r = timed_steps(b, meter, net.store().num_params(), images, |i, sample| {
-                let forward = |k: usize, x: &Tensor| {
-                    net.forward_dropping(x, true, &baseline_drops(spec, &widths, i + 1, k, dev)?)
-                };
-                dp_step_with(net.as_ref(), &mut opt, &batches, lr, &forward, &ctx)?;
-                sample()
-            })?;
-            StepReport { build_s, ..r }
-        }
-    };
-    Ok(r)
+    let mut whole = methods::of(&spec.method.kind)?.whole_step(site(b), &solo)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let r = timed_steps(b, meter, whole.params, images, |i, sample| {
+        (whole.step)(&batches, lr, i + 1)?;
+        sample()
+    })?;
+    Ok(StepReport { build_s, ..r })
 }
 
 /// Runs `b.warmup + b.steps` calls of `one_step(i, sample)` (`sample` counts the device memory in use
@@ -629,12 +589,16 @@ mod tests {
         assert!(err(&format!("{r} --steps 0")).contains("--steps must be at least 1"));
         assert!(err(&format!("{r} --masking block --workers 4 --worker 4"))
             .contains("--worker 4 does not exist with method.workers = 4"));
-        assert!(err(&format!("{r} --set method.kind=dropout")).contains("key `method.kind`: times `dp` or `sdp` only"));
+        key(
+            &format!("{r} --set method.kind=local_sgd"),
+            "method.kind",
+            "unknown method `local_sgd` (registered: dp, sdp",
+        );
         assert!(err(&format!("{r} --set optim.lr=[0.1,0.2]")).contains("a grid of 2 runs"));
         // `--set` comes after the flags, and the spec is a run's (defaults filled in).
         let b = args(&format!("{r} --masking neuron --workers 4 --set method.workers=2 --set optim.momentum=0"))
             .validate()?;
-        assert_eq!((b.spec.method.kind, b.spec.method.workers, b.spec.optim.momentum), (MethodKind::Sdp, 2, 0.0));
+        assert_eq!((b.spec.method.kind.as_str(), b.spec.method.workers, b.spec.optim.momentum), ("sdp", 2, 0.0));
         assert_eq!(b.spec.method.masking, "neuron");
         Ok(())
     }
@@ -661,7 +625,7 @@ mod tests {
     }
 
     #[test]
-    fn whole_sdp_step_times_every_worker_and_needs_masking() -> Result<()> {
+    fn whole_sdp_step_times_every_worker() -> Result<()> {
         let base = "step --model resnet --widths 4,8 --depths 1,1 --batch 2 --steps 2 --warmup 1 --image-size 8";
         let whole =
             step(&args(&format!("{base} --masking block --workers 4 --coverage 0.5 --all-workers")).validate()?)?;
@@ -669,8 +633,10 @@ mod tests {
         // K workers' images per step, and the global model's parameters.
         assert!((whole.img_s - 8.0 / whole.step_s).abs() < 1e-6 * whole.img_s);
         assert_eq!(whole.params, step(&args(base).validate()?)?.params);
-        let err = args(&format!("{base} --all-workers")).validate().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("--all-workers needs an SDP configuration"), "{err}");
+        // A baseline's whole step: the dropping baseline's K workers on the full model.
+        let dropout = format!("{base} --set method.workers=2 --set method.kind=dropout --all-workers");
+        let dropout = step(&args(&dropout).validate()?)?;
+        assert_eq!(dropout.params, whole.params);
         Ok(())
     }
 
