@@ -83,6 +83,11 @@ impl Observer for Crashing {
 /// Crashing after the checkpoint of every step (mid-epoch, epoch boundaries, the last step) and resuming
 /// gives the uninterrupted run's evaluations exactly; the resumed run's rows are the checkpoint's plus
 /// its own. SDP with a new selection every 3 steps checks that the selection in force is restored too.
+/// Trains `spec` in this process from a checkpoint's `state` on.
+fn resume(spec: &spec::RunSpec, data: &sdp::data::Dataset, obs: &mut dyn Observer, state: TrainState) -> Result<Final> {
+    train::train_from(spec, &plan::Plan::of(spec)?, data, &Device::Cpu, obs, Some(state), &World::solo())
+}
+
 #[test]
 fn resuming_after_any_step_gives_the_uninterrupted_metrics() -> Result<()> {
     let variants: [&[&str]; 3] = [&[], SDP, &[SDP, &["method.resample_every=3", "method.sync_every=2"]].concat()];
@@ -106,15 +111,7 @@ fn resuming_after_any_step_gives_the_uninterrupted_metrics() -> Result<()> {
             assert_eq!(state.step, crash_at);
             let mut rows = state.rows.clone();
             let mut second = Crashing { dir: rd, run_id: run.id.clone(), crash_at: None, rows: vec![] };
-            let f = train::train_from(
-                &run.spec,
-                &sdp::plan::Plan::of(&run.spec)?,
-                &data,
-                &Device::Cpu,
-                &mut second,
-                Some(state),
-                &World::solo(),
-            )?;
+            let f = resume(&run.spec, &data, &mut second, state)?;
             rows.extend(second.rows);
             assert_eq!(rows.iter().map(clockless).collect::<Vec<_>>(), expected, "{sets:?}, crash at {crash_at}");
             let strip = |f: &Final| (f.epoch, f.step, f.train_loss.to_bits(), f.test_metric.to_bits());
@@ -137,17 +134,7 @@ fn a_checkpoint_of_another_shape_is_refused_naming_the_tensor() -> Result<()> {
     let w = state.tensors.get(&key).context("fc.weight in the checkpoint")?;
     state.tensors.insert(key, w.narrow(0, 0, 3)?);
     let mut obs = Crashing { dir: dir.path().to_path_buf(), run_id: run.id.clone(), crash_at: None, rows: vec![] };
-    let e = train::train_from(
-        &run.spec,
-        &sdp::plan::Plan::of(&run.spec)?,
-        &data,
-        &Device::Cpu,
-        &mut obs,
-        Some(state),
-        &World::solo(),
-    )
-    .err()
-    .context("accepted")?;
+    let e = resume(&run.spec, &data, &mut obs, state).err().context("accepted")?;
     let e = format!("{e:#}");
     assert!(
         e.contains("checkpoint tensor `net/model/linear.weight` has shape [3, 8], the model expects [10, 8]"),
@@ -200,15 +187,7 @@ fn checkpoints_of_another_worker_count_or_missing_a_file_are_refused_and_format_
     let state = checkpoint::load_collective(&solo, &rd, &run.id, 2, &Device::Cpu)?.context("no checkpoint")?;
     let mut rows = state.rows.clone();
     let mut second = Crashing { dir: rd, run_id: run.id.clone(), crash_at: None, rows: vec![] };
-    train::train_from(
-        &run.spec,
-        &sdp::plan::Plan::of(&run.spec)?,
-        &data,
-        &Device::Cpu,
-        &mut second,
-        Some(state),
-        &solo,
-    )?;
+    resume(&run.spec, &data, &mut second, state)?;
     rows.extend(second.rows);
     let expected: Vec<String> = whole.rows.iter().map(clockless).collect();
     assert_eq!(rows.iter().map(clockless).collect::<Vec<_>>(), expected);
